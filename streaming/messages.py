@@ -1,0 +1,162 @@
+"""Messages between the server and the engine: plain data, no tensors cross this line.
+
+The server builds a `TurnRequest` per answer; the engine streams `TurnEvent`s back through
+the `Turn` handle it returns. A `Turn` is safe to read from asyncio and to cancel from any
+thread; the engine thread is the only writer.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Greedy (temperature 0 or top_k 1) reproduces the released model exactly."""
+
+    temperature: float = 0.0
+    top_k: int = 1
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass
+class TurnRequest:
+    """One question: speech (16 kHz mono float32), optionally with an image (encoded bytes)."""
+
+    session_id: str
+    audio_16k: Optional[np.ndarray] = None
+    image: Optional[bytes] = None
+    text: Optional[str] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_steps: int = 1024
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Decoded speech, float32 mono at 24 kHz, in playback order."""
+
+    pcm: np.ndarray
+    frames: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContextTruncated:
+    """The session's context window filled; the oldest `dropped_positions` were forgotten."""
+
+    dropped_positions: int
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """Last event of every turn. reason: 'completed' | 'max_steps' | 'cancelled' | 'error'."""
+
+    reason: str
+    frames_generated: int
+    frames_emitted: int
+    text: str
+    stats: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+TurnEvent = Union[AudioChunk, TextDelta, ContextTruncated, TurnDone]
+
+_turn_ids = itertools.count(1)
+
+
+class Turn:
+    """Handle on one answer in flight: read its events, or cancel it.
+
+    Events are put by the engine thread with `_emit`; readers use `get` (threads) or
+    `async for` (asyncio). The queue is bounded by the engine's own pacing: it emits at most
+    one audio chunk per decode group, and a turn whose reader vanished is cancelled by the
+    server, so nothing here grows without limit.
+    """
+
+    def __init__(self, request: TurnRequest) -> None:
+        self.id = next(_turn_ids)
+        self.request = request
+        self._events: "queue.SimpleQueue[TurnEvent]" = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._lock = threading.Lock()
+
+    # ---- engine side -------------------------------------------------------------------
+    def _emit(self, event: TurnEvent) -> None:
+        self._events.put(event)
+        if isinstance(event, TurnDone):
+            self._done.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed: its reader is gone
+                pass
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    # ---- reader side -------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the engine to stop this turn at its next step boundary. Idempotent."""
+        self._cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def get(self, timeout: Optional[float] = None) -> TurnEvent:
+        return self._events.get(timeout=timeout)
+
+    def events(self, timeout: Optional[float] = None):
+        """Blocking iterator over all events up to and including TurnDone."""
+        while True:
+            ev = self.get(timeout=timeout)
+            yield ev
+            if isinstance(ev, TurnDone):
+                return
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        with self._lock:
+            self._waiters.append((loop, wake))
+        try:
+            while True:
+                try:
+                    ev = self._events.get_nowait()
+                except queue.Empty:
+                    wake.clear()
+                    # re-check after clear: an emit between get_nowait and clear would be lost
+                    try:
+                        ev = self._events.get_nowait()
+                    except queue.Empty:
+                        await wake.wait()
+                        continue
+                yield ev
+                if isinstance(ev, TurnDone):
+                    return
+        finally:
+            with self._lock:
+                self._waiters.remove((loop, wake))
