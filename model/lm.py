@@ -147,7 +147,12 @@ class OmniLM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.whisper_adapter = SwiGLU(cfg.whisper_adapter_dim, cfg.intermediate_size, cfg.n_embd)
         self.vision_adapter = SwiGLU(cfg.vision_adapter_dim, cfg.intermediate_size, cfg.n_embd)
-        cos, sin = rope_tables(cfg)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)build the rotary tables, e.g. after loading weights into a meta-device model."""
+        device = self.lm_head.weight.device
+        cos, sin = rope_tables(self.cfg, device=None if device.type == "meta" else device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -1,0 +1,85 @@
+"""Everything one Mini-Omni2 checkpoint is made of, loaded together, and the question encoder.
+
+`OmniModel` groups the LM (+ adapters), the Whisper encoder, the CLIP image tower, the text
+tokenizer and the SNAC codec. `encode_question` turns 16 kHz speech (and an optional image)
+into the two-row prompt and its input embeddings, exactly as the release builds them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import checkpoint as ck
+from .audio_encoder import AudioEncoder, whisper_frames
+from .lm import OmniLM
+from .prompt import Prompt, audio_question, image_audio_question, text_question
+from .snac_codec import SNAC_REPO, load_snac
+from .tokenizer import TextTokenizer
+from .vision import VisionEncoder
+
+ImageInput = Union[Image.Image, bytes, None]
+
+
+@dataclass
+class OmniModel:
+    lm: OmniLM
+    audio_encoder: AudioEncoder
+    vision_encoder: VisionEncoder
+    tokenizer: TextTokenizer
+    snac: Optional[torch.nn.Module]
+    name: str
+    directory: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.lm_head.weight.dtype
+
+    @torch.inference_mode()
+    def encode_question(self, audio_16k: Optional[np.ndarray] = None, image: ImageInput = None,
+                        text: Optional[str] = None) -> tuple[Prompt, torch.Tensor]:
+        """(prompt, embeds [2, T, C]) for a spoken question (optionally with an image) or a
+        typed one. Encoders run in fp32 like the release; adapters in the LM's dtype."""
+        lm = self.lm
+        if audio_16k is None:
+            if image is not None or not text:
+                raise ValueError("a question needs speech (optionally with an image) or text")
+            prompt = text_question(self.tokenizer.encode(text))
+            return prompt, lm.embed(prompt.ids.to(self.device))
+        audio_16k = np.asarray(audio_16k, dtype=np.float32)
+        if audio_16k.ndim != 1 or audio_16k.size == 0:
+            raise ValueError("speech must be a non-empty mono 16 kHz array")
+        n = whisper_frames(audio_16k.shape[0])
+        speech = self.audio_encoder.encode(audio_16k)[:n]  # [L, whisper_dim]
+        prompt = image_audio_question(n) if image is not None else audio_question(n)
+        feats = [(lm.whisper_adapter(speech.to(self.device, self.dtype))[None].expand(2, -1, -1), prompt.audio_start)]
+        if image is not None:
+            pixels = self.vision_encoder.encode(image)  # [50, clip_dim]
+            feats.insert(0, (lm.vision_adapter(pixels.to(self.device, self.dtype))[None].expand(2, -1, -1), prompt.image_start))
+        return prompt, lm.embed(prompt.ids.to(self.device), tuple(feats))
+
+
+def load_model(source: str | os.PathLike, snac: Optional[str] = SNAC_REPO, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> OmniModel:
+    """Load a checkpoint (local dir or hub id) and the SNAC codec (`snac=None`: skip it; by
+    default a `snac/` folder inside the checkpoint wins over the hub repo)."""
+    directory = ck.resolve_checkpoint(source)
+    lm = ck.load_lm(directory, device=device, dtype=dtype)
+    audio = AudioEncoder.from_whisper_checkpoint(directory / ck.WHISPER_FILE).to(device)
+    vision = VisionEncoder.from_clip_torchscript(directory / ck.CLIP_FILE).to(device)
+    tokenizer = TextTokenizer.from_dir(directory)
+    codec = None
+    if snac is not None:
+        local = directory / "snac"
+        codec = load_snac(str(local) if snac == SNAC_REPO and local.is_dir() else snac, device=device)
+    return OmniModel(lm=lm, audio_encoder=audio, vision_encoder=vision, tokenizer=tokenizer, snac=codec,
+                     name=lm.cfg.name, directory=directory)
