@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,10 @@ class VisionEncoder(nn.Module):
         if not path.is_file():
             raise CheckpointError(f"{path}: CLIP archive not found")
         try:
-            archive = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                # The release is TorchScript; torch's deprecation notice is noise to a user.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                archive = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # RuntimeError, zip and pickle errors for damaged or foreign files
             raise CheckpointError(
                 f"{path}: not a readable TorchScript archive ({type(exc).__name__}: {str(exc).strip()[:300]})"
@@ -314,8 +318,8 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
                 param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
     model = model.half().eval()
     example = torch.zeros(1, 3, grid * patch, grid * patch, dtype=torch.float16)
-    with torch.no_grad():
-        scripted = torch.jit.trace(model, example, check_trace=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
     return path
