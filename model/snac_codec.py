@@ -251,7 +251,8 @@ def decode_frames(model: nn.Module, frames: torch.Tensor, start_frames: Sequence
 
     `start_frames[b]` is the absolute index of row b's first frame in its utterance; it only
     positions the noise (default 0). SNAC.decode pads nothing (only `encode` pads its input),
-    so n frames give exactly n*2048 samples.
+    so n frames give exactly n*2048 samples. The positions are set on the model's noise blocks
+    for the duration of the call: one model must not decode from two threads at once.
     """
     if frames.dim() == 2:
         frames = frames.unsqueeze(0)
