@@ -1,0 +1,33 @@
+"""Every engine limit and default in one frozen object."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Concurrency: one session owns one slot (2 KV-cache rows) for its whole life.
+    max_sessions: int = 16
+    # Context positions per session (<= the model's block size; None = the block size).
+    max_context: Optional[int] = None
+    # Prefill is cut into chunks so one long question never stalls running answers for long.
+    prefill_chunk: int = 256
+    # Turns waiting for a slot/prefill; beyond this, submit() refuses (no unbounded buffering).
+    max_queued_turns: int = 64
+    # Default cap on decode steps of one answer (one step = one 85.3 ms speech frame).
+    max_steps: int = 1024
+    # Streaming SNAC: decode every `audio_group_frames` new frames (4 = 341 ms of speech).
+    audio_group_frames: int = 4
+    # Recent step/TTFA timings kept for stats and metrics.
+    timing_window: int = 512
+    # Seed of the sampler's generator (non-greedy sessions only).
+    seed: int = 0
+    # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
+    record_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        if self.prefill_chunk < 1 or self.audio_group_frames < 1 or self.max_steps < 1:
+            raise ValueError("prefill_chunk, audio_group_frames and max_steps must be >= 1")

@@ -1,0 +1,401 @@
+"""The inference engine: many conversations, one model, one batched decode step at a time.
+
+Threads: callers (any thread / the server's event loop) submit turns and cancel them; a
+*prep* thread encodes questions (Whisper, CLIP, adapters) so the GPU step loop never waits
+on an encoder; the *step* thread runs schedule -> execute -> update; the *vocoder* thread
+turns frames into audio. The step loop:
+  1. admit prepared turns into their session's slot, apply cancellations;
+  2. prefill one chunk of one admitted prompt (chunked so answers in flight keep flowing);
+  3. run ONE decode step for every speaking slot (rows 0..2*hi), sample, apply end rules,
+     hand new text to the turn and new frames to the vocoder.
+One device->host copy per step (the sampled ids of all rows); nothing per row.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+import traceback
+from typing import Optional
+
+import torch
+
+from omni2.model import tokens as tk
+from omni2.model.bundle import OmniModel
+from omni2.model.generate import max_steps_for
+from omni2.model.lm import KVCache
+from omni2.model.sampling import sample
+
+from .config import EngineConfig
+from .messages import ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
+from .slots import DECODE, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
+from .vocoder import Vocoder
+
+
+class EngineFull(RuntimeError):
+    """No slot (or queue space) for another session/turn right now: try again later."""
+
+
+class Engine:
+    def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig()) -> None:
+        self.model = model
+        self.config = config
+        lm = model.lm
+        self.device = model.device
+        max_len = min(config.max_context or lm.cfg.block_size, lm.cfg.block_size)
+        # One position past the context limit is scratch: rows with nothing to say write there
+        # when a slot's context is exactly full, so no real position is ever scribbled on.
+        self.context_len = max_len
+        self.cache = KVCache.allocate(lm.cfg, rows=2 * config.max_sessions, max_len=max_len + 1,
+                                      device=self.device, dtype=model.dtype)
+        self.slots = [Slot(i) for i in range(config.max_sessions)]
+        self._sessions: dict[str, Slot] = {}
+        self._session_ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards _sessions / slot ownership / queue admission
+        self._prep: "queue.Queue[Turn]" = queue.Queue()
+        self._ready: "collections.deque[tuple[Turn, torch.Tensor]]" = collections.deque()
+        self._queued = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio)
+        self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        # sampling parameters per slot, on the device, updated when a turn is admitted
+        n = config.max_sessions
+        self._temperature = torch.zeros(n, device=self.device)
+        self._top_k = torch.ones(n, dtype=torch.long, device=self.device)
+        self._top_p = torch.ones(n, device=self.device)
+        self._greedy = [True] * n
+        # counters / recent timings (read by stats(); appended by the step thread)
+        w = config.timing_window
+        self.step_seconds: collections.deque = collections.deque(maxlen=w)
+        self.ttfa_seconds: collections.deque = collections.deque(maxlen=w)
+        self.counters = collections.Counter()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self.vocoder.start()
+        for name, target in (("omni2-prep", self._prep_loop), ("omni2-step", self._step_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._prep.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.vocoder.stop()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def open_session(self) -> str:
+        with self._lock:
+            free = [s for s in self.slots if s.session is None]
+            if not free:
+                raise EngineFull(f"all {len(self.slots)} session slots are in use")
+            sid = f"sess_{next(self._session_ids)}"
+            free[0].session = sid
+            free[0].ctx = 0
+            free[0].turn_starts = []
+            self._sessions[sid] = free[0]
+            self.counters["sessions_opened"] += 1
+        return sid
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            slot = self._sessions.pop(session_id, None)
+        if slot is None:
+            return
+        if slot.turn is not None:
+            slot.turn.cancel()
+        slot.closing = True
+        self._wake.set()
+
+    def submit(self, request: TurnRequest) -> Turn:
+        """Queue a question; returns its Turn at once. A session's live turn is cancelled
+        first (one answer at a time per conversation)."""
+        if request.audio_16k is None and not request.text:
+            raise ValueError("a turn needs speech (audio_16k) or text")
+        with self._lock:
+            slot = self._sessions.get(request.session_id)
+            if slot is None:
+                raise ValueError(f"unknown session {request.session_id!r}")
+            if self._queued >= self.config.max_queued_turns:
+                raise EngineFull(f"{self._queued} turns already waiting")
+            self._queued += 1
+        if slot.turn is not None:
+            slot.turn.cancel()
+        turn = Turn(request)
+        turn.submitted_at = time.perf_counter()
+        self._prep.put(turn)
+        return turn
+
+    def stats(self) -> dict:
+        with self._lock:
+            live = [s for s in self.slots if s.phase != IDLE]
+            return {
+                "free_slots": sum(s.session is None for s in self.slots),
+                "sessions": len(self._sessions),
+                "live_turns": len(live),
+                "queued_turns": self._queued,
+                "steps_total": self.counters["steps"],
+                "step_seconds": list(self.step_seconds),
+                "ttfa_seconds": list(self.ttfa_seconds),
+                "cancels_total": self.counters["cancels"],
+                "errors_total": self.counters["errors"],
+                "turns_total": self.counters["turns"],
+            }
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    # ---- prep thread: encoders run here, never in the step loop ------------------------------
+    def _prep_loop(self) -> None:
+        while not self._stop.is_set():
+            turn = self._prep.get()
+            if turn is None:
+                return
+            if turn.cancel_requested:
+                self._finish_unstarted(turn, "cancelled")
+                continue
+            req = turn.request
+            try:
+                image = req.image
+                _, embeds = self.model.encode_question(req.audio_16k, image=image, text=req.text)
+            except ValueError as exc:
+                self._finish_unstarted(turn, "error", str(exc))
+                continue
+            except Exception as exc:  # never let one bad question kill the engine
+                traceback.print_exc()
+                self._finish_unstarted(turn, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            self._ready.append((turn, embeds))
+            self._wake.set()
+
+    def _finish_unstarted(self, turn: Turn, reason: str, error: Optional[str] = None) -> None:
+        with self._lock:
+            self._queued -= 1
+        if reason == "error":
+            self.counters["errors"] += 1
+        turn._emit(TurnDone(reason=reason, frames_generated=0, frames_emitted=0, text="", error=error))
+
+    # ---- step thread -------------------------------------------------------------------------
+    def _step_loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    busy = self._schedule()
+                    prefill = next((s for s in self.slots if s.phase == PREFILL), None)
+                    if prefill is not None:
+                        self._prefill_chunk(prefill)
+                    speaking = [s for s in self.slots if s.phase == DECODE]
+                    if speaking:
+                        self._decode_step(speaking)
+                    if not (busy or prefill or speaking):
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                except Exception:  # a bug must not wedge every session: fail live turns, go on
+                    traceback.print_exc()
+                    self.counters["errors"] += 1
+                    for s in self.slots:
+                        if s.phase != IDLE:
+                            self._finish(s, "error", error="internal engine error")
+
+    def _schedule(self) -> bool:
+        """Admit prepared turns and apply cancels/closes at this step boundary."""
+        busy = False
+        for s in self.slots:
+            if s.turn is not None and s.turn.cancel_requested:
+                self._finish(s, "cancelled")
+            if getattr(s, "closing", False) and s.phase == IDLE:
+                with self._lock:
+                    s.release()
+                    s.closing = False
+        while self._ready:
+            turn, embeds = self._ready.popleft()
+            busy = True
+            with self._lock:
+                self._queued -= 1
+                slot = self._sessions.get(turn.request.session_id)
+            if slot is None or turn.cancel_requested:
+                turn._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text=""))
+                continue
+            if slot.phase != IDLE:  # a newer question replaces the live answer
+                self._finish(slot, "cancelled")
+            self._admit(slot, turn, embeds)
+        return busy
+
+    def _admit(self, slot: Slot, turn: Turn, embeds: torch.Tensor) -> None:
+        T = int(embeds.shape[1])
+        req = turn.request
+        try:
+            if T >= self.context_len:
+                raise ValueError(f"question of {T} positions does not fit the {self.context_len}-position context")
+            want = min(req.max_steps or self.config.max_steps, self.config.max_steps)
+            dropped = make_room(self.cache, slot, T + want, self.context_len, self.model.lm.rope_cos, self.model.lm.rope_sin)
+            max_steps = max_steps_for(self.context_len, slot.ctx + T, want)
+        except ValueError as exc:
+            self.counters["errors"] += 1
+            turn._emit(TurnDone(reason="error", frames_generated=0, frames_emitted=0, text="", error=str(exc)))
+            return
+        if dropped:
+            turn._emit(ContextTruncated(dropped_positions=dropped))
+        i = slot.index
+        sp = req.sampling
+        self._greedy[i] = sp.greedy
+        self._temperature[i] = sp.temperature
+        self._top_k[i] = sp.top_k
+        self._top_p[i] = sp.top_p
+        slot.begin(turn, embeds, max_steps, self.model.tokenizer.incremental())
+        slot.submitted_at = turn.submitted_at
+        self.counters["turns"] += 1
+        self.vocoder.open(turn, turn.submitted_at)
+
+    def _prefill_chunk(self, slot: Slot) -> None:
+        t0 = time.perf_counter()
+        lm = self.model.lm
+        a = slot.prefilled
+        b = min(slot.prompt_len, a + self.config.prefill_chunk)
+        rows = torch.tensor(slot.rows, device=self.device)
+        pos = torch.arange(slot.start + a, slot.start + b, device=self.device)[None].expand(2, -1)
+        hidden = lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)
+        slot.prefilled = b
+        if b == slot.prompt_len:  # step 0 comes from the prompt's last position
+            last = hidden[:, -1:]
+            audio, text = self._sample(last, [slot])
+            slot.embeds = None
+            slot.phase = DECODE
+            slot.decode_started_at = time.perf_counter()
+            slot.prefill_s += slot.decode_started_at - t0
+            self._update(slot, audio[0], text[0])
+        else:
+            slot.prefill_s += time.perf_counter() - t0
+
+    def _decode_step(self, speaking: list[Slot]) -> None:
+        t0 = time.perf_counter()
+        lm = self.model.lm
+        hi = max(s.index for s in speaking) + 1
+        ids, pos = [], []
+        live = {s.index for s in speaking}
+        for s in self.slots[:hi]:
+            p = min(s.position, self.context_len)
+            ids.extend(s.next_ids if s.index in live else IDLE_IDS)
+            pos.extend((p, p))
+        span = max(pos) + 1
+        ids_t = torch.tensor(ids, device=self.device)[:, :, None]  # [2hi, 8, 1]
+        pos_t = torch.tensor(pos, device=self.device)[:, None]
+        view = KVCache(self.cache.k[:, : 2 * hi], self.cache.v[:, : 2 * hi])
+        hidden = lm(lm.embed(ids_t), view, None, pos_t, span)  # rows 0..2hi-1 in order
+        audio, text = self._sample(hidden, self.slots[:hi])
+        self.counters["steps"] += 1
+        for s in speaking:
+            self._update(s, audio[s.index], text[s.index])
+        self.step_seconds.append(time.perf_counter() - t0)
+
+    def _sample(self, hidden: torch.Tensor, slots: list[Slot]) -> tuple[list, list]:
+        """hidden [2n, 1, C] for slots' row pairs -> (audio [n][7], text [n]) as host lists."""
+        lm = self.model.lm
+        speak, write = hidden[0::2, 0], hidden[1::2, 0]
+        idx = [s.index for s in slots]
+        greedy = all(self._greedy[i] for i in idx)
+        audio_logits = lm.audio_logits(speak)  # [n, 7, 4160]
+        text_logits = lm.text_logits(write)  # [n, 152000]
+        if greedy:
+            audio, text = audio_logits.argmax(-1), text_logits.argmax(-1)
+        else:
+            sel = torch.tensor(idx, device=self.device)
+            t, k, p = self._temperature[sel], self._top_k[sel], self._top_p[sel]
+            audio = sample(audio_logits, t, k, p, self._gen)
+            text = sample(text_logits, t, k, p, self._gen)
+        return audio.tolist(), text.tolist()  # the one device->host copy of the step
+
+    def _update(self, slot: Slot, audio: list[int], text: int) -> None:
+        stop, text = slot.rules.apply(slot.step, audio, text)
+        if stop:
+            self._finish(slot, "completed")
+            return
+        slot.text_ids.append(text)
+        if self.config.record_tokens:
+            slot.audio_ids.append(audio)
+        delta = slot.text_decoder.push(text)
+        if delta:
+            slot.turn._emit(TextDelta(delta))
+        frame = slot.assembler.push(audio)
+        if frame is not None:
+            slot.n_frames += 1
+            slot.frames.append(frame)
+            if len(slot.frames) >= self.config.audio_group_frames:
+                self.vocoder.frames(slot.turn, torch.stack(slot.frames))
+                slot.frames = []
+        slot.next_ids = feed_ids(audio, text)
+        slot.step += 1
+        if slot.step >= slot.max_steps:
+            self._finish(slot, "max_steps")
+
+    def _finish(self, slot: Slot, reason: str, error: Optional[str] = None) -> None:
+        turn = slot.turn
+        if turn is None:
+            return
+        if slot.frames and reason != "cancelled":
+            self.vocoder.frames(turn, torch.stack(slot.frames))
+        slot.frames = []
+        tail = slot.text_decoder.flush() if slot.text_decoder is not None and reason != "cancelled" else ""
+        if tail:
+            turn._emit(TextDelta(tail))
+        now = time.perf_counter()
+        decode_s = now - slot.decode_started_at if slot.phase == DECODE else 0.0
+        steps = slot.step
+        stats = {
+            "prompt_positions": slot.prompt_len,
+            "context_start": slot.start,
+            "steps": steps,
+            "prefill_s": slot.prefill_s,
+            "decode_s": decode_s,
+            "steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
+            # real-time factor: compute time per second of speech produced (< 1 keeps up)
+            "real_time_factor": (decode_s / (steps * 2048 / 24000)) if steps else 0.0,
+        }
+        if self.config.record_tokens:
+            stats.update(text_ids=list(slot.text_ids), audio_ids=list(slot.audio_ids))
+        text = self.model.tokenizer.decode_answer(slot.text_ids)
+        if reason == "cancelled":
+            self.counters["cancels"] += 1
+        if reason == "error":
+            self.counters["errors"] += 1
+        slot.prefill_s = 0.0
+        slot.end_turn()
+        self.vocoder.finish(turn, TurnDone(reason=reason, frames_generated=slot_frames(steps),
+                                           frames_emitted=0, text=text, stats=stats, error=error))
+
+    def _first_audio(self, turn: Turn, seconds: float) -> None:
+        self.ttfa_seconds.append(seconds)
+
+    def warmup(self, seconds: float = 1.0, steps: int = 8) -> None:
+        """One short turn end to end (encoders, prefill, decode, vocoder), then forget it."""
+        import numpy as np
+
+        sid = self.open_session()
+        try:
+            t = np.arange(int(16000 * seconds)) / 16000
+            turn = self.submit(TurnRequest(session_id=sid, audio_16k=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+                                           max_steps=steps))
+            for _ in turn.events(timeout=300):
+                pass
+        finally:
+            self.close_session(sid)
+
+
+def slot_frames(steps: int) -> int:
+    """Speech frames a turn of `steps` kept steps produced (delay pattern: 7 steps of lag)."""
+    return max(0, steps - tk.N_AUDIO_LAYERS)
