@@ -1,0 +1,91 @@
+"""Who may open a session: API keys, Origin allowlist, and the session count (admission).
+
+Keys come as `Authorization: Bearer <key>` (SDKs, scripts) or, for browsers that cannot set
+WebSocket headers, as the subprotocol `openai-insecure-api-key.<key>` the OpenAI API
+accepts. The Origin check protects browsers from other sites driving the server with the
+user's network position; clients that send no Origin (SDKs, curl) are not browsers and pass.
+"""
+from __future__ import annotations
+
+import hmac
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+from .settings import ServerSettings
+
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+REALTIME_SUBPROTOCOL = "realtime"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int          # HTTP status before the upgrade
+    code: str            # error code in the body
+    message: str
+
+
+def presented_key(headers: Mapping[str, str], subprotocols: Iterable[str],
+                  allow_subprotocol: bool) -> Optional[str]:
+    auth = headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if allow_subprotocol:
+        for proto in subprotocols:
+            if proto.startswith(KEY_SUBPROTOCOL) and len(proto) > len(KEY_SUBPROTOCOL):
+                return proto[len(KEY_SUBPROTOCOL):]
+    return None
+
+
+def key_matches(key: Optional[str], keys: tuple[str, ...]) -> bool:
+    if key is None:
+        return False
+    # Compare against every key in constant time, so timing tells nothing about near misses.
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(key.encode(), k.encode())
+    return ok
+
+
+def check_access(settings: ServerSettings, headers: Mapping[str, str],
+                 subprotocols: Iterable[str]) -> Optional[Refusal]:
+    """None when the connection may proceed, else why not."""
+    origin = headers.get("origin")
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+        return Refusal(403, "origin_not_allowed", f"Origin {origin!r} is not allowed.")
+    if settings.auth_enabled:
+        key = presented_key(headers, subprotocols, settings.allow_key_in_subprotocol)
+        if key is None:
+            return Refusal(401, "missing_api_key", "An API key is required: send "
+                           "'Authorization: Bearer <key>'.")
+        if not key_matches(key, settings.api_keys):
+            return Refusal(401, "invalid_api_key", "Incorrect API key provided.")
+    return None
+
+
+def wants_beta_names(headers: Mapping[str, str], subprotocols: Iterable[str]) -> bool:
+    """Beta clients announce themselves; they get beta event names (see events.BETA_NAMES)."""
+    return (BETA_SUBPROTOCOL in subprotocols
+            or "realtime=v1" in headers.get("openai-beta", "").replace(" ", ""))
+
+
+class Admission:
+    """Counts live sessions; refuses past `limit` so every admitted session gets a slot."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.active >= self.limit:
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.active = max(0, self.active - 1)

@@ -1,0 +1,190 @@
+"""The FastAPI application: health, metrics, and the realtime WebSocket.
+
+`GET /v1/realtime` (also `/realtime`) speaks the OpenAI Realtime API. Before the upgrade the
+connection is checked (Origin, API key: refused with 403/401); after it, a session is
+admitted only while the model is ready and a slot is free (else one `error` event and close
+code 1013 "try again later"). Each connection runs a reader (this handler) and a writer task
+draining the session's bounded outbox.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from . import events as ev
+from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_names
+from .engine_host import EngineHost
+from .input_audio import DetectorFactory, silero_detector
+from .metrics import Metrics
+from .outbox import Outbox, SlowReader
+from .protocol import ProtocolError
+from .session import RealtimeSession
+from .settings import ServerSettings
+
+log = logging.getLogger("omni2.server")
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+WRITER_FLUSH_S = 2.0          # time given to send the last events before the socket closes
+
+
+def create_app(settings: ServerSettings, host: EngineHost,
+               detector_factory: DetectorFactory = silero_detector,
+               static_dir: Optional[Path] = None) -> FastAPI:
+    app = FastAPI(title="omni2 realtime", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics()
+    admission = Admission(settings.max_sessions)
+    app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
+    app.state.admission = admission
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if not host.ready:
+            body = {"status": host.state}
+            if host.error:
+                body["error"] = host.error
+            return JSONResponse(body, status_code=503)
+        stats = host.stats() or {}
+        return {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
+                "sessions": admission.active, "max_sessions": admission.limit}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.ready.set(1 if host.ready else 0)
+        metrics.sessions_active.set(admission.active)
+        text = metrics.render(host.stats())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def realtime(ws: WebSocket):
+        await serve_connection(ws, settings, host, metrics, admission, detector_factory)
+
+    app.add_api_websocket_route("/v1/realtime", realtime)
+    app.add_api_websocket_route("/realtime", realtime)
+
+    if static_dir is not None and (static_dir / "index.html").is_file():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=static_dir, html=True), name="web")
+    return app
+
+
+async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:
+    body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
+    try:
+        await ws.send_denial_response(JSONResponse(body, status_code=status))
+    except RuntimeError:  # server without the denial extension: plain 403
+        await ws.close(code=CLOSE_POLICY, reason=message[:120])
+
+
+async def _refuse_after_upgrade(ws: WebSocket, subprotocol: Optional[str], code: str, message: str) -> None:
+    """Accept, say why in an error event (browsers cannot read a refused handshake), close 1013."""
+    await ws.accept(subprotocol=subprotocol)
+    await ws.send_json(ev.error("server_error", code, message))
+    await ws.close(code=CLOSE_TRY_AGAIN, reason=message[:120])
+
+
+async def serve_connection(ws: WebSocket, settings: ServerSettings, host: EngineHost,
+                           metrics: Metrics, admission: Admission,
+                           detector_factory: DetectorFactory) -> None:
+    offered = list(ws.scope.get("subprotocols") or [])
+    headers = {k.lower(): v for k, v in ws.headers.items()}
+    refusal = check_access(settings, headers, offered)
+    if refusal is not None:
+        metrics.refused_total.inc(label=refusal.code)
+        await _refuse_before_upgrade(ws, refusal.status, refusal.code, refusal.message)
+        return
+    subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
+    if not host.ready:
+        metrics.refused_total.inc(label="model_loading")
+        msg = "The model is still loading." if host.state == "loading" else f"The model failed to load: {host.error}"
+        await _refuse_after_upgrade(ws, subprotocol, "model_not_ready", msg + " Try again later.")
+        return
+    if not admission.try_acquire():
+        metrics.refused_total.inc(label="server_busy")
+        await _refuse_after_upgrade(ws, subprotocol, "server_busy", f"The server is at its limit of "
+                                    f"{admission.limit} sessions. Try again later.")
+        return
+    try:
+        await ws.accept(subprotocol=subprotocol)
+        metrics.sessions_total.inc()
+        await _run_session(ws, settings, host, metrics, detector_factory,
+                           beta=wants_beta_names(headers, offered))
+    finally:
+        admission.release()
+
+
+async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost, metrics: Metrics,
+                       detector_factory: DetectorFactory, beta: bool) -> None:
+    outbox = Outbox(settings.outbound_queue_events, settings.send_stall_timeout_s, beta_names=beta)
+    reader = asyncio.current_task()
+    close_reason: dict = {}
+
+    async def on_fatal(reason: str) -> None:
+        close_reason.update(code=CLOSE_POLICY, reason=reason)
+        reader.cancel()
+
+    session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
+                              model_name=host.model_name, detector_factory=detector_factory,
+                              on_fatal=on_fatal)
+    writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
+    try:
+        await session.start()
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.receive(), settings.idle_timeout_s)
+            except asyncio.TimeoutError:
+                if session.busy:
+                    continue
+                await session.send_error(ProtocolError("idle_timeout", f"No client event for "
+                                                       f"{settings.idle_timeout_s:g} s; closing."))
+                close_reason.update(code=CLOSE_NORMAL, reason="idle timeout")
+                break
+            if message["type"] == "websocket.disconnect":
+                break
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes") or b""
+            await session.handle(raw)
+    except SlowReader as exc:
+        close_reason.update(code=CLOSE_POLICY, reason=str(exc))
+    except asyncio.CancelledError:
+        if not close_reason:      # a real shutdown, not our own on_fatal
+            raise
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await session.close()
+        await outbox.close()
+        try:
+            await asyncio.wait_for(writer, WRITER_FLUSH_S)
+        except (asyncio.TimeoutError, Exception):
+            writer.cancel()
+        if close_reason and ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await asyncio.wait_for(ws.close(code=close_reason["code"],
+                                                reason=close_reason["reason"][:120]), WRITER_FLUSH_S)
+            except Exception:
+                pass
+
+
+async def _write_loop(ws: WebSocket, outbox: Outbox) -> None:
+    while True:
+        event = await outbox.get()
+        if event is None:
+            return
+        try:
+            await ws.send_text(outbox.encode(event))
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return
+        outbox.sent += 1

@@ -1,0 +1,151 @@
+"""Prometheus metrics in the text exposition format, written by hand.
+
+The server needs a dozen counters, gauges and histograms; the text format is simple and
+stable, so a dependency would buy nothing. Engine figures (slots, queue, step times) are
+read from `engine.stats()` at scrape time; the engine reports step times as a recent window
+plus a running total, and only the samples new since the last scrape enter the histogram.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Iterable, Optional
+
+# Time buckets (seconds): step times sit in the milliseconds, first audio in the 100s of ms.
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+TTFA_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+def _labels(labels: dict) -> str:
+    if not labels:
+        return ""
+    body = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
+    return "{" + body + "}"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+
+
+class Counter:
+    def __init__(self, name: str, help_: str, label: Optional[str] = None):
+        self.name, self.help, self.label = name, help_, label
+        self._values: dict[str, float] = {} if label else {"": 0.0}
+        self._lock = threading.Lock()
+
+    def inc(self, value: float = 1.0, label: str = "") -> None:
+        with self._lock:
+            self._values[label] = self._values.get(label, 0.0) + value
+
+    def get(self, label: str = "") -> float:
+        return self._values.get(label, 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for label, v in sorted(self._values.items()):
+            yield f"{self.name}{_labels({self.label: label} if self.label else {})} {_num(v)}"
+
+
+class Gauge:
+    def __init__(self, name: str, help_: str):
+        self.name, self.help, self.value = name, help_, 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        yield f"{self.name} {_num(self.value)}"
+
+
+class Histogram:
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help_, tuple(buckets)
+        self._counts = [0] * (len(self.buckets) + 1)
+        self.count, self.sum = 0, 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            i = 0
+            while i < len(self.buckets) and value > self.buckets[i]:
+                i += 1
+            self._counts[i] += 1
+            self.count += 1
+            self.sum += value
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        running = 0
+        for bound, n in zip(self.buckets + (math.inf,), self._counts):
+            running += n
+            yield f'{self.name}_bucket{{le="{_num(bound)}"}} {running}'
+        yield f"{self.name}_sum {_num(self.sum)}"
+        yield f"{self.name}_count {self.count}"
+
+
+class Metrics:
+    """All server metrics; one instance per app."""
+
+    def __init__(self) -> None:
+        p = "omni2_"
+        self.sessions_active = Gauge(p + "sessions_active", "WebSocket sessions open now")
+        self.sessions_total = Counter(p + "sessions_total", "Sessions accepted since start")
+        self.refused_total = Counter(p + "sessions_refused_total", "Connections refused", "reason")
+        self.responses_total = Counter(p + "responses_total", "Responses finished", "status")
+        self.cancels_total = Counter(p + "response_cancels_total", "Responses cancelled", "reason")
+        self.errors_total = Counter(p + "errors_total", "Error events sent to clients", "code")
+        self.events_in_total = Counter(p + "client_events_total", "Client events received", "type")
+        self.audio_out_seconds = Counter(p + "audio_out_seconds_total", "Seconds of speech sent")
+        self.frames_dropped = Counter(p + "image_frames_dropped_total",
+                                      "Camera frames dropped by the 1 fps limit")
+        self.ttfa = Histogram(p + "time_to_first_audio_seconds",
+                              "End of user speech (or response.create) to first audio delta sent",
+                              TTFA_BUCKETS)
+        self.rtf = Histogram(p + "response_real_time_factor",
+                             "Response wall time / seconds of speech produced (<1: faster than "
+                             "real time)", RTF_BUCKETS)
+        self.step_seconds = Histogram(p + "engine_step_seconds", "Engine decode step time", STEP_BUCKETS)
+        self.free_slots = Gauge(p + "engine_free_slots", "Engine slots free")
+        self.live_turns = Gauge(p + "engine_live_turns", "Turns decoding now")
+        self.queue_depth = Gauge(p + "engine_queue_depth", "Turns waiting for a slot")
+        self.engine_cancels = Gauge(p + "engine_cancels", "Cancels seen by the engine since start")
+        self.engine_errors = Gauge(p + "engine_errors", "Turn errors in the engine since start")
+        self.ready = Gauge(p + "ready", "1 when the model is loaded and warmed up")
+        self._steps_seen = 0
+
+    def absorb_engine(self, stats: dict) -> None:
+        """Copy engine figures; feed only step samples not seen at the previous scrape."""
+        self.free_slots.set(stats.get("free_slots", 0))
+        self.live_turns.set(stats.get("live_turns", 0))
+        self.queue_depth.set(stats.get("queued_turns", 0))
+        self.engine_cancels.set(stats.get("cancels_total", 0))
+        self.engine_errors.set(stats.get("errors_total", 0))
+        total = int(stats.get("steps_total", 0))
+        recent = list(stats.get("step_seconds", ()))
+        new = max(0, min(total - self._steps_seen, len(recent)))
+        for v in recent[len(recent) - new:]:
+            self.step_seconds.observe(float(v))
+        self._steps_seen = max(self._steps_seen, total)
+
+    def render(self, engine_stats: Optional[dict] = None) -> str:
+        if engine_stats is not None:
+            self.absorb_engine(engine_stats)
+        lines: list[str] = []
+        for m in (self.ready, self.sessions_active, self.sessions_total, self.refused_total,
+                  self.responses_total, self.cancels_total, self.errors_total,
+                  self.events_in_total, self.audio_out_seconds, self.frames_dropped, self.ttfa,
+                  self.rtf, self.step_seconds, self.free_slots, self.live_turns,
+                  self.queue_depth, self.engine_cancels, self.engine_errors):
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"

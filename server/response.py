@@ -1,0 +1,188 @@
+"""One assistant answer on the wire: engine turn events -> Realtime API response events.
+
+A `ResponseRun` sends the opening events, relays the engine's audio and text as deltas while
+the turn lives, and always closes with the *.done events and `response.done` carrying the
+status the API uses: completed, cancelled (turn_detected / client_cancelled), incomplete
+(max_output_tokens) or failed. After a cancel no further audio is sent, and audio already
+queued for the socket is withdrawn.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from typing import Optional
+
+import numpy as np
+
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE, Resampler, encode_output_audio
+from omni2.streaming.messages import AudioChunk, TextDelta, Turn, TurnDone
+
+from . import events as ev
+from .metrics import Metrics
+from .outbox import Outbox
+from .session_config import SessionConfig, format_to_wire
+
+# TurnDone.reason -> (response status, status_details)
+_FINAL = {
+    "completed": ("completed", None),
+    "max_steps": ("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}),
+}
+
+
+class ResponseRun:
+    def __init__(self, *, turn: Turn, cfg: SessionConfig, outbox: Outbox, metrics: Metrics,
+                 previous_item_id: Optional[str], started_at: float):
+        self.id = ev.new_id("resp")
+        self.item_id = ev.new_id("item")
+        self.turn = turn
+        self.cfg = cfg
+        self.outbox = outbox
+        self.metrics = metrics
+        self.previous_item_id = previous_item_id
+        self.started_at = started_at          # end of user speech, or response.create
+        self.audio_out = "audio" in cfg.output_modalities
+        self.cancel_reason: Optional[str] = None
+        self.transcript: list[str] = []
+        self.samples_sent = 0                 # output samples at the wire rate
+        self.first_audio_at: Optional[float] = None
+        self.finished = False
+        fmt = cfg.output_format
+        self._rate = fmt.sample_rate
+        self._sample_bytes = 2 if fmt.encoding == "pcm16" else 1
+        self._resampler = (Resampler(REALTIME_SAMPLE_RATE, fmt.sample_rate)
+                           if fmt.sample_rate != REALTIME_SAMPLE_RATE else None)
+
+    # ---- state shown in events ----------------------------------------------------------------
+    @property
+    def audio_ms(self) -> int:
+        return self.samples_sent * 1000 // self._rate
+
+    def _part(self, done: bool) -> dict:
+        text = "".join(self.transcript) if done else ""
+        return {"type": "audio", "transcript": text} if self.audio_out else {"type": "text", "text": text}
+
+    def _item(self, status: str, done: bool) -> dict:
+        text = "".join(self.transcript)
+        if not done:
+            content = []
+        elif self.audio_out:
+            content = [{"type": "output_audio", "transcript": text}]
+        else:
+            content = [{"type": "output_text", "text": text}]
+        return ev.assistant_item(self.item_id, status, content)
+
+    def _response(self, status: str, details: Optional[dict] = None, usage: Optional[dict] = None,
+                  output: Optional[list] = None) -> dict:
+        return ev.response_object(
+            self.id, status, output or [], list(self.cfg.output_modalities),
+            format_to_wire(self.cfg.output_format), self.cfg.voice,
+            "inf" if self.cfg.max_output_tokens is None else self.cfg.max_output_tokens,
+            status_details=details, usage=usage)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        put = self.outbox.put
+        await put(ev.response_created(self._response("in_progress")))
+        item = self._item("in_progress", done=False)
+        await put(ev.output_item_added(self.id, item))
+        await put(ev.item_added(item, self.previous_item_id))
+        await put(ev.content_part_added(self.id, self.item_id, self._part(done=False)))
+
+    async def relay(self) -> TurnDone:
+        """Forward the turn's events until its TurnDone; returns it."""
+        async for event in self.turn:
+            if isinstance(event, TurnDone):
+                return event
+            if self.cancel_reason is not None:
+                continue  # the user interrupted: nothing more of this answer goes out
+            if isinstance(event, AudioChunk):
+                if self.audio_out:
+                    await self._send_audio(event.pcm)
+            elif isinstance(event, TextDelta) and event.text:
+                self.transcript.append(event.text)
+                if self.audio_out:
+                    await self.outbox.put(ev.transcript_delta(self.id, self.item_id, event.text))
+                else:
+                    await self.outbox.put(ev.text_delta(self.id, self.item_id, event.text))
+        raise RuntimeError("engine turn ended without TurnDone")  # contract breach
+
+    async def _send_audio(self, pcm: np.ndarray, final: bool = False) -> None:
+        x = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if self._resampler is not None:
+            x = self._resampler.flush() if final else self._resampler.process(x)
+        if x.size == 0:
+            return
+        data = encode_output_audio(x, self.cfg.output_format)
+        if self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+            self.metrics.ttfa.observe(self.first_audio_at - self.started_at)
+        self.samples_sent += x.size
+        await self.outbox.put(ev.audio_delta(self.id, self.item_id, base64.b64encode(data).decode()))
+
+    async def cancel(self, reason: str) -> None:
+        """Stop the answer now: engine stops at its next step, queued audio is withdrawn."""
+        if self.cancel_reason is not None or self.finished:
+            return
+        self.cancel_reason = reason
+        self.turn.cancel()
+        for dropped in await self.outbox.drop_audio(self.id):
+            nbytes = len(base64.b64decode(dropped["delta"]))
+            self.samples_sent -= nbytes // self._sample_bytes
+
+    async def close(self, done: Optional[TurnDone], error: Optional[str] = None) -> str:
+        """Send the closing events; returns the response status."""
+        if self.audio_out and self._resampler is not None and self.cancel_reason is None:
+            await self._send_audio(np.zeros(0, np.float32), final=True)
+        if self.cancel_reason is not None:
+            status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
+        elif done is None or done.reason in ("error", "cancelled"):
+            # 'cancelled' without our cancel: the engine dropped the turn (session closed).
+            message = error or (done.error if done else None) or "the engine stopped this turn"
+            status = "failed"
+            details = {"type": "failed", "error": {"type": "server_error", "code": "engine_error",
+                                                   "message": message}}
+        else:
+            status, details = _FINAL.get(done.reason, ("completed", None))
+        text = "".join(self.transcript)
+        put = self.outbox.put
+        if self.audio_out:
+            await put(ev.audio_done(self.id, self.item_id))
+            await put(ev.transcript_done(self.id, self.item_id, text))
+        else:
+            await put(ev.text_done(self.id, self.item_id, text))
+        await put(ev.content_part_done(self.id, self.item_id, self._part(done=True)))
+        item = self._item("completed" if status == "completed" else "incomplete", done=True)
+        await put(ev.output_item_done(self.id, item))
+        await put(ev.item_done(item, self.previous_item_id))
+        await put(ev.response_done(self._response(status, details, self._usage(done), [item])))
+        self.finished = True
+        self._account(status)
+        return status
+
+    def _usage(self, done: Optional[TurnDone]) -> dict:
+        stats = done.stats if done else {}
+        frames = done.frames_generated if done else 0
+        text_tokens = int(stats.get("text_tokens", frames))
+        audio_tokens = int(stats.get("audio_tokens", frames * 7))
+        in_text = int(stats.get("input_text_tokens", 0))
+        in_audio = int(stats.get("input_audio_tokens", 0))
+        in_image = int(stats.get("input_image_tokens", 0))
+        inputs = int(stats.get("input_tokens", in_text + in_audio + in_image))
+        return {
+            "total_tokens": inputs + text_tokens + audio_tokens,
+            "input_tokens": inputs,
+            "output_tokens": text_tokens + audio_tokens,
+            "input_token_details": {"text_tokens": in_text, "audio_tokens": in_audio,
+                                    "image_tokens": in_image, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
+        }
+
+    def _account(self, status: str) -> None:
+        m = self.metrics
+        m.responses_total.inc(label=status)
+        if self.cancel_reason:
+            m.cancels_total.inc(label=self.cancel_reason)
+        seconds = self.samples_sent / self._rate
+        m.audio_out_seconds.inc(seconds)
+        if status == "completed" and seconds > 0:
+            m.rtf.observe((time.perf_counter() - self.started_at) / seconds)

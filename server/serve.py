@@ -1,0 +1,124 @@
+"""`omni2 serve`: the realtime server on uvicorn.
+
+The HTTP side starts at once; the model loads and warms up on a thread, and /health/ready
+turns 200 when it is done. `--model auto` falls back to the built-in tiny model (with a loud
+warning) when the real checkpoint cannot be found, so the server always comes up.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .settings import ServerSettings, SettingsError, settings_from_env
+
+log = logging.getLogger("omni2.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    parser.add_argument("--host", default=None, help=f"interface to bind (default {d.host})")
+    parser.add_argument("--port", type=int, default=None, help=f"TCP port (default {d.port})")
+    parser.add_argument("--model", default=None,
+                        help="auto (real checkpoint, else tiny with a warning) | tiny | checkpoint DIR")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help=f"concurrent sessions admitted (default {d.max_sessions})")
+    parser.add_argument("--api-key", action="append", default=None, dest="api_keys",
+                        help="require this Bearer key (repeatable; or OMNI2_API_KEYS=k1,k2)")
+    parser.add_argument("--allowed-origin", action="append", default=None, dest="allowed_origins",
+                        help="allow browser pages from this Origin only (repeatable)")
+    parser.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
+                        help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help=f"decode steps per answer at most (default {d.max_steps})")
+    parser.add_argument("--no-warmup", action="store_const", const=False, default=None, dest="warmup",
+                        help="skip the warm-up turn before reporting ready")
+    parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    fields = ("host", "port", "model", "device", "max_sessions", "idle_timeout_s", "max_steps",
+              "warmup", "log_level")
+    overrides = {f: getattr(args, f, None) for f in fields}
+    for name in ("api_keys", "allowed_origins"):
+        value = getattr(args, name, None)
+        overrides[name] = tuple(value) if value else None
+    return settings_from_env(**overrides)
+
+
+def load_engine(settings: ServerSettings):
+    """Runtime + engine, started and warmed up: the EngineHost loader for `omni2 serve`."""
+    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.runtime import load_runtime
+
+    runtime = load_runtime(model=settings.model, device=settings.device)
+    if getattr(runtime, "is_fallback", False):
+        log.warning("=" * 72)
+        log.warning("NO Mini-Omni2 CHECKPOINT FOUND: serving the built-in TINY model.")
+        log.warning("Its answers are noise. Pass --model DIR or make the checkpoint available.")
+        log.warning("=" * 72)
+    engine = Engine(runtime, EngineConfig(max_sessions=settings.max_sessions))
+    engine.start()
+    if settings.warmup:
+        engine.warmup()
+    info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype),
+            "fallback": bool(getattr(runtime, "is_fallback", False))}
+    return engine, info
+
+
+def web_client_dir() -> Optional[Path]:
+    """The browser client shipped in omni2.clients (served at /), when present."""
+    try:
+        import omni2.clients as clients
+    except ImportError:
+        return None
+    path = Path(clients.__file__).parent / "web"
+    return path if (path / "index.html").is_file() else None
+
+
+def uvicorn_config(app, settings: ServerSettings):
+    import uvicorn
+    from uvicorn.config import WS_PROTOCOLS
+
+    # The sans-I/O websockets binding is the maintained one (uvicorn >= 0.35); older: legacy.
+    ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        ws=ws, ws_max_size=settings.hard_message_bytes,
+        ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
+        lifespan="off", server_header=False)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"omni2 serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from .app import create_app
+    from .engine_host import EngineHost
+
+    try:  # fail fast on a taken port, before loading gigabytes of weights
+        with socket.create_server((settings.host, settings.port)):
+            pass
+    except OSError as exc:
+        print(f"omni2 serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    host = EngineHost.loading(lambda: load_engine(settings))
+    app = create_app(settings, host, static_dir=web_client_dir())
+    log.info("omni2 serving on http://%s:%d (realtime: ws://%s:%d/v1/realtime); auth %s",
+             settings.host, settings.port, settings.host, settings.port,
+             "on" if settings.auth_enabled else "off")
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    try:
+        server.run()
+    finally:
+        host.stop()
+    return 0 if host.state != "failed" else 1

@@ -1,0 +1,347 @@
+"""One realtime session: the state machine between client events and engine turns.
+
+Client events are handled one at a time, in arrival order (the connection awaits each), so
+the state below needs no locks; the only concurrent task is the live response's relay. A
+turn is: user input (VAD-cut speech, committed audio, text and/or an image) -> one engine
+turn -> one response. Speech that starts while an answer plays cancels it (barge-in).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+import numpy as np
+
+from omni2.streaming.audio import decode_input_audio, resample
+from omni2.streaming.messages import SamplingParams, TurnRequest
+
+from . import events as ev
+from . import protocol as p
+from .input_audio import RATE, DetectorFactory, InputAudio, Overflow, SpeechStarted, SpeechStopped
+from .metrics import Metrics
+from .outbox import Outbox, SlowReader
+from .response import ResponseRun
+from .session_config import SessionConfig
+from .settings import ServerSettings
+
+log = logging.getLogger("omni2.server")
+
+KNOWN_EVENTS = {"session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+                "input_audio_buffer.clear", "conversation.item.create", "response.create",
+                "response.cancel", "conversation.item.truncate", "input_image_buffer.append"}
+MAX_ITEMS_TRACKED = 256        # items remembered for truncate / previous_item_id checks
+CANCEL_WAIT_S = 10.0           # how long a new answer waits for the interrupted one to close
+
+
+def is_engine_full(exc: BaseException) -> bool:
+    """EngineFull from the real engine or a stand-in (matched by name, no import of torch)."""
+    return any(cls.__name__ == "EngineFull" for cls in type(exc).__mro__)
+
+
+@dataclass
+class ItemRecord:
+    role: str
+    run: Optional[ResponseRun] = None
+
+
+class RealtimeSession:
+    def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
+                 model_name: str, detector_factory: DetectorFactory,
+                 on_fatal: Optional[Callable[[str], Awaitable[None]]] = None):
+        self.id = ev.new_id("sess")
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.outbox = outbox
+        self.cfg = SessionConfig.default(settings, model_name)
+        self._detector_factory = detector_factory
+        self._on_fatal = on_fatal
+        self.input: Optional[InputAudio] = None
+        self.engine_session: Optional[str] = None
+        self.run: Optional[ResponseRun] = None
+        self._run_task: Optional[asyncio.Task] = None
+        self._audio: list[np.ndarray] = []        # committed user audio not yet answered
+        self._texts: list[str] = []
+        self._image: Optional[bytes] = None       # image for the next turn
+        self._frame: Optional[bytes] = None       # latest accepted camera frame
+        self._frame_at = -1e9
+        self._items: collections.OrderedDict[str, ItemRecord] = collections.OrderedDict()
+        self._last_item: Optional[str] = None
+        self._speech_item: Optional[str] = None
+        self.closed = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.engine_session = await asyncio.to_thread(self.engine.open_session)
+        self.input = await asyncio.to_thread(
+            InputAudio, self.cfg.input_format, self.cfg.turn_detection,
+            self.settings.max_turn_audio_s, self.settings.idle_audio_keep_s, self._detector_factory)
+        await self.outbox.put(ev.session_created(self.cfg.to_wire(self.id)))
+
+    @property
+    def busy(self) -> bool:
+        """A response is live or the user is mid-sentence (idle timeout does not apply)."""
+        return (self.run is not None and not self.run.finished) or bool(self.input and self.input.in_speech)
+
+    async def close(self) -> None:
+        """Client gone: stop the answer and free the engine slot and context."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.run is not None and not self.run.finished:
+            self.run.cancel_reason = self.run.cancel_reason or "client_cancelled"
+            self.run.turn.cancel()
+        if self._run_task is not None:
+            self._run_task.cancel()
+            try:
+                await self._run_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.engine_session is not None:
+            await asyncio.to_thread(self.engine.close_session, self.engine_session)
+            self.engine_session = None
+
+    # ---- client events --------------------------------------------------------------------------
+    async def handle(self, raw: str | bytes) -> None:
+        """One client message; protocol errors become error events (SlowReader propagates)."""
+        try:
+            event = p.parse_message(raw, self.settings.max_message_bytes, self.settings.max_image_bytes)
+            self.metrics.events_in_total.inc(label=event.type if event.type in KNOWN_EVENTS else "other")
+            await self._dispatch(event)
+        except p.ProtocolError as err:
+            await self.send_error(err)
+
+    async def send_error(self, err: p.ProtocolError) -> None:
+        self.metrics.errors_total.inc(label=err.code)
+        await self.outbox.put(ev.error(err.type, err.code, err.message, err.param, err.event_id))
+
+    async def _dispatch(self, e: p.ClientEvent) -> None:
+        if isinstance(e, p.SessionUpdate):
+            await self._session_update(e)
+        elif isinstance(e, p.AudioAppend):
+            await self._audio_append(e)
+        elif isinstance(e, p.AudioCommit):
+            await self._audio_commit(e)
+        elif isinstance(e, p.AudioClear):
+            self.input.clear()
+            await self.outbox.put(ev.audio_cleared())
+        elif isinstance(e, p.ItemCreate):
+            await self._item_create(e)
+        elif isinstance(e, p.ResponseCreate):
+            await self._response_create(e)
+        elif isinstance(e, p.ResponseCancel):
+            await self._response_cancel(e)
+        elif isinstance(e, p.ItemTruncate):
+            await self._item_truncate(e)
+        elif isinstance(e, p.ImageAppend):
+            await self._image_append(e)
+
+    async def _session_update(self, e: p.SessionUpdate) -> None:
+        cfg, notes = self.cfg.apply(e.session, self.settings)
+        if (cfg.input_format, cfg.turn_detection) != (self.input.fmt, self.input.turn_detection):
+            await asyncio.to_thread(self.input.configure, cfg.input_format, cfg.turn_detection)
+        self.cfg = cfg
+        updated = ev.session_updated(cfg.to_wire(self.id))
+        if notes:
+            updated["notes"] = notes  # omni2 extension: settings accepted but without effect
+        await self.outbox.put(updated)
+
+    async def _audio_append(self, e: p.AudioAppend) -> None:
+        try:
+            happened = await asyncio.to_thread(self.input.push, e.audio)
+        except ValueError as exc:
+            raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
+                                  f"{self.input.fmt.encoding}: {exc}.", "audio") from None
+        for h in happened:
+            if isinstance(h, SpeechStarted):
+                self._speech_item = ev.new_id("item")
+                td = self.cfg.turn_detection
+                if self.run is not None and not self.run.finished and td and td.interrupt_response:
+                    await self.run.cancel("turn_detected")
+                await self.outbox.put(ev.speech_started(h.sample * 1000 // RATE, self._speech_item))
+            elif isinstance(h, SpeechStopped):
+                stopped_at = time.perf_counter()
+                item_id = self._speech_item or ev.new_id("item")
+                self._speech_item = None
+                await self.outbox.put(ev.speech_stopped(h.sample * 1000 // RATE, item_id))
+                await self._commit(h.audio, item_id)
+                td = self.cfg.turn_detection
+                if td is None or td.create_response:
+                    await self._start_response(stopped_at)
+            elif isinstance(h, Overflow):
+                await self.send_error(p.ProtocolError(
+                    "input_audio_buffer_full", f"Input audio buffer is full "
+                    f"({self.settings.max_turn_audio_s:g} s); {h.dropped_samples / RATE:.2f} s dropped. "
+                    "Commit or clear it.", "audio", e.event_id))
+
+    async def _audio_commit(self, e: p.AudioCommit) -> None:
+        if self.input.buffered_ms < self.settings.min_commit_ms:
+            raise p.ProtocolError("input_audio_buffer_commit_empty", "Error committing input audio "
+                                  f"buffer: buffer too small. Expected at least {self.settings.min_commit_ms}ms "
+                                  f"of audio, but buffer only has {self.input.buffered_ms}ms of audio.")
+        item_id = self._speech_item or ev.new_id("item")
+        self._speech_item = None
+        await self._commit(self.input.commit(), item_id)
+
+    async def _commit(self, audio: np.ndarray, item_id: str) -> None:
+        pending = sum(a.size for a in self._audio) + audio.size
+        if pending > self.settings.max_turn_audio_s * RATE:
+            raise p.ProtocolError("input_audio_buffer_full", "Committed audio waiting for a response "
+                                  f"exceeds {self.settings.max_turn_audio_s:g} s; send response.create.")
+        self._audio.append(audio)
+        if self._frame is not None:  # the turn's image is the latest frame when speech ends
+            self._image, self._frame = self._frame, None
+        await self.outbox.put(ev.audio_committed(item_id, self._last_item))
+        await self._add_user_item(item_id, [{"type": "input_audio", "transcript": None}])
+
+    async def _add_user_item(self, item_id: str, content: list[dict]) -> None:
+        item = ev.user_item(item_id, content)
+        await self.outbox.put(ev.item_added(item, self._last_item))
+        await self.outbox.put(ev.item_done(item, self._last_item))
+        self._remember(item_id, ItemRecord("user"))
+
+    def _remember(self, item_id: str, record: ItemRecord) -> None:
+        self._items[item_id] = record
+        self._last_item = item_id
+        while len(self._items) > MAX_ITEMS_TRACKED:
+            self._items.popitem(last=False)
+
+    async def _item_create(self, e: p.ItemCreate) -> None:
+        if e.previous_item_id is not None and e.previous_item_id != self._last_item:
+            raise p.ProtocolError("invalid_value", "Items can only be appended at the end of the "
+                                  "conversation (the model's context is append-only).", "previous_item_id")
+        texts, audio, image, content = [], [], None, []
+        for part in e.parts:
+            if part.kind == "text":
+                texts.append(part.text)
+                content.append({"type": "input_text", "text": part.text})
+            elif part.kind == "audio":
+                audio.append(await asyncio.to_thread(self._decode_item_audio, part))
+                content.append({"type": "input_audio", "transcript": None})
+            else:
+                await asyncio.to_thread(p.verify_image, part.data, self.settings.max_image_pixels, part.param)
+                image = part.data
+                content.append({"type": "input_image", "image_url": None, "detail": "auto"})
+        if len(self._texts) + len(texts) > self.settings.max_pending_texts:
+            raise p.ProtocolError("too_many_items", f"More than {self.settings.max_pending_texts} text "
+                                  "parts wait for a response; send response.create.", "item.content")
+        pending = sum(a.size for a in self._audio) + sum(a.size for a in audio)
+        if pending > self.settings.max_turn_audio_s * RATE:
+            raise p.ProtocolError("input_audio_buffer_full", "Audio waiting for a response exceeds "
+                                  f"{self.settings.max_turn_audio_s:g} s.", "item.content")
+        self._texts += texts
+        self._audio += audio
+        if image is not None:
+            self._image = image
+        await self._add_user_item(e.item_id or ev.new_id("item"), content)
+
+    def _decode_item_audio(self, part: p.UserPart) -> np.ndarray:
+        try:
+            x, sr = decode_input_audio(part.data, self.cfg.input_format)
+        except ValueError as exc:
+            raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded: {exc}.", part.param) from None
+        return resample(x, sr, RATE) if sr != RATE else x
+
+    async def _image_append(self, e: p.ImageAppend) -> None:
+        now = time.monotonic()
+        if now - self._frame_at < self.settings.image_min_interval_s:
+            self.metrics.frames_dropped.inc()
+            return
+        await asyncio.to_thread(p.verify_image, e.image, self.settings.max_image_pixels, e.param)
+        self._frame, self._frame_at = e.image, now
+
+    # ---- responses ------------------------------------------------------------------------------
+    async def _response_create(self, e: p.ResponseCreate) -> None:
+        if self.run is not None and not self.run.finished:
+            raise p.ProtocolError("conversation_already_has_active_response", "Conversation already "
+                                  f"has an active response in progress: {self.run.id}. Wait until the "
+                                  "response is finished before creating a new one.")
+        if not (self._audio or self._texts or self._image or self._frame):
+            raise p.ProtocolError("no_input", "Nothing to answer: commit audio or create a user "
+                                  "item first.")
+        if self._image is None and self._frame is not None:
+            self._image, self._frame = self._frame, None
+        await self._start_response(time.perf_counter(), e.max_output_tokens, e.output_modalities)
+
+    async def _response_cancel(self, e: p.ResponseCancel) -> None:
+        live = self.run is not None and not self.run.finished
+        if not live or (e.response_id is not None and e.response_id != self.run.id):
+            raise p.ProtocolError("response_cancel_not_active", "Cancellation failed: no active "
+                                  "response found" + (f" with id {e.response_id}." if e.response_id else "."),
+                                  "response_id" if e.response_id else None)
+        await self.run.cancel("client_cancelled")
+
+    async def _item_truncate(self, e: p.ItemTruncate) -> None:
+        record = self._items.get(e.item_id)
+        if record is None or record.run is None:
+            raise p.ProtocolError("item_not_found", f"No assistant item with id '{e.item_id}'.", "item_id")
+        if e.content_index != 0:
+            raise p.ProtocolError("invalid_value", "content_index must be 0 (one audio part per item).",
+                                  "content_index")
+        run = record.run
+        if not run.finished:
+            await run.cancel("client_cancelled")
+        if e.audio_end_ms > run.audio_ms:
+            raise p.ProtocolError("invalid_value", f"audio_end_ms {e.audio_end_ms} is beyond the "
+                                  f"item's audio ({run.audio_ms} ms).", "audio_end_ms")
+        await self.outbox.put(ev.item_truncated(e.item_id, 0, e.audio_end_ms))
+
+    async def _start_response(self, started_at: float, max_tokens: Optional[int] = None,
+                              modalities: Optional[list[str]] = None) -> None:
+        if self.run is not None and not self.run.finished:
+            await self.run.cancel("turn_detected")
+        if self._run_task is not None and not self._run_task.done():
+            # The interrupted answer closes first, so its response.done precedes the next one.
+            await asyncio.wait({self._run_task}, timeout=CANCEL_WAIT_S)
+        cfg = self.cfg
+        limit = max_tokens or cfg.max_output_tokens or self.settings.max_steps
+        request = TurnRequest(
+            session_id=self.engine_session,
+            audio_16k=np.concatenate(self._audio) if self._audio else None,
+            image=self._image, text="\n".join(self._texts) if self._texts else None,
+            sampling=SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
+            max_steps=min(limit, self.settings.max_steps))
+        self._audio, self._texts, self._image = [], [], None
+        try:
+            turn = await asyncio.to_thread(self.engine.submit, request)
+        except ValueError as exc:
+            raise p.ProtocolError("invalid_input", f"The model cannot take this input: {exc}") from None
+        except Exception as exc:
+            if not is_engine_full(exc):
+                raise
+            raise p.ProtocolError("server_busy", "All model slots are busy; try again shortly.",
+                                  type=p.SERVER_ERROR) from None
+        if modalities is not None:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
+        run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
+                          previous_item_id=self._last_item, started_at=started_at)
+        self.run = run
+        self._remember(run.item_id, ItemRecord("assistant", run))
+        try:
+            await run.open()
+        except BaseException:
+            turn.cancel()
+            raise
+        self._run_task = asyncio.create_task(self._drive(run), name=f"response {run.id}")
+
+    async def _drive(self, run: ResponseRun) -> None:
+        done, error = None, None
+        try:
+            try:
+                done = await run.relay()
+            except SlowReader:
+                raise
+            except Exception as exc:  # engine contract breach: fail this response, keep session
+                log.exception("response %s failed", run.id)
+                run.turn.cancel()
+                error = f"{type(exc).__name__}: {exc}"
+            await run.close(done, error)
+        except SlowReader as exc:
+            run.turn.cancel()
+            if self._on_fatal is not None:
+                await self._on_fatal(str(exc))

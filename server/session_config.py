@@ -1,0 +1,226 @@
+"""A session's configuration: what session.update may change, and how it is shown back.
+
+`SessionConfig.apply(patch)` validates a session.update payload (GA nested `audio.input` /
+`audio.output` shapes, or the beta flat fields) and returns the new config plus notes for
+settings that were accepted but have no effect on this model. `to_wire()` is the GA
+`session` object sent in session.created / session.updated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE, AudioFormat, parse_audio_format
+
+from .protocol import ProtocolError, check_modalities, field_of
+from .settings import ServerSettings
+
+
+# Output is always 24 kHz PCM16 (the codec's rate) or 8 kHz G.711; input may be any PCM rate
+# streaming.audio accepts (16 kHz microphones need no resampling on the client).
+PCM16_24K = AudioFormat("pcm16", REALTIME_SAMPLE_RATE)
+_OUTPUT_FORMATS = {("pcm16", REALTIME_SAMPLE_RATE), ("g711_ulaw", 8000), ("g711_alaw", 8000)}
+_WIRE_TYPES = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+
+
+def format_to_wire(fmt: AudioFormat) -> dict:
+    if fmt.encoding == "pcm16":
+        return {"type": "audio/pcm", "rate": fmt.sample_rate}
+    return {"type": _WIRE_TYPES[fmt.encoding]}
+
+
+def parse_format(value, param: str, output: bool) -> AudioFormat:
+    """A GA format object or beta format name -> AudioFormat, or ProtocolError."""
+    if not isinstance(value, (str, dict)):
+        raise ProtocolError("invalid_type", f"'{param}' must be an object like "
+                            "{'type': 'audio/pcm', 'rate': 24000}.", param)
+    try:
+        fmt = parse_audio_format(value)
+    except ValueError as exc:
+        raise ProtocolError("invalid_value", f"Unsupported audio format: {exc}.", param) from None
+    if output and (fmt.encoding, fmt.sample_rate) not in _OUTPUT_FORMATS:
+        raise ProtocolError("invalid_value", "Output audio is 24000 Hz audio/pcm, audio/pcmu or "
+                            f"audio/pcma; got {format_to_wire(fmt)}.", param)
+    return fmt
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """server_vad parameters (OpenAI names)."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def to_wire(self) -> dict:
+        return {"type": "server_vad", "threshold": self.threshold,
+                "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms,
+                "create_response": self.create_response,
+                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+
+
+def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
+                         defaults: TurnDetection) -> Optional[TurnDetection]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_type", f"'{param}' must be an object or null.", param)
+    kind = field_of(value, "type", str, f"{param}.type", default="server_vad")
+    if kind == "semantic_vad":
+        # No semantic model here: take it as server_vad with its defaults, and say so.
+        kind = "server_vad"
+    if kind != "server_vad":
+        raise ProtocolError("invalid_value", f"Unsupported turn detection '{kind}' "
+                            "(server_vad, or null to turn it off).", f"{param}.type")
+    base = current or defaults
+    threshold = field_of(value, "threshold", float, f"{param}.threshold", default=base.threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ProtocolError("invalid_value", "threshold must be between 0 and 1 (exclusive).",
+                            f"{param}.threshold")
+    prefix = field_of(value, "prefix_padding_ms", int, f"{param}.prefix_padding_ms",
+                      default=base.prefix_padding_ms)
+    silence = field_of(value, "silence_duration_ms", int, f"{param}.silence_duration_ms",
+                       default=base.silence_duration_ms)
+    if not 0 <= prefix <= 5000 or not 0 <= silence <= 10000:
+        raise ProtocolError("invalid_value", "prefix_padding_ms must be 0..5000 and "
+                            "silence_duration_ms 0..10000.", f"{param}.silence_duration_ms")
+    create = field_of(value, "create_response", bool, f"{param}.create_response",
+                      default=base.create_response)
+    interrupt = field_of(value, "interrupt_response", bool, f"{param}.interrupt_response",
+                         default=base.interrupt_response)
+    return TurnDetection(threshold, prefix, silence, create, interrupt)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    model: str
+    input_format: AudioFormat = PCM16_24K
+    output_format: AudioFormat = PCM16_24K
+    voice: str = "default"
+    turn_detection: Optional[TurnDetection] = TurnDetection()
+    output_modalities: tuple[str, ...] = ("audio",)
+    max_output_tokens: Optional[int] = None      # None = "inf" (capped by settings.max_steps)
+    instructions: str = ""
+    temperature: float = 0.0
+    top_k: int = 1
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    @classmethod
+    def default(cls, settings: ServerSettings, model: str) -> "SessionConfig":
+        vad = TurnDetection(settings.vad_threshold, settings.vad_prefix_padding_ms,
+                            settings.vad_silence_ms)
+        return cls(model=model, voice=settings.voice, turn_detection=vad,
+                   temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+
+    def apply(self, patch: dict, settings: ServerSettings) -> tuple["SessionConfig", list[str]]:
+        """The config after a session.update payload, and notes on ignored settings."""
+        changes: dict = {}
+        notes: list[str] = []
+        defaults = SessionConfig.default(settings, self.model).turn_detection
+        stype = field_of(patch, "type", str, "session.type", default="realtime")
+        if stype != "realtime":
+            raise ProtocolError("invalid_value", f"Session type '{stype}' is not offered "
+                                "(only 'realtime').", "session.type")
+        audio = field_of(patch, "audio", dict, "session.audio", default={})
+        a_in = field_of(audio, "input", dict, "session.audio.input", default={})
+        a_out = field_of(audio, "output", dict, "session.audio.output", default={})
+
+        fmt_in = a_in.get("format", patch.get("input_audio_format"))
+        if fmt_in is not None:
+            param = "session.audio.input.format" if "format" in a_in else "session.input_audio_format"
+            changes["input_format"] = parse_format(fmt_in, param, output=False)
+        fmt_out = a_out.get("format", patch.get("output_audio_format"))
+        if fmt_out is not None:
+            param = "session.audio.output.format" if "format" in a_out else "session.output_audio_format"
+            changes["output_format"] = parse_format(fmt_out, param, output=True)
+
+        if "turn_detection" in a_in or "turn_detection" in patch:
+            in_ga = "turn_detection" in a_in
+            value = a_in["turn_detection"] if in_ga else patch["turn_detection"]
+            param = "session.audio.input.turn_detection" if in_ga else "session.turn_detection"
+            if isinstance(value, dict) and value.get("type") == "semantic_vad":
+                notes.append("semantic_vad is served as server_vad (no semantic turn model).")
+            changes["turn_detection"] = parse_turn_detection(value, param, self.turn_detection, defaults)
+
+        voice = a_out.get("voice", patch.get("voice"))
+        if voice is not None:
+            if isinstance(voice, dict):
+                voice = voice.get("id")
+            if not isinstance(voice, str):
+                raise ProtocolError("invalid_type", "voice must be a string.", "session.audio.output.voice")
+            changes["voice"] = voice
+            notes.append("Mini-Omni2 speaks with one voice; the voice name is only echoed.")
+        if a_out.get("speed") not in (None, 1, 1.0):
+            notes.append("audio.output.speed is ignored: speech is produced at its natural rate.")
+
+        modalities = patch.get("output_modalities", patch.get("modalities"))
+        if modalities is not None:
+            changes["output_modalities"] = tuple(check_modalities(modalities, "session.output_modalities"))
+        mot = patch.get("max_output_tokens", patch.get("max_response_output_tokens"))
+        if mot is not None:
+            if mot == "inf":
+                changes["max_output_tokens"] = None
+            elif isinstance(mot, int) and not isinstance(mot, bool) and mot >= 1:
+                changes["max_output_tokens"] = mot
+            else:
+                raise ProtocolError("invalid_value", "max_output_tokens must be a positive integer "
+                                    "or 'inf'.", "session.max_output_tokens")
+        instructions = field_of(patch, "instructions", str, "session.instructions")
+        if instructions is not None:
+            changes["instructions"] = instructions
+            if instructions:
+                notes.append("instructions are ignored: Mini-Omni2 was trained with one fixed "
+                              "system prompt.")
+        for key, kind, lo, hi in (("temperature", float, 0.0, 2.0), ("top_p", float, 0.0, 1.0),
+                                  ("top_k", int, 1, 1 << 20)):
+            value = field_of(patch, key, kind, f"session.{key}")
+            if value is not None:
+                if not lo <= value <= hi or (key == "top_p" and value == 0.0):
+                    raise ProtocolError("invalid_value", f"{key} must be in [{lo}, {hi}].", f"session.{key}")
+                changes[key] = value
+        seed = field_of(patch, "seed", int, "session.seed")
+        if seed is not None:
+            changes["seed"] = seed
+        if patch.get("tools"):
+            notes.append("tools are ignored: the model cannot call functions.")
+        if a_in.get("transcription") or patch.get("input_audio_transcription"):
+            notes.append("input audio transcription is not offered; user items carry no transcript.")
+        return dataclasses.replace(self, **changes), notes
+
+    def to_wire(self, session_id: str) -> dict:
+        """The GA session object (RealtimeSessionCreateRequest shape) with the server's id."""
+        return {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": session_id,
+            "model": self.model,
+            "output_modalities": list(self.output_modalities),
+            "instructions": self.instructions,
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": "inf" if self.max_output_tokens is None else self.max_output_tokens,
+            "tracing": None,
+            "truncation": "auto",
+            "prompt": None,
+            "expires_at": 0,
+            "include": None,
+            "audio": {
+                "input": {
+                    "format": format_to_wire(self.input_format),
+                    "transcription": None,
+                    "noise_reduction": None,
+                    "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
+                },
+                "output": {"format": format_to_wire(self.output_format), "voice": self.voice, "speed": 1.0},
+            },
+            # omni2 extension: sampling is not part of the GA session object.
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }

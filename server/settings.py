@@ -1,0 +1,133 @@
+"""Every limit and default of the realtime server, in one frozen object.
+
+Values come from, in rising priority: the dataclass defaults, `OMNI2_<FIELD>` environment
+variables (e.g. OMNI2_MAX_SESSIONS=32, OMNI2_API_KEYS=key1,key2), and `omni2 serve` flags.
+Nothing else in server/ hard-codes a number that an operator might want to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+ENV_PREFIX = "OMNI2_"
+
+
+class SettingsError(ValueError):
+    """A setting with a value the server cannot use (names the setting and the value)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # --- where and what to serve ---------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "auto"                 # "auto" | "tiny" | checkpoint directory
+    device: str = "auto"
+    log_level: str = "info"
+
+    # --- admission and access ------------------------------------------------------------
+    max_sessions: int = 16              # concurrent WebSocket sessions (= engine slots)
+    api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
+    allowed_origins: tuple[str, ...] = ()  # empty: any Origin; else exact match required
+    # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
+    # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
+    allow_key_in_subprotocol: bool = True
+
+    # --- per-connection limits -----------------------------------------------------------
+    max_message_bytes: int = 1 << 20    # one client event (JSON text), 1 MiB
+    # The WebSocket layer drops the connection (close 1009) above this hard cap; between
+    # max_message_bytes and the cap the session answers with an error event and goes on.
+    hard_message_bytes: int = 4 << 20
+    idle_timeout_s: float = 300.0       # no client event and no live response -> close
+    outbound_queue_events: int = 512    # server events waiting for a slow reader
+    send_stall_timeout_s: float = 15.0  # queue full this long -> reader is gone, close
+    max_turn_audio_s: float = 60.0      # input audio buffer cap (and VAD forced commit)
+    idle_audio_keep_s: float = 2.0      # audio kept before speech onset (prefix padding)
+    max_pending_texts: int = 32         # user text items waiting for the next response
+    max_image_bytes: int = 768 << 10    # one decoded image (JPEG/PNG bytes)
+    max_image_pixels: int = 4096 * 4096  # refuse decompression bombs before decoding
+    image_min_interval_s: float = 1.0   # camera frames closer than this are dropped
+    min_commit_ms: int = 100            # shorter manual commits are refused, like the API
+
+    # --- response defaults ----------------------------------------------------------------
+    max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)
+    voice: str = "default"              # Mini-Omni2 has one voice; any name is echoed
+    vad_threshold: float = 0.5
+    vad_silence_ms: int = 500
+    vad_prefix_padding_ms: int = 300
+    temperature: float = 0.0            # greedy by default: reproduces the released model
+    top_k: int = 1
+    top_p: float = 1.0
+
+    # --- service ---------------------------------------------------------------------------
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
+    warmup: bool = True                 # one short turn before /health/ready says 200
+    metrics_window: int = 4096          # engine step samples read per scrape at most
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_sessions", "max_message_bytes", "outbound_queue_events", "max_steps",
+                     "max_image_bytes", "max_image_pixels", "max_pending_texts"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hard_message_bytes < self.max_message_bytes:
+            problems.append("hard_message_bytes must be >= max_message_bytes")
+        if not 0.0 < self.vad_threshold < 1.0:
+            problems.append(f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
+        if not 0 < self.port < 65536:
+            problems.append(f"port must be in 1..65535, got {self.port}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def replace(self, **changes) -> "ServerSettings":
+        """A copy with `changes` applied; None values are ignored (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def public(self) -> dict:
+        """The settings safe to show (keys redacted), for logs and /health/ready."""
+        out = dataclasses.asdict(self)
+        out["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        return out
+
+
+def _parse(name: str, kind: type, raw: str):
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in (tuple, tuple[str, ...]):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> ServerSettings:
+    """Defaults, then OMNI2_* environment variables, then `overrides` (None = not given)."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in dataclasses.fields(ServerSettings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            kind = _KINDS[f.type if isinstance(f.type, str) else f.type.__name__]
+            values[f.name] = _parse(f.name, kind, env[key])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServerSettings(**values)

@@ -1,0 +1,154 @@
+"""Test helpers for the realtime server: real uvicorn on loopback, real websockets client.
+
+`running_server(engine, **settings)` starts the app on a free 127.0.0.1 port in a thread
+(same uvicorn config as `omni2 serve`); `Client` wraps a `websockets` connection with
+send/receive helpers that fail with the events seen so far instead of hanging.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import websockets
+
+from omni2.server.app import create_app
+from omni2.server.engine_host import EngineHost
+from omni2.server.serve import uvicorn_config
+from omni2.server.settings import ServerSettings
+
+RECV_TIMEOUT_S = 20.0
+
+
+class RunningServer:
+    def __init__(self, app, settings: ServerSettings):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    def start(self) -> "RunningServer":
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def running_server(engine, host: Optional[EngineHost] = None, detector_factory=None, **overrides):
+    settings = ServerSettings(**{"log_level": "warning", **overrides})
+    host = host or EngineHost.ready_with(engine, {"model": "fake", "device": "cpu", "dtype": "float32",
+                                                  "fallback": False})
+    kwargs = {"detector_factory": detector_factory} if detector_factory else {}
+    app = create_app(settings, host, **kwargs)
+    srv = RunningServer(app, settings).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+class Client:
+    """One realtime connection; every event received is kept in `seen`."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.seen: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str, headers: Optional[dict] = None, subprotocols=None, **kw) -> "Client":
+        conn = await websockets.connect(url, additional_headers=headers, subprotocols=subprotocols,
+                                        max_size=None, open_timeout=10, **kw)
+        return cls(conn)
+
+    async def send(self, type_: str, **fields) -> None:
+        await self.conn.send(json.dumps({"type": type_, **fields}))
+
+    async def send_raw(self, data) -> None:
+        await self.conn.send(data)
+
+    async def recv(self, timeout: float = RECV_TIMEOUT_S) -> dict:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        event = json.loads(raw)
+        self.seen.append(event)
+        return event
+
+    async def until(self, type_: str, timeout: float = RECV_TIMEOUT_S) -> list[dict]:
+        """Events up to and including the first of `type_` (fails listing what came)."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                event = await self.recv(max(left, 0.01))
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no {type_} within {timeout}s; got {[e['type'] for e in got]}") from None
+            got.append(event)
+            if event["type"] == type_:
+                return got
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+# ---- audio and images ----------------------------------------------------------------------
+def pcm16_b64(x: np.ndarray) -> str:
+    return base64.b64encode((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+async def stream_audio(client: Client, audio_24k: np.ndarray, chunk_s: float = 0.1,
+                       pace: float = 0.0) -> None:
+    """Append audio in chunks (pace > 0: sleep chunk_s*pace between chunks)."""
+    n = int(24000 * chunk_s)
+    for i in range(0, audio_24k.size, n):
+        await client.send("input_audio_buffer.append", audio=pcm16_b64(audio_24k[i:i + n]))
+        if pace:
+            await asyncio.sleep(chunk_s * pace)
+
+
+def png_data_url(color=(200, 30, 30), size=(32, 24)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def jpeg_data_url(color=(20, 120, 220), size=(64, 48)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def types(events: list[dict]) -> list[str]:
+    return [e["type"] for e in events]
