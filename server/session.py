@@ -110,9 +110,15 @@ class RealtimeSession:
         """One client message; protocol errors become error events (SlowReader propagates)."""
         try:
             event = p.parse_message(raw, self.settings.max_message_bytes, self.settings.max_image_bytes)
-            self.metrics.events_in_total.inc(label=event.type if event.type in KNOWN_EVENTS else "other")
+        except p.ProtocolError as err:
+            self.metrics.events_in_total.inc(label="invalid")
+            await self.send_error(err)
+            return
+        self.metrics.events_in_total.inc(label=event.type if event.type in KNOWN_EVENTS else "other")
+        try:
             await self._dispatch(event)
         except p.ProtocolError as err:
+            err.event_id = err.event_id or event.event_id
             await self.send_error(err)
 
     async def send_error(self, err: p.ProtocolError) -> None:

@@ -104,7 +104,7 @@ class FakeEngine:
         if request.audio_16k is not None:
             what.append(f"{request.audio_16k.size / 16000:.1f}s-audio")
         if request.text:
-            what.append("text")
+            what.append("text=" + "_".join(request.text.split()))
         if request.image is not None:
             what.append("image")
         words = [f"answer-for-{request.session_id}", "about", "+".join(what)]
