@@ -24,7 +24,7 @@ from .input_audio import DetectorFactory, silero_detector
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError
-from .session import RealtimeSession
+from .session import RealtimeSession, is_engine_full
 from .settings import ServerSettings
 
 log = logging.getLogger("omni2.server")
@@ -139,7 +139,18 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
                               on_fatal=on_fatal)
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
     try:
-        await session.start()
+        try:
+            await session.start()
+        except Exception as exc:
+            if not is_engine_full(exc):
+                raise
+            # Admission counts sessions, but the engine may hold slots for sessions still
+            # closing: say so the way a full server does.
+            metrics.refused_total.inc(label="server_busy")
+            await session.send_error(ProtocolError("server_busy", f"No model slot is free ({exc}). "
+                                                   "Try again later.", type="server_error"))
+            close_reason.update(code=CLOSE_TRY_AGAIN, reason="no model slot free")
+            return
         while True:
             try:
                 message = await asyncio.wait_for(ws.receive(), settings.idle_timeout_s)
