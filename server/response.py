@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from omni2.model.tokens import N_AUDIO_LAYERS
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE, Resampler, encode_output_audio
 from omni2.streaming.messages import AudioChunk, TextDelta, Turn, TurnDone
 
@@ -21,6 +22,8 @@ from . import events as ev
 from .metrics import Metrics
 from .outbox import Outbox
 from .session_config import SessionConfig, format_to_wire
+
+AUDIO_CODES_PER_FRAME = N_AUDIO_LAYERS   # SNAC codes per frame
 
 # TurnDone.reason -> (response status, status_details)
 _FINAL = {
@@ -143,6 +146,9 @@ class ResponseRun:
                                                    "message": message}}
         else:
             status, details = _FINAL.get(done.reason, ("completed", None))
+        if done is not None and status in ("completed", "incomplete"):
+            # The engine's full text is authoritative; the deltas must add up to it (tested).
+            self.transcript = [done.text]
         text = "".join(self.transcript)
         put = self.outbox.put
         if self.audio_out:
@@ -160,20 +166,19 @@ class ResponseRun:
         return status
 
     def _usage(self, done: Optional[TurnDone]) -> dict:
+        """Token counts as the engine reports them: prompt positions in, one text token and
+        one 7-code SNAC frame per decode step out (Mini-Omni2 decodes both in parallel)."""
         stats = done.stats if done else {}
         frames = done.frames_generated if done else 0
-        text_tokens = int(stats.get("text_tokens", frames))
-        audio_tokens = int(stats.get("audio_tokens", frames * 7))
-        in_text = int(stats.get("input_text_tokens", 0))
-        in_audio = int(stats.get("input_audio_tokens", 0))
-        in_image = int(stats.get("input_image_tokens", 0))
-        inputs = int(stats.get("input_tokens", in_text + in_audio + in_image))
+        inputs = int(stats.get("prompt_positions", 0))
+        text_tokens = int(stats.get("steps", frames))
+        audio_tokens = frames * AUDIO_CODES_PER_FRAME
         return {
             "total_tokens": inputs + text_tokens + audio_tokens,
             "input_tokens": inputs,
             "output_tokens": text_tokens + audio_tokens,
-            "input_token_details": {"text_tokens": in_text, "audio_tokens": in_audio,
-                                    "image_tokens": in_image, "cached_tokens": 0},
+            "input_token_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0,
+                                    "cached_tokens": 0},
             "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
         }
 

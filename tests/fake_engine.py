@@ -158,4 +158,4 @@ class FakeEngine:
         with self._lock:
             self._live.pop(turn, None)
         turn._emit(TurnDone(reason=reason, frames_generated=st["step"], frames_emitted=st["step"],
-                            text="".join(st["text"]), stats={"text_tokens": len(st["text"])}))
+                            text="".join(st["text"]), stats={"steps": st["step"], "prompt_positions": 10}))

@@ -1,0 +1,187 @@
+"""The server on the real engine with the tiny model: the whole path, socket to SNAC audio.
+
+The tiny model's words are noise, so answers are checked for shape and consistency (event
+order, valid PCM, transcript deltas adding up to the engine's text, usage, slots freed),
+and concurrent sessions against the same questions answered one at a time (greedy decoding
+is deterministic, so batching must not change anyone's answer).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
+
+from server_harness import Client, jpeg_data_url, running_server, stream_audio, types  # noqa: E402
+from speech import requires_speech, resample, utterance  # noqa: E402
+from test_server_session import CLOSING, OPENING  # noqa: E402
+
+MAX_STEPS = 48
+QUESTIONS = ["what is this", "tell me about the weather", "where are we", "who is that",
+             "read the sign please", "how many cups", "is it raining", "what colour is the car"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.runtime import load_runtime
+
+    runtime = load_runtime(model="tiny", device="cpu")
+    eng = Engine(runtime, EngineConfig(max_sessions=8)).start()
+    eng.warmup()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running_server(engine, max_sessions=8, max_steps=MAX_STEPS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def spoken():
+    out = []
+    for q in QUESTIONS:
+        audio, _, _ = utterance(q, lead_s=0.4, tail_s=1.0)
+        out.append(resample(audio, 16000, 24000))
+    return out
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def summary(events: list[dict]) -> dict:
+    t = types(events)
+    start = t.index("response.created")
+    assert t[start:start + 4] == OPENING, t
+    assert t[-6:] == CLOSING, t
+    body = events[start + 4:-6]
+    assert set(types(body)) <= {"response.output_audio.delta", "response.output_audio_transcript.delta"}, t
+    pcm = b"".join(base64.b64decode(e["delta"]) for e in body if e["type"] == "response.output_audio.delta")
+    deltas = "".join(e["delta"] for e in body if e["type"] == "response.output_audio_transcript.delta")
+    done = events[-1]["response"]
+    return {"pcm": pcm, "deltas": deltas, "transcript": events[-5]["transcript"], "done": done,
+            "status": done["status"], "usage": done["usage"]}
+
+
+async def spoken_turn(url: str, audio: np.ndarray, image: str | None = None, pace: float = 0.0) -> dict:
+    c = await Client.connect(url)
+    assert (await c.recv())["type"] == "session.created"
+    if image:
+        await c.send("input_image_buffer.append", image=image)
+    await stream_audio(c, audio, pace=pace)
+    events = await c.until("response.done", timeout=90)
+    await c.close()
+    return summary(events)
+
+
+@requires_speech
+def test_spoken_question_with_image_end_to_end(server, spoken):
+    async def main():
+        c = await Client.connect(server.ws)
+        assert (await c.recv())["type"] == "session.created"
+        await c.send("session.update", session={"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        await c.until("session.updated")
+        await c.send("input_image_buffer.append", image=jpeg_data_url())
+        await stream_audio(c, spoken[0])
+        events = await c.until("response.done", timeout=90)
+        t = types(events)
+        assert t[:5] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"], t
+        with_image = summary(events)
+        # Same question again, no picture this time: the prompt is shorter by the image tokens.
+        await stream_audio(c, spoken[0])
+        without = summary(await c.until("response.done", timeout=90))
+        await c.close()
+        return with_image, without
+
+    with_image, without = run(main())
+    for r in (with_image, without):
+        assert r["status"] in ("completed", "incomplete"), r["done"]
+        assert r["deltas"] == r["transcript"]  # deltas add up to the engine's final text
+        assert len(r["pcm"]) % 2 == 0 and len(r["pcm"]) > 0
+        pcm = np.frombuffer(r["pcm"], dtype="<i2")
+        assert np.abs(pcm).max() > 0
+        assert r["usage"]["output_token_details"]["text_tokens"] <= MAX_STEPS
+    assert with_image["usage"]["input_tokens"] > without["usage"]["input_tokens"]
+
+
+@requires_speech
+@pytest.mark.parametrize("sessions", [2, 8])
+def test_concurrent_sessions_get_the_answers_they_get_alone(server, spoken, sessions):
+    async def alone():
+        return [await spoken_turn(server.ws, spoken[i]) for i in range(sessions)]
+
+    async def together():
+        return await asyncio.gather(*(spoken_turn(server.ws, spoken[i], pace=0.3) for i in range(sessions)))
+
+    solo = run(alone())
+    batched = run(together())
+    for i, (a, b) in enumerate(zip(solo, batched)):
+        assert b["status"] == a["status"] and len(b["pcm"]) > 0, (i, b["done"])
+        assert b["transcript"] == a["transcript"], (i, a["transcript"], b["transcript"])
+        assert b["usage"] == a["usage"], i
+
+
+def test_text_turn_through_the_openai_sdk(server):
+    openai = pytest.importorskip("openai")
+
+    async def main():
+        client = openai.AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{server.port}/v1")
+        seen = []
+        async with client.realtime.connect(model="omni2") as conn:
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "hello there"}]})
+            await conn.response.create()
+            async for event in conn:
+                seen.append(event)
+                if event.type == "response.done":
+                    break
+        await client.close()
+        return seen
+
+    seen = run(main())
+    assert not [e for e in seen if e.type == "error"]
+    assert seen[-1].response.status in ("completed", "incomplete")
+    assert any(e.type == "response.output_audio.delta" for e in seen)
+
+
+def test_cancel_and_disconnect_free_the_slot(engine, spoken):
+    with running_server(engine, max_sessions=8, max_steps=1024) as srv:
+        async def main():
+            c = await Client.connect(srv.ws)
+            await c.recv()
+            await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
+            await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                           "content": [{"type": "input_text", "text": "talk"}]})
+            await c.send("response.create")
+            await c.until("response.output_audio.delta", timeout=60)
+            await c.send("response.cancel")
+            done = (await c.until("response.done", timeout=30))[-1]["response"]
+            assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+            await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                           "content": [{"type": "input_text", "text": "again"}]})
+            await c.send("response.create")
+            await c.until("response.output_audio.delta", timeout=60)
+            assert engine.stats()["live_turns"] == 1
+            c.conn.transport.abort()  # vanish mid-answer
+
+        before = engine.stats()["cancels_total"]
+        run(main())
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            s = engine.stats()
+            if s["live_turns"] == 0 and s["sessions"] == 0:
+                break
+            time.sleep(0.05)
+        s = engine.stats()
+        assert (s["live_turns"], s["sessions"], s["free_slots"]) == (0, 0, 8), s
+        assert s["cancels_total"] >= before + 2
