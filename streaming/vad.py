@@ -119,6 +119,11 @@ class SpeechDetector:
         self._quiet_from: int | None = None  # first sample of the current quiet run in speech
 
     @property
+    def onset_pending(self) -> bool:
+        """Speech chunks seen but not yet long enough for `speech_started`."""
+        return self._onset is not None
+
+    @property
     def last_speech_end(self) -> int:
         """End sample of the most recent chunk scored as speech (for end-of-speech timing)."""
         return self._last_speech_end

