@@ -22,8 +22,8 @@ def sample(
     greedy = (temperature <= 0) | (top_k == 1)
     if bool(greedy.all()):  # the common case; a host read of B flags, not of logits
         return greedy_ids
-    extra = logits.dim() - 1
-    shape = (-1,) + (1,) * extra
+    shape = (-1,) + (1,) * (logits.dim() - 1)  # per-row parameter against [B, ..., V]
+    id_shape = (-1,) + (1,) * (logits.dim() - 2)  # per-row flag against ids [B, ...]
     x = logits.float() / temperature.clamp_min(1e-5).view(shape)
     V = x.size(-1)
     # top-k: keep values >= the k-th largest (k <= 0 means no limit)
@@ -38,4 +38,4 @@ def sample(
     x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = x.softmax(dim=-1).reshape(-1, V)
     sampled = torch.multinomial(probs, 1, generator=generator).view(x.shape[:-1])
-    return torch.where(greedy.view(shape), greedy_ids, sampled)
+    return torch.where(greedy.view(id_shape), greedy_ids, sampled)

@@ -207,10 +207,21 @@ class Engine:
                         self._wake.clear()
                 except Exception:  # a bug must not wedge every session: fail live turns, go on
                     traceback.print_exc()
-                    self.counters["errors"] += 1
-                    for s in self.slots:
-                        if s.phase != IDLE:
-                            self._finish(s, "error", error="internal engine error")
+                    self._fail_live_turns()
+
+    def _fail_live_turns(self) -> None:
+        self.counters["errors"] += 1
+        for s in self.slots:
+            if s.phase == IDLE:
+                continue
+            turn = s.turn
+            try:
+                self._finish(s, "error", error="internal engine error")
+            except Exception:  # the turn's own state is what broke: end it bluntly
+                traceback.print_exc()
+                s.end_turn()
+                turn._emit(TurnDone(reason="error", frames_generated=0, frames_emitted=0, text="",
+                                    error="internal engine error"))
 
     def _schedule(self) -> bool:
         """Admit prepared turns and apply cancels/closes at this step boundary."""
@@ -271,6 +282,7 @@ class Engine:
         pos = torch.arange(slot.start + a, slot.start + b, device=self.device)[None].expand(2, -1)
         hidden = lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)
         slot.prefilled = b
+        slot.written = slot.start + b
         if b == slot.prompt_len:  # step 0 comes from the prompt's last position
             last = hidden[:, -1:]
             audio, text = self._sample(last, [slot])
@@ -300,6 +312,7 @@ class Engine:
         audio, text = self._sample(hidden, self.slots[:hi])
         self.counters["steps"] += 1
         for s in speaking:
+            s.written = s.position + 1
             self._update(s, audio[s.index], text[s.index])
         self.step_seconds.append(time.perf_counter() - t0)
 

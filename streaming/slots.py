@@ -35,6 +35,7 @@ class Slot:
     prompt_len: int = 0
     prefilled: int = 0
     start: int = 0  # cache position of the prompt's first token
+    written: int = 0  # cache positions [0, written) hold this conversation
     step: int = 0
     max_steps: int = 0
     rules: EndRules = field(default_factory=EndRules)
@@ -72,6 +73,7 @@ class Slot:
         self.prompt_len = int(embeds.shape[1])
         self.prefilled = 0
         self.start = self.ctx
+        self.written = self.ctx
         self.turn_starts.append(self.ctx)
         self.step = 0
         self.max_steps = max_steps
@@ -87,10 +89,8 @@ class Slot:
 
     def end_turn(self) -> None:
         """Keep what the cache holds of this turn as context; forget the turn's state."""
-        if self.phase == DECODE:
-            self.ctx = self.position + 1 if self.step > 0 else self.start + self.prompt_len
-        elif self.phase == PREFILL:
-            self.ctx = self.start + self.prefilled
+        if self.phase != IDLE:
+            self.ctx = self.written
         self.phase = IDLE
         self.turn = None
         self.embeds = None

@@ -154,3 +154,20 @@ def test_end_rules_force_pad_after_eot_and_stop_on_layer6_eoa():
     assert r.apply(2, [1] * 7, 5) == (False, tk.PAD_T)
     assert r.apply(3, [tk.EOA] * 6 + [2], 5) == (False, tk.PAD_T)  # only layer 6 ends a turn
     assert r.apply(4, [2] * 6 + [tk.EOA], 5)[0] is True
+
+
+def test_sampling_per_row_parameters():
+    from omni2.model.sampling import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50)
+    g = torch.Generator().manual_seed(0)
+    greedy = sample(logits, torch.zeros(3), torch.ones(3, dtype=torch.long), torch.ones(3), g)
+    assert torch.equal(greedy, logits.argmax(-1))
+    mixed = sample(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1, 5, 0]), torch.tensor([1.0, 1.0, 0.5]), g)
+    assert mixed.shape == (3, 7)
+    assert torch.equal(mixed[0], logits[0].argmax(-1))  # greedy row untouched
+    top5 = logits[1].topk(5).indices
+    assert all(int(mixed[1, j]) in top5[j].tolist() for j in range(7))  # top-k respected
+    text = sample(torch.randn(2, 100), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), torch.ones(2), g)
+    assert text.shape == (2,)

@@ -1,0 +1,247 @@
+"""The engine on the tiny model: batching, cancellation, streaming audio, multi-turn context.
+
+The bar everywhere is the reference loop in omni2.model.generate: the engine may batch,
+chunk and stream, but the tokens of every turn must be exactly its solo reference tokens.
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from omni2.model import tokens as tk
+from omni2.model.generate import generate
+from omni2.model.lm import KVCache
+from omni2.model.snac_codec import decode_frames
+from omni2.model.snac_layout import frames_from_steps, sanitize_frames
+from omni2.streaming.config import EngineConfig
+from omni2.streaming.engine import Engine, EngineFull
+from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
+from omni2.streaming.slots import Slot, make_room
+
+
+def question(seed, seconds=0.6):
+    rng = np.random.RandomState(seed)
+    return (0.1 * rng.randn(int(16000 * seconds))).astype(np.float32)
+
+
+def image_bytes(seed):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(64, 96, 3) * 255).astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reference(model, audio, steps, image=None):
+    prompt, embeds = model.encode_question(audio, image=image)
+    return generate(model.lm, prompt, embeds, steps)
+
+
+def collect(turn, timeout=120):
+    audio, text, other = [], "", []
+    for ev in turn.events(timeout=timeout):
+        if isinstance(ev, AudioChunk):
+            audio.append(ev.pcm)
+        elif isinstance(ev, TextDelta):
+            text += ev.text
+        elif isinstance(ev, TurnDone):
+            done = ev
+        else:
+            other.append(ev)
+    pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+    return done, pcm, text, other
+
+
+@pytest.fixture()
+def engine(tiny_model):
+    eng = Engine(tiny_model, EngineConfig(max_sessions=8, record_tokens=True, prefill_chunk=16))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def test_single_turn_equals_reference_and_streams_audio(engine, tiny_model):
+    audio = question(0)
+    ref = reference(tiny_model, audio, 30)
+    sid = engine.open_session()
+    done, pcm, text, _ = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=audio, max_steps=30)))
+    assert done.reason == "max_steps"
+    assert done.stats["text_ids"] == ref.text_tokens
+    assert done.stats["audio_ids"] == ref.audio_tokens
+    assert text == done.text == tiny_model.tokenizer.decode_answer(ref.text_tokens)
+    # streamed audio == one-shot SNAC decode of the whole answer, tail included
+    frames, _ = sanitize_frames(frames_from_steps(ref.audio_tokens))
+    whole = decode_frames(tiny_model.snac, frames)[0].numpy()
+    assert done.frames_generated == done.frames_emitted == len(frames)
+    assert pcm.shape == whole.shape
+    assert np.abs(pcm - whole).max() < 1e-3
+
+
+def test_image_turn_equals_reference(engine, tiny_model):
+    audio, img = question(1), image_bytes(1)
+    ref = reference(tiny_model, audio, 20, image=img)
+    sid = engine.open_session()
+    done, _, _, _ = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=audio, image=img, max_steps=20)))
+    assert done.stats["prompt_positions"] == 55 + 31  # L + 55 positions, L = 0.6 s / 20 ms + 1
+    assert done.stats["audio_ids"] == ref.audio_tokens
+    assert done.stats["text_ids"] == ref.text_tokens
+
+
+def test_concurrent_turns_each_get_their_solo_tokens(engine, tiny_model):
+    """8 turns started at different times, different lengths, some slots reused."""
+    plans = [(i, 0.3 + 0.1 * (i % 4), 12 + 5 * (i % 3)) for i in range(10)]
+    refs = {i: reference(tiny_model, question(100 + i, s), n) for i, s, n in plans}
+    turns, sessions, results = {}, {}, {}
+    for i, s, n in plans:
+        if i >= 8:  # reuse: wait for an earlier conversation to end, close it, open a new one
+            old = i - 8
+            results[old] = collect(turns[old])
+            engine.close_session(sessions[old])
+            time.sleep(0.05)
+        sessions[i] = engine.open_session()
+        turns[i] = engine.submit(TurnRequest(session_id=sessions[i], audio_16k=question(100 + i, s), max_steps=n))
+        time.sleep(0.02 * (i % 3))
+    for i, _, _ in plans:
+        done, pcm, _, _ = results[i] if i in results else collect(turns[i])
+        assert done.reason == "max_steps", (i, done)
+        assert done.stats["audio_ids"] == refs[i].audio_tokens, i
+        assert done.stats["text_ids"] == refs[i].text_tokens, i
+        assert pcm.size == max(0, len(refs[i].audio_tokens) - 7) * 2048
+
+
+def test_cancel_mid_turn_frees_the_slot_and_later_turns_are_unaffected(engine, tiny_model):
+    sid = engine.open_session()
+    turn = engine.submit(TurnRequest(session_id=sid, audio_16k=question(7), max_steps=1000))
+    for ev in turn.events(timeout=60):
+        if isinstance(ev, AudioChunk):
+            break
+    turn.cancel()
+    done, _, _, _ = collect(turn)
+    assert done.reason == "cancelled"
+    assert 0 < done.frames_emitted <= done.frames_generated < 1000
+    turn.cancel()  # cancelling a finished turn is a no-op
+    deadline = time.time() + 10
+    while engine.stats()["live_turns"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["live_turns"] == 0
+    engine.close_session(sid)
+    # a fresh conversation afterwards gets exactly its solo tokens
+    sid2 = engine.open_session()
+    ref = reference(tiny_model, question(8), 15)
+    done2, _, _, _ = collect(engine.submit(TurnRequest(session_id=sid2, audio_16k=question(8), max_steps=15)))
+    assert done2.stats["audio_ids"] == ref.audio_tokens
+
+
+def test_new_question_replaces_the_live_answer(engine):
+    sid = engine.open_session()
+    first = engine.submit(TurnRequest(session_id=sid, audio_16k=question(9), max_steps=1000))
+    second = engine.submit(TurnRequest(session_id=sid, audio_16k=question(10), max_steps=10))
+    assert collect(first)[0].reason == "cancelled"
+    assert collect(second)[0].reason == "max_steps"
+
+
+def test_sessions_are_limited_and_bad_input_is_refused(tiny_model):
+    with Engine(tiny_model, EngineConfig(max_sessions=2)) as eng:
+        eng.open_session(), eng.open_session()
+        with pytest.raises(EngineFull):
+            eng.open_session()
+        with pytest.raises(ValueError):
+            eng.submit(TurnRequest(session_id="nope", audio_16k=question(0)))
+        sid = next(iter(eng._sessions))
+        done, _, _, _ = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(0), image=b"not an image")))
+        assert done.reason == "error" and "image" in done.error
+
+
+def test_multi_turn_context_turn_two_sees_turn_one(engine, tiny_model):
+    lm = tiny_model.lm
+    sid = engine.open_session()
+    q1, q2 = question(20), question(21)
+    d1, _, _, _ = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=q1, max_steps=12)))
+    d2, _, _, _ = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=q2, max_steps=12)))
+    p1, e1 = tiny_model.encode_question(q1)
+    p2, e2 = tiny_model.encode_question(q2)
+    # turn 1 kept 12 steps; its last step's tokens were never fed: context = T1 + 11
+    assert d2.stats["context_start"] == p1.length + 11
+    # reference: one sequence = prompt1, turn-1 fed steps, prompt2; then greedy decoding
+    fed = [torch.tensor(_feed(a, t)) for a, t in zip(d1.stats["audio_ids"][:-1], d1.stats["text_ids"][:-1])]
+    with torch.inference_mode():
+        seq = torch.cat([e1, lm.embed(torch.stack(fed, dim=2)), e2], dim=1)  # fed: [2, 8, 11]
+    start = d2.stats["context_start"]
+    assert seq.shape[1] == start + p2.length
+    ref_audio = _greedy_continue(lm, seq, 12)
+    assert d2.stats["audio_ids"] == ref_audio
+    solo = reference(tiny_model, q2, 12)
+    assert d2.stats["audio_ids"] != solo.audio_tokens  # it did see turn 1
+
+
+def _feed(audio, text):
+    from omni2.streaming.slots import feed_ids
+
+    return feed_ids(audio, text)
+
+
+def _greedy_continue(lm, embeds, steps):
+    T = embeds.shape[1]
+    cache = KVCache.allocate(lm.cfg, rows=2, max_len=T + steps)
+    with torch.inference_mode():
+        h = lm(embeds, cache, None, torch.arange(T)[None].expand(2, T), span=T)[:, -1]
+        out = []
+        from omni2.model.generate import EndRules
+
+        rules = EndRules()
+        for step in range(steps):
+            if step:
+                ids = torch.tensor(_feed(audio, text))[:, :, None]
+                h = lm(lm.embed(ids), cache, None, torch.full((2, 1), T + step - 1), span=T + step)[:, -1]
+            audio = lm.audio_logits(h[0]).argmax(-1).tolist()
+            stop, text = rules.apply(step, audio, int(lm.text_logits(h[1]).argmax(-1)))
+            if stop:
+                break
+            out.append(audio)
+    return out
+
+
+def test_make_room_drops_oldest_turns_and_rerotates_keys(tiny_model):
+    """After dropping d positions, layer-0 keys/values equal a fresh prefill of the kept
+    positions at positions 0.. (re-rotation is exact). Deeper layers keep what attention mixed
+    in from the dropped turns: truncation forgets the tokens, not their traces, by design."""
+    lm = tiny_model.lm
+    cfg = lm.cfg
+    x = torch.randn(2, 30, cfg.n_embd)
+    cache = KVCache.allocate(cfg, rows=2, max_len=40)
+    with torch.inference_mode():
+        lm(x, cache, None, torch.arange(30)[None].expand(2, 30), span=30)
+        slot = Slot(0, session="s", ctx=30, turn_starts=[0, 12, 22])
+        dropped = make_room(cache, slot, need=20, limit=40, rope_cos=lm.rope_cos, rope_sin=lm.rope_sin)
+        assert dropped == 12 and slot.ctx == 18 and slot.turn_starts == [0, 10]
+        fresh = KVCache.allocate(cfg, rows=2, max_len=40)
+        lm(x[:, 12:], fresh, None, torch.arange(18)[None].expand(2, 18), span=18)
+    torch.testing.assert_close(cache.k[0, :, :, :18], fresh.k[0, :, :, :18], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.v[0, :, :, :18], fresh.v[0, :, :, :18], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(cache.k[0, :, :, :18], cache.k[0, :, :, 12:30])  # keys really moved
+
+
+def test_full_context_truncates_oldest_turn_and_says_so(tiny_model):
+    with Engine(tiny_model, EngineConfig(max_sessions=1, max_context=120, record_tokens=True)) as eng:
+        sid = eng.open_session()
+        d1 = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(30), max_steps=20)))[0]
+        done, _, _, other = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(31), max_steps=40)))
+        assert d1.reason == "max_steps"
+        assert any(isinstance(o, ContextTruncated) and o.dropped_positions > 0 for o in other)
+        assert done.reason == "max_steps" and done.stats["context_start"] == 0
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
+    from omni2.streaming.messages import SamplingParams
+
+    outs = []
+    for _ in range(2):
+        with Engine(tiny_model, EngineConfig(max_sessions=1, record_tokens=True, seed=5)) as eng:
+            sid = eng.open_session()
+            sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+            outs.append(collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(40), sampling=sp, max_steps=10)))[0])
+    assert outs[0].stats["audio_ids"] == outs[1].stats["audio_ids"]
+    assert outs[0].stats["audio_ids"] != reference(tiny_model, question(40), 10).audio_tokens
