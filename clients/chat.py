@@ -1,0 +1,88 @@
+"""`omni2 chat`: ask a running server one question from the terminal.
+
+The question is a sound file (`--audio q.wav`, streamed in real time like a microphone
+would, or faster with `--fast`) or typed text (`--text`), optionally with a picture
+(`--image`). The transcript is printed as it streams; the spoken answer goes to `--out`.
+Exit status: 0 answered, 1 the server failed or refused, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from .realtime_client import Answer, RealtimeClient, RealtimeError, image_data_url, read_audio, wav_bytes
+
+DEFAULT_URL = "ws://127.0.0.1:8000/v1/realtime"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"realtime endpoint (default {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("OMNI2_API_KEY"),
+                        help="Bearer key if the server wants one (or OMNI2_API_KEY)")
+    q = parser.add_mutually_exclusive_group(required=True)
+    q.add_argument("--audio", metavar="WAV", help="spoken question (any rate, mono or stereo)")
+    q.add_argument("--text", help="typed question")
+    parser.add_argument("--image", metavar="JPG", help="picture to ask about (JPEG or PNG)")
+    parser.add_argument("--out", metavar="WAV", help="write the spoken answer here (24 kHz PCM16)")
+    parser.add_argument("--vad", action="store_true",
+                        help="let the server's voice activity detection end the question "
+                             "(the file needs trailing silence) instead of committing it")
+    parser.add_argument("--fast", action="store_true", help="send the audio as fast as possible")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+
+
+def _printer(stream):
+    def on_event(event: dict, answer: Answer) -> None:
+        kind = event["type"]
+        if kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+            stream.write(event["delta"])
+            stream.flush()
+        elif kind == "input_audio_buffer.speech_started":
+            print("[speech started]", file=sys.stderr)
+        elif kind == "input_audio_buffer.speech_stopped":
+            print("[speech stopped]", file=sys.stderr)
+        elif kind == "error":
+            err = event.get("error", {})
+            print(f"\n[error] {err.get('code')}: {err.get('message')}", file=sys.stderr)
+    return on_event
+
+
+async def converse(args: argparse.Namespace, stream=None) -> Answer:
+    audio, rate = (read_audio(args.audio) if args.audio else (None, 24000))
+    image = image_data_url(args.image) if args.image else None
+    client = await RealtimeClient.connect(args.url, api_key=args.api_key)
+    try:
+        if audio is not None:
+            await client.configure(rate, vad=args.vad)
+        return await client.ask(audio=audio, rate=rate, text=args.text, image_url=image, vad=args.vad,
+                                pace=0.0 if args.fast else 1.0, timeout=args.timeout,
+                                on_event=_printer(stream or sys.stdout))
+    finally:
+        await client.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        answer = asyncio.run(converse(args))
+    except (OSError, ValueError) as exc:
+        print(f"omni2 chat: {exc}", file=sys.stderr)
+        return 2
+    except RealtimeError as exc:
+        hint = " (server busy or loading: try again later)" if exc.refused else ""
+        print(f"omni2 chat: refused: {exc}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print()
+    if args.out:
+        with open(args.out, "wb") as f:
+            f.write(wav_bytes(answer.audio()))
+    ttfa = f"{answer.ttfa_s * 1000:.0f} ms" if answer.ttfa_s is not None else "no audio"
+    wall = f"{answer.wall_s:.2f} s" if answer.wall_s is not None else "-"
+    print(f"[{answer.status}] time to first audio {ttfa}; {answer.audio_s:.2f} s of audio in {wall}"
+          + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    for e in answer.errors:
+        print(f"omni2 chat: {e}", file=sys.stderr)
+    return 0 if answer.status in ("completed", "incomplete") else 1

@@ -1,0 +1,286 @@
+"""A small asyncio client for the realtime protocol, shared by `omni2 chat` and `omni2 loadtest`.
+
+It speaks only the wire protocol (JSON events over one WebSocket) and needs nothing but
+`websockets` and numpy, so the terminal tools start in a fraction of a second and never
+import torch. One `ask()` call is one turn: send the question (audio, text, image), then
+collect the answer's transcript, PCM and timings until `response.done`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import wave
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urlparse
+
+import numpy as np
+
+OUTPUT_RATE = 24000               # response.output_audio.delta is PCM16 at 24 kHz
+CLOSE_TRY_AGAIN = 1013            # server full or model not ready
+CHUNK_S = 0.1                     # input audio per input_audio_buffer.append
+CONNECT_TIMEOUT_S = 15.0
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+class RealtimeError(Exception):
+    """The server answered with an error (or refused): `code` is the API error code."""
+
+    def __init__(self, code: str, message: str, close_code: Optional[int] = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+    @property
+    def refused(self) -> bool:
+        """Busy or not ready: the server asked to try again later (close 1013)."""
+        return self.close_code == CLOSE_TRY_AGAIN or self.code in ("server_busy", "model_not_ready")
+
+
+def is_loopback(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+# ---- audio helpers (numpy only) ----------------------------------------------------------
+def pcm16_bytes(x: np.ndarray) -> bytes:
+    return (np.clip(np.asarray(x, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """Mono float32 and its sample rate; WAV via the stdlib, other formats via soundfile."""
+    try:
+        with wave.open(path, "rb") as w:
+            if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
+                raise wave.Error("not 16-bit PCM")
+            rate, channels = w.getframerate(), w.getnchannels()
+            x = pcm16_to_float(w.readframes(w.getnframes()))
+        return x.reshape(-1, channels).mean(axis=1), rate
+    except (wave.Error, EOFError):
+        pass
+    try:
+        import soundfile
+    except ImportError:
+        raise ValueError(f"{path}: only 16-bit PCM WAV can be read without soundfile") from None
+    try:
+        x, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: cannot read audio: {exc}") from None
+    return x.mean(axis=1), int(rate)
+
+
+def wav_bytes(x: np.ndarray, rate: int = OUTPUT_RATE) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm16_bytes(x))
+    return buf.getvalue()
+
+
+def image_data_url(path: str) -> str:
+    data = open(path, "rb").read()
+    if data.startswith(b"\xff\xd8\xff"):
+        mime = "image/jpeg"
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        mime = "image/png"
+    else:
+        raise ValueError(f"{path}: the server takes JPEG or PNG images")
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+# ---- one answer --------------------------------------------------------------------------
+@dataclass
+class Answer:
+    status: str = "none"                     # response.done status
+    transcript: str = ""                     # final transcript (or the deltas if none came)
+    pcm: bytearray = field(default_factory=bytearray)
+    asked_at: float = 0.0                    # end of the question (monotonic)
+    first_audio_at: Optional[float] = None
+    done_at: Optional[float] = None
+    audio_deltas: int = 0
+    errors: list[str] = field(default_factory=list)
+    usage: Optional[dict] = None
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.pcm) / 2 / OUTPUT_RATE
+
+    @property
+    def ttfa_s(self) -> Optional[float]:
+        return None if self.first_audio_at is None else self.first_audio_at - self.asked_at
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        return None if self.done_at is None else self.done_at - self.asked_at
+
+    def audio(self) -> np.ndarray:
+        return pcm16_to_float(bytes(self.pcm))
+
+
+class RealtimeClient:
+    """One session. `events` are every server event received, in order."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.events: list[dict] = []
+        self.session: dict = {}
+
+    @classmethod
+    async def connect(cls, url: str, api_key: Optional[str] = None,
+                      timeout: float = CONNECT_TIMEOUT_S) -> "RealtimeClient":
+        """Open and wait for session.created; refusals raise RealtimeError."""
+        import websockets
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        try:
+            conn = await websockets.connect(url, additional_headers=headers, max_size=None,
+                                            open_timeout=timeout)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            body = _error_body(exc.response.body)
+            raise RealtimeError(body.get("code") or f"http_{status}",
+                                body.get("message") or f"HTTP {status} at the handshake") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RealtimeError("connect_failed", f"cannot reach {url}: {exc}") from None
+        client = cls(conn)
+        try:
+            first = await client.recv(timeout)
+        except ConnectionClosed as exc:
+            raise RealtimeError("closed", f"closed before session.created ({exc})",
+                                _close_code(exc)) from None
+        if first["type"] == "error":
+            err = first["error"]
+            code = None
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 2.0)
+                code = conn.close_code
+            except asyncio.TimeoutError:
+                await conn.close()
+            raise RealtimeError(err.get("code") or "error", err.get("message") or "", code)
+        if first["type"] != "session.created":
+            raise RealtimeError("protocol", f"expected session.created, got {first['type']}")
+        client.session = first.get("session", {})
+        return client
+
+    async def send(self, type_: str, **fields) -> None:
+        await self.conn.send(json.dumps({"type": type_, **fields}))
+
+    async def recv(self, timeout: Optional[float] = None) -> dict:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        event = json.loads(raw)
+        self.events.append(event)
+        return event
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def configure(self, input_rate: int, vad: bool) -> None:
+        """Input format at the file's own rate (no resampling here); VAD on or off."""
+        audio_in: dict = {"format": {"type": "audio/pcm", "rate": input_rate}}
+        audio_in["turn_detection"] = {"type": "server_vad"} if vad else None
+        await self.send("session.update", session={"type": "realtime", "audio": {"input": audio_in}})
+        while (await self.recv(CONNECT_TIMEOUT_S))["type"] != "session.updated":
+            pass
+
+    async def send_audio(self, x: np.ndarray, rate: int, pace: float = 1.0) -> None:
+        """Append audio in CHUNK_S pieces; pace 1.0 = real time, 0 = as fast as possible."""
+        n = max(1, int(rate * CHUNK_S))
+        start = time.monotonic()
+        for k, i in enumerate(range(0, x.size, n)):
+            chunk = base64.b64encode(pcm16_bytes(x[i:i + n])).decode()
+            await self.send("input_audio_buffer.append", audio=chunk)
+            if pace > 0:
+                # Sleep to the schedule, not per chunk, so send time does not add up as drift.
+                delay = start + (k + 1) * CHUNK_S * pace - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
+    async def ask(self, *, audio: Optional[np.ndarray] = None, rate: int = OUTPUT_RATE,
+                  text: Optional[str] = None, image_url: Optional[str] = None, vad: bool = False,
+                  pace: float = 1.0, timeout: float = 120.0, on_event=None) -> Answer:
+        """One turn. With `vad` the server cuts the turn (the audio needs trailing silence);
+        otherwise the client commits and asks. `on_event(event, answer)` sees every event."""
+        if image_url is not None:
+            content = [{"type": "input_image", "image_url": image_url}]
+            if text is not None and audio is None:
+                content.append({"type": "input_text", "text": text})
+                text = None
+            await self.send("conversation.item.create",
+                            item={"type": "message", "role": "user", "content": content})
+        if text is not None:
+            await self.send("conversation.item.create", item={
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+        answer = Answer()
+        if audio is not None:
+            await self.send_audio(audio, rate, pace)
+            if not vad:
+                await self.send("input_audio_buffer.commit")
+        answer.asked_at = time.monotonic()
+        if not (vad and audio is not None):
+            await self.send("response.create")
+        return await self.collect(answer, timeout, on_event)
+
+    async def collect(self, answer: Answer, timeout: float, on_event=None) -> Answer:
+        from websockets.exceptions import ConnectionClosed
+
+        deadline = time.monotonic() + timeout
+        deltas: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                answer.errors.append(f"timeout: no response.done within {timeout:g} s")
+                return answer
+            try:
+                event = await self.recv(left)
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionClosed as exc:
+                answer.errors.append(f"connection closed ({_close_code(exc)})")
+                return answer
+            kind = event["type"]
+            if kind == "input_audio_buffer.speech_stopped":
+                answer.asked_at = time.monotonic()   # VAD: the question ends when the server says
+            elif kind == "response.output_audio.delta":
+                if answer.first_audio_at is None:
+                    answer.first_audio_at = time.monotonic()
+                answer.pcm += base64.b64decode(event["delta"])
+                answer.audio_deltas += 1
+            elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+                deltas.append(event["delta"])
+            elif kind in ("response.output_audio_transcript.done", "response.output_text.done"):
+                answer.transcript = event.get("transcript", event.get("text", ""))
+            elif kind == "error":
+                err = event.get("error", {})
+                answer.errors.append(f"{err.get('code')}: {err.get('message')}")
+            if on_event is not None:
+                on_event(event, answer)
+            if kind == "response.done":
+                answer.done_at = time.monotonic()
+                resp = event.get("response", {})
+                answer.status = resp.get("status", "unknown")
+                answer.usage = resp.get("usage")
+                answer.transcript = answer.transcript or "".join(deltas)
+                return answer
+
+
+def _close_code(exc) -> Optional[int]:
+    rcvd = getattr(exc, "rcvd", None)
+    return getattr(rcvd, "code", None)
+
+
+def _error_body(body: Optional[bytes]) -> dict:
+    try:
+        return json.loads(body or b"{}").get("error", {}) or {}
+    except (ValueError, AttributeError):
+        return {}

@@ -1,0 +1,167 @@
+"""`omni2 chat` and `omni2 loadtest` against a real uvicorn server on loopback (tiny model).
+
+The tiny model's words are noise, so answers are checked for shape: a valid 24 kHz WAV whose
+length matches the audio the server sent, the printed transcript equal to the server's
+final transcript, timings present, and the load tester counting every turn and refusal.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import wave
+
+import numpy as np
+import pytest
+
+pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
+
+from server_harness import jpeg_data_url, running_server  # noqa: E402
+
+from omni2.clients import chat, loadtest  # noqa: E402
+from omni2.clients.cli import build_parser  # noqa: E402
+from omni2.clients.realtime_client import (  # noqa: E402
+    RealtimeClient, RealtimeError, is_loopback, read_audio, wav_bytes)
+
+MAX_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.runtime import load_runtime
+
+    eng = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=4)).start()
+    eng.warmup()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running_server(engine, max_sessions=4, max_steps=MAX_STEPS) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def question_wav(tmp_path):
+    path = tmp_path / "q.wav"
+    path.write_bytes(wav_bytes(loadtest.default_question(16000, 1.0), rate=16000))
+    return path
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser(only=argv[0]).parse_args(argv)
+
+
+def test_chat_spoken_question_with_image_writes_wav_and_prints_transcript(server, question_wav, tmp_path, capsys):
+    out = tmp_path / "answer.wav"
+    image = tmp_path / "pic.jpg"
+    import base64
+    image.write_bytes(base64.b64decode(jpeg_data_url().split(",", 1)[1]))
+    args = parse(["chat", "--url", server.ws, "--audio", str(question_wav), "--image", str(image),
+                  "--out", str(out), "--fast"])
+    assert chat.main(args) == 0
+    printed = capsys.readouterr()
+    with wave.open(str(out), "rb") as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        frames = w.getnframes()
+    assert frames > 2400, "answer shorter than 0.1 s"
+    assert "[completed]" in printed.err or "[incomplete]" in printed.err, printed.err
+    assert "time to first audio" in printed.err and "no audio" not in printed.err
+    assert f"{frames / 24000:.2f} s of audio" in printed.err
+    assert printed.out.strip(), "no transcript printed"
+
+
+def test_chat_transcript_equals_server_final_transcript(server):
+    import asyncio
+
+    async def go():
+        client = await RealtimeClient.connect(server.ws)
+        try:
+            buf = io.StringIO()
+            answer = await client.ask(text="hello there", pace=0.0, timeout=60.0, on_event=chat._printer(buf))
+            return answer, buf.getvalue(), client.events
+        finally:
+            await client.close()
+
+    answer, printed, events = asyncio.run(go())
+    final = [e for e in events if e["type"] == "response.output_audio_transcript.done"][-1]["transcript"]
+    assert printed == final == answer.transcript
+    assert answer.status in ("completed", "incomplete")
+    sent = sum(len(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+    assert sent > 0 and answer.audio_s > 0 and answer.ttfa_s is not None and answer.ttfa_s >= 0
+
+
+def test_chat_refused_by_wrong_key_and_bad_file(engine, question_wav, tmp_path, capsys):
+    with running_server(engine, api_keys=("sekret",)) as srv:
+        bad = parse(["chat", "--url", srv.ws, "--text", "hi", "--api-key", "nope"])
+        assert chat.main(bad) == 1
+        assert "invalid_api_key" in capsys.readouterr().err
+        good = parse(["chat", "--url", srv.ws, "--text", "hi", "--api-key", "sekret"])
+        assert chat.main(good) == 0
+    missing = parse(["chat", "--url", "ws://127.0.0.1:9/v1/realtime", "--audio", str(tmp_path / "none.wav")])
+    assert chat.main(missing) == 2
+
+
+def test_loadtest_three_sessions_one_turn(server, capsys):
+    args = parse(["loadtest", "--url", server.ws, "--sessions", "3", "--turns", "1", "--fast",
+                  "--duration-limit", "120"])
+    assert loadtest.main(args) == 0
+    table = capsys.readouterr().out
+    assert _row(table, "turns completed") == "3", table
+    assert _row(table, "turns failed") == "0" and _row(table, "errors") == "0", table
+    assert _row(table, "refusals (1013)") == "0"
+    assert _row(table, "time to first audio p50").endswith("ms") and not _row(table, "time to first audio p50").startswith("-")
+
+
+def test_loadtest_counts_refusals_when_server_is_full(engine):
+    import asyncio
+
+    with running_server(engine, max_sessions=1, max_steps=8) as srv:
+        args = parse(["loadtest", "--url", srv.ws, "--sessions", "3", "--turns", "1", "--fast"])
+        report = asyncio.run(loadtest.run_load(args, loadtest.default_question(), 24000))
+    s = report.summary()
+    # The first session holds the only slot for its whole turn; the other two are refused.
+    assert s["refusals"] == 2 and s["turns_completed"] == 1 and s["errors"] == 0, s
+
+
+def test_loadtest_refuses_remote_hosts_and_bad_bounds():
+    assert loadtest.main(parse(["loadtest", "--url", "ws://10.1.2.3:8000/v1/realtime"])) == 2
+    assert loadtest.main(parse(["loadtest", "--sessions", "0"])) == 2
+    assert loadtest.main(parse(["loadtest", "--turns", "1000"])) == 2
+    assert is_loopback("ws://127.0.0.1:1/x") and is_loopback("ws://localhost/x") and is_loopback("ws://[::1]:8/")
+    assert not is_loopback("wss://example.com/v1/realtime")
+
+
+def test_connect_refusal_carries_code(engine):
+    import asyncio
+
+    with running_server(engine, max_sessions=1) as srv:
+        async def go():
+            first = await RealtimeClient.connect(srv.ws)
+            try:
+                with pytest.raises(RealtimeError) as info:
+                    await RealtimeClient.connect(srv.ws)
+                return info.value
+            finally:
+                await first.close()
+        err = asyncio.run(go())
+    assert err.refused and err.code == "server_busy" and err.close_code == 1013
+
+
+def test_percentile_and_audio_round_trip(tmp_path):
+    assert loadtest.percentile([], 50) is None
+    assert loadtest.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert loadtest.percentile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 90) == 9.0
+    x = np.sin(np.linspace(0, 100, 8000)).astype(np.float32) * 0.5
+    path = tmp_path / "x.wav"
+    path.write_bytes(wav_bytes(x, rate=8000))
+    y, rate = read_audio(str(path))
+    assert rate == 8000 and np.max(np.abs(y - x)) < 1e-4
+
+
+def _row(table: str, name: str) -> str:
+    for line in table.splitlines():
+        if line.startswith(name):
+            return line[len(name):].strip()
+    raise AssertionError(f"no row {name!r} in\n{table}")
