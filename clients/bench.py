@@ -1,0 +1,57 @@
+"""`omni2 bench {model,engine,server,interrupt}`: benchmarks that print figures.
+
+Each compares against a baseline measured in the same run; speed goals live here, never in
+tests. Machines are noisy: every figure is a median of --repeats runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    eng = sub.add_parser("engine", help="engine steps/s at 1..16 sessions vs release-style decoding")
+    eng.add_argument("--model", choices=["tiny", "real"], default="tiny",
+                     help="tiny checkpoint, or the released dims with random weights")
+    eng.add_argument("--dtype", default="fp32", help="fp32 | bf16")
+    eng.add_argument("--device", default="cpu")
+    eng.add_argument("--sessions", default="1,2,4,8,16")
+    eng.add_argument("--steps", type=int, default=24, help="decode steps per turn")
+    eng.add_argument("--repeats", type=int, default=3)
+    mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
+    mod.add_argument("--dtype", default="fp32")
+    mod.add_argument("--device", default="cpu")
+    mod.add_argument("--repeats", type=int, default=5)
+    srv = sub.add_parser("server", help="frames/s through the WebSocket vs the raw engine; first-audio latency")
+    srv.add_argument("--sessions", type=int, default=4)
+    srv.add_argument("--turns", type=int, default=3)
+    itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
+    itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
+    for q in (eng, mod, srv, itr):
+        q.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench == "engine":
+        from omni2.streaming.bench_engine import run_engine_bench
+
+        result = run_engine_bench(size=args.model, dtype=args.dtype, device=args.device,
+                                  sessions=tuple(int(s) for s in args.sessions.split(",")),
+                                  steps=args.steps, repeats=args.repeats)
+    elif args.bench == "model":
+        from omni2.streaming.bench_model import run_model_bench
+
+        result = run_model_bench(dtype=args.dtype, device=args.device, repeats=args.repeats)
+    elif args.bench == "server":
+        from omni2.server.bench import run_server_bench
+
+        result = run_server_bench(sessions=args.sessions, turns=args.turns)
+    else:
+        from omni2.streaming.bench_interrupt import run_interrupt_bench
+
+        result = run_interrupt_bench(quick=args.quick) if args.quick else run_interrupt_bench()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0

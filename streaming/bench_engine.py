@@ -1,0 +1,178 @@
+"""`omni2 bench engine`: engine throughput against the released demo's way of decoding.
+
+Baseline, measured in the same run on the same weights: one turn at a time, its two rows
+with a KV cache as long as the context (the release attends over the whole 2048-position
+cache every step), the full 181,120-row head for both rows, and per-token sampling with a
+host sync per token, as the release's top-k=1 sampler does. The engine must produce the
+same tokens (checked) and is timed at 1, 2, 4, ... concurrent sessions.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni2.model import tokens as tk
+from omni2.model.bundle import OmniModel
+from omni2.model.generate import EndRules
+from omni2.model.lm import KVCache
+
+from .config import EngineConfig
+from .engine import Engine
+from .messages import TurnDone, TurnRequest
+from .slots import feed_ids
+
+FRAME_SECONDS = 2048 / 24000
+REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
+
+
+def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> OmniModel:
+    """The tiny checkpoint, or every part at the released dims with seeded random weights."""
+    from omni2.streaming.runtime import ensure_tiny_checkpoint, load_runtime
+
+    if size == "tiny":
+        return load_runtime("tiny", device=device, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    from omni2.model.audio_encoder import AudioEncoder
+    from omni2.model.config import PRESETS
+    from omni2.model.snac_codec import build_snac, real_size_config
+    from omni2.model.tiny import random_lm
+    from omni2.model.tokenizer import TextTokenizer
+    from omni2.model.vision import VisionEncoder
+
+    torch.manual_seed(seed)
+    lm = random_lm(PRESETS["mini-omni2"], seed).to(device=device, dtype=dtype)
+    audio = AudioEncoder(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12).to(device).eval()
+    vision = VisionEncoder().to(device).eval()
+    snac = build_snac(real_size_config()).to(device)
+    tokenizer = TextTokenizer.from_dir(ensure_tiny_checkpoint())
+    return OmniModel(lm=lm, audio_encoder=audio, vision_encoder=vision, tokenizer=tokenizer, snac=snac,
+                     name="mini-omni2-random", directory=tempfile.gettempdir())
+
+
+def question(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.RandomState(seed).randn(int(16000 * seconds))).astype(np.float32)
+
+
+@torch.inference_mode()
+def baseline_turn(model: OmniModel, audio: np.ndarray, steps: int) -> tuple[list, float]:
+    """Release-style decoding of one turn; returns (audio tokens per step, steps/s)."""
+    lm = model.lm
+    prompt, embeds = model.encode_question(audio)
+    T = prompt.length
+    dev = embeds.device
+    cache = KVCache.allocate(lm.cfg, rows=2, max_len=lm.cfg.block_size, device=dev, dtype=embeds.dtype)
+    full = lm.cfg.block_size
+    lm(embeds, cache, None, torch.arange(T, device=dev)[None].expand(2, T), span=T)
+    hidden = None
+    rules, out, audio_ids, text_id = EndRules(), [], None, None
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step == 0:
+            hidden = lm(embeds[:, -1:], cache, None, torch.full((2, 1), T - 1, device=dev), span=full)
+        else:
+            ids = torch.tensor(feed_ids(audio_ids, text_id), device=dev)[:, :, None]
+            hidden = lm(lm.embed(ids), cache, None, torch.full((2, 1), T + step - 1, device=dev), span=full)
+        logits = lm.logits(hidden[:, -1])  # full head, both rows
+        audio_ids = [_release_sample(logits[0, tk.audio_slice(a)]) for a in range(tk.N_AUDIO_LAYERS)]
+        text_id = _release_sample(logits[1, tk.TEXT_SLICE])
+        stop, text_id = rules.apply(step, audio_ids, text_id)
+        if stop:
+            break
+        out.append(audio_ids)
+    elapsed = time.perf_counter() - t0
+    return out, len(out) / elapsed
+
+
+def _release_sample(logits: torch.Tensor) -> int:
+    """top-k 1, softmax, multinomial, read back: the release's greedy path, one token."""
+    v, i = torch.topk(logits, 1)
+    masked = torch.full_like(logits, float("-inf")).scatter_(-1, i, v)
+    return int(torch.multinomial(torch.softmax(masked.float(), -1), 1))
+
+
+@dataclass
+class EngineRun:
+    sessions: int
+    steps_per_s_session: float  # median over sessions
+    aggregate_steps_per_s: float
+    rtf: float  # compute seconds per second of speech, median session (< 1 keeps up)
+    prefill_ms: float
+    ttfa_ms: float
+    tokens: list
+
+
+def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, prefill_chunk: int = 256) -> EngineRun:
+    cfg = EngineConfig(max_sessions=max(sessions, 1), max_steps=steps, record_tokens=True, prefill_chunk=prefill_chunk)
+    with Engine(model, cfg) as eng:
+        sids = [eng.open_session() for _ in range(sessions)]
+        turns = [eng.submit(TurnRequest(session_id=s, audio_16k=audio, max_steps=steps)) for s in sids]
+        dones = []
+        for t in turns:
+            done = [ev for ev in t.events(timeout=3600) if isinstance(ev, TurnDone)][0]
+            if done.reason not in ("completed", "max_steps"):
+                raise RuntimeError(f"engine turn ended with {done.reason}: {done.error}")
+            dones.append(done)
+    rates = [d.stats["steps_per_s"] for d in dones]
+    return EngineRun(
+        sessions=sessions,
+        steps_per_s_session=statistics.median(rates),
+        aggregate_steps_per_s=sum(rates),
+        rtf=statistics.median(d.stats["real_time_factor"] for d in dones),
+        prefill_ms=1000 * statistics.median(d.stats["prefill_s"] for d in dones),
+        ttfa_ms=1000 * statistics.median(d.stats.get("time_to_first_audio_s", float("nan")) for d in dones),
+        tokens=dones[0].stats["audio_ids"],
+    )
+
+
+def _median_run(runs: list[EngineRun]) -> EngineRun:
+    runs = sorted(runs, key=lambda r: r.aggregate_steps_per_s)
+    return runs[len(runs) // 2]
+
+
+def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu", sessions=(1, 2, 4, 8, 16),
+                     steps: int = 24, repeats: int = 3, question_s: float = 3.0, out=print) -> dict:
+    from omni2.streaming.runtime import pick_dtype
+
+    torch.set_grad_enabled(False)
+    dt = pick_dtype(dtype, device)
+    out(f"# omni2 bench engine: model={size} dtype={dt} device={device} steps/turn={steps} repeats={repeats} "
+        f"torch threads={torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    model = random_model(size, dt, device)
+    out(f"model ready in {time.perf_counter() - t0:.1f} s")
+    audio = question(question_s)
+    # warm both paths once (allocator, kernels) before timing
+    baseline_turn(model, audio, 3)
+    engine_run(model, 1, 3, audio)
+    t_enc = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.encode_question(audio)
+        t_enc.append(time.perf_counter() - t)
+    base = [baseline_turn(model, audio, steps) for _ in range(repeats)]
+    base_rate = statistics.median(r for _, r in base)
+    results = {"baseline_steps_per_s": base_rate, "encode_ms": 1000 * statistics.median(t_enc), "runs": []}
+    out(f"question {question_s:.0f} s: encoders+adapters {results['encode_ms']:.0f} ms (median of {repeats})")
+    out(f"baseline (release-style, 1 turn): {base_rate:.2f} steps/s, real-time factor {1 / (base_rate * FRAME_SECONDS):.2f}")
+    out(f"{'sessions':>8} {'steps/s/session':>16} {'aggregate':>10} {'x 1 sess':>9} {'RTF':>6} {'prefill ms':>11} {'TTFA ms':>8}")
+    one = None
+    for n in sessions:
+        run = _median_run([engine_run(model, n, steps, audio) for _ in range(repeats)])
+        one = one or run
+        results["runs"].append(run.__dict__ | {"tokens": None})
+        if n == 1:
+            same = run.tokens == base[0][0]
+            results["identical_tokens"] = same
+            results["speedup_1_session"] = run.steps_per_s_session / base_rate
+        out(f"{n:>8} {run.steps_per_s_session:>16.2f} {run.aggregate_steps_per_s:>10.2f} "
+            f"{run.aggregate_steps_per_s / one.aggregate_steps_per_s:>9.2f} {run.rtf:>6.2f} {run.prefill_ms:>11.0f} {run.ttfa_ms:>8.0f}")
+    out(f"1 session vs baseline: {results['speedup_1_session']:.2f}x steps/s, identical tokens: {results['identical_tokens']}")
+    realtime = [r["sessions"] for r in results["runs"] if r["steps_per_s_session"] >= REALTIME_STEPS_PER_S]
+    results["max_realtime_sessions"] = max(realtime) if realtime else 0
+    out(f"most sessions measured that each keep real time (>= {REALTIME_STEPS_PER_S:.2f} steps/s): "
+        f"{results['max_realtime_sessions']}")
+    return results
