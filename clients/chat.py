@@ -50,6 +50,10 @@ def _printer(stream):
 
 
 async def converse(args: argparse.Namespace, stream=None) -> Answer:
+    if args.image and not args.audio:
+        # Mini-Omni2's prompts pair a picture with speech only (see model/bundle.py).
+        raise ValueError("--image goes with a spoken question (--audio): the model takes "
+                         "pictures only together with speech")
     audio, rate = (read_audio(args.audio) if args.audio else (None, 24000))
     image = image_data_url(args.image) if args.image else None
     client = await RealtimeClient.connect(args.url, api_key=args.api_key)

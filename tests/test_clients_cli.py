@@ -99,6 +99,10 @@ def test_chat_refused_by_wrong_key_and_bad_file(engine, question_wav, tmp_path, 
         assert "invalid_api_key" in capsys.readouterr().err
         good = parse(["chat", "--url", srv.ws, "--text", "hi", "--api-key", "sekret"])
         assert chat.main(good) == 0
+    image_with_text = parse(["chat", "--url", "ws://127.0.0.1:9/v1/realtime", "--text", "hi",
+                             "--image", str(question_wav)])
+    assert chat.main(image_with_text) == 2
+    assert "--image goes with a spoken question" in capsys.readouterr().err
     missing = parse(["chat", "--url", "ws://127.0.0.1:9/v1/realtime", "--audio", str(tmp_path / "none.wav")])
     assert chat.main(missing) == 2
 
