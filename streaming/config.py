@@ -23,6 +23,11 @@ class EngineConfig:
     timing_window: int = 512
     # Seed of the sampler's generator (non-greedy sessions only).
     seed: int = 0
+    # torch.compile the decode step: "" (off), "default", or "reduce-overhead" (CUDA graphs).
+    # Batch rows are padded to a power of two and the attended span to a multiple of
+    # `compile_span_bucket`, so only a handful of shapes ever get compiled.
+    compile: str = ""
+    compile_span_bucket: int = 256
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
     record_tokens: bool = False
 

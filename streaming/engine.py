@@ -73,6 +73,9 @@ class Engine:
         self.step_seconds: collections.deque = collections.deque(maxlen=w)
         self.ttfa_seconds: collections.deque = collections.deque(maxlen=w)
         self.counters = collections.Counter()
+        self._forward = self._eager_forward
+        if config.compile:
+            self._forward = torch.compile(self._eager_forward, mode=config.compile, dynamic=False)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -84,12 +87,25 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Stop the threads; every turn still in flight gets its TurnDone (cancelled)."""
         self._stop.set()
         self._wake.set()
         self._prep.put(None)
         for t in self._threads:
             t.join(timeout=10)
         self.vocoder.stop()
+        orphans = [s.turn for s in self.slots if s.turn is not None] + [t for t, _ in self._ready]
+        while True:
+            try:
+                t = self._prep.get_nowait()
+            except queue.Empty:
+                break
+            if t is not None:
+                orphans.append(t)
+        for turn in orphans:
+            if not turn.done:
+                turn._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text="",
+                                    error="engine stopped"))
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -296,8 +312,9 @@ class Engine:
 
     def _decode_step(self, speaking: list[Slot]) -> None:
         t0 = time.perf_counter()
-        lm = self.model.lm
         hi = max(s.index for s in speaking) + 1
+        if self.config.compile:  # few distinct shapes: rows to a power of two
+            hi = min(1 << (hi - 1).bit_length(), len(self.slots))
         ids, pos = [], []
         live = {s.index for s in speaking}
         for s in self.slots[:hi]:
@@ -305,16 +322,23 @@ class Engine:
             ids.extend(s.next_ids if s.index in live else IDLE_IDS)
             pos.extend((p, p))
         span = max(pos) + 1
+        if self.config.compile:  # ... and the span to a bucket (masked positions cost little)
+            b = self.config.compile_span_bucket
+            span = min(-(-span // b) * b, self.cache.max_len)
         ids_t = torch.tensor(ids, device=self.device)[:, :, None]  # [2hi, 8, 1]
         pos_t = torch.tensor(pos, device=self.device)[:, None]
-        view = KVCache(self.cache.k[:, : 2 * hi], self.cache.v[:, : 2 * hi])
-        hidden = lm(lm.embed(ids_t), view, None, pos_t, span)  # rows 0..2hi-1 in order
+        hidden = self._forward(ids_t, pos_t, self.cache.k[:, : 2 * hi], self.cache.v[:, : 2 * hi], span)
         audio, text = self._sample(hidden, self.slots[:hi])
         self.counters["steps"] += 1
         for s in speaking:
             s.written = s.position + 1
             self._update(s, audio[s.index], text[s.index])
         self.step_seconds.append(time.perf_counter() - t0)
+
+    def _eager_forward(self, ids, pos, k, v, span: int) -> torch.Tensor:
+        """One decode step for cache rows 0..len(ids)-1, in order (k/v are views of them)."""
+        lm = self.model.lm
+        return lm(lm.embed(ids), KVCache(k, v), None, pos, span)
 
     def _sample(self, hidden: torch.Tensor, slots: list[Slot]) -> tuple[list, list]:
         """hidden [2n, 1, C] for slots' row pairs -> (audio [n][7], text [n]) as host lists."""

@@ -44,9 +44,16 @@ class Vocoder:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker; turns it still holds end now (their unsent audio is dropped)."""
         self._stop.set()
         self._inbox.put(("wake",))
         self._thread.join(timeout=10)
+        self._drain(block=False)
+        for voice in list(self._voices.values()):
+            if voice.ending is None:
+                voice.ending = TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text="",
+                                        error="engine stopped")
+            self._close(voice)
 
     # ---- called by the engine thread ----------------------------------------------------
     def open(self, turn: Turn, submitted_at: float) -> None:

@@ -245,3 +245,15 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
             outs.append(collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(40), sampling=sp, max_steps=10)))[0])
     assert outs[0].stats["audio_ids"] == outs[1].stats["audio_ids"]
     assert outs[0].stats["audio_ids"] != reference(tiny_model, question(40), 10).audio_tokens
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
+    """torch.compile (CPU inductor here; CUDA graphs on a GPU) must not change a token."""
+    ref = reference(tiny_model, question(50), 20)
+    with Engine(tiny_model, EngineConfig(max_sessions=2, record_tokens=True, compile="default")) as eng:
+        sid = eng.open_session()
+        done = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(50), max_steps=20)), timeout=900)[0]
+    assert done.reason == "max_steps", done.error
+    assert done.stats["audio_ids"] == ref.audio_tokens
+    assert done.stats["text_ids"] == ref.text_tokens
