@@ -94,6 +94,20 @@ def _release_sample(logits: torch.Tensor) -> int:
     return int(torch.multinomial(torch.softmax(masked.float(), -1), 1))
 
 
+def precision_agreement(size: str, device: str, audio: np.ndarray, steps: int, run_tokens: list) -> dict:
+    """How far reduced-precision tokens stay with the fp32 reference (same seeded weights)."""
+    from omni2.model.generate import generate
+
+    ref_model = random_model(size, torch.float32, device)
+    prompt, embeds = ref_model.encode_question(audio)
+    ref = generate(ref_model.lm, prompt, embeds, steps).audio_tokens
+    n = min(len(ref), len(run_tokens))
+    equal = sum(a == b for r, t in zip(ref[:n], run_tokens[:n]) for a, b in zip(r, t))
+    diverge = next((i for i in range(n) if ref[i] != run_tokens[i]), None)
+    return {"steps": n, "token_agreement": equal / max(1, 7 * n),
+            "first_divergence": "none" if diverge is None else diverge}
+
+
 @dataclass
 class EngineRun:
     sessions: int
@@ -171,6 +185,11 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
         out(f"{n:>8} {run.steps_per_s_session:>16.2f} {run.aggregate_steps_per_s:>10.2f} "
             f"{run.aggregate_steps_per_s / one.aggregate_steps_per_s:>9.2f} {run.rtf:>6.2f} {run.prefill_ms:>11.0f} {run.ttfa_ms:>8.0f}")
     out(f"1 session vs baseline: {results['speedup_1_session']:.2f}x steps/s, identical tokens: {results['identical_tokens']}")
+    if dt != torch.float32:
+        results["agreement_vs_fp32"] = precision_agreement(size, device, audio, steps, run_tokens=base[0][0])
+        a = results["agreement_vs_fp32"]
+        out(f"{dtype} vs fp32 reference tokens: {a['token_agreement']:.1%} of audio tokens equal, "
+            f"first divergence at step {a['first_divergence']} of {a['steps']}")
     realtime = [r["sessions"] for r in results["runs"] if r["steps_per_s_session"] >= REALTIME_STEPS_PER_S]
     results["max_realtime_sessions"] = max(realtime) if realtime else 0
     out(f"most sessions measured that each keep real time (>= {REALTIME_STEPS_PER_S:.2f} steps/s): "
