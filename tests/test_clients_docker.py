@@ -1,0 +1,136 @@
+"""The deployment files: compose and Dockerfile consistency, and the stdlib health check.
+
+Docker cannot run here, so the files are checked for what would break a deployment: GPU
+reservation, the data volume, the API-key variable, a non-root user, the serve command on
+all interfaces, a health check that exists in the image and asks /health/ready, COPY
+sources that exist. The health check script runs against a real server on loopback.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server_harness import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+HEALTHCHECK = DOCKER / "healthcheck.py"
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = (DOCKER / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_runs_serve_as_non_root_with_ready_healthcheck():
+    ins = dockerfile()
+    names = [i for i, _ in ins]
+    args_of = lambda name: [a for i, a in ins if i == name]  # noqa: E731
+    base = args_of("ARG")
+    assert any("nvidia/cuda" in a and "runtime" in a for a in base), "base is not a CUDA runtime image"
+    assert args_of("FROM") == ["${CUDA_IMAGE}"]
+    assert any("download.pytorch.org/whl/cu" in a for a in base), "torch is not taken from a CUDA index"
+    # CMD: JSON form, omni2 serve on all interfaces, on the exposed port.
+    (cmd,) = args_of("CMD")
+    argv = __import__("json").loads(cmd)
+    assert argv[:2] == ["omni2", "serve"] and argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert args_of("EXPOSE") == [argv[argv.index("--port") + 1]]
+    # Runs as a named non-root user, set before CMD.
+    users = args_of("USER")
+    assert users and users[-1] not in ("root", "0") and names.index("USER") < names.index("CMD")
+    # HEALTHCHECK runs the script COPY put into the image, with a start period for loading.
+    (hc,) = args_of("HEALTHCHECK")
+    assert "--start-period=" in hc
+    target = next(a.split()[-1] for a in args_of("COPY") if a.startswith("docker/healthcheck.py"))
+    assert target in hc
+    # Every COPY source exists (the build context is the repository root).
+    for a in args_of("COPY"):
+        parts = shlex.split(a)
+        for src in parts[:-1]:
+            if not src.startswith("--"):
+                assert (ROOT / src).exists(), f"COPY source {src} missing"
+    # Model caches on the volume the compose file mounts.
+    env = " ".join(args_of("ENV"))
+    assert "HF_HOME=/data/" in env and "OMNI2_CACHE=/data/" in env
+    assert args_of("VOLUME") == ['["/data"]']
+
+
+def test_compose_reserves_a_gpu_and_mounts_the_data_volume():
+    spec = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    (name, svc), = spec["services"].items()
+    build = svc["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert any(v.split(":")[1] == "/data" for v in svc["volumes"])
+    assert set(spec["volumes"]) == {v.split(":")[0] for v in svc["volumes"]}
+    env = svc["environment"]
+    assert "OMNI2_API_KEYS" in env
+    assert all(v != "" for v in env.values())
+    # An empty OMNI2_CHECKPOINT would make the runtime look in the working directory.
+    assert "OMNI2_CHECKPOINT" not in env
+    assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/omni2-healthcheck"
+    port_map = svc["ports"][0]
+    assert port_map.endswith(":8000")
+
+
+def _run_healthcheck(port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMNI2_PORT": str(port)}
+    return subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_healthcheck_is_stdlib_only_and_follows_readiness():
+    imports = re.findall(r"^(?:from|import) (\w+)", HEALTHCHECK.read_text(), re.M)
+    assert set(imports) <= {"__future__", "json", "os", "sys", "urllib"}, imports
+    from fake_engine import FakeEngine
+    from omni2.server.engine_host import EngineHost
+
+    release = threading.Event()
+    engine = FakeEngine().start()
+
+    def loader():
+        release.wait(30)
+        return engine, {"model": "fake", "device": "cpu", "dtype": "float32", "fallback": False}
+
+    host = EngineHost.loading(loader)
+    try:
+        with running_server(engine, host=host) as srv:
+            loading = _run_healthcheck(srv.port)
+            assert loading.returncode == 1 and "503" in loading.stdout and "loading" in loading.stdout
+            release.set()
+            assert host.wait(10)
+            ready = _run_healthcheck(srv.port)
+            assert ready.returncode == 0, ready.stdout
+            assert ready.stdout.startswith("ready ")
+            port = srv.port
+        gone = _run_healthcheck(port)       # nothing listens any more
+        assert gone.returncode == 1 and gone.stdout.startswith("not ready")
+    finally:
+        release.set()
+        engine.stop()
+
+
+@pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
+                    if __import__("shutil").which("docker") else True,
+                    reason="docker compose is not installed here (validated by parsing instead)")
+def test_docker_compose_config_accepts_the_file():
+    r = subprocess.run(["docker", "compose", "-f", str(DOCKER / "compose.yaml"), "config", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
