@@ -105,6 +105,13 @@ def main(args: argparse.Namespace) -> int:
     from .app import create_app
     from .engine_host import EngineHost
 
+    try:  # server VAD needs silero-vad: say so now, not at the first session
+        from omni2.streaming.vad import VadModelError, silero_model_path
+
+        silero_model_path()
+    except VadModelError as exc:
+        print(f"omni2 serve: {exc}", file=sys.stderr)
+        return 2
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass
@@ -119,6 +126,8 @@ def main(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn_config(app, settings))
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down gracefully on
+        pass
     finally:
         host.stop()
     return 0 if host.state != "failed" else 1

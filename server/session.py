@@ -76,11 +76,23 @@ class RealtimeSession:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.engine_session = await asyncio.to_thread(self.engine.open_session)
+        self.engine_session = await self._open_engine_session()
         self.input = await asyncio.to_thread(
             InputAudio, self.cfg.input_format, self.cfg.turn_detection,
             self.settings.max_turn_audio_s, self.settings.idle_audio_keep_s, self._detector_factory)
         await self.outbox.put(ev.session_created(self.cfg.to_wire(self.id)))
+
+    async def _open_engine_session(self) -> str:
+        """A slot released by a session that just left is freed at the engine's next step;
+        wait that long rather than refuse a client that admission already let in."""
+        deadline = time.monotonic() + self.settings.open_session_wait_s
+        while True:
+            try:
+                return await asyncio.to_thread(self.engine.open_session)
+            except Exception as exc:
+                if not is_engine_full(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.02)
 
     @property
     def busy(self) -> bool:

@@ -50,6 +50,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096  # refuse decompression bombs before decoding
     image_min_interval_s: float = 1.0   # camera frames closer than this are dropped
     min_commit_ms: int = 100            # shorter manual commits are refused, like the API
+    open_session_wait_s: float = 2.0    # wait for a just-released engine slot at connect
 
     # --- response defaults ----------------------------------------------------------------
     max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)

@@ -1,0 +1,244 @@
+"""`omni2 bench server`: what the WebSocket path costs on top of the engine.
+
+Same engine, same spoken questions, same run: first straight into the engine (raw), then as
+realtime clients streaming the speech at real time over loopback WebSockets through server
+VAD. Reported: delivered speech frames per second both ways (target: the WebSocket path
+keeps >= 90% of raw), and time to first audio after the end of speech, p50/p90, measured
+from the true end of the voiced audio (includes the VAD's silence window) and from the
+server's speech_stopped event.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+FRAME_SAMPLES = 2048          # one SNAC frame of speech at 24 kHz (85.3 ms)
+QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
+             "how far is it to the station", "what colour is the car over there",
+             "can you read the sign for me", "how many people are in the room",
+             "is it going to rain this afternoon", "what time does the shop close"]
+
+
+def _percentile(xs: list[float], q: float) -> Optional[float]:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def _questions(n: int, tail_s: float):
+    """(audio_16k, audio_24k, voiced_end_s) per session; espeak-ng speech with silence after."""
+    from omni2.streaming.audio import resample
+    from omni2.streaming.espeak import silence, speak
+
+    out = []
+    for i in range(n):
+        voiced = speak(QUESTIONS[i % len(QUESTIONS)], speed=150 + 10 * (i % 4))
+        audio = np.concatenate([silence(0.3), voiced, silence(tail_s)])
+        out.append((audio, resample(audio, 16000, 24000), 0.3 + voiced.size / 16000))
+    return out
+
+
+def _open_session(engine, timeout_s: float = 30.0) -> str:
+    """A closed session's slot is freed at the engine's next step: wait for it."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        try:
+            return engine.open_session()
+        except Exception as exc:
+            if type(exc).__name__ != "EngineFull" or time.perf_counter() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _wait_idle(engine, timeout_s: float = 30.0) -> None:
+    """Sessions of the previous round release their slots at the next engine step."""
+    deadline = time.perf_counter() + timeout_s
+    while engine.stats()["sessions"] and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    while engine.stats()["free_slots"] < len(engine.slots) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+
+
+def _raw_round(engine, questions, max_steps: int) -> dict:
+    """Submit each question when its speech would end (same stagger as the WebSocket round)."""
+    from omni2.streaming.messages import AudioChunk, TurnDone, TurnRequest
+
+    sids = [_open_session(engine) for _ in questions]
+    results: list = [None] * len(questions)
+    first_end = min(q[2] for q in questions)
+    t0 = time.perf_counter()
+
+    def reader(i, turn, submitted):
+        samples, first = 0, None
+        for ev in turn.events(timeout=600):
+            if isinstance(ev, AudioChunk):
+                first = first or time.perf_counter()
+                samples += ev.pcm.size
+            elif isinstance(ev, TurnDone):
+                results[i] = {"samples": samples, "ttfa": (first or time.perf_counter()) - submitted,
+                              "end": time.perf_counter()}
+
+    threads = []
+    order = sorted(range(len(questions)), key=lambda i: questions[i][2])
+    for i in order:
+        a16, _, voiced_end = questions[i]
+        delay = t0 + (voiced_end - first_end) - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        submitted = time.perf_counter()
+        turn = engine.submit(TurnRequest(session_id=sids[i], audio_16k=a16, max_steps=max_steps))
+        th = threading.Thread(target=reader, args=(i, turn, submitted), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    for sid in sids:
+        engine.close_session(sid)
+    wall = max(r["end"] for r in results) - t0
+    frames = sum(r["samples"] for r in results) / FRAME_SAMPLES
+    return {"frames": frames, "wall": wall, "ttfa": [r["ttfa"] for r in results]}
+
+
+async def _ws_session(url: str, audio_24k: np.ndarray, voiced_end_s: float, vad: bool = True,
+                      chunk_s: float = 0.04) -> dict:
+    """One realtime client streaming at real time. vad=False: the client commits and asks
+    for the answer itself at the end of speech (isolates the server VAD's cost)."""
+    import websockets
+
+    n = int(24000 * chunk_s)
+    end_chunk = int(voiced_end_s / chunk_s) + 1
+    async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
+        json.loads(await ws.recv())  # session.created
+        if not vad:
+            await ws.send(json.dumps({"type": "session.update",
+                                      "session": {"audio": {"input": {"turn_detection": None}}}}))
+        got: dict = {"samples": 0}
+        start = time.perf_counter()
+
+        async def send():
+            for k, i in enumerate(range(0, audio_24k.size, n)):
+                # Real-time pacing from the session's own clock, so speech end is a known instant.
+                delay = start + k * chunk_s - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pcm = (np.clip(audio_24k[i:i + n], -1, 1) * 32767).astype("<i2").tobytes()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(pcm).decode()}))
+                if not vad and k == end_chunk:
+                    got["stopped"] = time.perf_counter()
+                    await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                    await ws.send(json.dumps({"type": "response.create"}))
+                    return
+
+        sender = asyncio.create_task(send())
+        async for raw in ws:
+            e = json.loads(raw)
+            now = time.perf_counter()
+            if e["type"] == "input_audio_buffer.speech_stopped":
+                got["stopped"] = now
+            elif e["type"] == "response.output_audio.delta":
+                got.setdefault("first", now)
+                got["samples"] += len(base64.b64decode(e["delta"])) // 2
+            elif e["type"] == "response.done":
+                got["end"] = now
+                got["status"] = e["response"]["status"]
+                break
+            elif e["type"] == "error":
+                raise RuntimeError(f"server error: {e['error']}")
+        sender.cancel()
+        got["voiced_end"] = start + voiced_end_s
+        return got
+
+
+def _client_round(url: str, audio_and_ends: list, vad: bool) -> list[dict]:
+    """One round of realtime clients; runs in its own process so the clients' JSON and
+    base64 work does not share the server's interpreter lock (perf_counter is
+    CLOCK_MONOTONIC, comparable across processes)."""
+    async def main():
+        return await asyncio.gather(*(_ws_session(url, a24, end, vad) for a24, end in audio_and_ends))
+    return asyncio.run(main())
+
+
+def _serve_in_thread(app, settings):
+    import uvicorn
+
+    from .serve import uvicorn_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread, sock.getsockname()[1]
+
+
+def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int = 2,
+                     max_steps: int = 256, device: str = "auto", tail_s: float = 1.0,
+                     vad: bool = True, verbose: bool = True) -> dict:
+    """Raw engine vs WebSocket frames/s and first-audio latency, one engine, one run."""
+    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.runtime import load_runtime
+
+    from .app import create_app
+    from .engine_host import EngineHost
+    from .settings import ServerSettings
+
+    say = print if verbose else (lambda *a, **k: None)
+    runtime = load_runtime(model=runtime_model, device=device)
+    engine = Engine(runtime, EngineConfig(max_sessions=max(sessions, 1), max_steps=max_steps)).start()
+    server = thread = None
+    try:
+        engine.warmup()
+        questions = _questions(sessions, tail_s)
+        raw = [_raw_round(engine, questions, max_steps) for _ in range(rounds)]
+        settings = ServerSettings(max_sessions=sessions, max_steps=max_steps, log_level="warning")
+        info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype)}
+        app = create_app(settings, EngineHost.ready_with(engine, info))
+        server, thread, port = _serve_in_thread(app, settings)
+        url = f"ws://127.0.0.1:{port}/v1/realtime"
+        ws_rounds = []
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as clients:
+            for _ in range(rounds):
+                _wait_idle(engine)
+                ws_rounds.append(clients.apply(_client_round, (url, [(a24, end) for _, a24, end in questions], vad)))
+    finally:
+        if server is not None:
+            server.should_exit = True
+            thread.join(10)
+        engine.stop()
+
+    raw_fps = sum(r["frames"] for r in raw) / sum(r["wall"] for r in raw)
+    ws_frames = sum(s["samples"] for rnd in ws_rounds for s in rnd) / FRAME_SAMPLES
+    ws_wall = sum(max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd) for rnd in ws_rounds)
+    ws_fps = ws_frames / ws_wall
+    after_speech = [s["first"] - s["voiced_end"] for rnd in ws_rounds for s in rnd if "first" in s]
+    after_stop = [s["first"] - s["stopped"] for rnd in ws_rounds for s in rnd if "first" in s]
+    raw_ttfa = [t for r in raw for t in r["ttfa"]]
+    result = {
+        "model": runtime.name, "device": str(runtime.device), "sessions": sessions, "rounds": rounds,
+        "max_steps": max_steps,
+        "raw_frames_per_s": raw_fps, "ws_frames_per_s": ws_fps, "ws_over_raw": ws_fps / raw_fps,
+        "first_audio_after_speech_end_s": {"p50": _percentile(after_speech, 50), "p90": _percentile(after_speech, 90)},
+        "first_audio_after_speech_stopped_s": {"p50": _percentile(after_stop, 50), "p90": _percentile(after_stop, 90)},
+        "raw_first_audio_after_submit_s": {"p50": _percentile(raw_ttfa, 50), "p90": _percentile(raw_ttfa, 90)},
+        "vad_silence_ms": settings.vad_silence_ms,
+    }
+    say(f"server bench: {runtime.name} on {runtime.device}, {sessions} sessions x {rounds} rounds, "
+        f"max_steps {max_steps}")
+    say(f"  frames/s   raw engine {raw_fps:8.1f}   through WebSocket {ws_fps:8.1f}   "
+        f"({100 * result['ws_over_raw']:.1f}% of raw; target >= 90%)")
+    for name, key in (("after speech end (incl. VAD silence)", "first_audio_after_speech_end_s"),
+                      ("after speech_stopped", "first_audio_after_speech_stopped_s"),
+                      ("raw engine after submit", "raw_first_audio_after_submit_s")):
+        d = result[key]
+        say(f"  first audio {name:38s} p50 {d['p50'] * 1000:7.1f} ms   p90 {d['p90'] * 1000:7.1f} ms")
+    return result

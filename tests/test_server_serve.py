@@ -1,0 +1,92 @@
+"""`omni2 serve` as a user runs it: a subprocess on the tiny model, ready, one turn, clean stop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
+
+from server_harness import Client  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ready(port: int):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except OSError:
+        return None, None
+
+
+def test_omni2_serve_tiny_comes_up_answers_and_stops():
+    port = free_port()
+    env = {**os.environ, "OMNI2_API_KEYS": "k1", "OMNI2_IDLE_TIMEOUT_S": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "tiny",
+                             "--device", "cpu", "--port", str(port), "--max-sessions", "2",
+                             "--max-steps", "24", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        status = None
+        while time.time() < deadline and proc.poll() is None:
+            status, body = ready(port)
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert status == 200, (status, proc.poll())
+        assert body["model"] == "tiny" and body["max_sessions"] == 2 and body["fallback"] is False
+
+        async def turn():
+            c = await Client.connect(f"ws://127.0.0.1:{port}/v1/realtime",
+                                     headers={"Authorization": "Bearer k1"})
+            assert (await c.recv())["type"] == "session.created"
+            await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
+            await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                           "content": [{"type": "input_text", "text": "hi"}]})
+            await c.send("response.create")
+            events = await c.until("response.done", timeout=60)
+            await c.close()
+            return events
+
+        events = asyncio.run(asyncio.wait_for(turn(), 90))
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        assert any(e["type"] == "response.output_audio.delta" for e in events)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-2000:]
+
+
+def test_omni2_serve_refuses_a_taken_port():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "tiny",
+                              "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
+def test_omni2_serve_rejects_bad_settings():
+    out = subprocess.run([sys.executable, "-m", "omni2.clients.cli", "serve", "--max-sessions", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "max_sessions must be >= 1" in out.stderr
