@@ -222,14 +222,23 @@ class RealtimeClient:
             await self.send("conversation.item.create", item={
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
         answer = Answer()
-        if audio is not None:
-            await self.send_audio(audio, rate, pace)
-            if not vad:
-                await self.send("input_audio_buffer.commit")
-        answer.asked_at = time.monotonic()
-        if not (vad and audio is not None):
-            await self.send("response.create")
-        return await self.collect(answer, timeout, on_event)
+        # Listen while speaking: with VAD the answer can start before the file's tail is sent,
+        # and event times must be taken when the events arrive.
+        collector = asyncio.create_task(self.collect(answer, timeout, on_event))
+        try:
+            if audio is not None:
+                await self.send_audio(audio, rate, pace)
+                if not vad:
+                    await self.send("input_audio_buffer.commit")
+            if not (vad and audio is not None):
+                answer.asked_at = time.monotonic()
+                await self.send("response.create")
+            elif not answer.asked_at:
+                answer.asked_at = time.monotonic()   # until the server's speech_stopped says
+        except BaseException:
+            collector.cancel()
+            raise
+        return await collector
 
     async def collect(self, answer: Answer, timeout: float, on_event=None) -> Answer:
         from websockets.exceptions import ConnectionClosed

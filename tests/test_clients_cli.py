@@ -169,3 +169,20 @@ def _row(table: str, name: str) -> str:
         if line.startswith(name):
             return line[len(name):].strip()
     raise AssertionError(f"no row {name!r} in\n{table}")
+
+
+def test_loadtest_with_server_vad_times_from_speech_end(server, tmp_path):
+    import asyncio
+
+    from speech import missing_tools, utterance
+
+    if missing_tools():
+        pytest.skip("needs espeak-ng + sox for speech the server VAD can hear")
+    audio, _, _ = utterance("what is on the table", lead_s=0.3, tail_s=1.0)
+    args = parse(["loadtest", "--url", server.ws, "--sessions", "2", "--turns", "1", "--vad", "--fast"])
+    report = asyncio.run(loadtest.run_load(args, audio, 16000))
+    s = report.summary()
+    assert s["turns_completed"] == 2 and s["errors"] == 0, (s, report.turns)
+    # Sent as fast as possible, the whole file is out long before the server's VAD hears the
+    # end of speech; time from speech_stopped to first audio is small but never negative.
+    assert all(t.ttfa_s is not None and 0 <= t.ttfa_s < 30 for t in report.turns)
