@@ -290,11 +290,11 @@ def run_interrupt_bench(
             lat = "" if r.latency_ms is None else f" {r.latency_ms:.0f} ms"
             printer(f"{'ok ' if ok else 'BAD'} {clip.condition:12s} {clip.name:48s} {what}{lat}")
             if not ok and controller.trace:
-                for at, text, conf in controller.trace:
+                for at, text, conf, trigger in controller.trace:
                     mark = ""
                     if clip.cmd_start is not None:
                         mark = f"{(at - clip.cmd_end) / 16:+.0f} ms"
-                    printer(f"      {at / SR:6.2f}s {mark:>9s} {conf:.2f} {text!r}")
+                    printer(f"      {at / SR:6.2f}s {mark:>9s} {trigger:5s} {conf:.2f} {text!r}")
     audio_s = sum(c.mic.size for c in clips) / SR
     summary = summarize(results)
     summary.update(split=split, mode=mode, seed=seed, audio_seconds=round(audio_s, 1),

@@ -44,10 +44,22 @@ class DuplexConfig:
     min_speech_ms: int = 64
     # Barge-in mode: user speech at least this long stops the answer.
     barge_in_ms: int = 300
+    barge_in_gap_ms: int = 200   # a pause this long restarts the barge-in speech count
     # Command mode: decoding schedule and window.
     command: CommandConfig = field(default_factory=CommandConfig)
     hop_ms: int = 200            # decode period while the user is speaking
     pause_prob: float = 0.3      # a chunk under this speech probability starts a pause
+    pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
+    pause_hop_ms: int = 96       # decode period in the first moments of a pause
+    pause_follow_ms: int = 300   # how long into a pause decoding continues
+    confirm_pause_ms: int = 96       # a matched command fires once the user pauses this long
+    threshold_speaking: float = 1.01  # confidence that fires without waiting (>1: never)
+    foreground_min_ms: int = 1500    # segments longer than this get a foreground window
+    foreground_db: float = 8.0       # "louder than the segment's typical chunk" margin
+    foreground_gap_ms: int = 250     # quiet inside the user's words this long is allowed
+    foreground_min_shift_ms: int = 300
+    foreground_keep_db: float = 3.0  # frames this close to "loud" are kept as they are
+    foreground_duck_db: float = -25.0  # the rest (the other talker) is pushed down this much
     min_gap_ms: int = 64         # no two decodes closer than this
     window_lead_ms: int = 200    # audio kept before the speech onset in a window
     min_window_ms: int = 400     # shorter speech cannot hold a two-word command
@@ -81,6 +93,48 @@ class Interrupt:
 
 DuplexEvent = Union[VadEvent, Interrupt]
 
+FRAME = 256  # 16 ms level frames for the foreground window
+
+
+def foreground(window: np.ndarray, cfg: DuplexConfig) -> np.ndarray | None:
+    """The loud tail of `window` with quieter frames attenuated, or None if there is none.
+
+    "Loud" is `foreground_db` above the window's 40th-percentile frame level; the tail
+    starts at the earliest loud frame reachable backwards from the end without a quiet
+    gap longer than `foreground_gap_ms`.
+    """
+    n = window.size // FRAME
+    if n < 8:
+        return None
+    frames = window[window.size - n * FRAME :].reshape(n, FRAME).astype(np.float64)
+    level = 10.0 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    floor = float(np.percentile(level, 40))
+    loud = level >= floor + cfg.foreground_db
+    if not loud.any():
+        return None
+    gap_limit = max(1, cfg.foreground_gap_ms * SAMPLE_RATE // 1000 // FRAME)
+    first, gap = None, 0
+    for i in range(n - 1, -1, -1):
+        if loud[i]:
+            first, gap = i, 0
+        elif first is not None:
+            gap += 1
+            if gap > gap_limit:
+                break
+    lead = cfg.window_lead_ms * SAMPLE_RATE // 1000 // FRAME
+    begin = max(0, first - lead)
+    if begin * FRAME < cfg.foreground_min_shift_ms * SAMPLE_RATE // 1000:
+        return None  # the loud part is the whole window: the first window covers it
+    if (n - begin) * FRAME < cfg.min_window_ms * SAMPLE_RATE // 1000:
+        return None
+    keep = level[begin:] >= floor + cfg.foreground_db - cfg.foreground_keep_db
+    keep = keep | np.roll(keep, 1) | np.roll(keep, -1)  # keep word edges
+    gain = np.where(keep, 1.0, 10.0 ** (cfg.foreground_duck_db / 20.0))
+    ramp = np.repeat(gain, FRAME)
+    smooth = np.convolve(ramp, np.ones(64) / 64, mode="same")  # 4 ms ramps, no clicks
+    out = frames[begin:].reshape(-1) * smooth
+    return out.astype(np.float32)
+
 
 class DuplexController:
     def __init__(self, config: DuplexConfig = DuplexConfig(), detector: CommandDetector | None = None):
@@ -110,7 +164,9 @@ class DuplexController:
         self._segment_start: int | None = None
         self._speech_run = 0          # samples of speech in the current segment
         self._last_decode = -(1 << 30)
-        self._was_voiced = False
+        self._levels: list[float] = []   # dB of the last few chunks
+        self._pause_len = 0              # samples since the current pause began (0: talking)
+        self._pending: tuple | None = None  # (phrase, confidence, transcript) awaiting a pause
         self._interrupted = False
         self.decodes = 0
         # Set to a list to record every decode as (end sample, transcript, confidence).
@@ -184,47 +240,93 @@ class DuplexController:
         events: list[DuplexEvent] = list(self.vad.push(chunk))
         prob = self.vad.speech_prob_last
         voiced = prob >= self.vad.threshold
+        level = 10.0 * np.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12)
         if voiced and self._segment_start is None:
             # Decoding may begin before min_speech_ms confirms the onset.
             self._segment_start = max(0, start - cfg.window_lead_ms * self._ms)
-            self._speech_run = 0
         if voiced:
             self._speech_run += CHUNK
-        listening = (self.audible(end) or cfg.listen_when_idle) and not self._interrupted
-        pause_started = self._was_voiced and prob < cfg.pause_prob
-        self._was_voiced = voiced
+        # A pause: the VAD lets go, or (under another talker, where the VAD never lets go)
+        # the level falls well under the last few chunks' peak.
+        recent = max(self._levels[-5:], default=level)
+        self._levels = self._levels[-5:] + [level]
+        paused = prob < cfg.pause_prob or level < recent - cfg.pause_drop_db
+        self._pause_len = self._pause_len + CHUNK if paused else 0
+        if cfg.mode == "barge_in" and self._pause_len >= cfg.barge_in_gap_ms * self._ms:
+            self._speech_run = 0  # barge-in wants one stretch of speech, not scattered blips
+        if not paused and self._pending is not None:
+            self._pending = None  # the user went on talking: "stop on my | way"
         quiet = not (voiced or self.vad.in_speech or self.vad.onset_pending)
-        if quiet:
+        if quiet and self._pending is None:
             self._segment_start = None  # blip over or speech_stopped: next speech is new
+            self._speech_run = 0
+        listening = (self.audible(end) or cfg.listen_when_idle) and not self._interrupted
         if not listening or self._segment_start is None:
             return events
         if cfg.mode == "barge_in":
             if self._speech_run >= cfg.barge_in_ms * self._ms:
-                events.append(self._interrupt("barge_in", None, prob, end, ""))
+                if self.echo.echo_suspected(self._segment_start, end):
+                    # Our own voice before the canceller locked on: start counting afresh.
+                    self._speech_run = 0
+                else:
+                    events.append(self._interrupt("barge_in", None, prob, end, ""))
             return events
-        due = end - self._last_decode >= cfg.hop_ms * self._ms and (voiced or self.vad.in_speech)
-        if (pause_started and end - self._last_decode >= cfg.min_gap_ms * self._ms) or due:
-            hit = self._decode(end)
-            if hit is not None:
-                events.append(hit)
+        since = end - self._last_decode
+        ms = self._ms
+        if self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms:
+            trigger = "pause"        # a pause just began: the usual end of a command
+        elif 0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms:
+            trigger = "pause"        # the last word may only now be complete
+        elif not paused and since >= cfg.hop_ms * ms and self._pending is None:
+            trigger = "hop"
+        else:
+            trigger = None
+        if trigger is not None:
+            self._decode(end, trigger)
+        if self._pending is not None:
+            phrase, confidence, text = self._pending
+            if self._pause_len >= cfg.confirm_pause_ms * ms or confidence >= cfg.threshold_speaking:
+                self._pending = None
+                events.append(self._interrupt("command", phrase, confidence, end, text))
         return events
 
-    def _decode(self, end: int) -> Interrupt | None:
+    def _windows(self, end: int) -> list[np.ndarray]:
+        """Audio to decode: the segment's window, plus a foreground window when useful.
+
+        Under a steady other talker (or echo residue) the segment began long before the
+        user spoke, and whisper transcribes the earlier voice. The user, nearer the mic,
+        is louder: the latest run of frames well above the window's typical level marks
+        where they started. The second window starts there and has the quieter frames
+        (the other talker between the user's words) pushed down, like an expander.
+        """
+        cfg = self.config
+        base = max(self._segment_start, end - int(cfg.command.window_s * SAMPLE_RATE), self._clean_base)
+        if end - base < cfg.min_window_ms * self._ms:
+            base = max(self._clean_base, end - cfg.min_window_ms * self._ms)
+        window = self._clean[base - self._clean_base : end - self._clean_base]
+        windows = [window]
+        if end - self._segment_start < cfg.foreground_min_ms * self._ms:
+            return windows
+        fg = foreground(window, cfg)
+        if fg is not None:
+            windows.append(fg)
+        return windows
+
+    def _decode(self, end: int, trigger: str) -> None:
+        """Decode the current windows; a confident match becomes the pending command."""
         cfg = self.config
         if self._speech_run < cfg.min_window_ms * self._ms // 4:
-            return None
-        start = max(self._segment_start, end - int(cfg.command.window_s * SAMPLE_RATE), self._clean_base)
-        if end - start < cfg.min_window_ms * self._ms:
-            start = max(self._clean_base, end - cfg.min_window_ms * self._ms)
-        window = self._clean[start - self._clean_base : end - self._clean_base]
+            return
+        windows = self._windows(end)
         self._last_decode = end
         self.decodes += 1
-        transcript, found, confidence = self.detector.score(window)
+        scored = self.detector.score_windows(windows)
+        transcript, found, confidence = max(scored, key=lambda r: r[2])
         if self.trace is not None:
-            self.trace.append((end, transcript.text, round(confidence, 3)))
-        if found is None or confidence < cfg.command.threshold:
-            return None
-        return self._interrupt("command", found.phrase, confidence, end, transcript.text)
+            self.trace.append((end, " | ".join(t.text for t, _, _ in scored), round(confidence, 3), trigger))
+        if found is not None and confidence >= cfg.command.threshold:
+            if self._pending is None or confidence > self._pending[1]:
+                self._pending = (found.phrase, confidence, transcript.text)
 
     def _interrupt(self, kind, phrase, confidence, at, text) -> Interrupt:
         self._interrupted = True

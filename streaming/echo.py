@@ -40,9 +40,10 @@ class EchoConfig:
     delay_window_ms: int = 1500    # microphone audio correlated per estimate
     delay_min_peak: float = 6.0    # GCC-PHAT peak / mean magnitude needed to trust a lag
     catch_up_ms: int = 1500        # past audio a newly placed filter is trained on
-    catch_up_passes: int = 2
+    catch_up_passes: int = 5
     residual_db: float = -12.0     # leftover echo expected after cancellation
     gate_floor_db: float = -30.0   # attenuation of blocks judged to be echo residue
+    removed_db: float = -12.0      # a block the canceller took this much out of is echo
     reference_floor_db: float = -60.0  # reference quieter than this counts as silent
 
 
@@ -170,7 +171,7 @@ class EchoCanceller:
             return mic
         e_fg, y_fg = self._filter(mic.astype(np.float64), start)
         echo_power = float(np.mean(y_fg**2))
-        out = self._gate(e_fg, echo_power)
+        out = self._gate(e_fg, echo_power, mic_power)
         self.history.append((start, mic_power, echo_power, float(np.mean(out**2))))
         if len(self.history) > 4096:
             del self.history[:2048]
@@ -228,49 +229,82 @@ class EchoCanceller:
         g[:, b:] = 0.0
         self._W_bg += np.fft.rfft(g, axis=1)
 
-    def _gate(self, err: np.ndarray, echo_power: float) -> np.ndarray:
-        """Attenuate a block whose energy is no more than the expected echo leftover."""
+    def _gate(self, err: np.ndarray, echo_power: float, mic_power: float) -> np.ndarray:
+        """Attenuate a block that is only what is left of the echo.
+
+        Such a block is no louder than the expected leftover, or the canceller removed most
+        of the microphone energy (little of it can be the user). silero-vad calls even a
+        -50 dBFS residue of speech "speech", so the residue must go, not just get quieter.
+        """
         cfg = self.config
         err_power = float(np.mean(err**2)) + 1e-12
         leftover = echo_power * _db_to_power(cfg.residual_db)
-        target = 1.0 if err_power > 4.0 * leftover else float(np.sqrt(_db_to_power(cfg.gate_floor_db)))
-        # Fast attack towards attenuation, slower release, so word onsets are kept.
+        user = err_power > 4.0 * leftover and err_power > mic_power * _db_to_power(cfg.removed_db)
+        target = 1.0 if user else float(np.sqrt(_db_to_power(cfg.gate_floor_db)))
+        # Closes over a few blocks, opens almost at once, so word onsets are kept.
         rate = 0.5 if target < self._gain else 0.8
         self._gain = rate * target + (1 - rate) * self._gain
         return err * self._gain
 
-    def _search_delay(self, now: int) -> None:
-        """GCC-PHAT lag between the playout timeline and the raw microphone."""
+    def _gcc(self, now: int) -> tuple[int, float] | None:
+        """GCC-PHAT (lag, peak strength) between the playout timeline and the raw mic.
+
+        None when there is too little microphone audio or nothing playing to compare.
+        """
         cfg = self.config
         win = cfg.delay_window_ms * SAMPLE_RATE // 1000
-        mic_end = self._mic_base + self._mic.size
-        end = min(now, mic_end)
+        end = min(now, self._mic_base + self._mic.size)
         start = max(end - win, self._mic_base)
         if end - start < win // 3:
-            return
+            return None
         mic = self._mic[start - self._mic_base : end - self._mic_base].astype(np.float64)
         ref = self.reference(start - self.max_delay, end).astype(np.float64)
         if float(np.mean(ref**2)) < _db_to_power(cfg.reference_floor_db) or float(np.mean(mic**2)) < 1e-9:
-            return
+            return None
         n = 1 << int(np.ceil(np.log2(ref.size + mic.size)))
         cross = np.fft.rfft(ref, n) * np.conj(np.fft.rfft(mic, n))
         cc = np.fft.irfft(cross / (np.abs(cross) + 1e-12), n)
         # mic[t] ~ ref[t - d] puts the correlation peak at index max_delay - d.
         lags = cc[: self.max_delay + 1][::-1]  # lags[d] for d = 0..max_delay
         peak = int(np.argmax(lags))
-        strength = float(lags[peak] / (np.mean(np.abs(lags)) + 1e-12))
-        if strength < cfg.delay_min_peak:
+        return peak, float(lags[peak] / (np.mean(np.abs(lags)) + 1e-12))
+
+    def _search_delay(self, now: int) -> None:
+        found = self._gcc(now)
+        if found is None:
+            return
+        peak, strength = found
+        if strength < self.config.delay_min_peak:
             self._candidate = None
             return
         # Adopt a lag only when two searches in a row agree (one strong but wrong peak must
         # not reset a converged filter), and ignore small moves the filter taps absorb.
         agreed = self._candidate is not None and abs(peak - self._candidate) <= self.block // 2
         self._candidate = peak
-        if not agreed:
-            return
+        if agreed:
+            self._adopt(peak, now)
+
+    def _adopt(self, peak: int, now: int) -> None:
         if self.delay is None or abs(peak - self.delay) > self.block // 2:
             self._W_fg[:] = 0.0
             self._W_bg[:] = 0.0
             self._e_fg = self._e_bg = self._e_mic = 1e-9
             self.delay = peak
             self._catch_up(now)
+
+    def echo_suspected(self, start: int, end: int) -> bool:
+        """Whether speech heard in [start, end) may be the assistant's own uncancelled voice.
+
+        Only while the canceller has not found the echo path yet and audio is playing: then
+        the microphone is correlated with the playout right away; a clear match calibrates
+        the canceller on the spot. Too little audio to tell counts as suspect.
+        """
+        if not self.config.enabled or self.delay is not None or not self.playing(start, end):
+            return False
+        found = self._gcc(self.samples_out)
+        if found is None:
+            return True
+        peak, strength = found
+        if strength >= 1.5 * self.config.delay_min_peak:
+            self._adopt(peak, self.samples_out)
+        return strength >= self.config.delay_min_peak

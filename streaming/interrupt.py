@@ -234,8 +234,32 @@ class WhisperRecognizer:
         self._prev = tid("<|startofprev|>")
         self._eot = tid("<|endoftext|>")
         self._frames = int(round(config.context_s * 100))
+        self._case_groups = self._casefold_groups()
         self._prompts: dict[str, list[int]] = {}
         self._lock = threading.Lock()
+
+    def _casefold_groups(self) -> dict[int, np.ndarray]:
+        """token id -> ids spelling the same letters in any case (' Stop', ' stop', 'STOP').
+
+        The decoder splits its belief between casings; for a spoken command only the
+        letters matter, so a word's probability is summed over its casings.
+        """
+        by_key: dict[str, list[int]] = {}
+        vocab = self._tok.get_vocab()
+        for piece, idx in vocab.items():
+            if idx >= self._eot:
+                continue
+            text = self._tok.decode([idx])
+            key = text.strip().lower()
+            if key and key.isalpha():
+                by_key.setdefault(key, []).append(idx)
+        groups = {}
+        for ids in by_key.values():
+            if len(ids) > 1:
+                arr = np.array(sorted(ids))
+                for i in ids:
+                    groups[i] = arr
+        return groups
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         if not prompt:
@@ -255,27 +279,39 @@ class WhisperRecognizer:
         return self._features(x, padding=0)[:, : self._frames]
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None, max_tokens: int = 24) -> Transcript:
-        feats = np.ascontiguousarray(self.features(audio)[None])
-        result = self.model.generate(
-            self._ct2.StorageView.from_array(feats), [self._prompt_ids(prompt)],
+        return self.transcribe_batch([audio], prompt, max_tokens)[0]
+
+    def transcribe_batch(self, windows: list[np.ndarray], prompt: str | None = None,
+                         max_tokens: int = 24) -> list[Transcript]:
+        """Greedy transcripts of several windows in one model call."""
+        feats = np.ascontiguousarray(np.stack([self.features(w) for w in windows]))
+        results = self.model.generate(
+            self._ct2.StorageView.from_array(feats), [self._prompt_ids(prompt)] * len(windows),
             beam_size=1, max_length=max_tokens, return_scores=True, return_logits_vocab=True,
-        )[0]
+        )
+        return [self._transcript(r) for r in results]
+
+    def _transcript(self, result) -> Transcript:
         ids = [i for i in result.sequences_ids[0] if i < self._eot]
         probs = []
         for step, token in zip(result.logits[0], ids):
             logits = np.asarray(step, dtype=np.float64)
-            top = logits.max()
-            probs.append(float(np.exp(logits[token] - top) / np.exp(logits - top).sum()))
+            p = np.exp(logits - logits.max())
+            same = self._case_groups.get(token)
+            mass = p[same].sum() if same is not None else p[token]
+            probs.append(float(mass / p.sum()))
         words: list[Word] = []
         for token, prob in zip(ids, probs):
             piece = self._tok.decode([token])
-            if not words or piece.startswith(" "):
+            if re.search(r"[A-Za-z0-9]", piece) is None:
+                # Punctuation carries no sound: its probability says nothing about the words.
+                if words:
+                    words[-1] = Word(words[-1].text + piece, words[-1].prob)
+            elif not words or piece.startswith(" "):
                 words.append(Word(piece, prob))
             else:
                 words[-1] = Word(words[-1].text + piece, min(words[-1].prob, prob))
         words = [Word(w.text.strip(), w.prob) for w in words]
-        # Punctuation-only "words" ("." "!") carry no sound: fold them away.
-        words = [w for w in words if re.search(r"[A-Za-z0-9]", w.text)]
         text = self._tok.decode(ids).strip()
         score = float(result.scores[0]) if result.scores else 0.0
         return Transcript(text, tuple(words), score)
@@ -313,14 +349,23 @@ class CommandDetector:
 
     def score(self, window: np.ndarray) -> tuple[Transcript, PhraseMatch | None, float]:
         """Transcript of `window`, the phrase match at its end (or None), and confidence."""
-        transcript = self.recognizer.transcribe(window, self.prompt, self.config.max_tokens)
-        words = [w.text for w in transcript.words]
-        found = self.matcher.match(words)
-        if found is None:
-            return transcript, None, 0.0
-        matched = transcript.words[found.first_word :]
-        confidence = found.similarity * float(np.mean([w.prob for w in matched]))
-        return transcript, found, confidence
+        return self.score_windows([window])[0]
+
+    def score_windows(self, windows: list[np.ndarray]) -> list[tuple[Transcript, PhraseMatch | None, float]]:
+        """`score` for several windows (e.g. different start points) in one model call."""
+        out = []
+        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, self.config.max_tokens):
+            words = [w.text for w in transcript.words]
+            found = self.matcher.match(words)
+            if found is None or words[-1].endswith("-"):
+                # No phrase, or the recognizer marked the last word as cut off ("my-"):
+                # the speaker is mid-word, so whatever matched is not a finished command.
+                out.append((transcript, None, 0.0))
+                continue
+            matched = transcript.words[found.first_word :]
+            confidence = found.similarity * float(np.mean([w.prob for w in matched]))
+            out.append((transcript, found, confidence))
+        return out
 
     def detect(self, window: np.ndarray, window_end: int) -> CommandHit | None:
         transcript, found, confidence = self.score(window)
