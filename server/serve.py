@@ -89,6 +89,7 @@ def uvicorn_config(app, settings: ServerSettings):
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         ws=ws, ws_max_size=settings.hard_message_bytes,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
         lifespan="off", server_header=False)
 

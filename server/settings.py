@@ -63,6 +63,7 @@ class ServerSettings:
     top_p: float = 1.0
 
     # --- service ---------------------------------------------------------------------------
+    ws_per_message_deflate: bool = True  # compression wins back part of base64's 33%
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     warmup: bool = True                 # one short turn before /health/ready says 200

@@ -29,12 +29,16 @@ SAMPLE_RATE = 24000
 
 class FakeEngine:
     def __init__(self, slots: int = 4, tick_s: float = 0.05, words_every: int = 2,
-                 answer_words: int = 8, tone_hz: float = 440.0):
+                 answer_words: int = 8, tone_hz: float = 440.0, chunk_s: float | None = None,
+                 noise: bool = False):
         self.slots = slots
         self.tick_s = tick_s
         self.words_every = words_every
         self.answer_words = answer_words
         self.tone_hz = tone_hz
+        self.chunk_s = chunk_s or tick_s   # audio per chunk (> tick_s: faster than real time)
+        self.noise = noise                 # white noise: incompressible on the wire
+        self._rng = np.random.default_rng(0)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._sessions: dict[str, Optional[Turn]] = {}
@@ -123,8 +127,8 @@ class FakeEngine:
 
     # ---- step loop --------------------------------------------------------------------------
     def _loop(self) -> None:
-        n = int(SAMPLE_RATE * self.tick_s)
         while not self._stop.is_set():
+            n = int(SAMPLE_RATE * self.chunk_s)
             t0 = time.perf_counter()
             with self._lock:
                 turns = list(self._live.items())
@@ -138,8 +142,9 @@ class FakeEngine:
                     continue
                 t = (st["phase"] + np.arange(n)) / SAMPLE_RATE
                 st["phase"] += n
-                turn._emit(AudioChunk(pcm=(0.3 * np.sin(2 * np.pi * self.tone_hz * t)).astype(np.float32),
-                                      frames=1))
+                pcm = (self._rng.uniform(-0.5, 0.5, n) if self.noise
+                       else 0.3 * np.sin(2 * np.pi * self.tone_hz * t))
+                turn._emit(AudioChunk(pcm=pcm.astype(np.float32), frames=1))
                 st["step"] += 1
                 if st["step"] % self.words_every == 0:
                     i = len(st["text"])

@@ -229,3 +229,27 @@ def test_messages_past_the_hard_cap_close_the_socket(engine):
             assert code == 1009
 
         run(main())
+
+
+def test_a_client_that_stops_reading_is_closed_not_buffered():
+    # 10 s of noise (it does not compress) per 50 ms tick: the socket backs up within seconds.
+    engine = FakeEngine(slots=2, chunk_s=10.0, answer_words=400, noise=True).start()
+    try:
+        with running_server(engine, outbound_queue_events=8, send_stall_timeout_s=0.5) as srv:
+            async def main():
+                c = await Client.connect(srv.ws, max_queue=4)
+                await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
+                await c.send("conversation.item.create", item=TEXT_ITEM)
+                await c.send("response.create")
+                await asyncio.sleep(3)  # not reading
+                code, _ = await closed_with(c)
+                return code
+
+            assert run(main()) == 1008
+            deadline = time.time() + 5
+            while time.time() < deadline and (engine.stats()["live_turns"] or engine.stats()["sessions"]):
+                time.sleep(0.05)
+            assert (engine.stats()["live_turns"], engine.stats()["sessions"]) == (0, 0)
+            assert srv.app.state.admission.active == 0
+    finally:
+        engine.stop()
