@@ -45,22 +45,33 @@ requires_browser = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def server():
-    from omni2.server.app import create_app
-    from omni2.server.engine_host import EngineHost
-    from omni2.server.settings import ServerSettings
+def engine():
     from omni2.streaming.engine import Engine, EngineConfig
     from omni2.streaming.runtime import load_runtime
 
     engine = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=4)).start()
     engine.warmup()
-    settings = ServerSettings(log_level="warning", max_sessions=4, max_steps=MAX_STEPS)
+    yield engine
+    engine.stop()
+
+
+def web_server(engine, **overrides) -> RunningServer:
+    from omni2.server.app import create_app
+    from omni2.server.engine_host import EngineHost
+    from omni2.server.settings import ServerSettings
+
+    settings = ServerSettings(**{"log_level": "warning", "max_sessions": 2, "max_steps": MAX_STEPS,
+                                 **overrides})
     host = EngineHost.ready_with(engine, {"model": "tiny", "device": "cpu", "dtype": "float32",
                                           "fallback": True})
-    srv = RunningServer(create_app(settings, host, static_dir=WEB_DIR), settings).start()
+    return RunningServer(create_app(settings, host, static_dir=WEB_DIR), settings).start()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv = web_server(engine)
     yield srv
     srv.stop()
-    engine.stop()
 
 
 # ---- without a browser ----------------------------------------------------------------------
@@ -298,3 +309,29 @@ def test_typed_question_is_answered(browser, server):
     assert any("what is the weather like" in b.text for b in bubbles(browser, "user"))
     assert any(b.text.strip() for b in bubbles(browser, "assistant"))
     assert "error" not in s["events"], s["errors"]
+
+
+@requires_browser
+def test_api_key_is_sent_as_subprotocol(browser, engine):
+    from selenium.webdriver.common.by import By
+
+    srv = web_server(engine, api_keys=("sekret-key",))
+    try:
+        browser.get(srv.http + "/")
+        browser.find_element(By.CSS_SELECTOR, "details.settings summary").click()
+        key = browser.find_element(By.ID, "key")
+        key.send_keys("wrong")
+        browser.find_element(By.ID, "connect").click()
+        deadline = time.time() + 10
+        while browser.find_element(By.ID, "state").get_attribute("data-state") != "error":
+            assert time.time() < deadline, "a wrong key did not end in the error state"
+            time.sleep(0.1)
+        assert "session.created" not in stats(browser)["events"]
+        assert browser.find_elements(By.CSS_SELECTOR, ".bubble.system"), "no note on the refused connection"
+        key.clear()
+        key.send_keys("sekret-key")
+        browser.find_element(By.ID, "connect").click()
+        wait_for(browser, lambda s: s["events"].get("session.updated"), 10, "session with the right key")
+        assert browser.find_element(By.ID, "state").text == "connected"
+    finally:
+        srv.stop()

@@ -20,7 +20,8 @@ const ui = {
 
 const app = {
   ws: null, ctx: null, mic: null, player: null, ready: false, mode: "vad",
-  pttHeld: false, pttSentMs: 0, response: null,      // {id, live}
+  pttHeld: false, pttSentMs: 0, response: null,      // {id, itemId, live}
+  muted: new Set(),                                   // answers cut off: late audio is dropped
   camera: { stream: null, timer: null, facing: "user", busy: false },
   bubbles: new Map(),                                 // item_id -> element
   closeInfo: null,
@@ -103,8 +104,7 @@ function send(type, fields = {}) {
 }
 
 function configureSession() {
-  const rate = app.ctx.sampleRate;
-  stats.inputRate = rate;
+  const rate = app.mic ? app.mic.rate : app.ctx.sampleRate;
   send("session.update", { session: { type: "realtime", audio: { input: {
     format: { type: "audio/pcm", rate },
     turn_detection: app.mode === "vad" ? { type: "server_vad" } : null,
@@ -119,13 +119,16 @@ function onEvent(e) {
       setState("connected");
       configureSession();
       break;
-    case "session.updated":
+    case "session.updated": {
+      const fmt = e.session && e.session.audio && e.session.audio.input && e.session.audio.input.format;
+      stats.inputRate = fmt ? fmt.rate : null;   // mic audio flows only at the agreed rate
       if (!app.ready) {
         app.ready = true;
         if (ui.hint) ui.hint.remove();
         startMic();
       }
       break;
+    }
     case "input_audio_buffer.speech_started":
       setListening(true);
       interrupt(false);                  // barge-in: the user talks over the answer
@@ -137,7 +140,7 @@ function onEvent(e) {
       onItemAdded(e.item);
       break;
     case "response.created":
-      app.response = { id: e.response.id, live: true };
+      app.response = { id: e.response.id, itemId: null, live: true };
       break;
     case "response.output_audio_transcript.delta":
     case "response.output_text.delta":
@@ -150,6 +153,7 @@ function onEvent(e) {
       setText(e.item_id, e.text);
       break;
     case "response.output_audio.delta":
+      if (app.muted.has(e.item_id)) break;   // sent before the server saw our cancel
       stats.scheduledMs += app.player.enqueue(e.item_id, e.delta);
       stats.audioDeltas += 1;
       setSpeaking(true);
@@ -169,6 +173,7 @@ function onEvent(e) {
 function onItemAdded(item) {
   if (!item || item.type !== "message") return;
   if (item.role === "assistant") {
+    if (app.response && !app.response.itemId) app.response.itemId = item.id;
     bubble(item.id, "assistant", "").classList.add("live");
     return;
   }
@@ -262,6 +267,7 @@ function interrupt(cancel) {
     if (send("response.cancel")) stats.cancels += 1;
     app.response.live = false;
   }
+  if (app.response && app.response.itemId) app.muted.add(app.response.itemId);
   const cut = app.player ? app.player.flush() : null;
   if (cut && cut.itemId && app.ws) {
     if (send("conversation.item.truncate", { item_id: cut.itemId, content_index: 0, audio_end_ms: cut.playedMs })) {
@@ -279,6 +285,7 @@ async function startMic() {
     await mic.start();
     ui.mic.setAttribute("aria-pressed", "true");
     ui.mic.textContent = "Mic on";
+    if (mic.rate !== stats.inputRate) configureSession();
   } catch (e) {
     app.mic = null;
     mic.stop();
@@ -297,9 +304,10 @@ function stopMic() {
 function onMicChunk(buffer) {
   if (!app.ready) return;
   if (app.mode === "ptt" && !app.pttHeld) return;
+  if (!app.mic || app.mic.rate !== stats.inputRate) return;
   if (send("input_audio_buffer.append", { audio: int16ToBase64(buffer) })) {
     stats.audioChunksSent += 1;
-    if (app.pttHeld) app.pttSentMs += (buffer.byteLength / 2) * 1000 / app.ctx.sampleRate;
+    if (app.pttHeld) app.pttSentMs += (buffer.byteLength / 2) * 1000 / app.mic.rate;
   }
 }
 

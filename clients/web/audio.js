@@ -37,7 +37,15 @@ export class Microphone {
     this.stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
-    this.source = this.ctx.createMediaStreamSource(this.stream);
+    try {
+      this.source = this.ctx.createMediaStreamSource(this.stream);
+    } catch (e) {
+      // Firefox cannot join a mic to a context at another rate: capture at the device's own
+      // rate in a context of our own (the session is told the rate, the server resamples).
+      this.ctx = new (window.AudioContext || window.webkitAudioContext)();
+      this.ownCtx = true;
+      this.source = this.ctx.createMediaStreamSource(this.stream);
+    }
     // A muted sink keeps the graph pulling samples without playing the mic back.
     this.sink = this.ctx.createGain();
     this.sink.gain.value = 0;
@@ -77,6 +85,7 @@ export class Microphone {
     if (this.node && this.node.port) this.node.port.onmessage = null;
     if (this.stream) this.stream.getTracks().forEach((t) => t.stop());
     this.stream = this.node = this.source = this.sink = null;
+    if (this.ownCtx) this.ctx.close();
   }
 }
 
