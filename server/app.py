@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_names
 from .engine_host import EngineHost
-from .input_audio import DetectorFactory, silero_detector
+from .input_audio import DetectorFactory, detector_factory_for
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError
@@ -36,9 +36,11 @@ WRITER_FLUSH_S = 2.0          # time given to send the last events before the so
 
 
 def create_app(settings: ServerSettings, host: EngineHost,
-               detector_factory: DetectorFactory = silero_detector,
+               detector_factory: Optional[DetectorFactory] = None,
                static_dir: Optional[Path] = None) -> FastAPI:
     app = FastAPI(title="omni2 realtime", docs_url=None, redoc_url=None, openapi_url=None)
+    if detector_factory is None:
+        detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases)
     metrics = Metrics()
     admission = Admission(settings.max_sessions)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics

@@ -6,11 +6,18 @@ either way: outside speech it keeps only the last `idle_audio_keep_s` (enough fo
 prefix padding the detector reaches back for); inside a turn, or without VAD, it stops at
 `max_turn_audio_s` (VAD: the turn is committed; manual: the excess is refused).
 
+The detector is either a plain `SpeechDetector` (OpenAI semantics: any speech may interrupt,
+the session decides) or a `DuplexController` (interrupt_mode command / barge_in), which also
+hears what the assistant plays (`note_output`) and reports `Interrupt`s. With a controller,
+speech that starts while the assistant is audible is *held*: no events, no turn, unless a
+barge-in interrupt promotes it to a turn; a spoken command ("stop omni") is discarded.
+
 Sample positions are absolute 16 kHz indices since the session began, so audio_start_ms /
 audio_end_ms in the API events count from the first byte the client sent.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,6 +28,7 @@ from omni2.streaming.audio import MODEL_SAMPLE_RATE, AudioFormat, Resampler, dec
 from .session_config import TurnDetection
 
 RATE = MODEL_SAMPLE_RATE
+NOTES_MAX_S = 30.0     # echo reference waiting for the next microphone packet, at most
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,15 @@ class Overflow:
     dropped_samples: int             # manual mode: audio past max_turn_audio_s was refused
 
 
-InputEvent = SpeechStarted | SpeechStopped | Overflow
+@dataclass(frozen=True)
+class Interrupted:
+    kind: str                        # "command" | "barge_in" | "model"
+    phrase: Optional[str]
+    sample: int                      # absolute index where the controller decided
+    played_ms: int                   # answer audio the client had played by then
+
+
+InputEvent = SpeechStarted | SpeechStopped | Overflow | Interrupted
 
 # (threshold, silence_ms, prefix_padding_ms) -> object with push(np.ndarray) -> [VadEvent]
 DetectorFactory = Callable[[TurnDetection], object]
@@ -51,6 +67,26 @@ def silero_detector(td: TurnDetection):
 
     return SpeechDetector(threshold=td.threshold, silence_ms=td.silence_duration_ms,
                           prefix_padding_ms=td.prefix_padding_ms)
+
+
+def duplex_detector(mode: str, phrases: tuple[str, ...] = ("stop omni",)) -> DetectorFactory:
+    """Factory of DuplexControllers ('command' or 'barge_in') with the session's VAD settings."""
+    def make(td: TurnDetection):
+        from omni2.streaming.duplex import DuplexConfig, DuplexController
+        from omni2.streaming.interrupt import CommandConfig
+
+        cfg = DuplexConfig(mode=mode, vad_threshold=td.threshold, silence_ms=td.silence_duration_ms,
+                           prefix_padding_ms=td.prefix_padding_ms, command=CommandConfig(phrases=phrases))
+        return DuplexController(cfg)
+    return make
+
+
+def detector_factory_for(interrupt_mode: str, phrases: tuple[str, ...] = ("stop omni",)) -> DetectorFactory:
+    if interrupt_mode == "vad":
+        return silero_detector
+    if interrupt_mode in ("command", "barge_in"):
+        return duplex_detector(interrupt_mode, phrases)
+    raise ValueError(f"interrupt_mode must be vad, barge_in or command, got {interrupt_mode!r}")
 
 
 class InputAudio:
@@ -71,6 +107,13 @@ class InputAudio:
         self.turn_detection = turn_detection
         self._detector = None
         self._origin = 0             # absolute index of the detector's sample 0
+        self._held = False           # speech began while the assistant was audible
+        self._discard = False        # the held speech was a command: not a turn
+        # Output audio and answer start/stop, noted on the event loop, applied to the
+        # controller in push() (its only caller thread), in order.
+        self._notes: list = []
+        self._notes_samples = 0
+        self._notes_lock = threading.Lock()
         if turn_detection is not None:
             self._detector = detector_factory(turn_detection)
 
@@ -84,11 +127,48 @@ class InputAudio:
             self.turn_detection = turn_detection
             self._detector = self._factory(turn_detection) if turn_detection else None
             self._origin = self.samples_total
-            self.in_speech = False
+            self.in_speech = self._held = self._discard = False
+            with self._notes_lock:
+                self._notes, self._notes_samples = [], 0
 
     @property
     def vad(self) -> bool:
         return self._detector is not None
+
+    @property
+    def listener(self) -> bool:
+        """The detector is a duplex controller (it decides interrupts, not the session)."""
+        return hasattr(self._detector, "feed_input")
+
+    def note_output(self, pcm_24k: np.ndarray) -> None:
+        """Assistant audio sent to the client (echo reference); any thread.
+
+        Applied at the next microphone packet; a client that sends no audio has no echo to
+        cancel, so beyond NOTES_MAX_S of waiting reference the oldest is let go.
+        """
+        if not self.listener:
+            return
+        with self._notes_lock:
+            self._notes.append(pcm_24k)
+            self._notes_samples += pcm_24k.size
+            while self._notes_samples > NOTES_MAX_S * 24000:
+                i = next(i for i, n in enumerate(self._notes) if not isinstance(n, bool))
+                self._notes_samples -= self._notes.pop(i).size
+
+    def note_speaking(self, speaking: bool) -> None:
+        """An answer started / stopped generating; any thread."""
+        if self.listener:
+            with self._notes_lock:
+                self._notes.append(bool(speaking))
+
+    def _apply_notes(self) -> None:
+        with self._notes_lock:
+            notes, self._notes, self._notes_samples = self._notes, [], 0
+        for note in notes:
+            if isinstance(note, bool):
+                self._detector.set_speaking(note)
+            else:
+                self._detector.feed_output(note)
 
     @property
     def buffered_ms(self) -> int:
@@ -114,25 +194,52 @@ class InputAudio:
             self._append(x)
             return events
         self._append(x)
-        for ev in self._detector.push(x):
+        if self.listener:
+            self._apply_notes()
+            found = self._detector.feed_input(x)
+        else:
+            found = self._detector.push(x)
+        for ev in found:
+            if hasattr(ev, "at_sample"):  # a duplex Interrupt
+                events += self._on_interrupt(ev)
+                continue
             at = self._origin + ev.sample
             if ev.kind == "speech_started" and not self.in_speech:
                 self.in_speech = True
                 self._trim_before(at)
-                events.append(SpeechStarted(at))
+                self._held = self.listener and self._detector.audible(ev.sample)
+                self._discard = False
+                if not self._held:
+                    events.append(SpeechStarted(at))
             elif ev.kind == "speech_stopped" and self.in_speech:
                 self.in_speech = False
-                events.append(SpeechStopped(at, self._take_until(at)))
+                audio = self._take_until(at)
+                if not (self._held or self._discard):
+                    events.append(SpeechStopped(at, audio))
+                self._held = self._discard = False
         if self.in_speech and self._buf_len >= self.max_samples:
             # The user has talked for max_turn_audio_s: answer what we have, listen afresh.
             end = self._buf_start + self._buf_len
-            events.append(SpeechStopped(end, self._take_until(end), forced=True))
-            self.in_speech = False
+            audio = self._take_until(end)
+            if not (self._held or self._discard):
+                events.append(SpeechStopped(end, audio, forced=True))
+            self.in_speech = self._held = self._discard = False
             self._detector = self._factory(self.turn_detection)
             self._origin = self.samples_total
         if not self.in_speech:
             self._trim_before(self._buf_start + self._buf_len - self.keep_samples)
         return events
+
+    def _on_interrupt(self, ev) -> list[InputEvent]:
+        out: list[InputEvent] = []
+        if self.in_speech and (self._held or ev.kind == "command"):
+            if ev.kind == "command":
+                self._discard = True   # "stop omni" is not a question
+            else:
+                self._held = False     # the barge-in speech becomes the next turn
+                out.append(SpeechStarted(self._buf_start))
+        out.append(Interrupted(ev.kind, ev.phrase, self._origin + ev.at_sample, ev.played_ms))
+        return out
 
     def commit(self) -> np.ndarray:
         """Manual commit: everything buffered becomes one turn; the detector starts over."""
@@ -146,6 +253,7 @@ class InputAudio:
     def clear(self) -> None:
         self._take_until(self._buf_start + self._buf_len)
         self.in_speech = False
+        self._held = self._discard = False
 
     # ---- buffer ----------------------------------------------------------------------------
     def _append(self, x: np.ndarray) -> None:

@@ -104,6 +104,8 @@ class Metrics:
         self.refused_total = Counter(p + "sessions_refused_total", "Connections refused", "reason")
         self.responses_total = Counter(p + "responses_total", "Responses finished", "status")
         self.cancels_total = Counter(p + "response_cancels_total", "Responses cancelled", "reason")
+        self.interrupts_total = Counter(p + "interrupts_total", "Duplex interrupts heard (command, "
+                                        "barge_in)", "kind")
         self.errors_total = Counter(p + "errors_total", "Error events sent to clients", "code")
         self.events_in_total = Counter(p + "client_events_total", "Client events received", "type")
         self.audio_out_seconds = Counter(p + "audio_out_seconds_total", "Seconds of speech sent")
@@ -143,7 +145,7 @@ class Metrics:
             self.absorb_engine(engine_stats)
         lines: list[str] = []
         for m in (self.ready, self.sessions_active, self.sessions_total, self.refused_total,
-                  self.responses_total, self.cancels_total, self.errors_total,
+                  self.responses_total, self.cancels_total, self.interrupts_total, self.errors_total,
                   self.events_in_total, self.audio_out_seconds, self.frames_dropped, self.ttfa,
                   self.rtf, self.step_seconds, self.free_slots, self.live_turns,
                   self.queue_depth, self.engine_cancels, self.engine_errors):

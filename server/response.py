@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -34,7 +34,9 @@ _FINAL = {
 
 class ResponseRun:
     def __init__(self, *, turn: Turn, cfg: SessionConfig, outbox: Outbox, metrics: Metrics,
-                 previous_item_id: Optional[str], started_at: float):
+                 previous_item_id: Optional[str], started_at: float,
+                 on_audio: Optional[Callable[[np.ndarray], None]] = None,
+                 on_speaking: Optional[Callable[[bool], None]] = None):
         self.id = ev.new_id("resp")
         self.item_id = ev.new_id("item")
         self.turn = turn
@@ -49,6 +51,9 @@ class ResponseRun:
         self.samples_sent = 0                 # output samples at the wire rate
         self.first_audio_at: Optional[float] = None
         self.finished = False
+        # The duplex listener hears what we play (echo reference) and when an answer runs.
+        self._on_audio = on_audio or (lambda pcm: None)
+        self._on_speaking = on_speaking or (lambda speaking: None)
         fmt = cfg.output_format
         self._rate = fmt.sample_rate
         self._sample_bytes = 2 if fmt.encoding == "pcm16" else 1
@@ -84,6 +89,7 @@ class ResponseRun:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
+        self._on_speaking(True)
         put = self.outbox.put
         await put(ev.response_created(self._response("in_progress")))
         item = self._item("in_progress", done=False)
@@ -111,6 +117,8 @@ class ResponseRun:
 
     async def _send_audio(self, pcm: np.ndarray, final: bool = False) -> None:
         x = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if x.size:
+            self._on_audio(x)
         if self._resampler is not None:
             x = self._resampler.flush() if final else self._resampler.process(x)
         if x.size == 0:
@@ -134,6 +142,7 @@ class ResponseRun:
 
     async def close(self, done: Optional[TurnDone], error: Optional[str] = None) -> str:
         """Send the closing events; returns the response status."""
+        self._on_speaking(False)
         if self.audio_out and self._resampler is not None and self.cancel_reason is None:
             await self._send_audio(np.zeros(0, np.float32), final=True)
         if self.cancel_reason is not None:

@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
     parser.add_argument("--max-steps", type=int, default=None,
                         help=f"decode steps per answer at most (default {d.max_steps})")
+    parser.add_argument("--interrupt", choices=("vad", "barge_in", "command"), default=None,
+                        dest="interrupt_mode",
+                        help="what stops an answer: any speech (vad, default), echo-cancelled "
+                             "barge-in, or only the spoken command (command)")
+    parser.add_argument("--command-phrase", action="append", default=None, dest="command_phrases",
+                        help='command that stops an answer in --interrupt command (default "stop omni")')
     parser.add_argument("--no-warmup", action="store_const", const=False, default=None, dest="warmup",
                         help="skip the warm-up turn before reporting ready")
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
@@ -42,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "max_sessions", "idle_timeout_s", "max_steps",
-              "warmup", "log_level")
+              "warmup", "log_level", "interrupt_mode")
     overrides = {f: getattr(args, f, None) for f in fields}
-    for name in ("api_keys", "allowed_origins"):
+    for name in ("api_keys", "allowed_origins", "command_phrases"):
         value = getattr(args, name, None)
         overrides[name] = tuple(value) if value else None
     return settings_from_env(**overrides)
@@ -113,6 +119,14 @@ def main(args: argparse.Namespace) -> int:
     except VadModelError as exc:
         print(f"omni2 serve: {exc}", file=sys.stderr)
         return 2
+    if settings.interrupt_mode == "command":
+        try:  # load the command recognizer once, now, so no session pays for it
+            from omni2.streaming.interrupt import RecognizerUnavailable, shared_recognizer
+
+            shared_recognizer()
+        except RecognizerUnavailable as exc:
+            print(f"omni2 serve: --interrupt command: {exc}", file=sys.stderr)
+            return 2
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass

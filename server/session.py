@@ -21,7 +21,8 @@ from omni2.streaming.messages import SamplingParams, TurnRequest
 
 from . import events as ev
 from . import protocol as p
-from .input_audio import RATE, DetectorFactory, InputAudio, Overflow, SpeechStarted, SpeechStopped
+from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechStarted,
+                          SpeechStopped)
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .response import ResponseRun
@@ -175,10 +176,21 @@ class RealtimeSession:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None
         for h in happened:
-            if isinstance(h, SpeechStarted):
+            if isinstance(h, Interrupted):
+                # Duplex listener: a spoken command or a barge-in over the answer.
+                td = self.cfg.turn_detection
+                self.metrics.interrupts_total.inc(label=h.kind)
+                if self.run is not None and not self.run.finished and (td is None or td.interrupt_response):
+                    log.info("session %s: %s interrupt (%s) after %d ms played", self.id, h.kind,
+                             h.phrase or "-", h.played_ms)
+                    await self.run.cancel("turn_detected")
+            elif isinstance(h, SpeechStarted):
                 self._speech_item = ev.new_id("item")
                 td = self.cfg.turn_detection
-                if self.run is not None and not self.run.finished and td and td.interrupt_response:
+                # Plain VAD: any speech interrupts (OpenAI interrupt_response); a duplex
+                # listener decides that itself and reports Interrupted.
+                live = self.run is not None and not self.run.finished
+                if live and td and td.interrupt_response and not self.input.listener:
                     await self.run.cancel("turn_detected")
                 await self.outbox.put(ev.speech_started(h.sample * 1000 // RATE, self._speech_item))
             elif isinstance(h, SpeechStopped):
@@ -337,7 +349,8 @@ class RealtimeSession:
             import dataclasses
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
-                          previous_item_id=self._last_item, started_at=started_at)
+                          previous_item_id=self._last_item, started_at=started_at,
+                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking)
         self.run = run
         self._remember(run.item_id, ItemRecord("assistant", run))
         try:

@@ -55,6 +55,11 @@ class ServerSettings:
     # --- response defaults ----------------------------------------------------------------
     max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)
     voice: str = "default"              # Mini-Omni2 has one voice; any name is echoed
+    # Who may stop an answer: "vad" (any speech, OpenAI server_vad semantics), "barge_in"
+    # (duplex listener: echo-cancelled speech of barge_in length), "command" (duplex
+    # listener: only a spoken command phrase; other talk over the answer is ignored).
+    interrupt_mode: str = "vad"
+    command_phrases: tuple[str, ...] = ("stop omni",)
     vad_threshold: float = 0.5
     vad_silence_ms: int = 500
     vad_prefix_padding_ms: int = 300
@@ -80,6 +85,8 @@ class ServerSettings:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hard_message_bytes < self.max_message_bytes:
             problems.append("hard_message_bytes must be >= max_message_bytes")
+        if self.interrupt_mode not in ("vad", "barge_in", "command"):
+            problems.append(f"interrupt_mode must be vad, barge_in or command, got {self.interrupt_mode!r}")
         if not 0.0 < self.vad_threshold < 1.0:
             problems.append(f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
         if not 0 < self.port < 65536:

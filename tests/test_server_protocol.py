@@ -270,3 +270,76 @@ def test_settings_env_and_validation():
     with pytest.raises(SettingsError, match="max_sessions"):
         ServerSettings(max_sessions=0)
     assert "k1" not in json.dumps(s.public())
+
+
+class ScriptedListener(ScriptedDetector):
+    """A duplex controller stand-in: scripted VAD events and interrupts, an audible flag."""
+
+    def __init__(self, script, audible_from=0, audible_to=0):
+        from omni2.streaming.duplex import Interrupt
+        from omni2.streaming.vad import VadEvent
+
+        self.script = [Interrupt(k, "stop omni" if k == "command" else None, 0.9, s, "", 120)
+                       if k in ("command", "barge_in") else VadEvent(k, s) for k, s in script]
+        self.seen = 0
+        self.audible_span = (audible_from, audible_to)
+        self.notes = []
+
+    def feed_input(self, x):
+        return self.push(x)
+
+    def audible(self, at=None):
+        return self.audible_span[0] <= at < self.audible_span[1]
+
+    def set_speaking(self, speaking):
+        self.notes.append(speaking)
+
+    def feed_output(self, pcm):
+        self.notes.append(pcm.size)
+
+    def push(self, x):
+        self.seen += x.size
+        due = [e for e in self.script if getattr(e, "sample", getattr(e, "at_sample", 0)) <= self.seen]
+        self.script = [e for e in self.script if e not in due]
+        return due
+
+
+def listen(script, audible=(0, 0), seconds=3.0):
+    from omni2.server.input_audio import Interrupted
+
+    ctl = ScriptedListener(script, *audible)
+    audio = InputAudio(AudioFormat("pcm16", 16000), TurnDetection(), max_turn_s=10, idle_keep_s=1.0,
+                       detector_factory=lambda td: ctl)
+    assert audio.listener
+    audio.note_speaking(True)
+    audio.note_output(np.zeros(2400, np.float32))
+    events = []
+    for _ in range(int(seconds * 10)):
+        events += audio.push(pcm16k_bytes(0.1))
+    kinds = [type(e).__name__ if not isinstance(e, Interrupted) else f"Interrupted:{e.kind}" for e in events]
+    return kinds, events, ctl
+
+
+def test_listener_ignores_talk_over_the_answer_without_an_interrupt():
+    kinds, _, ctl = listen([("speech_started", 8000), ("speech_stopped", 30000)], audible=(0, 48000))
+    assert kinds == []
+    assert ctl.notes == [True, 2400]  # answer start and echo reference reached the controller
+
+
+def test_listener_barge_in_turns_the_held_speech_into_a_turn():
+    kinds, events, _ = listen([("speech_started", 8000), ("barge_in", 12800), ("speech_stopped", 30000)],
+                              audible=(0, 48000))
+    assert kinds == ["SpeechStarted", "Interrupted:barge_in", "SpeechStopped"]
+    assert events[0].sample == 8000 and events[2].audio.size == 22000
+
+
+def test_listener_command_stops_without_a_turn():
+    kinds, events, _ = listen([("speech_started", 8000), ("command", 20000), ("speech_stopped", 30000)],
+                              audible=(0, 48000))
+    assert kinds == ["Interrupted:command"]
+    assert (events[0].phrase, events[0].played_ms) == ("stop omni", 120)
+
+
+def test_listener_speech_after_the_answer_is_a_normal_turn():
+    kinds, _, _ = listen([("speech_started", 8000), ("speech_stopped", 30000)], audible=(0, 4000))
+    assert kinds == ["SpeechStarted", "SpeechStopped"]

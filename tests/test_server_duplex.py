@@ -1,0 +1,107 @@
+"""Duplex listening in the server: a spoken command or a barge-in stops the answer.
+
+Real DuplexController (silero VAD, echo canceller, whisper tiny.en command detector) behind
+the socket; the fake engine speaks a long answer in real time while the client's microphone
+streams at real time too, with espeak-ng speech dropped in.
+"""
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
+
+from fake_engine import FakeEngine  # noqa: E402
+from server_harness import Client, pcm16_b64, running_server, types  # noqa: E402
+from speech import requires_speech, resample, silence, speak  # noqa: E402
+
+CHUNK_S = 0.04
+
+
+def recognizer_or_skip():
+    from omni2.streaming.interrupt import RecognizerUnavailable, shared_recognizer
+
+    try:
+        shared_recognizer()
+    except RecognizerUnavailable as exc:
+        pytest.skip(f"command recognizer unavailable: {exc}")
+
+
+async def talk_over_the_answer(url: str, words: str, after_s: float = 0.6, tail_s: float = 2.0) -> list[dict]:
+    """Ask for a long answer, then let the microphone carry `words` while it plays."""
+    c = await Client.connect(url)
+    assert (await c.recv())["type"] == "session.created"
+    await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": "a long story"}]})
+    await c.send("response.create")
+    mic = np.concatenate([silence(after_s), speak(words), silence(tail_s)])
+    mic24 = resample(mic, 16000, 24000)
+    n = int(24000 * CHUNK_S)
+    events: list[dict] = []
+    reader = asyncio.create_task(_collect(c, events))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for k, i in enumerate(range(0, mic24.size, n)):
+        await asyncio.sleep(max(0.0, start + k * CHUNK_S - loop.time()))
+        await c.send("input_audio_buffer.append", audio=pcm16_b64(mic24[i:i + n]))
+    await asyncio.sleep(0.5)
+    reader.cancel()
+    await c.close()
+    return events
+
+
+async def _collect(c: Client, events: list[dict]) -> None:
+    while True:
+        events.append(await c.recv(60))
+
+
+@pytest.fixture
+def engine():
+    eng = FakeEngine(slots=2, answer_words=300).start()  # a 30 s answer, spoken in real time
+    yield eng
+    eng.stop()
+
+
+@requires_speech
+def test_command_mode_stop_omni_stops_the_answer_and_is_not_a_question(engine):
+    recognizer_or_skip()
+    with running_server(engine, interrupt_mode="command") as srv:
+        events = asyncio.run(asyncio.wait_for(talk_over_the_answer(srv.ws, "stop omni"), 60))
+        with urllib.request.urlopen(srv.http + "/metrics") as r:
+            metrics = r.read().decode()
+    t = types(events)
+    assert t.count("response.done") == 1, t
+    done = events[t.index("response.done")]["response"]
+    assert done["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    assert "input_audio_buffer.speech_started" not in t and t.count("response.created") == 1, t
+    assert 'omni2_interrupts_total{kind="command"} 1' in metrics
+
+
+@requires_speech
+def test_command_mode_ignores_other_talk_over_the_answer(engine):
+    recognizer_or_skip()
+    with running_server(engine, interrupt_mode="command") as srv:
+        events = asyncio.run(asyncio.wait_for(
+            talk_over_the_answer(srv.ws, "what is the weather like tomorrow"), 60))
+    t = types(events)
+    assert "response.done" not in t and "input_audio_buffer.speech_started" not in t, t
+    assert t.count("response.output_audio.delta") > 20  # the answer kept playing
+
+
+@requires_speech
+def test_barge_in_mode_cancels_and_answers_the_new_question(engine):
+    with running_server(engine, interrupt_mode="barge_in") as srv:
+        async def main():
+            events = await talk_over_the_answer(srv.ws, "what is the weather like tomorrow", tail_s=3.5)
+            return events
+
+        events = asyncio.run(asyncio.wait_for(main(), 60))
+    t = types(events)
+    first_done = t.index("response.done")
+    assert events[first_done]["response"]["status_details"]["reason"] == "turn_detected"
+    started = t.index("input_audio_buffer.speech_started")
+    assert started < t.index("input_audio_buffer.speech_stopped") < t.index("response.created", started)
+    assert t.count("response.created") == 2, t
