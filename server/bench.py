@@ -30,8 +30,9 @@ def _percentile(xs: list[float], q: float) -> Optional[float]:
     return float(np.percentile(xs, q)) if xs else None
 
 
-def _questions(n: int, tail_s: float):
-    """(audio_16k, audio_24k, voiced_end_s) per session; espeak-ng speech with silence after."""
+def _questions(n: int, tail_s: float, silence_ms: int):
+    """Per session: (the turn the server VAD would cut, at 16 kHz; the whole stream at
+    24 kHz; end of the voiced part in s). espeak-ng speech, 0.3 s lead, tail_s silence after."""
     from omni2.streaming.audio import resample
     from omni2.streaming.espeak import silence, speak
 
@@ -39,7 +40,10 @@ def _questions(n: int, tail_s: float):
     for i in range(n):
         voiced = speak(QUESTIONS[i % len(QUESTIONS)], speed=150 + 10 * (i % 4))
         audio = np.concatenate([silence(0.3), voiced, silence(tail_s)])
-        out.append((audio, resample(audio, 16000, 24000), 0.3 + voiced.size / 16000))
+        end_s = 0.3 + voiced.size / 16000
+        # The VAD turn: prefix padding (300 ms = the lead) through the silence window.
+        turn = audio[: int((end_s + silence_ms / 1000) * 16000)]
+        out.append((turn, resample(audio, 16000, 24000), end_s))
     return out
 
 
@@ -179,10 +183,14 @@ def _serve_in_thread(app, settings):
     return server, thread, sock.getsockname()[1]
 
 
-def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int = 2,
+def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int = 3,
                      max_steps: int = 256, device: str = "auto", tail_s: float = 1.0,
-                     vad: bool = True, verbose: bool = True) -> dict:
-    """Raw engine vs WebSocket frames/s and first-audio latency, one engine, one run."""
+                     vad: bool = True, verbose: bool = True, turns: Optional[int] = None) -> dict:
+    """Raw engine vs WebSocket frames/s and first-audio latency, one engine, one run.
+
+    rounds (alias turns): how many times every session asks its question, both ways.
+    """
+    rounds = turns if turns is not None else rounds
     from omni2.streaming.engine import Engine, EngineConfig
     from omni2.streaming.runtime import load_runtime
 
@@ -196,18 +204,20 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
     server = thread = None
     try:
         engine.warmup()
-        questions = _questions(sessions, tail_s)
-        raw = [_raw_round(engine, questions, max_steps) for _ in range(rounds)]
         settings = ServerSettings(max_sessions=sessions, max_steps=max_steps, log_level="warning")
+        questions = _questions(sessions, tail_s, settings.vad_silence_ms)
         info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype)}
         app = create_app(settings, EngineHost.ready_with(engine, info))
         server, thread, port = _serve_in_thread(app, settings)
         url = f"ws://127.0.0.1:{port}/v1/realtime"
-        ws_rounds = []
+        raw, ws_rounds = [], []
         import multiprocessing
 
+        # Raw and WebSocket rounds alternate, so drift in machine load hits both alike.
         with multiprocessing.get_context("spawn").Pool(1) as clients:
             for _ in range(rounds):
+                _wait_idle(engine)
+                raw.append(_raw_round(engine, questions, max_steps))
                 _wait_idle(engine)
                 ws_rounds.append(clients.apply(_client_round, (url, [(a24, end) for _, a24, end in questions], vad)))
     finally:
@@ -216,10 +226,11 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
             thread.join(10)
         engine.stop()
 
-    raw_fps = sum(r["frames"] for r in raw) / sum(r["wall"] for r in raw)
-    ws_frames = sum(s["samples"] for rnd in ws_rounds for s in rnd) / FRAME_SAMPLES
-    ws_wall = sum(max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd) for rnd in ws_rounds)
-    ws_fps = ws_frames / ws_wall
+    # Per-round rates, then the median: one noisy round does not decide the figure.
+    raw_fps = float(np.median([r["frames"] / r["wall"] for r in raw]))
+    ws_fps = float(np.median([
+        sum(s["samples"] for s in rnd) / FRAME_SAMPLES / (max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd))
+        for rnd in ws_rounds]))
     after_speech = [s["first"] - s["voiced_end"] for rnd in ws_rounds for s in rnd if "first" in s]
     after_stop = [s["first"] - s["stopped"] for rnd in ws_rounds for s in rnd if "first" in s]
     raw_ttfa = [t for r in raw for t in r["ttfa"]]

@@ -90,3 +90,16 @@ def test_omni2_serve_rejects_bad_settings():
     out = subprocess.run([sys.executable, "-m", "omni2.clients.cli", "serve", "--max-sessions", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "max_sessions must be >= 1" in out.stderr
+
+
+@pytest.mark.slow
+def test_server_bench_smoke():
+    from omni2.streaming.espeak import missing_tools
+
+    if missing_tools():
+        pytest.skip("the server bench speaks its questions with espeak-ng + sox")
+    from omni2.server.bench import run_server_bench
+
+    r = run_server_bench(sessions=2, rounds=1, max_steps=16, device="cpu", verbose=False)
+    assert r["raw_frames_per_s"] > 0 and r["ws_frames_per_s"] > 0
+    assert r["first_audio_after_speech_stopped_s"]["p50"] is not None
