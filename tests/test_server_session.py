@@ -351,3 +351,31 @@ def test_engine_full_is_an_error_not_a_crash():
             run(main())
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("fmt,encode,rate", [
+    ({"type": "audio/pcmu"}, "mulaw_encode", 8000),
+    ({"type": "audio/pcma"}, "alaw_encode", 8000),
+    ({"type": "audio/pcm", "rate": 16000}, "float_to_pcm16", 16000),
+])
+def test_input_formats_reach_the_engine_as_16k(server, engine, fmt, encode, rate):
+    import omni2.streaming.audio as A
+
+    async def main():
+        c = await connect(server)
+        await update(c, {"type": "realtime", "audio": {"input": {"format": fmt, "turn_detection": None}}})
+        tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(1.5 * rate)) / rate)).astype(np.float32)
+        data = getattr(A, encode)(tone)
+        step = rate // 10 * (1 if "law" in encode else 2)
+        for i in range(0, len(data), step):
+            await c.send("input_audio_buffer.append", audio=base64.b64encode(data[i:i + step]).decode())
+        await c.send("input_audio_buffer.commit")
+        await c.send("response.create", response={"max_output_tokens": 6})
+        r = check_response(await c.until("response.done"), status="incomplete")
+        await c.close()
+        return r
+
+    r = run(main())
+    assert "1.5s-audio" in r["transcript"], r["transcript"]
+    heard = engine.submitted[-1].audio_16k
+    assert abs(dominant_hz(heard[1600:], 16000) - 300) < 5 and abs(heard.size - 24000) < 200
