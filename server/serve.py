@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="auto (real checkpoint, else tiny with a warning) | tiny | checkpoint DIR")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default=None, help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16")
+    parser.add_argument("--snac", default=None, help="SNAC codec: hub repo id or local dir")
+    parser.add_argument("--compile", default=None, choices=["", "default", "reduce-overhead"],
+                        help="torch.compile the decode step (reduce-overhead = CUDA graphs)")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help=f"concurrent sessions admitted (default {d.max_sessions})")
     parser.add_argument("--api-key", action="append", default=None, dest="api_keys",
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    fields = ("host", "port", "model", "device", "max_sessions", "idle_timeout_s", "max_steps",
+    fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
               "warmup", "log_level", "interrupt_mode")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases"):
@@ -61,13 +65,15 @@ def load_engine(settings: ServerSettings):
     from omni2.streaming.engine import Engine, EngineConfig
     from omni2.streaming.runtime import load_runtime
 
-    runtime = load_runtime(model=settings.model, device=settings.device)
+    runtime = load_runtime(model=settings.model, device=settings.device, dtype=settings.dtype,
+                           snac=settings.snac or None)
     if getattr(runtime, "is_fallback", False):
         log.warning("=" * 72)
         log.warning("NO Mini-Omni2 CHECKPOINT FOUND: serving the built-in TINY model.")
         log.warning("Its answers are noise. Pass --model DIR or make the checkpoint available.")
         log.warning("=" * 72)
-    engine = Engine(runtime, EngineConfig(max_sessions=settings.max_sessions))
+    engine = Engine(runtime, EngineConfig(max_sessions=settings.max_sessions, max_steps=settings.max_steps,
+                                          compile=settings.compile))
     engine.start()
     if settings.warmup:
         engine.warmup()

@@ -293,8 +293,13 @@ class RealtimeSession:
         if not (self._audio or self._texts or self._image or self._frame):
             raise p.ProtocolError("no_input", "Nothing to answer: commit audio or create a user "
                                   "item first.")
-        if self._image is None and self._frame is not None:
+        if self._image is None and self._frame is not None and self._audio:
+            # the camera frame goes with a spoken question only: Mini-Omni2 has no layout for
+            # an image with a typed question, so a text turn leaves the frame for the next one
             self._image, self._frame = self._frame, None
+        if self._image is not None and not self._audio:
+            raise p.ProtocolError("invalid_input", "Mini-Omni2 takes an image only together with a "
+                                  "spoken question: add input_audio to the turn.")
         await self._start_response(time.perf_counter(), e.max_output_tokens, e.output_modalities)
 
     async def _response_cancel(self, e: p.ResponseCancel) -> None:

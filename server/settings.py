@@ -25,6 +25,9 @@ class ServerSettings:
     port: int = 8000
     model: str = "auto"                 # "auto" | "tiny" | checkpoint directory
     device: str = "auto"
+    dtype: str = "auto"                 # auto: fp32 on CPU (reference-exact), bf16 on CUDA
+    snac: str = ""                      # SNAC codec: hub id or dir ("" = checkpoint's snac/ or the hub)
+    compile: str = ""                   # torch.compile the decode step: "", default, reduce-overhead
     log_level: str = "info"
 
     # --- admission and access ------------------------------------------------------------

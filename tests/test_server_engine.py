@@ -185,3 +185,28 @@ def test_cancel_and_disconnect_free_the_slot(engine, spoken):
         s = engine.stats()
         assert (s["live_turns"], s["sessions"], s["free_slots"]) == (0, 0, 8), s
         assert s["cancels_total"] >= before + 2
+
+
+def test_typed_question_with_camera_on_is_answered_and_keeps_the_frame(server):
+    """Mini-Omni2 pairs images with speech only: a typed turn while the camera streams is
+    answered from the text, and an explicit image with only text is a clear error."""
+    async def main():
+        c = await Client.connect(server.ws)
+        assert (await c.recv())["type"] == "session.created"
+        await c.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        await c.until("session.updated")
+        await c.send("input_image_buffer.append", image=jpeg_data_url())
+        await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                       "content": [{"type": "input_text", "text": "hello"}]})
+        await c.send("response.create")
+        typed = await c.until("response.done", timeout=90)
+        await c.send("conversation.item.create", item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "what is this"}, {"type": "input_image", "image_url": jpeg_data_url()}]})
+        await c.send("response.create", event_id="evt_img")
+        err = await c.until("error", timeout=30)
+        await c.close()
+        return typed, err
+
+    typed, err = run(main())
+    assert typed[-1]["response"]["status"] in ("completed", "incomplete"), typed[-1]
+    assert err[-1]["error"]["code"] == "invalid_input" and err[-1]["error"]["event_id"] == "evt_img"
