@@ -17,6 +17,7 @@ never used for tuning; `split="tune"` the ones the thresholds were chosen on.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -90,6 +91,7 @@ class ClipResult:
     interrupt: Interrupt | None
     decided_s: float | None     # simulated time of the decision
     latency_ms: float | None
+    decode_seconds: list = field(default_factory=list)
 
 
 def _rir(rng: random.Random, ms: int = 48) -> np.ndarray:
@@ -212,8 +214,8 @@ def run_clip(controller: DuplexController, clip: Clip) -> ClipResult:
                 latency = None
                 if clip.cmd_end is not None:
                     latency = (busy_until - clip.cmd_end / SR) * 1000.0
-                return ClipResult(clip, ev, busy_until, latency)
-    return ClipResult(clip, None, None, None)
+                return ClipResult(clip, ev, busy_until, latency, list(controller.decode_seconds))
+    return ClipResult(clip, None, None, None, list(controller.decode_seconds))
 
 
 def summarize(results: list[ClipResult]) -> dict:
@@ -235,6 +237,10 @@ def summarize(results: list[ClipResult]) -> dict:
             false_stops += r.interrupt is not None
     fp = false_stops + fp_cmd
     lat = np.array(latencies, dtype=np.float64)
+    # The same decisions with zero compute time: where in the audio the decision fell.
+    audio_lat = np.array([(r.interrupt.at_sample - r.clip.cmd_end) * 1000.0 / SR for r in results
+                          if r.clip.label and r.interrupt is not None and r.interrupt.at_sample >= r.clip.cmd_start])
+    decode_ms = np.array([d * 1000.0 for r in results for d in r.decode_seconds])
     by_condition = {}
     for cond in sorted({r.clip.condition for r in results}):
         rs = [r for r in results if r.clip.condition == cond]
@@ -257,6 +263,11 @@ def summarize(results: list[ClipResult]) -> dict:
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
         "latency_max_ms": float(lat.max()) if lat.size else None,
+        "audio_latency_p50_ms": float(np.percentile(audio_lat, 50)) if audio_lat.size else None,
+        "audio_latency_p90_ms": float(np.percentile(audio_lat, 90)) if audio_lat.size else None,
+        "decode_ms_p50": float(np.percentile(decode_ms, 50)) if decode_ms.size else None,
+        "decode_ms_p90": float(np.percentile(decode_ms, 90)) if decode_ms.size else None,
+        "decodes": int(decode_ms.size),
         "by_condition": by_condition,
     }
 
@@ -274,6 +285,7 @@ def run_interrupt_bench(
     config = config or DuplexConfig()
     if mode != config.mode:
         config = replace(config, mode=mode)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     clips = build_set(split, seed, n_commands)
     t_build = time.perf_counter() - t0
@@ -299,7 +311,8 @@ def run_interrupt_bench(
     summary = summarize(results)
     summary.update(split=split, mode=mode, seed=seed, audio_seconds=round(audio_s, 1),
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
-                   build_seconds=round(t_build, 1))
+                   build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
+                   load_average=(load_before, os.getloadavg()[0] if load_before is not None else None))
     _print_table(summary, printer)
     return summary
 
@@ -316,6 +329,10 @@ def _print_table(s: dict, printer) -> None:
     printer(f"  false-stop rate  {s['false_stop_rate']:.3f}   ({s['false_stops']} false stops)")
     printer(f"  latency p50      {fmt(s['latency_p50_ms'])}")
     printer(f"  latency p90      {fmt(s['latency_p90_ms'])}   (target <= 300 ms; end of command -> decision)")
+    printer(f"  same, 0 compute  p50 {fmt(s['audio_latency_p50_ms'])}  p90 {fmt(s['audio_latency_p90_ms'])}"
+            f"   (where in the audio the decision fell)")
+    printer(f"  decode time      p50 {fmt(s['decode_ms_p50'])}  p90 {fmt(s['decode_ms_p90'])}  "
+            f"({s['decodes']} decodes; {s['cpu_count']} CPUs, load average {s['load_average'][0]} -> {s['load_average'][1]})")
     printer("  condition      commands detected  non-commands false-stops")
     for cond, c in s["by_condition"].items():
         printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}  {c['non_commands']:12d} {c['false_stops']:11d}")

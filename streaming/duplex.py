@@ -18,6 +18,7 @@ starts (the usual end of a command). In barge-in mode any speech of `barge_in_ms
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Union
 
@@ -52,7 +53,11 @@ class DuplexConfig:
     pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
     pause_hop_ms: int = 96       # decode period in the first moments of a pause
     pause_follow_ms: int = 300   # how long into a pause decoding continues
-    confirm_pause_ms: int = 96       # a matched command fires once the user pauses this long
+    max_decode_share: float = 0.5    # decoding may take this share of real time on average
+    decode_bank_ms: int = 400        # ... with bursts up to this much compute
+    hop_reserve_ms: int = 150        # compute kept for pause decodes when hops would eat it
+    confirm_pause_ms: int = 64       # a matched command fires once the user pauses this long
+    confirm_decode_ms: int = 160     # ... or when a window this much later still ends with it
     threshold_speaking: float = 1.01  # confidence that fires without waiting (>1: never)
     foreground_min_ms: int = 1500    # segments longer than this get a foreground window
     foreground_db: float = 8.0       # "louder than the segment's typical chunk" margin
@@ -166,9 +171,14 @@ class DuplexController:
         self._last_decode = -(1 << 30)
         self._levels: list[float] = []   # dB of the last few chunks
         self._pause_len = 0              # samples since the current pause began (0: talking)
-        self._pending: tuple | None = None  # (phrase, confidence, transcript) awaiting a pause
+        # A matched command waiting for confirmation by a pause or a later window:
+        # (phrase, confidence, transcript, sample of the first match, confirmed).
+        self._pending: tuple | None = None
+        self._promising = False          # the last decode ended with (part of) a phrase
+        self._credit = self.config.decode_bank_ms / 1000  # seconds of decoding allowed now
         self._interrupted = False
         self.decodes = 0
+        self.decode_seconds: list[float] = []  # recent decode compute times (metrics)
         # Set to a list to record every decode as (end sample, transcript, confidence).
         self.trace: list | None = [] if self._tracing else None
 
@@ -246,16 +256,17 @@ class DuplexController:
             self._segment_start = max(0, start - cfg.window_lead_ms * self._ms)
         if voiced:
             self._speech_run += CHUNK
-        # A pause: the VAD lets go, or (under another talker, where the VAD never lets go)
-        # the level falls well under the last few chunks' peak.
+        # A pause: the VAD lets go, or, in a long segment (another talker or echo residue
+        # holding the VAD up), the level falls well under the last few chunks' peak.
         recent = max(self._levels[-5:], default=level)
         self._levels = self._levels[-5:] + [level]
-        paused = prob < cfg.pause_prob or level < recent - cfg.pause_drop_db
+        held = self._segment_start is not None and end - self._segment_start >= cfg.foreground_min_ms * self._ms
+        paused = prob < cfg.pause_prob or (held and level < recent - cfg.pause_drop_db)
+        # Decoding may use up to max_decode_share of real time, banked up to decode_bank_ms.
+        self._credit = min(self._credit + cfg.max_decode_share * CHUNK / SAMPLE_RATE, cfg.decode_bank_ms / 1000)
         self._pause_len = self._pause_len + CHUNK if paused else 0
         if cfg.mode == "barge_in" and self._pause_len >= cfg.barge_in_gap_ms * self._ms:
             self._speech_run = 0  # barge-in wants one stretch of speech, not scattered blips
-        if not paused and self._pending is not None:
-            self._pending = None  # the user went on talking: "stop on my | way"
         quiet = not (voiced or self.vad.in_speech or self.vad.onset_pending)
         if quiet and self._pending is None:
             self._segment_start = None  # blip over or speech_stopped: next speech is new
@@ -273,19 +284,34 @@ class DuplexController:
             return events
         since = end - self._last_decode
         ms = self._ms
-        if self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms:
+        if self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms:
+            trigger = "check"        # did the user go on talking after the phrase?
+        elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms:
             trigger = "pause"        # a pause just began: the usual end of a command
-        elif 0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms:
-            trigger = "pause"        # the last word may only now be complete
+        elif (0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
+              and self._promising):
+            trigger = "pause"        # the phrase was under way: its last word may now be done
         elif not paused and since >= cfg.hop_ms * ms and self._pending is None:
             trigger = "hop"
         else:
             trigger = None
-        if trigger is not None:
+        # Under load, pauses (where commands end) keep a reserve that hops may not spend.
+        reserve = cfg.hop_reserve_ms / 1000 if trigger == "hop" else 0.0
+        if trigger == "check":
+            reserve = -1.0  # a pending stop is always checked, even when over budget
+        if trigger is not None and self._credit > reserve:
+            t0 = time.perf_counter()
             self._decode(end, trigger)
+            spent = time.perf_counter() - t0
+            self._credit -= spent
+            self.decode_seconds.append(spent)
+            del self.decode_seconds[:-256]
         if self._pending is not None:
-            phrase, confidence, text = self._pending
-            if self._pause_len >= cfg.confirm_pause_ms * ms or confidence >= cfg.threshold_speaking:
+            phrase, confidence, text, _, confirmed = self._pending
+            # A later window's confirmation counts unless the VAD clearly hears the user
+            # still talking (whisper may not have caught the next word yet).
+            if ((confirmed and (not voiced or held)) or self._pause_len >= cfg.confirm_pause_ms * ms
+                    or confidence >= cfg.threshold_speaking):
                 self._pending = None
                 events.append(self._interrupt("command", phrase, confidence, end, text))
         return events
@@ -324,9 +350,20 @@ class DuplexController:
         transcript, found, confidence = max(scored, key=lambda r: r[2])
         if self.trace is not None:
             self.trace.append((end, " | ".join(t.text for t, _, _ in scored), round(confidence, 3), trigger))
-        if found is not None and confidence >= cfg.command.threshold:
-            if self._pending is None or confidence > self._pending[1]:
-                self._pending = (found.phrase, confidence, transcript.text)
+        self._promising = found is not None or any(self.detector.matcher.partial([w.text for w in t.words])
+                                                  for t, _, _ in scored)
+        hit = found is not None and confidence >= cfg.command.threshold
+        if self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * self._ms:
+            # A later window (with new audio after the phrase) decides: still ending with the
+            # phrase confirms it, anything else means the user said more ("stop on my way").
+            if hit:
+                best = max(confidence, self._pending[1])
+                self._pending = (found.phrase, best, transcript.text, self._pending[3], True)
+            else:
+                self._pending = None
+        elif hit and (self._pending is None or confidence > self._pending[1]):
+            at = end if self._pending is None else self._pending[3]
+            self._pending = (found.phrase, confidence, transcript.text, at, False)
 
     def _interrupt(self, kind, phrase, confidence, at, text) -> Interrupt:
         self._interrupted = True

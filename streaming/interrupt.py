@@ -45,7 +45,7 @@ class RecognizerConfig:
     compute_type: str = "int8"
     threads: int = 0          # 0: CTranslate2's default (all cores)
     workers: int = 1          # parallel decodes (sessions) the model serves at once
-    context_s: float = 10.0   # mel input length; audio sits at its start, zeros after
+    context_s: float = 8.0    # mel input length; audio sits at its start, zeros after
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,15 @@ class PhraseMatcher:
                 if sim >= self.min_similarity and (best is None or sim > best.similarity):
                     best = PhraseMatch(phrase, sim, len(words) - k, span)
         return best
+
+    def partial(self, words: list[str]) -> bool:
+        """Whether the transcript ends with the first word(s) of a phrase ("... stop")."""
+        for phrase in self.phrases:
+            head = phrase.split()
+            for k in range(1, len(head)):
+                if k <= len(words) and similarity(" ".join(head[:k]), " ".join(words[-k:])) >= self.min_similarity:
+                    return True
+        return False
 
 
 # -------------------------------------------------------------------------- recognizer
@@ -354,7 +363,10 @@ class CommandDetector:
     def score_windows(self, windows: list[np.ndarray]) -> list[tuple[Transcript, PhraseMatch | None, float]]:
         """`score` for several windows (e.g. different start points) in one model call."""
         out = []
-        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, self.config.max_tokens):
+        # ~3 tokens per second of speech: a tight cap stops repetition loops early.
+        seconds = max(w.size for w in windows) / SAMPLE_RATE
+        cap = min(self.config.max_tokens, 6 + int(4 * seconds))
+        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap):
             words = [w.text for w in transcript.words]
             found = self.matcher.match(words)
             if found is None or words[-1].endswith("-"):
