@@ -49,7 +49,7 @@ class DuplexConfig:
     # Command mode: decoding schedule and window.
     command: CommandConfig = field(default_factory=CommandConfig)
     hop_ms: int = 200            # decode period while the user is speaking
-    pause_prob: float = 0.3      # a chunk under this speech probability starts a pause
+    pause_prob: float = 0.5      # a chunk under this speech probability starts a pause
     pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
     pause_hop_ms: int = 96       # decode period in the first moments of a pause
     pause_follow_ms: int = 300   # how long into a pause decoding continues

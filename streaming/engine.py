@@ -152,7 +152,6 @@ class Engine:
         if slot.turn is not None:
             slot.turn.cancel()
         turn = Turn(request)
-        turn.submitted_at = time.perf_counter()
         self._prep.put(turn)
         return turn
 
@@ -187,8 +186,7 @@ class Engine:
                 continue
             req = turn.request
             try:
-                image = req.image
-                _, embeds = self.model.encode_question(req.audio_16k, image=image, text=req.text)
+                _, embeds = self.model.encode_question(req.audio_16k, image=req.image, text=req.text)
             except ValueError as exc:
                 self._finish_unstarted(turn, "error", str(exc))
                 continue
@@ -245,7 +243,7 @@ class Engine:
         for s in self.slots:
             if s.turn is not None and s.turn.cancel_requested:
                 self._finish(s, "cancelled")
-            if getattr(s, "closing", False) and s.phase == IDLE:
+            if s.closing and s.phase == IDLE:
                 with self._lock:
                     s.release()
                     s.closing = False
@@ -285,9 +283,8 @@ class Engine:
         self._top_k[i] = sp.top_k
         self._top_p[i] = sp.top_p
         slot.begin(turn, embeds, max_steps, self.model.tokenizer.incremental())
-        slot.submitted_at = turn.submitted_at
         self.counters["turns"] += 1
-        self.vocoder.open(turn, turn.submitted_at)
+        self.vocoder.open(turn)
 
     def _prefill_chunk(self, slot: Slot) -> None:
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -91,6 +92,7 @@ class Turn:
     def __init__(self, request: TurnRequest) -> None:
         self.id = next(_turn_ids)
         self.request = request
+        self.submitted_at = time.perf_counter()  # latency figures count from here
         self._events: "queue.SimpleQueue[TurnEvent]" = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()

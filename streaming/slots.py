@@ -6,7 +6,6 @@ step loop reads it to build each batched step without asking the device anything
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,7 +45,6 @@ class Slot:
     next_ids: Optional[list[list[int]]] = None  # [2][8] ids to feed at the next step
     frames: list[torch.Tensor] = field(default_factory=list)  # completed, not yet sent to vocoder
     n_frames: int = 0
-    submitted_at: float = 0.0
     prefill_s: float = 0.0
     decode_started_at: float = 0.0
     closing: bool = False  # session closed while a turn was live: release at the next boundary
@@ -85,7 +83,6 @@ class Slot:
         self.next_ids = None
         self.frames = []
         self.n_frames = 0
-        self.submitted_at = getattr(turn, "submitted_at", time.perf_counter())
 
     def end_turn(self) -> None:
         """Keep what the cache holds of this turn as context; forget the turn's state."""

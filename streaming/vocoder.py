@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -27,7 +27,6 @@ class _Voice:
     frames_emitted: int = 0
     samples_emitted: int = 0
     first_audio_at: Optional[float] = None
-    submitted_at: float = field(default_factory=time.perf_counter)
 
 
 class Vocoder:
@@ -56,8 +55,8 @@ class Vocoder:
             self._close(voice)
 
     # ---- called by the engine thread ----------------------------------------------------
-    def open(self, turn: Turn, submitted_at: float) -> None:
-        self._inbox.put(("open", turn, submitted_at))
+    def open(self, turn: Turn) -> None:
+        self._inbox.put(("open", turn))
 
     def frames(self, turn: Turn, frames: torch.Tensor) -> None:
         self._inbox.put(("frames", turn, frames))
@@ -76,7 +75,7 @@ class Vocoder:
             kind = msg[0]
             if kind == "open":
                 decoder = FrameDecoder(self.snac, group_frames=self.group_frames) if self.snac is not None else None
-                self._voices[msg[1].id] = _Voice(msg[1], decoder, submitted_at=msg[2])
+                self._voices[msg[1].id] = _Voice(msg[1], decoder)
             elif kind == "frames":
                 voice = self._voices.get(msg[1].id)
                 if voice is not None and voice.decoder is not None and not voice.turn.cancel_requested:
@@ -128,12 +127,12 @@ class Vocoder:
                 if voice.first_audio_at is None:
                     voice.first_audio_at = time.perf_counter()
                     if self.on_first_audio:
-                        self.on_first_audio(voice.turn, voice.first_audio_at - voice.submitted_at)
+                        self.on_first_audio(voice.turn, voice.first_audio_at - voice.turn.submitted_at)
 
     def _close(self, voice: _Voice) -> None:
         del self._voices[voice.turn.id]
         done = voice.ending
         stats = dict(done.stats)
         if voice.first_audio_at is not None:
-            stats["time_to_first_audio_s"] = voice.first_audio_at - voice.submitted_at
+            stats["time_to_first_audio_s"] = voice.first_audio_at - voice.turn.submitted_at
         voice.turn._emit(replace(done, frames_emitted=voice.frames_emitted, stats=stats))
