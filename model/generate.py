@@ -61,6 +61,7 @@ def generate(lm: OmniLM, prompt: Prompt, embeds: torch.Tensor, max_steps: int) -
     hidden = lm(embeds, cache, None, pos, span=T)[:, -1]
     out = Generation()
     rules = EndRules()
+    audio = text = None  # the previous step's tokens, fed back from step 1 on
     for step in range(max_steps):
         if step > 0:
             ids = step_ids(audio[None], text[None])[0][:, :, None]  # [2, 8, 1]

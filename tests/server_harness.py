@@ -76,6 +76,27 @@ def running_server(engine, host: Optional[EngineHost] = None, detector_factory=N
         srv.stop()
 
 
+@contextlib.contextmanager
+def tiny_engine(max_sessions: int = 4):
+    """A started, warmed-up engine on the built-in tiny model; stopped on exit."""
+    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.runtime import load_runtime
+
+    engine = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=max_sessions)).start()
+    engine.warmup()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def spoken_questions(questions: list[str], lead_s: float, rate: int = 24000) -> list[np.ndarray]:
+    """Each question said by espeak-ng with `lead_s` of silence before and 1 s after, at `rate`."""
+    from speech import resample, utterance
+
+    return [resample(utterance(q, lead_s=lead_s, tail_s=1.0)[0], 16000, rate) for q in questions]
+
+
 class Client:
     """One realtime connection; every event received is kept in `seen`."""
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from server_harness import jpeg_data_url, running_server  # noqa: E402
+from server_harness import jpeg_data_url, running_server, tiny_engine  # noqa: E402
 
 from omni2.clients import chat, loadtest  # noqa: E402
 from omni2.clients.cli import build_parser  # noqa: E402
@@ -27,13 +27,8 @@ MAX_STEPS = 40
 
 @pytest.fixture(scope="module")
 def engine():
-    from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
-
-    eng = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=4)).start()
-    eng.warmup()
-    yield eng
-    eng.stop()
+    with tiny_engine(max_sessions=4) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from omni2.model import tokens as tk
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache
 from omni2.model.snac_codec import decode_frames
@@ -192,6 +191,7 @@ def _greedy_continue(lm, embeds, steps):
         from omni2.model.generate import EndRules
 
         rules = EndRules()
+        audio = text = None
         for step in range(steps):
             if step:
                 ids = torch.tensor(_feed(audio, text))[:, :, None]

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
 from fake_engine import FakeEngine  # noqa: E402
-from server_harness import Client, running_server, stream_audio, types  # noqa: E402
-from speech import requires_speech, resample, utterance  # noqa: E402
+from server_harness import Client, running_server, spoken_questions, stream_audio, types  # noqa: E402
+from speech import requires_speech  # noqa: E402
 
 QUESTIONS = ["what is this", "tell me about the weather", "where are we", "who is that",
              "read the sign please", "how many cups are there", "is it raining", "what colour is the car"]
@@ -17,11 +17,7 @@ QUESTIONS = ["what is this", "tell me about the weather", "where are we", "who i
 
 @pytest.fixture(scope="module")
 def spoken():
-    out = []
-    for q in QUESTIONS:
-        audio, _, _ = utterance(q, lead_s=0.3, tail_s=1.0)
-        out.append(resample(audio, 16000, 24000))
-    return out
+    return spoken_questions(QUESTIONS, lead_s=0.3)
 
 
 async def one_session(url: str, index: int, audio) -> dict:

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from server_harness import Client, jpeg_data_url, running_server, stream_audio, types  # noqa: E402
-from speech import requires_speech, resample, utterance  # noqa: E402
+from server_harness import Client, jpeg_data_url, running_server, spoken_questions, stream_audio, tiny_engine, types  # noqa: E402
+from speech import requires_speech  # noqa: E402
 from test_server_session import CLOSING, OPENING  # noqa: E402
 
 MAX_STEPS = 48
@@ -27,14 +27,8 @@ QUESTIONS = ["what is this", "tell me about the weather", "where are we", "who i
 
 @pytest.fixture(scope="module")
 def engine():
-    from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
-
-    runtime = load_runtime(model="tiny", device="cpu")
-    eng = Engine(runtime, EngineConfig(max_sessions=8)).start()
-    eng.warmup()
-    yield eng
-    eng.stop()
+    with tiny_engine(max_sessions=8) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +39,7 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def spoken():
-    out = []
-    for q in QUESTIONS:
-        audio, _, _ = utterance(q, lead_s=0.4, tail_s=1.0)
-        out.append(resample(audio, 16000, 24000))
-    return out
+    return spoken_questions(QUESTIONS, lead_s=0.4)
 
 
 def run(coro, timeout=120):

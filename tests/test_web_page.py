@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from server_harness import RunningServer  # noqa: E402
+from server_harness import RunningServer, tiny_engine  # noqa: E402
 from speech import missing_tools, utterance  # noqa: E402
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
@@ -46,13 +46,8 @@ requires_browser = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine():
-    from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
-
-    engine = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=4)).start()
-    engine.warmup()
-    yield engine
-    engine.stop()
+    with tiny_engine(max_sessions=4) as eng:
+        yield eng
 
 
 def web_server(engine, **overrides) -> RunningServer:
