@@ -71,6 +71,7 @@ class Engine:
         # counters / recent timings (read by stats(); appended by the step thread)
         w = config.timing_window
         self.step_seconds: collections.deque = collections.deque(maxlen=w)
+        self.step_sessions: collections.deque = collections.deque(maxlen=w)  # speaking slots per step
         self.ttfa_seconds: collections.deque = collections.deque(maxlen=w)
         self.counters = collections.Counter()
         self._forward = self._eager_forward
@@ -331,6 +332,7 @@ class Engine:
             s.written = s.position + 1
             self._update(s, audio[s.index], text[s.index])
         self.step_seconds.append(time.perf_counter() - t0)
+        self.step_sessions.append(len(speaking))
 
     def _eager_forward(self, ids, pos, k, v, span: int) -> torch.Tensor:
         """One decode step for cache rows 0..len(ids)-1, in order (k/v are views of them)."""
