@@ -340,21 +340,31 @@ class Engine:
         return lm(lm.embed(ids), KVCache(k, v), None, pos, span)
 
     def _sample(self, hidden: torch.Tensor, slots: list[Slot]) -> tuple[list, list]:
-        """hidden [2n, 1, C] for slots' row pairs -> (audio [n][7], text [n]) as host lists."""
+        """hidden [2n, 1, C] for slots' row pairs -> (audio [n][7], text [n]) as host lists.
+
+        The text head (152,000 rows, the largest matmul of a step) runs only for slots whose
+        text has not ended: after `eot` every text token is replaced by pad_t anyway."""
         lm = self.model.lm
         speak, write = hidden[0::2, 0], hidden[1::2, 0]
         idx = [s.index for s in slots]
+        writing = [j for j, s in enumerate(slots) if not s.rules.text_ended]
         greedy = all(self._greedy[i] for i in idx)
         audio_logits = lm.audio_logits(speak)  # [n, 7, 4160]
-        text_logits = lm.text_logits(write)  # [n, 152000]
+        if len(writing) < len(slots):
+            write = write[torch.tensor(writing, device=self.device)] if writing else write[:0]
+        text_logits = lm.text_logits(write)  # [len(writing), 152000]
         if greedy:
             audio, text = audio_logits.argmax(-1), text_logits.argmax(-1)
         else:
             sel = torch.tensor(idx, device=self.device)
             t, k, p = self._temperature[sel], self._top_k[sel], self._top_p[sel]
             audio = sample(audio_logits, t, k, p, self._gen)
-            text = sample(text_logits, t, k, p, self._gen)
-        return audio.tolist(), text.tolist()  # the one device->host copy of the step
+            wsel = sel[torch.tensor(writing, dtype=torch.long, device=self.device)]
+            text = sample(text_logits, self._temperature[wsel], self._top_k[wsel], self._top_p[wsel], self._gen)
+        text_ids = [tk.PAD_T] * len(slots)
+        for j, t in zip(writing, text.tolist()):  # the one device->host copy of the step (+ audio)
+            text_ids[j] = t
+        return audio.tolist(), text_ids
 
     def _update(self, slot: Slot, audio: list[int], text: int) -> None:
         stop, text = slot.rules.apply(slot.step, audio, text)

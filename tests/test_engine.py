@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from omni2.model import tokens as tk
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache
 from omni2.model.snac_codec import decode_frames
@@ -257,3 +258,27 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
     assert done.reason == "max_steps", done.error
     assert done.stats["audio_ids"] == ref.audio_tokens
     assert done.stats["text_ids"] == ref.text_tokens
+
+
+def test_turns_whose_text_ended_match_the_reference(tiny_model):
+    """A model that writes `eot` early: after it the engine skips the text head for that slot,
+    and every token still equals the reference (which forces pad_t there)."""
+    import copy
+    import dataclasses
+
+    lm = copy.deepcopy(tiny_model.lm)
+    # eot takes over from the text token the model writes most: same direction, larger logit
+    common = max(set(t := reference(tiny_model, question(60), 25).text_tokens[1:]), key=t.count)
+    with torch.no_grad():
+        lm.lm_head.weight[tk.EOT] = 1.5 * lm.lm_head.weight[common]
+    model = dataclasses.replace(tiny_model, lm=lm)
+    refs = [reference(model, question(60 + i), 25) for i in range(3)]
+    assert all(tk.EOT in r.text_tokens[1:] for r in refs)  # the text really ends mid-turn
+    with Engine(model, EngineConfig(max_sessions=3, record_tokens=True)) as eng:
+        sids = [eng.open_session() for _ in range(3)]
+        turns = [eng.submit(TurnRequest(session_id=s, audio_16k=question(60 + i), max_steps=25))
+                 for i, s in enumerate(sids)]
+        dones = [collect(t)[0] for t in turns]
+    for done, ref in zip(dones, refs):
+        assert done.stats["text_ids"] == ref.text_tokens
+        assert done.stats["audio_ids"] == ref.audio_tokens
