@@ -46,6 +46,8 @@ class DuplexConfig:
     # Barge-in mode: user speech at least this long stops the answer.
     barge_in_ms: int = 300
     barge_in_gap_ms: int = 200   # a pause this long restarts the barge-in speech count
+    barge_in_echo_db: float = 6.0  # speech the canceller took more than this out of is echo
+    barge_in_settle_ms: int = 1000  # after finding the echo path, its filter converges this long
     # Command mode: decoding schedule and window.
     command: CommandConfig = field(default_factory=CommandConfig)
     hop_ms: int = 200            # decode period while the user is speaking
@@ -176,6 +178,7 @@ class DuplexController:
         self._pending: tuple | None = None
         self._promising = False          # the last decode ended with (part of) a phrase
         self._credit = self.config.decode_bank_ms / 1000  # seconds of decoding allowed now
+        self._calibrated_seen: int | None = None
         self._interrupted = False
         self.decodes = 0
         self.decode_seconds: list[float] = []  # recent decode compute times (metrics)
@@ -254,7 +257,7 @@ class DuplexController:
         if voiced and self._segment_start is None:
             # Decoding may begin before min_speech_ms confirms the onset.
             self._segment_start = max(0, start - cfg.window_lead_ms * self._ms)
-        if voiced:
+        if voiced and not (cfg.mode == "barge_in" and playing and self._echo_like(start, end)):
             self._speech_run += CHUNK
         # A pause: the VAD lets go, or, in a long segment (another talker or echo residue
         # holding the VAD up), the level falls well under the last few chunks' peak.
@@ -284,7 +287,8 @@ class DuplexController:
             return events
         since = end - self._last_decode
         ms = self._ms
-        if self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms:
+        if (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
+                and since >= cfg.pause_hop_ms * ms):
             trigger = "check"        # did the user go on talking after the phrase?
         elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms:
             trigger = "pause"        # a pause just began: the usual end of a command
@@ -315,6 +319,22 @@ class DuplexController:
                 self._pending = None
                 events.append(self._interrupt("command", phrase, confidence, end, text))
         return events
+
+    def _echo_like(self, start: int, end: int) -> bool:
+        """Barge-in: whether a voiced chunk is likely our own voice rather than the user.
+
+        Either the canceller removed most of it, or it only just found the echo path (its
+        filter is still converging, so what is left may be echo); a new echo path also
+        restarts the speech count, which may have been fed by uncancelled echo.
+        """
+        cfg = self.config
+        if self.echo.calibrated_at != self._calibrated_seen:
+            self._calibrated_seen = self.echo.calibrated_at
+            self._speech_run = 0
+        at = self.echo.calibrated_at
+        if at is not None and end - at < cfg.barge_in_settle_ms * self._ms:
+            return True
+        return self.echo.removed_db(start, end) > cfg.barge_in_echo_db
 
     def _windows(self, end: int) -> list[np.ndarray]:
         """Audio to decode: the segment's window, plus a foreground window when useful.
@@ -355,10 +375,13 @@ class DuplexController:
         hit = found is not None and confidence >= cfg.command.threshold
         if self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * self._ms:
             # A later window (with new audio after the phrase) decides: still ending with the
-            # phrase confirms it, anything else means the user said more ("stop on my way").
-            if hit:
-                best = max(confidence, self._pending[1])
-                self._pending = (found.phrase, best, transcript.text, self._pending[3], True)
+            # phrase (however confidently) confirms it; anything else means the user said
+            # more ("stop on my way").
+            if found is not None:
+                phrase, best, text = self._pending[:3]
+                if confidence > best:
+                    phrase, best, text = found.phrase, confidence, transcript.text
+                self._pending = (phrase, best, text, self._pending[3], True)
             else:
                 self._pending = None
         elif hit and (self._pending is None or confidence > self._pending[1]):

@@ -38,7 +38,8 @@ class EchoConfig:
     step: float = 0.6              # NLMS step size (background filter)
     delay_every_ms: int = 125      # how often the delay is re-estimated while playing
     delay_window_ms: int = 1500    # microphone audio correlated per estimate
-    delay_min_peak: float = 6.0    # GCC-PHAT peak / mean magnitude needed to trust a lag
+    delay_min_peak: float = 22.0   # GCC-PHAT peak / mean magnitude needed to trust a lag
+    phat_beta: float = 0.6         # partial whitening of the cross-spectrum
     catch_up_ms: int = 1500        # past audio a newly placed filter is trained on
     catch_up_passes: int = 5
     residual_db: float = -12.0     # leftover echo expected after cancellation
@@ -76,6 +77,7 @@ class EchoCanceller:
         self.samples_in = 0        # microphone samples received
         self.samples_out = 0       # cleaned samples returned (multiple of block)
         self.delay: int | None = None
+        self.calibrated_at: int | None = None  # sample where the current delay was adopted
         self._candidate: int | None = None
         self._next_delay_search = 0
         self._X = np.zeros((p, b + 1), dtype=np.complex128)       # reference spectra history
@@ -263,11 +265,13 @@ class EchoCanceller:
             return None
         n = 1 << int(np.ceil(np.log2(ref.size + mic.size)))
         cross = np.fft.rfft(ref, n) * np.conj(np.fft.rfft(mic, n))
-        cc = np.fft.irfft(cross / (np.abs(cross) + 1e-12), n)
+        # PHAT-beta: whitening sharpens the peak; beta < 1 keeps voiced harmonics of two
+        # unrelated voices from producing strong spurious peaks.
+        cc = np.fft.irfft(cross / (np.abs(cross) ** cfg.phat_beta + 1e-12), n)
         # mic[t] ~ ref[t - d] puts the correlation peak at index max_delay - d.
         lags = cc[: self.max_delay + 1][::-1]  # lags[d] for d = 0..max_delay
         peak = int(np.argmax(lags))
-        return peak, float(lags[peak] / (np.mean(np.abs(lags)) + 1e-12))
+        return peak, float(lags[peak] / (np.mean(np.abs(lags)) + 1e-12))  # unrelated audio: < ~20
 
     def _search_delay(self, now: int) -> None:
         found = self._gcc(now)
@@ -290,7 +294,25 @@ class EchoCanceller:
             self._W_bg[:] = 0.0
             self._e_fg = self._e_bg = self._e_mic = 1e-9
             self.delay = peak
+            self.calibrated_at = now
             self._catch_up(now)
+
+    def removed_db(self, start: int, end: int) -> float:
+        """How much quieter the cleaned signal is than the raw mic over [start, end), in dB.
+
+        Near 0 when the microphone holds mostly the user (or nothing is playing); large when
+        what the VAD hears is the remains of cancelled echo.
+        """
+        mic = out = 0.0
+        for block_start, mic_power, _, out_power in reversed(self.history):
+            if block_start < start:
+                break
+            if block_start < end:
+                mic += mic_power
+                out += out_power
+        if mic <= 0.0:
+            return 0.0
+        return float(10.0 * np.log10(mic / (out + 1e-12)))
 
     def echo_suspected(self, start: int, end: int) -> bool:
         """Whether speech heard in [start, end) may be the assistant's own uncancelled voice.

@@ -143,8 +143,18 @@ class PhraseMatcher:
         """The best phrase matching a run of words that ends at the last word.
 
         The run may have one word more or fewer than the phrase ("stop on me" for "stop
-        omni", "stopomni" for "stop omni").
+        omni", "stopomni" for "stop omni"). A trailing restart of the phrase after the
+        phrase ("Stop Omni. Stop") is whisper repeating itself on short audio: it is
+        dropped before matching.
         """
+        best = self._match_end(words)
+        if best is None:
+            for cut in range(1, 3):
+                if len(words) > cut and self.partial(words[-cut:]) and (found := self._match_end(words[:-cut])):
+                    return found
+        return best
+
+    def _match_end(self, words: list[str]) -> PhraseMatch | None:
         best: PhraseMatch | None = None
         for phrase in self.phrases:
             n = self._lengths[phrase]
@@ -374,7 +384,7 @@ class CommandDetector:
                 # the speaker is mid-word, so whatever matched is not a finished command.
                 out.append((transcript, None, 0.0))
                 continue
-            matched = transcript.words[found.first_word :]
+            matched = transcript.words[found.first_word : found.first_word + len(found.spoken.split())]
             confidence = found.similarity * float(np.mean([w.prob for w in matched]))
             out.append((transcript, found, confidence))
         return out

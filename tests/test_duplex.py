@@ -223,3 +223,39 @@ def test_no_stop_once_the_answer_has_finished_playing():
     events = ctl.feed_input(np.concatenate([user, silence(0.5)]))
     assert not any(isinstance(e, Interrupt) for e in events)
     assert [e.kind for e in events if not isinstance(e, Interrupt)][:1] == ["speech_started"]
+
+
+# ------------------------------------------------------------------------- benchmark
+def test_bench_summary_counts_early_stops_as_false():
+    from omni2.streaming.bench_interrupt import Clip, ClipResult, summarize
+
+    def clip(label, start=None):
+        return Clip("x", label, "clean", np.zeros(10, np.float32), [], start, None if start is None else start + 100)
+
+    def stop(at):
+        return Interrupt("command", "stop omni", 0.9, at)
+
+    results = [
+        ClipResult(clip(True, 1000), stop(1200), 1.0, 150.0),   # detected
+        ClipResult(clip(True, 1000), stop(500), 1.0, None),     # stopped before the command
+        ClipResult(clip(True, 1000), None, None, None),         # missed
+        ClipResult(clip(False), stop(300), 1.0, None),          # false stop
+        ClipResult(clip(False), None, None, None),
+    ]
+    s = summarize(results)
+    assert (s["true_stops"], s["false_stops"]) == (1, 2)
+    assert s["recall"] == pytest.approx(1 / 3) and s["precision"] == pytest.approx(1 / 3)
+    assert s["false_stop_rate"] == pytest.approx(0.5)
+    assert s["latency_p50_ms"] == pytest.approx(150.0)
+
+
+@requires_speech
+@pytest.mark.slow
+def test_interrupt_bench_quick_run(command_controller):
+    from omni2.streaming.bench_interrupt import run_interrupt_bench
+
+    lines = []
+    s = run_interrupt_bench(quick=True, printer=lines.append)
+    assert s["commands"] == 4 and s["non_commands"] >= 7
+    assert s["recall"] >= 0.5 and s["false_stops"] <= 1
+    assert any("precision" in line for line in lines)
