@@ -13,8 +13,26 @@ Flow inside feed_input: microphone -> EchoCanceller (removes what the client is 
 the CommandDetector decodes the latest window every `hop_ms`, and at once when a pause
 starts (the usual end of a command). In barge-in mode any speech of `barge_in_ms` stops.
 
+A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
+or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
+keeps "stop on my | way" from stopping anything.
+
 `feed_input` runs the recognizer inline (tens of ms on CPU): call it from a worker thread
 (e.g. `await asyncio.to_thread(ctl.feed_input, pcm)`), never on the event loop.
+
+Server integration (one controller per session; construct once, it loads silero-vad and
+shares one whisper model per process):
+    ctl = DuplexController(DuplexConfig(mode="command"))     # or mode="barge_in"
+    on response start:        ctl.set_speaking(True)
+    on every audio delta:     ctl.feed_output(pcm_24k_float32)  (right when it is sent)
+    on response end:          ctl.set_speaking(False)           (audio may still be playing)
+    on input_audio_buffer.append: for ev in ctl.feed_input(pcm_16k_float32): ...
+    engine text tokens (only if the checkpoint has interrupt tokens): ctl.on_model_tokens(ids)
+On Interrupt: turn.cancel(), stop sending audio deltas, emit speech_started and
+response.done(status="cancelled"); truncate the stored answer at `played_ms`
+(conversation.item.truncate audio_end_ms). kind="command": the user's current speech
+was the command, so clear it at its speech_stopped instead of answering it.
+kind="barge_in": the speech goes on and becomes the next question as usual.
 """
 from __future__ import annotations
 
@@ -70,7 +88,8 @@ class DuplexConfig:
     min_gap_ms: int = 64         # no two decodes closer than this
     window_lead_ms: int = 200    # audio kept before the speech onset in a window
     min_window_ms: int = 400     # shorter speech cannot hold a two-word command
-    # While the assistant is audible the echo residue raises the bar for speech.
+    # VAD threshold while the assistant is audible (the canceller's gate already removes
+    # echo residue, so by default the same).
     vad_threshold_playing: float = 0.5
     echo: EchoConfig = field(default_factory=EchoConfig)
     # Listen for interrupts only while an answer is being generated or still playing.
