@@ -183,7 +183,13 @@ class RealtimeSession:
                 if self.run is not None and not self.run.finished and (td is None or td.interrupt_response):
                     log.info("session %s: %s interrupt (%s) after %d ms played", self.id, h.kind,
                              h.phrase or "-", h.played_ms)
+                    command = h.kind == "command"
+                    if command:  # clients flush their player on speech_started, as for barge-in
+                        item_id = ev.new_id("item")
+                        await self.outbox.put(ev.speech_started(h.sample * 1000 // RATE, item_id))
                     await self.run.cancel("turn_detected")
+                    if command:  # the command is consumed here: it is not a question
+                        await self.outbox.put(ev.speech_stopped(h.sample * 1000 // RATE, item_id))
             elif isinstance(h, SpeechStarted):
                 self._speech_item = ev.new_id("item")
                 td = self.cfg.turn_detection

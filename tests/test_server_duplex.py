@@ -30,14 +30,15 @@ def recognizer_or_skip():
         pytest.skip(f"command recognizer unavailable: {exc}")
 
 
-async def talk_over_the_answer(url: str, words: str, after_s: float = 0.6, tail_s: float = 2.0) -> list[dict]:
+async def talk_over_the_answer(url: str, words: str, after_s: float = 0.6, tail_s: float = 2.0,
+                               voice: str = "en-us", speed: int = 160) -> list[dict]:
     """Ask for a long answer, then let the microphone carry `words` while it plays."""
     c = await Client.connect(url)
     assert (await c.recv())["type"] == "session.created"
     await c.send("conversation.item.create", item={"type": "message", "role": "user",
                                                    "content": [{"type": "input_text", "text": "a long story"}]})
     await c.send("response.create")
-    mic = np.concatenate([silence(after_s), speak(words), silence(tail_s)])
+    mic = np.concatenate([silence(after_s), speak(words, voice=voice, speed=speed), silence(tail_s)])
     mic24 = resample(mic, 16000, 24000)
     n = int(24000 * CHUNK_S)
     events: list[dict] = []
@@ -65,6 +66,19 @@ def engine():
     eng.stop()
 
 
+def check_command_stop(events: list[dict]) -> None:
+    """Cancelled once, speech_started first (clients flush their player), no audio after
+    response.done, and the command is not answered."""
+    t = types(events)
+    assert t.count("response.done") == 1, t
+    done_at = t.index("response.done")
+    assert events[done_at]["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    started = t.index("input_audio_buffer.speech_started")
+    assert started < done_at and started < t.index("input_audio_buffer.speech_stopped"), t
+    assert "response.output_audio.delta" not in t[done_at:], t[done_at:]
+    assert t.count("response.created") == 1 and "input_audio_buffer.committed" not in t, t
+
+
 @requires_speech
 def test_command_mode_stop_omni_stops_the_answer_and_is_not_a_question(engine):
     recognizer_or_skip()
@@ -72,12 +86,21 @@ def test_command_mode_stop_omni_stops_the_answer_and_is_not_a_question(engine):
         events = asyncio.run(asyncio.wait_for(talk_over_the_answer(srv.ws, "stop omni"), 60))
         with urllib.request.urlopen(srv.http + "/metrics") as r:
             metrics = r.read().decode()
-    t = types(events)
-    assert t.count("response.done") == 1, t
-    done = events[t.index("response.done")]["response"]
-    assert done["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
-    assert "input_audio_buffer.speech_started" not in t and t.count("response.created") == 1, t
+    check_command_stop(events)
     assert 'omni2_interrupts_total{kind="command"} 1' in metrics
+
+
+@requires_speech
+@pytest.mark.parametrize("voice,speed", [("en-us", 150), ("en-gb-x-rp", 190)])
+def test_stop_omni_stops_a_tiny_model_answer(voice, speed):
+    """The real engine (tiny model) streams the answer; two voices say the command over it."""
+    recognizer_or_skip()
+    from server_harness import tiny_engine
+
+    with tiny_engine(max_sessions=2) as eng, running_server(eng, interrupt_mode="command", max_steps=1024) as srv:
+        events = asyncio.run(asyncio.wait_for(
+            talk_over_the_answer(srv.ws, "stop omni", voice=voice, speed=speed), 90))
+    check_command_stop(events)
 
 
 @requires_speech
