@@ -35,6 +35,10 @@ class ModelConfig:
     audio_vocab_size: int = tokens.PADDED_AUDIO_VOCAB
     whisper_adapter_dim: int = 768
     vision_adapter_dim: int = 512
+    # Text-stream ids that mean "the user asked me to stop" (paper, stage 3). The released
+    # checkpoint defines none; a checkpoint that does lists them in model_config.yaml and the
+    # engine then ends the answer when the model writes one.
+    interrupt_token_ids: tuple = ()
 
     def __post_init__(self) -> None:
         if self.n_head % self.n_query_groups:
@@ -89,6 +93,8 @@ class ModelConfig:
                 raise ConfigError(f"{path}: {key}={raw[key]!r} is not supported (Mini-Omni2 uses {want!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: raw[k] for k in fields if k in raw}
+        if "interrupt_token_ids" in kwargs:
+            kwargs["interrupt_token_ids"] = tuple(int(i) for i in kwargs["interrupt_token_ids"] or ())
         if "head_size" not in raw and "n_embd" in raw and "n_head" in raw:
             kwargs["head_size"] = raw["n_embd"] // raw["n_head"]
         if raw.get("n_query_groups") is None and "n_head" in raw:
@@ -103,6 +109,9 @@ class ModelConfig:
 
     def to_yaml_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        ids = out.pop("interrupt_token_ids")
+        if ids:  # omitted when empty, so a released-style file stays as released
+            out["interrupt_token_ids"] = list(ids)
         out.update(self._FIXED)
         out.update(
             vocab_size=self.padded_vocab_size,

@@ -29,6 +29,8 @@ AUDIO_CODES_PER_FRAME = N_AUDIO_LAYERS   # SNAC codes per frame
 _FINAL = {
     "completed": ("completed", None),
     "max_steps": ("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}),
+    # the model's own interrupt token (checkpoints that define one): the user said stop
+    "interrupted": ("cancelled", {"type": "cancelled", "reason": "turn_detected"}),
 }
 
 

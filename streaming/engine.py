@@ -29,7 +29,7 @@ from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
 from .config import EngineConfig
-from .messages import ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
+from .messages import STOPPED_REASONS, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 from .slots import DECODE, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
 from .vocoder import Vocoder
 
@@ -371,6 +371,9 @@ class Engine:
         if stop:
             self._finish(slot, "completed")
             return
+        if text in self.model.lm.cfg.interrupt_token_ids:  # the model heard "stop" itself
+            self._finish(slot, "interrupted")
+            return
         slot.text_ids.append(text)
         if self.config.record_tokens:
             slot.audio_ids.append(audio)
@@ -393,10 +396,11 @@ class Engine:
         turn = slot.turn
         if turn is None:
             return
-        if slot.frames and reason != "cancelled":
+        stopped = reason in STOPPED_REASONS
+        if slot.frames and not stopped:
             self.vocoder.frames(turn, torch.stack(slot.frames))
         slot.frames = []
-        tail = slot.text_decoder.flush() if slot.text_decoder is not None and reason != "cancelled" else ""
+        tail = slot.text_decoder.flush() if slot.text_decoder is not None and not stopped else ""
         if tail:
             turn._emit(TextDelta(tail))
         now = time.perf_counter()
@@ -415,7 +419,7 @@ class Engine:
         if self.config.record_tokens:
             stats.update(text_ids=list(slot.text_ids), audio_ids=list(slot.audio_ids))
         text = self.model.tokenizer.decode_answer(slot.text_ids)
-        if reason == "cancelled":
+        if stopped:
             self.counters["cancels"] += 1
         if reason == "error":
             self.counters["errors"] += 1

@@ -65,7 +65,8 @@ class ContextTruncated:
 
 @dataclass(frozen=True)
 class TurnDone:
-    """Last event of every turn. reason: 'completed' | 'max_steps' | 'cancelled' | 'error'."""
+    """Last event of every turn. reason: 'completed' | 'max_steps' | 'cancelled' | 'error' |
+    'interrupted' (the model wrote one of its checkpoint's interrupt tokens)."""
 
     reason: str
     frames_generated: int
@@ -74,6 +75,9 @@ class TurnDone:
     stats: dict = field(default_factory=dict)
     error: Optional[str] = None
 
+
+# Reasons after which the answer's unsent audio and text are dropped, not flushed.
+STOPPED_REASONS = frozenset({"cancelled", "interrupted"})
 
 TurnEvent = Union[AudioChunk, TextDelta, ContextTruncated, TurnDone]
 

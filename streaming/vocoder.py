@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .frame_decoder import FrameDecoder, decode_groups
-from .messages import AudioChunk, Turn, TurnDone
+from .messages import STOPPED_REASONS, AudioChunk, Turn, TurnDone
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Vocoder:
     def _work(self) -> None:
         windows, owners = [], []
         for voice in list(self._voices.values()):
-            if voice.ending is not None and (voice.ending.reason == "cancelled" or voice.decoder is None):
+            if voice.ending is not None and (voice.ending.reason in STOPPED_REASONS or voice.decoder is None):
                 self._close(voice)  # cancelled: whatever was not sent yet is dropped
                 continue
             if voice.decoder is None:

@@ -282,3 +282,36 @@ def test_turns_whose_text_ended_match_the_reference(tiny_model):
     for done, ref in zip(dones, refs):
         assert done.stats["text_ids"] == ref.text_tokens
         assert done.stats["audio_ids"] == ref.audio_tokens
+
+
+def test_model_interrupt_token_ends_the_answer_when_the_checkpoint_defines_one(tiny_model):
+    """Off for the released weights (no ids); a checkpoint listing interrupt ids in
+    model_config.yaml gets its answer stopped at the first one the model writes."""
+    import copy
+    import dataclasses
+
+    assert tiny_model.lm.cfg.interrupt_token_ids == ()
+    ref = reference(tiny_model, question(70), 30)
+    stop_at = next(i for i in range(1, 30) if ref.text_tokens[i] != ref.text_tokens[0])
+    lm = copy.deepcopy(tiny_model.lm)
+    lm.cfg = dataclasses.replace(lm.cfg, interrupt_token_ids=(ref.text_tokens[stop_at],))
+    model = dataclasses.replace(tiny_model, lm=lm)
+    with Engine(model, EngineConfig(max_sessions=1, record_tokens=True)) as eng:
+        sid = eng.open_session()
+        done = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(70), max_steps=30)))[0]
+    assert done.reason == "interrupted"
+    assert done.stats["text_ids"] == ref.text_tokens[:stop_at]  # the interrupt token is not kept
+
+
+def test_interrupt_ids_round_trip_through_model_config(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from omni2.model.config import PRESETS, ModelConfig
+
+    cfg = dataclasses.replace(PRESETS["tiny"], interrupt_token_ids=(151950,))
+    path = tmp_path / "model_config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_yaml_dict()))
+    assert ModelConfig.from_yaml(path).interrupt_token_ids == (151950,)
+    assert "interrupt_token_ids" not in PRESETS["tiny"].to_yaml_dict()
