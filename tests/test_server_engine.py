@@ -110,25 +110,12 @@ def test_concurrent_sessions_get_the_answers_they_get_alone(server, spoken, sess
         assert b["usage"] == a["usage"], i
 
 
-def test_text_turn_through_the_openai_sdk(server):
-    openai = pytest.importorskip("openai")
+def test_turn_through_the_openai_sdk(server):
+    """The SDK turn of test_server_sdk (committed audio + a text item), on the real engine."""
+    pytest.importorskip("openai")
+    from test_server_sdk import sdk_turn
 
-    async def main():
-        client = openai.AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{server.port}/v1")
-        seen = []
-        async with client.realtime.connect(model="omni2") as conn:
-            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "hello there"}]})
-            await conn.response.create()
-            async for event in conn:
-                seen.append(event)
-                if event.type == "response.done":
-                    break
-        await client.close()
-        return seen
-
-    seen = run(main())
+    seen = run(sdk_turn(server.port, "x"))
     assert not [e for e in seen if e.type == "error"]
     assert seen[-1].response.status in ("completed", "incomplete")
     assert any(e.type == "response.output_audio.delta" for e in seen)
