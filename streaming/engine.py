@@ -30,7 +30,7 @@ from omni2.model.sampling import sample
 
 from .config import EngineConfig
 from .messages import STOPPED_REASONS, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
-from .slots import DECODE, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
+from .slots import DECODE, HELD, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
 from .vocoder import Vocoder
 
 
@@ -153,6 +153,7 @@ class Engine:
         if slot.turn is not None:
             slot.turn.cancel()
         turn = Turn(request)
+        turn._poke = self._wake.set
         self._prep.put(turn)
         return turn
 
@@ -244,6 +245,9 @@ class Engine:
         for s in self.slots:
             if s.turn is not None and s.turn.cancel_requested:
                 self._finish(s, "cancelled")
+            elif s.phase == HELD and not s.turn.held:  # released: speak now
+                busy = True
+                self._start_decode(s, *s.first)
             if s.closing and s.phase == IDLE:
                 with self._lock:
                     s.release()
@@ -269,6 +273,7 @@ class Engine:
             if T >= self.context_len:
                 raise ValueError(f"question of {T} positions does not fit the {self.context_len}-position context")
             want = min(req.max_steps or self.config.max_steps, self.config.max_steps)
+            turns_before = len(slot.turn_starts)
             dropped = make_room(self.cache, slot, T + want, self.context_len, self.model.lm.rope_cos, self.model.lm.rope_sin)
             max_steps = max_steps_for(self.context_len, slot.ctx + T, want)
         except ValueError as exc:
@@ -276,7 +281,8 @@ class Engine:
             turn._emit(TurnDone(reason="error", frames_generated=0, frames_emitted=0, text="", error=str(exc)))
             return
         if dropped:
-            turn._emit(ContextTruncated(dropped_positions=dropped))
+            turn._emit(ContextTruncated(dropped_positions=dropped,
+                                        dropped_turns=turns_before - len(slot.turn_starts)))
         i = slot.index
         sp = req.sampling
         self._greedy[i] = sp.greedy
@@ -301,12 +307,18 @@ class Engine:
             last = hidden[:, -1:]
             audio, text = self._sample(last, [slot])
             slot.embeds = None
-            slot.phase = DECODE
-            slot.decode_started_at = time.perf_counter()
-            slot.prefill_s += slot.decode_started_at - t0
-            self._update(slot, audio[0], text[0])
+            slot.prefill_s += time.perf_counter() - t0
+            if slot.turn.held:  # speculative: nothing is said before release()
+                slot.phase, slot.first = HELD, (audio[0], text[0])
+                return
+            self._start_decode(slot, audio[0], text[0])
         else:
             slot.prefill_s += time.perf_counter() - t0
+
+    def _start_decode(self, slot: Slot, audio: list[int], text: int) -> None:
+        slot.phase, slot.first = DECODE, None
+        slot.decode_started_at = time.perf_counter()
+        self._update(slot, audio, text)
 
     def _decode_step(self, speaking: list[Slot]) -> None:
         t0 = time.perf_counter()
@@ -424,7 +436,10 @@ class Engine:
         if reason == "error":
             self.counters["errors"] += 1
         slot.prefill_s = 0.0
-        slot.end_turn()
+        if turn.held:  # an unused speculation: its question never happened
+            slot.forget_turn()
+        else:
+            slot.end_turn()
         self.vocoder.finish(turn, TurnDone(reason=reason, frames_generated=slot_frames(steps),
                                            frames_emitted=0, text=text, stats=stats, error=error))
 

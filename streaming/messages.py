@@ -41,6 +41,9 @@ class TurnRequest:
     text: Optional[str] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_steps: int = 1024
+    # Speculative turn: encode and prefill now, but say nothing until `Turn.release()`;
+    # cancelled before release, it leaves no trace in the session's context.
+    hold: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,11 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ContextTruncated:
-    """The session's context window filled; the oldest `dropped_positions` were forgotten."""
+    """The session's context window filled; its oldest `dropped_turns` whole turns (question
+    and answer; `dropped_positions` cache positions) were forgotten."""
 
     dropped_positions: int
+    dropped_turns: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ TurnEvent = Union[AudioChunk, TextDelta, ContextTruncated, TurnDone]
 _turn_ids = itertools.count(1)
 
 
+def _nothing() -> None:
+    pass
+
+
 class Turn:
     """Handle on one answer in flight: read its events, or cancel it.
 
@@ -96,9 +105,12 @@ class Turn:
     def __init__(self, request: TurnRequest) -> None:
         self.id = next(_turn_ids)
         self.request = request
-        self.submitted_at = time.perf_counter()  # latency figures count from here
+        self.submitted_at = time.perf_counter()
+        self.started_at = self.submitted_at   # latency figures count from here (or release)
         self._events: "queue.SimpleQueue[TurnEvent]" = queue.SimpleQueue()
         self._cancel = threading.Event()
+        self._release = threading.Event()
+        self._poke = _nothing                 # the engine's wake-up, set when it takes the turn
         self._done = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
@@ -124,6 +136,20 @@ class Turn:
     def cancel(self) -> None:
         """Ask the engine to stop this turn at its next step boundary. Idempotent."""
         self._cancel.set()
+        self._poke()
+
+    def release(self) -> None:
+        """Let a held (speculative) turn speak; latency figures restart from now. Idempotent;
+        a no-op for a turn that was not held."""
+        if not self._release.is_set():
+            self.started_at = time.perf_counter()
+            self._release.set()
+        self._poke()
+
+    @property
+    def held(self) -> bool:
+        """Submitted with hold=True and not released yet."""
+        return self.request.hold and not self._release.is_set()
 
     @property
     def done(self) -> bool:

@@ -18,7 +18,8 @@ from omni2.model.snac_layout import FrameAssembler
 
 from .messages import Turn
 
-IDLE, PREFILL, DECODE = "idle", "prefill", "decode"
+# HELD: a speculative turn whose prompt is prefilled and step 0 sampled, waiting for release.
+IDLE, PREFILL, HELD, DECODE = "idle", "prefill", "held", "decode"
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Slot:
     text_ids: list[int] = field(default_factory=list)
     audio_ids: list[list[int]] = field(default_factory=list)  # only with record_tokens
     next_ids: Optional[list[list[int]]] = None  # [2][8] ids to feed at the next step
+    first: Optional[tuple[list[int], int]] = None  # step 0's (audio, text) while HELD
     frames: list[torch.Tensor] = field(default_factory=list)  # completed, not yet sent to vocoder
     n_frames: int = 0
     prefill_s: float = 0.0
@@ -60,8 +62,8 @@ class Slot:
         it is rewritten before anything reads it)."""
         if self.phase == DECODE:
             return self.start + self.prompt_len + self.step - 1
-        if self.phase == PREFILL:
-            return self.start + self.prefilled
+        if self.phase in (PREFILL, HELD):
+            return self.written
         return self.ctx
 
     def begin(self, turn: Turn, embeds: torch.Tensor, max_steps: int, text_decoder) -> None:
@@ -81,6 +83,7 @@ class Slot:
         self.text_ids = []
         self.audio_ids = []
         self.next_ids = None
+        self.first = None
         self.frames = []
         self.n_frames = 0
 
@@ -92,6 +95,16 @@ class Slot:
         self.turn = None
         self.embeds = None
         self.next_ids = None
+        self.first = None
+
+    def forget_turn(self) -> None:
+        """Drop the current turn from the context entirely (a speculation that was not used):
+        the positions it wrote become free again."""
+        if self.phase != IDLE:
+            self.written = self.start
+            if self.turn_starts and self.turn_starts[-1] == self.start:
+                self.turn_starts.pop()
+        self.end_turn()
 
     def release(self) -> None:
         self.end_turn()

@@ -127,12 +127,12 @@ class Vocoder:
                 if voice.first_audio_at is None:
                     voice.first_audio_at = time.perf_counter()
                     if self.on_first_audio:
-                        self.on_first_audio(voice.turn, voice.first_audio_at - voice.turn.submitted_at)
+                        self.on_first_audio(voice.turn, voice.first_audio_at - voice.turn.started_at)
 
     def _close(self, voice: _Voice) -> None:
         del self._voices[voice.turn.id]
         done = voice.ending
         stats = dict(done.stats)
         if voice.first_audio_at is not None:
-            stats["time_to_first_audio_s"] = voice.first_audio_at - voice.turn.submitted_at
+            stats["time_to_first_audio_s"] = voice.first_audio_at - voice.turn.started_at
         voice.turn._emit(replace(done, frames_emitted=voice.frames_emitted, stats=stats))

@@ -205,6 +205,55 @@ def _greedy_continue(lm, embeds, steps):
     return out
 
 
+def wait_for(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_held_turn_is_silent_until_released_then_equals_reference(engine, tiny_model):
+    """A speculative turn prefills at once but emits nothing before release(); released, it
+    speaks exactly its solo tokens, and its latency counts from the release."""
+    sid, other = engine.open_session(), engine.open_session()
+    q = question(60)
+    turn = engine.submit(TurnRequest(session_id=sid, audio_16k=q, max_steps=12, hold=True))
+    slot = engine._sessions[sid]
+    wait_for(lambda: slot.phase == "held")
+    # another session's answer runs to the end meanwhile, untouched by the held rows
+    d_other = collect(engine.submit(TurnRequest(session_id=other, audio_16k=question(61), max_steps=12)))[0]
+    assert d_other.stats["audio_ids"] == reference(tiny_model, question(61), 12).audio_tokens
+    with pytest.raises(Exception):  # queue.Empty: nothing was said while held
+        turn.get(timeout=0.2)
+    time.sleep(0.3)
+    turn.release()
+    done, pcm, text, _ = collect(turn)
+    ref = reference(tiny_model, q, 12)
+    assert done.reason == "max_steps" and pcm.size > 0
+    assert done.stats["audio_ids"] == ref.audio_tokens and done.stats["text_ids"] == ref.text_tokens
+    assert done.stats["time_to_first_audio_s"] < time.perf_counter() - turn.submitted_at - 0.3
+
+
+def test_cancelled_held_turn_leaves_no_trace_in_the_context(engine, tiny_model):
+    """An unused speculation is forgotten: the session's next turn starts where the context
+    was before it, with the tokens it would have had without the speculation."""
+    sid = engine.open_session()
+    d1 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=question(70), max_steps=10)))[0]
+    spec = engine.submit(TurnRequest(session_id=sid, audio_16k=question(71, seconds=1.0), max_steps=10, hold=True))
+    wait_for(lambda: engine._sessions[sid].phase == "held")
+    spec.cancel()
+    done_spec = collect(spec)[0]
+    assert done_spec.reason == "cancelled" and done_spec.frames_generated == 0
+    d2 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=question(72), max_steps=10)))[0]
+    p1, _ = tiny_model.encode_question(question(70))
+    assert d2.stats["context_start"] == p1.length + 9  # as if the speculation never happened
+    sid_b = engine.open_session()  # the same two turns without any speculation
+    collect(engine.submit(TurnRequest(session_id=sid_b, audio_16k=question(70), max_steps=10)))
+    d2_b = collect(engine.submit(TurnRequest(session_id=sid_b, audio_16k=question(72), max_steps=10)))[0]
+    assert d2.stats["audio_ids"] == d2_b.stats["audio_ids"]
+    assert d1.reason == "max_steps"
+
+
 def test_make_room_drops_oldest_turns_and_rerotates_keys(tiny_model):
     """After dropping d positions, layer-0 keys/values equal a fresh prefill of the kept
     positions at positions 0.. (re-rotation is exact). Deeper layers keep what attention mixed
@@ -231,7 +280,8 @@ def test_full_context_truncates_oldest_turn_and_says_so(tiny_model):
         d1 = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(30), max_steps=20)))[0]
         done, _, _, other = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(31), max_steps=40)))
         assert d1.reason == "max_steps"
-        assert any(isinstance(o, ContextTruncated) and o.dropped_positions > 0 for o in other)
+        cut = [o for o in other if isinstance(o, ContextTruncated)]
+        assert len(cut) == 1 and cut[0].dropped_positions > 0 and cut[0].dropped_turns == 1
         assert done.reason == "max_steps" and done.stats["context_start"] == 0
 
 
