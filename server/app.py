@@ -40,7 +40,8 @@ def create_app(settings: ServerSettings, host: EngineHost,
                static_dir: Optional[Path] = None) -> FastAPI:
     app = FastAPI(title="omni2 realtime", docs_url=None, redoc_url=None, openapi_url=None)
     if detector_factory is None:
-        detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases)
+        detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases,
+                                                settings.turn_audio_tail_ms)
     metrics = Metrics()
     admission = Admission(settings.max_sessions)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics

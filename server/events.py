@@ -74,6 +74,12 @@ def item_done(item: dict, previous_item_id: Optional[str]) -> dict:
     return event("conversation.item.done", previous_item_id=previous_item_id, item=item)
 
 
+def context_truncated(item_ids: list[str], dropped_positions: int) -> dict:
+    """omni2 extension: these items left the model's context window (they stay in the
+    conversation the client sees; the model no longer remembers them)."""
+    return event("conversation.context.truncated", item_ids=item_ids, dropped_positions=dropped_positions)
+
+
 def item_truncated(item_id: str, content_index: int, audio_end_ms: int) -> dict:
     return event("conversation.item.truncated", item_id=item_id, content_index=content_index,
                  audio_end_ms=audio_end_ms)

@@ -14,6 +14,12 @@ barge-in interrupt promotes it to a turn; a spoken command ("stop omni") is disc
 
 Sample positions are absolute 16 kHz indices since the session began, so audio_start_ms /
 audio_end_ms in the API events count from the first byte the client sent.
+
+Turn audio ends `tail_ms` into the quiet that ends the speech, not at `speech_stopped`
+(which waits the full `silence_duration_ms`): the detector reports a `SpeechPaused` with
+exactly that audio as soon as it exists, so the session can start encoding and prefilling
+the question speculatively, and the `SpeechStopped` of the same quiet run carries the same
+audio. `SpeechResumed` says the speculation is void (the user went on talking).
 """
 from __future__ import annotations
 
@@ -38,9 +44,20 @@ class SpeechStarted:
 
 @dataclass(frozen=True)
 class SpeechStopped:
-    sample: int                      # absolute index where the turn's audio ends
-    audio: np.ndarray                # the turn: float32 16 kHz
+    sample: int                      # absolute index where the VAD's silence ran out
+    audio: np.ndarray                # the turn: float32 16 kHz (ends tail_ms into the quiet)
     forced: bool = False             # max_turn_audio_s reached while the user still spoke
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    sample: int                      # absolute index where the turn's audio would end
+    audio: np.ndarray                # the turn if the quiet lasts (a copy)
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    sample: int
 
 
 @dataclass(frozen=True)
@@ -56,36 +73,41 @@ class Interrupted:
     played_ms: int                   # answer audio the client had played by then
 
 
-InputEvent = SpeechStarted | SpeechStopped | Overflow | Interrupted
+InputEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | Overflow | Interrupted
 
-# (threshold, silence_ms, prefix_padding_ms) -> object with push(np.ndarray) -> [VadEvent]
+# TurnDetection -> object with push(np.ndarray) -> [VadEvent] (or a DuplexController)
 DetectorFactory = Callable[[TurnDetection], object]
+DEFAULT_TAIL_MS = 200
 
 
-def silero_detector(td: TurnDetection):
+def silero_detector(td: TurnDetection, tail_ms: int = DEFAULT_TAIL_MS):
     from omni2.streaming.vad import SpeechDetector
 
     return SpeechDetector(threshold=td.threshold, silence_ms=td.silence_duration_ms,
-                          prefix_padding_ms=td.prefix_padding_ms)
+                          prefix_padding_ms=td.prefix_padding_ms, pause_ms=tail_ms)
 
 
-def duplex_detector(mode: str, phrases: tuple[str, ...] = ("stop omni",)) -> DetectorFactory:
+def duplex_detector(mode: str, phrases: tuple[str, ...] = ("stop omni",),
+                    tail_ms: int = DEFAULT_TAIL_MS) -> DetectorFactory:
     """Factory of DuplexControllers ('command' or 'barge_in') with the session's VAD settings."""
     def make(td: TurnDetection):
         from omni2.streaming.duplex import DuplexConfig, DuplexController
         from omni2.streaming.interrupt import CommandConfig
 
         cfg = DuplexConfig(mode=mode, vad_threshold=td.threshold, silence_ms=td.silence_duration_ms,
-                           prefix_padding_ms=td.prefix_padding_ms, command=CommandConfig(phrases=phrases))
+                           prefix_padding_ms=td.prefix_padding_ms, pause_ms=tail_ms,
+                           command=CommandConfig(phrases=phrases))
         return DuplexController(cfg)
     return make
 
 
-def detector_factory_for(interrupt_mode: str, phrases: tuple[str, ...] = ("stop omni",)) -> DetectorFactory:
+def detector_factory_for(interrupt_mode: str, phrases: tuple[str, ...] = ("stop omni",),
+                         tail_ms: int = DEFAULT_TAIL_MS) -> DetectorFactory:
+    """tail_ms: quiet after speech that the turn's audio keeps (the speculation point)."""
     if interrupt_mode == "vad":
-        return silero_detector
+        return lambda td: silero_detector(td, tail_ms)
     if interrupt_mode in ("command", "barge_in"):
-        return duplex_detector(interrupt_mode, phrases)
+        return duplex_detector(interrupt_mode, phrases, tail_ms)
     raise ValueError(f"interrupt_mode must be vad, barge_in or command, got {interrupt_mode!r}")
 
 
@@ -109,6 +131,7 @@ class InputAudio:
         self._origin = 0             # absolute index of the detector's sample 0
         self._held = False           # speech began while the assistant was audible
         self._discard = False        # the held speech was a command: not a turn
+        self._cut: Optional[int] = None  # where the turn's audio ends if the current quiet lasts
         # Output audio and answer start/stop, noted on the event loop, applied to the
         # controller in push() (its only caller thread), in order.
         self._notes: list = []
@@ -128,6 +151,7 @@ class InputAudio:
             self._detector = self._factory(turn_detection) if turn_detection else None
             self._origin = self.samples_total
             self.in_speech = self._held = self._discard = False
+            self._cut = None
             with self._notes_lock:
                 self._notes, self._notes_samples = [], 0
 
@@ -204,19 +228,30 @@ class InputAudio:
                 events += self._on_interrupt(ev)
                 continue
             at = self._origin + ev.sample
+            heard = not (self._held or self._discard)
             if ev.kind == "speech_started" and not self.in_speech:
                 self.in_speech = True
                 self._trim_before(at)
                 self._held = self.listener and self._detector.audible(ev.sample)
                 self._discard = False
+                self._cut = None
                 if not self._held:
                     events.append(SpeechStarted(at))
+            elif ev.kind == "speech_paused" and self.in_speech:
+                self._cut = at
+                if heard:
+                    events.append(SpeechPaused(at, self._peek_until(at)))
+            elif ev.kind == "speech_resumed" and self.in_speech and self._cut is not None:
+                self._cut = None
+                if heard:
+                    events.append(SpeechResumed(at))
             elif ev.kind == "speech_stopped" and self.in_speech:
                 self.in_speech = False
-                audio = self._take_until(at)
-                if not (self._held or self._discard):
+                audio = self._take_until(at if self._cut is None else self._cut)
+                if heard:
                     events.append(SpeechStopped(at, audio))
                 self._held = self._discard = False
+                self._cut = None
         if self.in_speech and self._buf_len >= self.max_samples:
             # The user has talked for max_turn_audio_s: answer what we have, listen afresh.
             end = self._buf_start + self._buf_len
@@ -224,6 +259,7 @@ class InputAudio:
             if not (self._held or self._discard):
                 events.append(SpeechStopped(end, audio, forced=True))
             self.in_speech = self._held = self._discard = False
+            self._cut = None
             self._detector = self._factory(self.turn_detection)
             self._origin = self.samples_total
         if not self.in_speech:
@@ -244,6 +280,7 @@ class InputAudio:
     def commit(self) -> np.ndarray:
         """Manual commit: everything buffered becomes one turn; the detector starts over."""
         audio = self._take_until(self._buf_start + self._buf_len)
+        self._cut = None
         if self.vad and self.in_speech:
             self.in_speech = False
             self._detector = self._factory(self.turn_detection)
@@ -254,6 +291,7 @@ class InputAudio:
         self._take_until(self._buf_start + self._buf_len)
         self.in_speech = False
         self._held = self._discard = False
+        self._cut = None
 
     # ---- buffer ----------------------------------------------------------------------------
     def _append(self, x: np.ndarray) -> None:
@@ -272,6 +310,11 @@ class InputAudio:
             self._chunks = [self._joined()[drop:]]
             self._buf_start += drop
             self._buf_len -= drop
+
+    def _peek_until(self, at: int) -> np.ndarray:
+        """A copy of the buffered samples before absolute index `at` (the buffer keeps them)."""
+        n = min(max(at - self._buf_start, 0), self._buf_len)
+        return self._joined()[:n].copy()
 
     def _take_until(self, at: int) -> np.ndarray:
         """Remove and return buffered samples before absolute index `at`."""

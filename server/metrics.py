@@ -109,6 +109,10 @@ class Metrics:
         self.errors_total = Counter(p + "errors_total", "Error events sent to clients", "code")
         self.events_in_total = Counter(p + "client_events_total", "Client events received", "type")
         self.audio_out_seconds = Counter(p + "audio_out_seconds_total", "Seconds of speech sent")
+        self.speculations_total = Counter(p + "speculative_turns_total", "Questions encoded and "
+                                          "prefilled during the closing silence", "outcome")
+        self.truncations_total = Counter(p + "context_truncations_total",
+                                         "Oldest turns dropped from a session's model context")
         self.frames_dropped = Counter(p + "image_frames_dropped_total",
                                       "Camera frames dropped by the 1 fps limit")
         self.ttfa = Histogram(p + "time_to_first_audio_seconds",
@@ -144,10 +148,7 @@ class Metrics:
         if engine_stats is not None:
             self.absorb_engine(engine_stats)
         lines: list[str] = []
-        for m in (self.ready, self.sessions_active, self.sessions_total, self.refused_total,
-                  self.responses_total, self.cancels_total, self.interrupts_total, self.errors_total,
-                  self.events_in_total, self.audio_out_seconds, self.frames_dropped, self.ttfa,
-                  self.rtf, self.step_seconds, self.free_slots, self.live_turns,
-                  self.queue_depth, self.engine_cancels, self.engine_errors):
-            lines.extend(m.render())
+        for m in vars(self).values():  # every metric defined above, in that order
+            if isinstance(m, (Counter, Gauge, Histogram)):
+                lines.extend(m.render())
         return "\n".join(lines) + "\n"

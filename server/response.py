@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
 from omni2.model.tokens import N_AUDIO_LAYERS
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE, Resampler, encode_output_audio
-from omni2.streaming.messages import AudioChunk, TextDelta, Turn, TurnDone
+from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone
 
 from . import events as ev
 from .metrics import Metrics
@@ -38,7 +38,8 @@ class ResponseRun:
     def __init__(self, *, turn: Turn, cfg: SessionConfig, outbox: Outbox, metrics: Metrics,
                  previous_item_id: Optional[str], started_at: float,
                  on_audio: Optional[Callable[[np.ndarray], None]] = None,
-                 on_speaking: Optional[Callable[[bool], None]] = None):
+                 on_speaking: Optional[Callable[[bool], None]] = None,
+                 on_truncated: Optional[Callable[[ContextTruncated], Awaitable[None]]] = None):
         self.id = ev.new_id("resp")
         self.item_id = ev.new_id("item")
         self.turn = turn
@@ -53,9 +54,11 @@ class ResponseRun:
         self.samples_sent = 0                 # output samples at the wire rate
         self.first_audio_at: Optional[float] = None
         self.finished = False
+        self.context_items: list[str] = []    # items this answer's engine turn carries (session)
         # The duplex listener hears what we play (echo reference) and when an answer runs.
         self._on_audio = on_audio or (lambda pcm: None)
         self._on_speaking = on_speaking or (lambda speaking: None)
+        self._on_truncated = on_truncated
         fmt = cfg.output_format
         self._rate = fmt.sample_rate
         self._sample_bytes = 2 if fmt.encoding == "pcm16" else 1
@@ -104,6 +107,10 @@ class ResponseRun:
         async for event in self.turn:
             if isinstance(event, TurnDone):
                 return event
+            if isinstance(event, ContextTruncated):  # the session's context, not this answer
+                if self._on_truncated is not None:
+                    await self._on_truncated(event)
+                continue
             if self.cancel_reason is not None:
                 continue  # the user interrupted: nothing more of this answer goes out
             if isinstance(event, AudioChunk):

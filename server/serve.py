@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "barge-in, or only the spoken command (command)")
     parser.add_argument("--command-phrase", action="append", default=None, dest="command_phrases",
                         help='command that stops an answer in --interrupt command (default "stop omni")')
+    parser.add_argument("--no-speculation", action="store_const", const=False, default=None,
+                        dest="speculative_turns",
+                        help="do not encode/prefill a question during its closing silence")
     parser.add_argument("--no-warmup", action="store_const", const=False, default=None, dest="warmup",
                         help="skip the warm-up turn before reporting ready")
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error")

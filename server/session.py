@@ -4,6 +4,15 @@ Client events are handled one at a time, in arrival order (the connection awaits
 the state below needs no locks; the only concurrent task is the live response's relay. A
 turn is: user input (VAD-cut speech, committed audio, text and/or an image) -> one engine
 turn -> one response. Speech that starts while an answer plays cancels it (barge-in).
+
+Speculation: when the VAD hears the quiet that may end a turn (SpeechPaused), the question
+it would make is submitted to the engine as a *held* turn, so encoding and prefill overlap
+the rest of the silence. At speech_stopped the real question is built as always; if it is
+the same question, the held turn is released, else it is cancelled (the engine forgets it)
+and the question is submitted afresh. Events on the wire are the same either way.
+
+Context: the session knows which items each engine turn carried, so when the engine drops
+old turns to fit its window, the client hears which items the model forgot.
 """
 from __future__ import annotations
 
@@ -17,12 +26,12 @@ from typing import Awaitable, Callable, Optional
 import numpy as np
 
 from omni2.streaming.audio import decode_input_audio, resample
-from omni2.streaming.messages import SamplingParams, TurnRequest
+from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnRequest
 
 from . import events as ev
 from . import protocol as p
-from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechStarted,
-                          SpeechStopped)
+from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
+                          SpeechResumed, SpeechStarted, SpeechStopped)
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .response import ResponseRun
@@ -49,6 +58,21 @@ class ItemRecord:
     run: Optional[ResponseRun] = None
 
 
+@dataclass
+class Speculation:
+    turn: object                     # the engine's held Turn
+    request: TurnRequest             # the question it holds (hold=True)
+
+
+def same_question(a: TurnRequest, b: TurnRequest) -> bool:
+    """Whether two requests ask the engine for exactly the same answer."""
+    audio_a, audio_b = a.audio_16k, b.audio_16k
+    same_audio = (audio_a is None and audio_b is None) or (
+        audio_a is not None and audio_b is not None and np.array_equal(audio_a, audio_b))
+    return same_audio and (a.session_id, a.image, a.text, a.sampling, a.max_steps) == (
+        b.session_id, b.image, b.text, b.sampling, b.max_steps)
+
+
 class RealtimeSession:
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
@@ -73,6 +97,12 @@ class RealtimeSession:
         self._items: collections.OrderedDict[str, ItemRecord] = collections.OrderedDict()
         self._last_item: Optional[str] = None
         self._speech_item: Optional[str] = None
+        self._spec: Optional[Speculation] = None
+        self._pause_frame: Optional[bytes] = None  # latest camera frame when the speech paused
+        self._paused = False
+        self._uncounted_items: list[str] = []   # user items not yet carried by an engine turn
+        self._context: collections.deque[list[str]] = collections.deque()  # items per engine turn
+        self._drains: set[asyncio.Task] = set()
         self.closed = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -105,6 +135,7 @@ class RealtimeSession:
         if self.closed:
             return
         self.closed = True
+        self._drop_speculation()
         if self.run is not None and not self.run.finished:
             self.run.cancel_reason = self.run.cancel_reason or "client_cancelled"
             self.run.turn.cancel()
@@ -146,6 +177,7 @@ class RealtimeSession:
         elif isinstance(e, p.AudioCommit):
             await self._audio_commit(e)
         elif isinstance(e, p.AudioClear):
+            self._drop_speculation()
             self.input.clear()
             await self.outbox.put(ev.audio_cleared())
         elif isinstance(e, p.ItemCreate):
@@ -161,6 +193,7 @@ class RealtimeSession:
 
     async def _session_update(self, e: p.SessionUpdate) -> None:
         cfg, notes = self.cfg.apply(e.session, self.settings)
+        self._drop_speculation()
         if (cfg.input_format, cfg.turn_detection) != (self.input.fmt, self.input.turn_detection):
             await asyncio.to_thread(self.input.configure, cfg.input_format, cfg.turn_detection)
         self.cfg = cfg
@@ -176,6 +209,9 @@ class RealtimeSession:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None
         for h in happened:
+            if isinstance(h, (Interrupted, SpeechResumed, SpeechStarted)):
+                self._drop_speculation()
+                self._paused = False
             if isinstance(h, Interrupted):
                 # Duplex listener: a spoken command or a barge-in over the answer.
                 td = self.cfg.turn_detection
@@ -199,10 +235,17 @@ class RealtimeSession:
                 if live and td and td.interrupt_response and not self.input.listener:
                     await self.run.cancel("turn_detected")
                 await self.outbox.put(ev.speech_started(h.sample * 1000 // RATE, self._speech_item))
+            elif isinstance(h, SpeechPaused):
+                # The speech ended here if the quiet lasts: its image is the frame of now.
+                self._paused, self._pause_frame = True, self._frame
+                await self._speculate(h.audio)
             elif isinstance(h, SpeechStopped):
                 stopped_at = time.perf_counter()
                 item_id = self._speech_item or ev.new_id("item")
                 self._speech_item = None
+                if self._paused:
+                    self._frame = self._pause_frame
+                self._paused, self._pause_frame = False, None
                 await self.outbox.put(ev.speech_stopped(h.sample * 1000 // RATE, item_id))
                 await self._commit(h.audio, item_id)
                 td = self.cfg.turn_detection
@@ -239,6 +282,7 @@ class RealtimeSession:
         await self.outbox.put(ev.item_added(item, self._last_item))
         await self.outbox.put(ev.item_done(item, self._last_item))
         self._remember(item_id, ItemRecord("user"))
+        self._uncounted_items.append(item_id)
 
     def _remember(self, item_id: str, record: ItemRecord) -> None:
         self._items[item_id] = record
@@ -339,16 +383,10 @@ class RealtimeSession:
             # The interrupted answer closes first, so its response.done precedes the next one.
             await asyncio.wait({self._run_task}, timeout=CANCEL_WAIT_S)
         cfg = self.cfg
-        limit = max_tokens or cfg.max_output_tokens or self.settings.max_steps
-        request = TurnRequest(
-            session_id=self.engine_session,
-            audio_16k=np.concatenate(self._audio) if self._audio else None,
-            image=self._image, text="\n".join(self._texts) if self._texts else None,
-            sampling=SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
-            max_steps=min(limit, self.settings.max_steps))
+        request = self._request(self._audio, self._image, self._texts, max_tokens)
         self._audio, self._texts, self._image = [], [], None
         try:
-            turn = await asyncio.to_thread(self.engine.submit, request)
+            turn = await self._submit(request)
         except ValueError as exc:
             raise p.ProtocolError("invalid_input", f"The model cannot take this input: {exc}") from None
         except Exception as exc:
@@ -361,15 +399,96 @@ class RealtimeSession:
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
                           previous_item_id=self._last_item, started_at=started_at,
-                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking)
+                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking,
+                          on_truncated=self._on_truncated)
         self.run = run
         self._remember(run.item_id, ItemRecord("assistant", run))
+        run.context_items = self._uncounted_items + [run.item_id]
+        self._uncounted_items = []
+        self._context.append(run.context_items)
         try:
             await run.open()
         except BaseException:
             turn.cancel()
             raise
         self._run_task = asyncio.create_task(self._drive(run), name=f"response {run.id}")
+
+    def _request(self, audio: list[np.ndarray], image: Optional[bytes], texts: list[str],
+                 max_tokens: Optional[int] = None) -> TurnRequest:
+        cfg = self.cfg
+        limit = max_tokens or cfg.max_output_tokens or self.settings.max_steps
+        return TurnRequest(
+            session_id=self.engine_session,
+            audio_16k=np.concatenate(audio) if audio else None,
+            image=image, text="\n".join(texts) if texts else None,
+            sampling=SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
+            max_steps=min(limit, self.settings.max_steps))
+
+    async def _submit(self, request: TurnRequest):
+        """The engine turn for `request`: the held speculation if it asked the same, else new."""
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            if same_question(spec.request, request):
+                spec.turn.release()
+                self.metrics.speculations_total.inc(label="used")
+                return spec.turn
+            self._discard(spec)
+        return await asyncio.to_thread(self.engine.submit, request)
+
+    # ---- speculation ----------------------------------------------------------------------------
+    async def _speculate(self, audio: np.ndarray) -> None:
+        """Submit the question this pause would end as a held turn (see module docstring)."""
+        self._drop_speculation()
+        td = self.cfg.turn_detection
+        if not self.settings.speculative_turns or td is None or not td.create_response:
+            return
+        if self.run is not None and not self.run.finished:
+            return  # an answer is live (duplex listener): it is not cancelled before the turn ends
+        image = self._frame if self._frame is not None else self._image
+        request = self._request(self._audio + [audio], image, self._texts)
+        request.hold = True
+        try:
+            turn = await asyncio.to_thread(self.engine.submit, request)
+        except Exception as exc:  # busy or unacceptable: the turn goes the ordinary way
+            log.debug("session %s: no speculation (%s)", self.id, exc)
+            return
+        self._spec = Speculation(turn, request)
+
+    def _drop_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            self._discard(spec)
+
+    def _discard(self, spec: Speculation) -> None:
+        spec.turn.cancel()
+        self.metrics.speculations_total.inc(label="discarded")
+        # Its admission may have truncated the context: read its events to hear of that.
+        task = asyncio.create_task(self._drain(spec.turn))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, turn) -> None:
+        async for event in turn:
+            if isinstance(event, ContextTruncated):
+                await self._on_truncated(event)
+
+    # ---- context window -------------------------------------------------------------------------
+    async def _on_truncated(self, e: ContextTruncated) -> None:
+        """The engine forgot this session's oldest turns: say which items went."""
+        gone: list[str] = []
+        for _ in range(min(e.dropped_turns, len(self._context))):
+            gone += self._context.popleft()
+        self.metrics.truncations_total.inc()
+        log.info("session %s: context full, %d positions (%d turns) forgotten", self.id,
+                 e.dropped_positions, e.dropped_turns)
+        if not self.closed:
+            await self.outbox.put(ev.context_truncated(gone, e.dropped_positions))
+
+    def _forget_context(self, items: list[str]) -> None:
+        try:
+            self._context.remove(items)
+        except ValueError:
+            pass
 
     async def _drive(self, run: ResponseRun) -> None:
         done, error = None, None
@@ -382,6 +501,8 @@ class RealtimeSession:
                 log.exception("response %s failed", run.id)
                 run.turn.cancel()
                 error = f"{type(exc).__name__}: {exc}"
+            if done is None or "context_start" not in done.stats:
+                self._forget_context(run.context_items)  # the engine never took this turn in
             await run.close(done, error)
         except SlowReader as exc:
             run.turn.cancel()

@@ -66,6 +66,12 @@ class ServerSettings:
     vad_threshold: float = 0.5
     vad_silence_ms: int = 500
     vad_prefix_padding_ms: int = 300
+    # The model hears a VAD turn up to this far into its closing quiet (not the whole
+    # silence_duration_ms); once that audio exists the question is encoded and prefilled
+    # speculatively, so silence_ms - tail of the wait overlaps the work. Off: answer only
+    # after speech_stopped, from scratch.
+    turn_audio_tail_ms: int = 200
+    speculative_turns: bool = True
     temperature: float = 0.0            # greedy by default: reproduces the released model
     top_k: int = 1
     top_p: float = 1.0
@@ -90,6 +96,8 @@ class ServerSettings:
             problems.append("hard_message_bytes must be >= max_message_bytes")
         if self.interrupt_mode not in ("vad", "barge_in", "command"):
             problems.append(f"interrupt_mode must be vad, barge_in or command, got {self.interrupt_mode!r}")
+        if self.turn_audio_tail_ms < 0:
+            problems.append(f"turn_audio_tail_ms must be >= 0, got {self.turn_audio_tail_ms}")
         if not 0.0 < self.vad_threshold < 1.0:
             problems.append(f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
         if not 0 < self.port < 65536:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Union
+from typing import Iterable, Literal, Optional, Union
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class DuplexConfig:
     silence_ms: int = 500
     prefix_padding_ms: int = 300
     min_speech_ms: int = 64
+    pause_ms: Optional[int] = None  # VAD speech_paused/resumed events (see vad.SpeechDetector)
     # Barge-in mode: user speech at least this long stops the answer.
     barge_in_ms: int = 300
     barge_in_gap_ms: int = 200   # a pause this long restarts the barge-in speech count
@@ -168,6 +169,7 @@ class DuplexController:
         self.vad = SpeechDetector(
             threshold=config.vad_threshold, silence_ms=config.silence_ms,
             prefix_padding_ms=config.prefix_padding_ms, min_speech_ms=config.min_speech_ms,
+            pause_ms=config.pause_ms,
         )
         self.echo = EchoCanceller(config.echo)
         self.detector = None

@@ -10,6 +10,12 @@ Events follow the OpenAI Realtime server-VAD semantics the server exposes:
 turn would include), `speech_stopped.sample` is where `silence_ms` of quiet was reached
 (the end of the audio a turn would include). Both are absolute 16 kHz sample indices
 counted from construction or the last `reset()`.
+
+With `pause_ms` set (below `silence_ms`), two more events let a server work ahead:
+`speech_paused` when a quiet run inside speech reaches `pause_ms` (its sample is where the
+quiet run reached that length: audio up to it is all a turn needs), and `speech_resumed`
+when speech comes back before `speech_stopped`. A `speech_stopped` is always preceded by a
+`speech_paused` of the same quiet run when pausing is on.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ SAMPLE_RATE = 16000
 # silero-vad v5+ accepts exactly this chunk size at 16 kHz.
 CHUNK = 512
 
-VadKind = Literal["speech_started", "speech_stopped"]
+VadKind = Literal["speech_started", "speech_stopped", "speech_paused", "speech_resumed"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class SpeechDetector:
         breaths) are ignored. The reported sample is still the onset of the blip run.
     neg_threshold: probability below which a chunk counts as silence once in speech;
         between the two thresholds the state is kept (hysteresis against flicker).
+    pause_ms: quiet after speech that reports `speech_paused` (None or >= silence_ms: off).
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class SpeechDetector:
         prefix_padding_ms: int = 300,
         min_speech_ms: int = 64,
         neg_threshold: float | None = None,
+        pause_ms: int | None = None,
     ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"VAD threshold must be in (0, 1), got {threshold}")
@@ -103,6 +111,11 @@ class SpeechDetector:
         self.silence_samples = silence_ms * SAMPLE_RATE // 1000
         self.prefix_samples = prefix_padding_ms * SAMPLE_RATE // 1000
         self.min_speech_samples = min_speech_ms * SAMPLE_RATE // 1000
+        self.pause_samples = None
+        if pause_ms is not None and pause_ms < silence_ms:
+            if pause_ms < 0:
+                raise ValueError("VAD durations must be >= 0 ms")
+            self.pause_samples = pause_ms * SAMPLE_RATE // 1000
         self._model = load_silero()
         self.reset()
 
@@ -117,6 +130,7 @@ class SpeechDetector:
         self._last_speech_end = 0       # end sample of the last chunk scored as speech
         self._last_stop = 0             # started.sample never reaches back before this
         self._quiet_from: int | None = None  # first sample of the current quiet run in speech
+        self._paused = False            # speech_paused reported for the current quiet run
 
     @property
     def onset_pending(self) -> bool:
@@ -171,13 +185,22 @@ class SpeechDetector:
         if prob >= self.threshold:
             self._last_speech_end = end
             self._quiet_from = None
+            if self._paused:
+                self._paused = False
+                events.append(VadEvent("speech_resumed", start))
             return
         if prob < self.neg_threshold and self._quiet_from is None:
             self._quiet_from = start
         # Chunks between the thresholds neither start nor cancel a quiet run (hysteresis),
         # so murmur after a word does not keep the turn open forever.
-        if self._quiet_from is not None and end - self._quiet_from >= self.silence_samples:
+        if self._quiet_from is None:
+            return
+        if self.pause_samples is not None and not self._paused and end - self._quiet_from >= self.pause_samples:
+            self._paused = True
+            events.append(VadEvent("speech_paused", end))
+        if end - self._quiet_from >= self.silence_samples:
             self.in_speech = False
             self._quiet_from = None
+            self._paused = False
             self._last_stop = end
             events.append(VadEvent("speech_stopped", end))

@@ -4,7 +4,8 @@ One step-loop thread, like the real engine: every `tick_s` each live turn gets o
 sine AudioChunk, and every `words_every` ticks one word of its answer as a TextDelta. The
 answer names the session and what the turn carried, so tests can check that every session
 got its own answer. Cancel is honoured at the next tick; submitting past `slots` live turns
-raises EngineFull; a turn with no input or an undecodable image raises ValueError.
+raises EngineFull; a turn with no input or an undecodable image raises ValueError. A held
+(speculative) turn stays silent until released.
 """
 from __future__ import annotations
 
@@ -137,6 +138,8 @@ class FakeEngine:
                     self.cancels_total += 1
                     self._finish(turn, st, "cancelled")
                     continue
+                if turn.held:  # speculative: silent until released
+                    continue
                 if st["step"] >= turn.request.max_steps:
                     self._finish(turn, st, "max_steps")
                     continue
@@ -163,4 +166,5 @@ class FakeEngine:
         with self._lock:
             self._live.pop(turn, None)
         turn._emit(TurnDone(reason=reason, frames_generated=st["step"], frames_emitted=st["step"],
-                            text="".join(st["text"]), stats={"steps": st["step"], "prompt_positions": 10}))
+                            text="".join(st["text"]),
+                            stats={"steps": st["step"], "prompt_positions": 10, "context_start": 0}))

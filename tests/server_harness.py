@@ -77,12 +77,13 @@ def running_server(engine, host: Optional[EngineHost] = None, detector_factory=N
 
 
 @contextlib.contextmanager
-def tiny_engine(max_sessions: int = 4):
-    """A started, warmed-up engine on the built-in tiny model; stopped on exit."""
+def tiny_engine(max_sessions: int = 4, **config):
+    """A started, warmed-up engine on the built-in tiny model (EngineConfig `config`)."""
     from omni2.streaming.engine import Engine, EngineConfig
     from omni2.streaming.runtime import load_runtime
 
-    engine = Engine(load_runtime(model="tiny", device="cpu"), EngineConfig(max_sessions=max_sessions)).start()
+    engine = Engine(load_runtime(model="tiny", device="cpu"),
+                    EngineConfig(max_sessions=max_sessions, **config)).start()
     engine.warmup()
     try:
         yield engine

@@ -72,3 +72,23 @@ def test_min_speech_ms_ignores_short_blips():
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="threshold"):
         SpeechDetector(threshold=1.5)
+
+
+@requires_speech
+def test_pause_events_mark_the_quiet_run_that_ends_the_turn():
+    """pause_ms reports each quiet run that reaches it; speech coming back says so; the last
+    pause belongs to the same quiet run as speech_stopped, a fixed distance before it."""
+    first, _, _ = utterance("what is the weather", lead_s=0.5, tail_s=0.45)
+    second, _, end = utterance("in paris today", lead_s=0.0, tail_s=1.2)
+    audio = np.concatenate([first, second])
+    events = feed(SpeechDetector(silence_ms=500, pause_ms=150), audio, 700)
+    kinds = [e.kind for e in events]
+    assert kinds == ["speech_started", "speech_paused", "speech_resumed", "speech_paused", "speech_stopped"], events
+    paused, stopped = events[-2:]
+    chunks = lambda ms: -(-ms * 16 // CHUNK) * CHUNK  # noqa: E731 - quiet rounded up to chunks
+    assert stopped.sample - paused.sample == chunks(500) - chunks(150)
+    assert first.size + end < paused.sample < stopped.sample
+    # without pause_ms (or pause_ms >= silence_ms) the events are the plain ones
+    plain = feed(SpeechDetector(silence_ms=500, pause_ms=500), audio, 700)
+    assert [e.kind for e in plain] == ["speech_started", "speech_stopped"]
+    assert plain[-1] == stopped
