@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv = sub.add_parser("server", help="frames/s through the WebSocket vs the raw engine; first-audio latency")
     srv.add_argument("--sessions", type=int, default=4)
     srv.add_argument("--turns", type=int, default=3)
+    srv.add_argument("--model", default="tiny", help="tiny | real (released sizes, random weights) | checkpoint dir")
+    srv.add_argument("--max-steps", type=int, default=256, help="decode steps per answer")
+    srv.add_argument("--device", default="auto")
     itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
     itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
     for q in (eng, mod, srv, itr):
@@ -46,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.bench == "server":
         from omni2.server.bench import run_server_bench
 
-        result = run_server_bench(sessions=args.sessions, turns=args.turns)
+        result = run_server_bench(runtime_model=args.model, sessions=args.sessions, turns=args.turns,
+                                  max_steps=args.max_steps, device=args.device)
     else:
         from omni2.streaming.bench_interrupt import run_interrupt_bench
 

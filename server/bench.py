@@ -5,7 +5,10 @@ realtime clients streaming the speech at real time over loopback WebSockets thro
 VAD. Reported: delivered speech frames per second both ways (target: the WebSocket path
 keeps >= 90% of raw), and time to first audio after the end of speech, p50/p90, measured
 from the true end of the voiced audio (includes the VAD's silence window) and from the
-server's speech_stopped event.
+server's speech_stopped event. The WebSocket rounds run twice, against two servers on the
+same engine: with speculation (question encoded and prefilled during the closing silence,
+the default) and without (`--no-speculation`), so the latency it saves is measured in the
+same run.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _percentile(xs: list[float], q: float) -> Optional[float]:
     return float(np.percentile(xs, q)) if xs else None
 
 
-def _questions(n: int, tail_s: float, silence_ms: int):
+def _questions(n: int, tail_s: float, turn_tail_ms: int):
     """Per session: (the turn the server VAD would cut, at 16 kHz; the whole stream at
     24 kHz; end of the voiced part in s). espeak-ng speech, 0.3 s lead, tail_s silence after."""
     from omni2.streaming.audio import resample
@@ -41,8 +44,8 @@ def _questions(n: int, tail_s: float, silence_ms: int):
         voiced = speak(QUESTIONS[i % len(QUESTIONS)], speed=150 + 10 * (i % 4))
         audio = np.concatenate([silence(0.3), voiced, silence(tail_s)])
         end_s = 0.3 + voiced.size / 16000
-        # The VAD turn: prefix padding (300 ms = the lead) through the silence window.
-        turn = audio[: int((end_s + silence_ms / 1000) * 16000)]
+        # The VAD turn: prefix padding (300 ms = the lead) through turn_audio_tail_ms of quiet.
+        turn = audio[: int((end_s + turn_tail_ms / 1000) * 16000)]
         out.append((turn, resample(audio, 16000, 24000), end_s))
     return out
 
@@ -183,73 +186,104 @@ def _serve_in_thread(app, settings):
     return server, thread, sock.getsockname()[1]
 
 
+def _bench_runtime(model: str, device: str):
+    """'tiny', a checkpoint directory, or 'real': every part at the released sizes with
+    random weights (the real model's compute, for latency figures without its weights)."""
+    from omni2.streaming.runtime import load_runtime, pick_device, pick_dtype
+
+    if model != "real":
+        return load_runtime(model=model, device=device)
+    from omni2.streaming.bench_engine import random_model
+
+    dev = pick_device(device)
+    return random_model("real", pick_dtype("auto", dev), str(dev))
+
+
 def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int = 3,
                      max_steps: int = 256, device: str = "auto", tail_s: float = 1.0,
                      vad: bool = True, verbose: bool = True, turns: Optional[int] = None) -> dict:
     """Raw engine vs WebSocket frames/s and first-audio latency, one engine, one run.
 
-    rounds (alias turns): how many times every session asks its question, both ways.
+    rounds (alias turns): how many times every session asks its question, each way.
     """
     rounds = turns if turns is not None else rounds
     from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
 
     from .app import create_app
     from .engine_host import EngineHost
     from .settings import ServerSettings
 
     say = print if verbose else (lambda *a, **k: None)
-    runtime = load_runtime(model=runtime_model, device=device)
+    runtime = _bench_runtime(runtime_model, device)
     engine = Engine(runtime, EngineConfig(max_sessions=max(sessions, 1), max_steps=max_steps)).start()
-    server = thread = None
+    servers = []
     try:
         engine.warmup()
         settings = ServerSettings(max_sessions=sessions, max_steps=max_steps, log_level="warning")
-        questions = _questions(sessions, tail_s, settings.vad_silence_ms)
+        questions = _questions(sessions, tail_s, settings.turn_audio_tail_ms)
         info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype)}
-        app = create_app(settings, EngineHost.ready_with(engine, info))
-        server, thread, port = _serve_in_thread(app, settings)
-        url = f"ws://127.0.0.1:{port}/v1/realtime"
-        raw, ws_rounds = [], []
+        urls = {}
+        for name, speculate in (("speculation", True), ("no_speculation", False)):
+            s = settings.replace(speculative_turns=speculate)
+            server, thread, port = _serve_in_thread(create_app(s, EngineHost.ready_with(engine, info)), s)
+            servers.append((server, thread))
+            urls[name] = f"ws://127.0.0.1:{port}/v1/realtime"
+        raw, ws_rounds = [], {name: [] for name in urls}
         import multiprocessing
 
-        # Raw and WebSocket rounds alternate, so drift in machine load hits both alike.
+        # Raw and WebSocket rounds alternate, so drift in machine load hits all alike.
+        streams = [(a24, end) for _, a24, end in questions]
         with multiprocessing.get_context("spawn").Pool(1) as clients:
             for _ in range(rounds):
                 _wait_idle(engine)
                 raw.append(_raw_round(engine, questions, max_steps))
-                _wait_idle(engine)
-                ws_rounds.append(clients.apply(_client_round, (url, [(a24, end) for _, a24, end in questions], vad)))
+                for name, url in urls.items():
+                    _wait_idle(engine)
+                    ws_rounds[name].append(clients.apply(_client_round, (url, streams, vad)))
     finally:
-        if server is not None:
+        for server, thread in servers:
             server.should_exit = True
             thread.join(10)
         engine.stop()
 
     # Per-round rates, then the median: one noisy round does not decide the figure.
     raw_fps = float(np.median([r["frames"] / r["wall"] for r in raw]))
-    ws_fps = float(np.median([
-        sum(s["samples"] for s in rnd) / FRAME_SAMPLES / (max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd))
-        for rnd in ws_rounds]))
-    after_speech = [s["first"] - s["voiced_end"] for rnd in ws_rounds for s in rnd if "first" in s]
-    after_stop = [s["first"] - s["stopped"] for rnd in ws_rounds for s in rnd if "first" in s]
     raw_ttfa = [t for r in raw for t in r["ttfa"]]
     result = {
         "model": runtime.name, "device": str(runtime.device), "sessions": sessions, "rounds": rounds,
-        "max_steps": max_steps,
-        "raw_frames_per_s": raw_fps, "ws_frames_per_s": ws_fps, "ws_over_raw": ws_fps / raw_fps,
-        "first_audio_after_speech_end_s": {"p50": _percentile(after_speech, 50), "p90": _percentile(after_speech, 90)},
-        "first_audio_after_speech_stopped_s": {"p50": _percentile(after_stop, 50), "p90": _percentile(after_stop, 90)},
-        "raw_first_audio_after_submit_s": {"p50": _percentile(raw_ttfa, 50), "p90": _percentile(raw_ttfa, 90)},
-        "vad_silence_ms": settings.vad_silence_ms,
+        "max_steps": max_steps, "raw_frames_per_s": raw_fps,
+        "raw_first_audio_after_submit_s": _p50_p90(raw_ttfa),
+        "vad_silence_ms": settings.vad_silence_ms, "turn_audio_tail_ms": settings.turn_audio_tail_ms,
     }
+    for name, rounds_of in ws_rounds.items():
+        ws_fps = float(np.median([
+            sum(s["samples"] for s in rnd) / FRAME_SAMPLES / (max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd))
+            for rnd in rounds_of]))
+        result[name] = {
+            "ws_frames_per_s": ws_fps, "ws_over_raw": ws_fps / raw_fps,
+            "first_audio_after_speech_end_s": _p50_p90(
+                [s["first"] - s["voiced_end"] for rnd in rounds_of for s in rnd if "first" in s]),
+            "first_audio_after_speech_stopped_s": _p50_p90(
+                [s["first"] - s["stopped"] for rnd in rounds_of for s in rnd if "first" in s]),
+        }
     say(f"server bench: {runtime.name} on {runtime.device}, {sessions} sessions x {rounds} rounds, "
         f"max_steps {max_steps}")
-    say(f"  frames/s   raw engine {raw_fps:8.1f}   through WebSocket {ws_fps:8.1f}   "
-        f"({100 * result['ws_over_raw']:.1f}% of raw; target >= 90%)")
-    for name, key in (("after speech end (incl. VAD silence)", "first_audio_after_speech_end_s"),
-                      ("after speech_stopped", "first_audio_after_speech_stopped_s"),
-                      ("raw engine after submit", "raw_first_audio_after_submit_s")):
-        d = result[key]
-        say(f"  first audio {name:38s} p50 {d['p50'] * 1000:7.1f} ms   p90 {d['p90'] * 1000:7.1f} ms")
+    say(f"  raw engine: {raw_fps:8.1f} frames/s; first audio after submit "
+        f"{_ms(result['raw_first_audio_after_submit_s'])}")
+    for name in ws_rounds:
+        r = result[name]
+        say(f"  WebSocket, {name.replace('_', ' ')}: {r['ws_frames_per_s']:8.1f} frames/s "
+            f"({100 * r['ws_over_raw']:.1f}% of raw; target >= 90%)")
+        say(f"    first audio after speech end (incl. VAD silence) {_ms(r['first_audio_after_speech_end_s'])}")
+        say(f"    first audio after speech_stopped                 {_ms(r['first_audio_after_speech_stopped_s'])}")
     return result
+
+
+def _p50_p90(xs: list[float]) -> dict:
+    return {"p50": _percentile(xs, 50), "p90": _percentile(xs, 90)}
+
+
+def _ms(d: dict) -> str:
+    if d["p50"] is None:
+        return "p50 -   p90 -"
+    return f"p50 {d['p50'] * 1000:7.1f} ms   p90 {d['p90'] * 1000:7.1f} ms"
