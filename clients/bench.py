@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--device", default="cpu")
     eng.add_argument("--sessions", default="1,2,4,8,16")
     eng.add_argument("--steps", type=int, default=24, help="decode steps per turn")
+    eng.add_argument("--no-prepack", action="store_false", dest="prepack",
+                     help="run the engine on the weights as loaded (no oneDNN packing)")
     eng.add_argument("--repeats", type=int, default=3)
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
@@ -41,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
 
         result = run_engine_bench(size=args.model, dtype=args.dtype, device=args.device,
                                   sessions=tuple(int(s) for s in args.sessions.split(",")),
-                                  steps=args.steps, repeats=args.repeats)
+                                  steps=args.steps, repeats=args.repeats, prepack=args.prepack)
     elif args.bench == "model":
         from omni2.streaming.bench_model import run_model_bench
 

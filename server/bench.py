@@ -192,11 +192,14 @@ def _bench_runtime(model: str, device: str):
     from omni2.streaming.runtime import load_runtime, pick_device, pick_dtype
 
     if model != "real":
-        return load_runtime(model=model, device=device)
+        return load_runtime(model=model, device=device, prepack=True)
     from omni2.streaming.bench_engine import random_model
+    from omni2.streaming.prepack import prepack_
 
     dev = pick_device(device)
-    return random_model("real", pick_dtype("auto", dev), str(dev))
+    runtime = random_model("real", pick_dtype("auto", dev), str(dev))
+    prepack_(runtime.lm)
+    return runtime
 
 
 def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int = 3,

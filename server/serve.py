@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "barge-in, or only the spoken command (command)")
     parser.add_argument("--command-phrase", action="append", default=None, dest="command_phrases",
                         help='command that stops an answer in --interrupt command (default "stop omni")')
+    parser.add_argument("--no-prepack", action="store_const", const=False, default=None, dest="cpu_prepack",
+                        help="CPU: keep the LM weights as loaded (no oneDNN packing)")
     parser.add_argument("--no-speculation", action="store_const", const=False, default=None,
                         dest="speculative_turns",
                         help="do not encode/prefill a question during its closing silence")
@@ -69,7 +71,7 @@ def load_engine(settings: ServerSettings):
     from omni2.streaming.runtime import load_runtime
 
     runtime = load_runtime(model=settings.model, device=settings.device, dtype=settings.dtype,
-                           snac=settings.snac or None)
+                           snac=settings.snac or None, prepack=settings.cpu_prepack and not settings.compile)
     if getattr(runtime, "is_fallback", False):
         log.warning("=" * 72)
         log.warning("NO Mini-Omni2 CHECKPOINT FOUND: serving the built-in TINY model.")

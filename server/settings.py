@@ -28,6 +28,7 @@ class ServerSettings:
     dtype: str = "auto"                 # auto: fp32 on CPU (reference-exact), bf16 on CUDA
     snac: str = ""                      # SNAC codec: hub id or dir ("" = checkpoint's snac/ or the hub)
     compile: str = ""                   # torch.compile the decode step: "", default, reduce-overhead
+    cpu_prepack: bool = True            # CPU: LM weights packed for oneDNN at load (same tokens, faster)
     log_level: str = "info"
 
     # --- admission and access ------------------------------------------------------------

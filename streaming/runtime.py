@@ -81,8 +81,11 @@ def _warn_fallback(reason: str) -> None:
 
 
 def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
-                 snac: Optional[str] = None) -> OmniModel:
-    """Load the model to serve. Returns an OmniModel with `is_fallback` set."""
+                 snac: Optional[str] = None, prepack: bool = False) -> OmniModel:
+    """Load the model to serve. Returns an OmniModel with `is_fallback` set.
+
+    prepack: on a CPU, lay the LM's weights out for oneDNN once (streaming/prepack.py):
+    faster decode steps, the same tokens; off, the model is exactly as loaded."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     fallback = False
@@ -99,4 +102,8 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
     else:
         bundle = load_model(model, snac=snac or SNAC_REPO, device=dev, dtype=dt)
     bundle.is_fallback = fallback
+    if prepack:
+        from .prepack import prepack_
+
+        prepack_(bundle.lm)
     return bundle

@@ -1,0 +1,83 @@
+"""CPU weight prepacking (streaming/prepack.py): faster kernels, the same tokens.
+
+The packed model is a separate load of the tiny checkpoint (prepacking is in place); the
+reference is `generate` on the shared, unpacked `tiny_model`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni2.model.bundle import load_model
+from omni2.model.generate import generate
+from omni2.streaming import prepack
+from omni2.streaming.config import EngineConfig
+from omni2.streaming.engine import Engine
+from omni2.streaming.messages import TurnDone, TurnRequest
+
+pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch has no oneDNN packed linear")
+
+
+def question(seed, seconds=0.6):
+    return (0.1 * np.random.RandomState(seed).randn(int(16000 * seconds))).astype(np.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 40])
+def test_bf16_packed_linear_is_bitwise_plain_linear(rows):
+    torch.manual_seed(rows)
+    w, b = torch.randn(300, 96).bfloat16(), torch.randn(300).bfloat16()
+    x = torch.randn(rows, 96).bfloat16()
+    assert torch.equal(prepack.PackedLinear(w, b, plain_rows=0)(x), F.linear(x, w, b))
+
+
+def test_fp32_packed_linear_is_plain_up_to_two_rows_and_close_beyond():
+    torch.manual_seed(0)
+    w, b = torch.randn(300, 96), torch.randn(300)
+    lin = prepack.PackedLinear(w, b, plain_rows=prepack.FP32_PLAIN_ROWS)
+    for rows in (1, 2):
+        x = torch.randn(rows, 96)
+        assert torch.equal(lin(x), F.linear(x, w, b))
+    x = torch.randn(2, 8, 96)  # 16 rows through the packed kernel, any leading shape
+    torch.testing.assert_close(lin(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def packed_pair(request, tiny_checkpoint):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[request.param]
+    plain = load_model(tiny_checkpoint, snac=None, dtype=dtype)
+    packed = load_model(tiny_checkpoint, dtype=dtype)
+    assert prepack.prepack_(packed.lm) and not prepack.prepack_(packed.lm)  # once only
+    return plain, packed
+
+
+def test_prepacked_model_generates_the_plain_models_tokens(packed_pair):
+    plain, packed = packed_pair
+    for seed in (1, 2):
+        prompt, embeds = plain.encode_question(question(seed))
+        ref = generate(plain.lm, prompt, embeds, 24)
+        got = generate(packed.lm, prompt, embeds, 24)
+        assert got.audio_tokens == ref.audio_tokens and got.text_tokens == ref.text_tokens
+
+
+def test_engine_on_prepacked_weights_gives_each_turn_its_plain_tokens(packed_pair):
+    """fp32: six concurrent turns (up to 12 rows: the packed kernel) against plain solo
+    references. bf16 rounds every layer's output to 8 bits of mantissa, so a different batch
+    size (a different kernel blocking, packed or not) may flip a token there: bf16 is checked
+    on one session, where packed and plain kernels are bitwise the same."""
+    plain, packed = packed_pair
+    n = 6 if packed.lm.lm_head.weight.dtype == torch.float32 else 1
+    with Engine(packed, EngineConfig(max_sessions=n, record_tokens=True)) as eng:
+        turns = [eng.submit(TurnRequest(session_id=eng.open_session(), audio_16k=question(10 + i), max_steps=16))
+                 for i in range(n)]
+        dones = [next(e for e in t.events(timeout=120) if isinstance(e, TurnDone)) for t in turns]
+    for i, done in enumerate(dones):
+        prompt, embeds = plain.encode_question(question(10 + i))
+        assert done.stats["audio_ids"] == generate(plain.lm, prompt, embeds, 16).audio_tokens, i
+
+
+def test_prepack_is_a_no_op_off_the_cpu_and_for_half_precision(tiny_checkpoint):
+    fp16 = load_model(tiny_checkpoint, snac=None, dtype=torch.float16)
+    assert not prepack.prepack_(fp16.lm)
+    assert type(fp16.lm.transformer.h[0].mlp.fc_1) is torch.nn.Linear
