@@ -217,7 +217,10 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
     from .settings import ServerSettings
 
     say = print if verbose else (lambda *a, **k: None)
-    runtime = _bench_runtime(runtime_model, device)
+    from omni2.streaming.cpu_threads import DEFAULT_THREADS, in_fresh_thread
+
+    # loaded on a thread that ends, as `omni2 serve` does: see streaming/cpu_threads.py
+    runtime = in_fresh_thread(_bench_runtime, runtime_model, device, threads=DEFAULT_THREADS)
     engine = Engine(runtime, EngineConfig(max_sessions=max(sessions, 1), max_steps=max_steps)).start()
     servers = []
     try:

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from omni2.streaming.audio import MODEL_SAMPLE_RATE, AudioFormat, Resampler, decode_input_audio
+from omni2.streaming.cpu_threads import single_threaded
 
 from .session_config import TurnDetection
 
@@ -206,6 +207,7 @@ class InputAudio:
 
     def push(self, data: bytes) -> list[InputEvent]:
         """Take one append's bytes; return what they caused, in order."""
+        single_threaded()  # the VAD's torch work must not hold an OpenMP team (cpu_threads)
         x = self.decode(data)
         if x.size == 0:
             return []

@@ -29,6 +29,7 @@ from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
 from .config import EngineConfig
+from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
 from .messages import STOPPED_REASONS, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 from .slots import DECODE, HELD, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
 from .vocoder import Vocoder
@@ -48,8 +49,13 @@ class Engine:
         # One position past the context limit is scratch: rows with nothing to say write there
         # when a slot's context is exactly full, so no real position is ever scribbled on.
         self.context_len = max_len
-        self.cache = KVCache.allocate(lm.cfg, rows=2 * config.max_sessions, max_len=max_len + 1,
-                                      device=self.device, dtype=model.dtype)
+        # CPU: allocated (zero-filled in parallel) on a short-lived thread, so the caller's
+        # thread does not keep an OpenMP team that would slow the step thread's down.
+        self._cpu = torch.device(self.device).type == "cpu"
+        self.threads = config.threads or DEFAULT_THREADS
+        allocate = lambda: KVCache.allocate(lm.cfg, rows=2 * config.max_sessions,  # noqa: E731
+                                            max_len=max_len + 1, device=self.device, dtype=model.dtype)
+        self.cache = in_fresh_thread(allocate, threads=self.threads) if self._cpu else allocate()
         self.slots = [Slot(i) for i in range(config.max_sessions)]
         self._sessions: dict[str, Slot] = {}
         self._session_ids = itertools.count(1)
@@ -60,7 +66,9 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio)
+        # CPU threading policy (see cpu_threads): the step thread is the one OpenMP team.
+        self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio,
+                               threads=config.vocoder_threads if self._cpu else None)
         self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
         # sampling parameters per slot, on the device, updated when a turn is admitted
         n = config.max_sessions
@@ -188,7 +196,7 @@ class Engine:
                 continue
             req = turn.request
             try:
-                _, embeds = self.model.encode_question(req.audio_16k, image=req.image, text=req.text)
+                _, embeds = self._encode(req)
             except ValueError as exc:
                 self._finish_unstarted(turn, "error", str(exc))
                 continue
@@ -199,6 +207,13 @@ class Engine:
             self._ready.append((turn, embeds))
             self._wake.set()
 
+    def _encode(self, req: TurnRequest):
+        if not self._cpu:
+            return self.model.encode_question(req.audio_16k, image=req.image, text=req.text)
+        # all cores for the encoders, on a thread whose OpenMP team ends with the job
+        return in_fresh_thread(self.model.encode_question, req.audio_16k, image=req.image, text=req.text,
+                               threads=self.threads, name="omni2-encode")
+
     def _finish_unstarted(self, turn: Turn, reason: str, error: Optional[str] = None) -> None:
         with self._lock:
             self._queued -= 1
@@ -208,6 +223,8 @@ class Engine:
 
     # ---- step thread -------------------------------------------------------------------------
     def _step_loop(self) -> None:
+        if self._cpu:
+            use_threads(self.threads)
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:

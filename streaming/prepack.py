@@ -48,6 +48,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if rows == 0:  # e.g. no session still writing text this step
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         if rows <= self.plain_rows:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed,

@@ -30,8 +30,10 @@ class _Voice:
 
 
 class Vocoder:
-    def __init__(self, snac: Optional[torch.nn.Module], group_frames: int, on_first_audio=None) -> None:
+    def __init__(self, snac: Optional[torch.nn.Module], group_frames: int, on_first_audio=None,
+                 threads: Optional[int] = None) -> None:
         self.snac = snac
+        self.threads = threads  # torch threads of the worker (None: leave as it is)
         self.group_frames = group_frames
         self.on_first_audio = on_first_audio  # callback(turn, seconds since submit)
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
@@ -90,6 +92,10 @@ class Vocoder:
                 return
 
     def _run(self) -> None:
+        if self.threads is not None:
+            from .cpu_threads import use_threads
+
+            use_threads(self.threads)
         while not self._stop.is_set():
             self._drain(block=not self._voices)
             if not self._voices:

@@ -24,7 +24,7 @@ def question(seed, seconds=0.6):
     return (0.1 * np.random.RandomState(seed).randn(int(16000 * seconds))).astype(np.float32)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 16, 40])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 16, 40])
 def test_bf16_packed_linear_is_bitwise_plain_linear(rows):
     torch.manual_seed(rows)
     w, b = torch.randn(300, 96).bfloat16(), torch.randn(300).bfloat16()
