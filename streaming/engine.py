@@ -68,7 +68,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         # CPU threading policy (see cpu_threads): the step thread is the one OpenMP team.
         self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio,
-                               threads=config.vocoder_threads if self._cpu else None)
+                               threads=1 if self._cpu else None)
         self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
         # sampling parameters per slot, on the device, updated when a turn is admitted
         n = config.max_sessions

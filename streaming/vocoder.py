@@ -33,7 +33,7 @@ class Vocoder:
     def __init__(self, snac: Optional[torch.nn.Module], group_frames: int, on_first_audio=None,
                  threads: Optional[int] = None) -> None:
         self.snac = snac
-        self.threads = threads  # torch threads of the worker (None: leave as it is)
+        self.threads = threads  # torch threads of the worker (CPU: 1, see cpu_threads; None: as is)
         self.group_frames = group_frames
         self.on_first_audio = on_first_audio  # callback(turn, seconds since submit)
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
