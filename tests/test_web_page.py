@@ -330,3 +330,25 @@ def test_api_key_is_sent_as_subprotocol(browser, engine):
         assert browser.find_element(By.ID, "state").text == "connected"
     finally:
         srv.stop()
+
+
+@requires_browser
+def test_turns_the_model_forgot_are_marked(browser):
+    """A 90-position context: the third typed turn pushes the first out of the model's window;
+    the page marks that question and its answer from the server's context.truncated event."""
+    from selenium.webdriver.common.by import By
+
+    with tiny_engine(max_sessions=1, max_context=90) as eng:
+        srv = web_server(eng, max_steps=24)
+        try:
+            open_page(browser, srv, mode="ptt")
+            for n, words in enumerate(("hello there", "how are you", "tell me more"), start=1):
+                browser.find_element(By.ID, "text").send_keys(words)
+                browser.find_element(By.ID, "send").click()
+                s = wait_for(browser, lambda s, n=n: len(s["statuses"]) >= n, 60, f"answer {n}")
+            assert s["events"].get("conversation.context.truncated") == 1, s["events"]
+            marked = [b for b in bubbles(browser, "user") + bubbles(browser, "assistant")
+                      if "no longer in the model's memory" in b.text]
+            assert len(marked) == 2 and "hello there" in marked[0].text, [b.text for b in marked]
+        finally:
+            srv.stop()

@@ -164,6 +164,9 @@ function onEvent(e) {
     case "conversation.item.truncated":
       meta(e.item_id, `heard ${(e.audio_end_ms / 1000).toFixed(1)} s`);
       break;
+    case "conversation.context.truncated":   // omni2: the model's window dropped these turns
+      for (const id of e.item_ids || []) meta(id, "no longer in the model's memory");
+      break;
     case "error":
       onError(e.error || {});
       break;
