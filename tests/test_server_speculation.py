@@ -166,3 +166,35 @@ def test_a_full_context_window_names_the_items_it_forgot():
         assert cut[0]["item_ids"] == [turns[0][0], turns[0][1]] and cut[0]["dropped_positions"] > 0
         assert [e for e in turns[2][2] if e["type"] == "conversation.context.truncated"] == cut
         assert "omni2_context_truncations_total 1" in metrics(srv)
+
+
+@requires_speech
+def test_leaving_during_the_closing_silence_frees_the_held_question():
+    """The client goes away after the pause but before speech_stopped: the held question is
+    cancelled with the session, nothing stays live in the engine."""
+    import time
+
+    audio, _, end = utterance("what do you see in this picture", lead_s=0.5, tail_s=0.35)
+    engine = FakeEngine(slots=2).start()
+    try:
+        with running_server(engine, turn_audio_tail_ms=TAIL_MS) as srv:
+            async def main():
+                c = await Client.connect(srv.ws)
+                assert (await c.recv())["type"] == "session.created"
+                await c.send("session.update", session=VAD)
+                await c.until("session.updated")
+                await stream_audio(c, resample(audio, 16000, 24000))
+                deadline = time.monotonic() + 10
+                while not engine.submitted and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await c.close()
+            run(main())
+            (request,) = engine.submitted
+            assert request.hold
+            deadline = time.monotonic() + 10
+            while engine.stats()["live_turns"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.stats()["live_turns"] == 0 and engine.cancels_total == 1
+            assert 'omni2_speculative_turns_total{outcome="discarded"} 1' in metrics(srv)
+    finally:
+        engine.stop()
