@@ -114,6 +114,11 @@ class Client:
     async def send(self, type_: str, **fields) -> None:
         await self.conn.send(json.dumps({"type": type_, **fields}))
 
+    async def send_text(self, text: str) -> None:
+        """A typed user message: conversation.item.create with one input_text part."""
+        await self.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                          "content": [{"type": "input_text", "text": text}]})
+
     async def send_raw(self, data) -> None:
         await self.conn.send(data)
 

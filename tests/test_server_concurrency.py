@@ -24,8 +24,7 @@ async def one_session(url: str, index: int, audio) -> dict:
     c = await Client.connect(url)
     assert (await c.recv())["type"] == "session.created"
     # A typed tag in the same turn lets us check whose answer came back.
-    await c.send("conversation.item.create", item={"type": "message", "role": "user", "content": [
-        {"type": "input_text", "text": f"client{index}"}]})
+    await c.send_text(f"client{index}")
     await stream_audio(c, audio, pace=0.5)
     events = await c.until("response.done", timeout=60)
     await c.close()

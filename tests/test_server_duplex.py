@@ -35,8 +35,7 @@ async def talk_over_the_answer(url: str, words: str, after_s: float = 0.6, tail_
     """Ask for a long answer, then let the microphone carry `words` while it plays."""
     c = await Client.connect(url)
     assert (await c.recv())["type"] == "session.created"
-    await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                   "content": [{"type": "input_text", "text": "a long story"}]})
+    await c.send_text("a long story")
     await c.send("response.create")
     mic = np.concatenate([silence(after_s), speak(words, voice=voice, speed=speed), silence(tail_s)])
     mic24 = resample(mic, 16000, 24000)

@@ -127,15 +127,13 @@ def test_cancel_and_disconnect_free_the_slot(engine, spoken):
             c = await Client.connect(srv.ws)
             await c.recv()
             await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
-            await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                           "content": [{"type": "input_text", "text": "talk"}]})
+            await c.send_text("talk")
             await c.send("response.create")
             await c.until("response.output_audio.delta", timeout=60)
             await c.send("response.cancel")
             done = (await c.until("response.done", timeout=30))[-1]["response"]
             assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
-            await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                           "content": [{"type": "input_text", "text": "again"}]})
+            await c.send_text("again")
             await c.send("response.create")
             await c.until("response.output_audio.delta", timeout=60)
             assert engine.stats()["live_turns"] == 1
@@ -163,8 +161,7 @@ def test_typed_question_with_camera_on_is_answered_and_keeps_the_frame(server):
         await c.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
         await c.until("session.updated")
         await c.send("input_image_buffer.append", image=jpeg_data_url())
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "hello"}]})
+        await c.send_text("hello")
         await c.send("response.create")
         typed = await c.until("response.done", timeout=90)
         await c.send("conversation.item.create", item={"type": "message", "role": "user", "content": [

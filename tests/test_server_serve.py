@@ -58,8 +58,7 @@ def test_omni2_serve_tiny_comes_up_answers_and_stops():
                                      headers={"Authorization": "Bearer k1"})
             assert (await c.recv())["type"] == "session.created"
             await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
-            await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                           "content": [{"type": "input_text", "text": "hi"}]})
+            await c.send_text("hi")
             await c.send("response.create")
             events = await c.until("response.done", timeout=60)
             await c.close()

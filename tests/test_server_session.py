@@ -132,8 +132,7 @@ def test_scripted_conversation_with_speech_and_image(server, question):
         assert events[t.index("conversation.item.added", 5)]["previous_item_id"] == committed["item_id"]
 
         # Second turn in the same session, typed: the image was used once and is gone.
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "and now"}]})
+        await c.send_text("and now")
         await c.send("response.create")
         r2 = check_response(await c.until("response.done"))
         assert "text=and_now" in r2["transcript"] and "image" not in r2["transcript"]
@@ -170,8 +169,7 @@ def test_response_cancel_stops_audio(server, engine):
     async def main():
         c = await connect(server)
         await update(c, MANUAL)
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "talk long"}]})
+        await c.send_text("talk long")
         await c.send("response.create")
         await c.until("response.output_audio.delta")
         await c.send("response.create", event_id="dup")
@@ -198,8 +196,7 @@ def test_speech_during_an_answer_interrupts_it(server, question, engine):
 
     async def main():
         c = await connect(server)
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "tell a story"}]})
+        await c.send_text("tell a story")
         await c.send("response.create")
         await c.until("response.output_audio.delta")
         await stream_audio(c, audio, pace=0.2)
@@ -222,8 +219,7 @@ def test_truncate_played_audio(server):
     async def main():
         c = await connect(server)
         await update(c, MANUAL)
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "hi"}]})
+        await c.send_text("hi")
         await c.send("response.create")
         r = check_response(await c.until("response.done"))
         ms = len(r["audio"]) // 2 * 1000 // 24000
@@ -243,8 +239,7 @@ def test_g711_output_and_text_only_modality(server, engine):
     async def main():
         c = await connect(server)
         await update(c, {**MANUAL, "audio": {**MANUAL["audio"], "output": {"format": {"type": "audio/pcmu"}}}})
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "phone"}]})
+        await c.send_text("phone")
         await c.send("response.create")
         r = check_response(await c.until("response.done"))
         pcm = mulaw_decode(r["audio"])
@@ -253,8 +248,7 @@ def test_g711_output_and_text_only_modality(server, engine):
         assert abs(dominant_hz(pcm[400:], 8000) - 440) < 10
 
         await update(c, {"type": "realtime", "output_modalities": ["text"]})
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "quiet"}]})
+        await c.send_text("quiet")
         await c.send("response.create")
         got = await c.until("response.done")
         t = types(got)
@@ -270,8 +264,7 @@ def test_beta_clients_get_beta_event_names(server):
     async def main():
         c = await connect(server, headers={"OpenAI-Beta": "realtime=v1"})
         await update(c, {"turn_detection": None, "input_audio_format": "pcm16"})
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "old"}]})
+        await c.send_text("old")
         await c.send("response.create")
         t = types(await c.until("response.done"))
         assert "response.audio.delta" in t and "response.audio_transcript.done" in t
@@ -323,8 +316,7 @@ def test_every_bad_input_gets_an_error_and_the_session_goes_on(server):
             if isinstance(raw, str) and '"event_id"' in raw and code != "message_too_large":
                 assert err["event_id"] == json.loads(raw)["event_id"]
         # Still usable: a normal turn works.
-        await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                       "content": [{"type": "input_text", "text": "still here"}]})
+        await c.send_text("still here")
         await c.send("response.create")
         assert "text=still_here" in check_response(await c.until("response.done"))["transcript"]
         await c.close()
@@ -340,8 +332,7 @@ def test_engine_full_is_an_error_not_a_crash():
                 a, b = await connect(srv), await connect(srv)
                 for c in (a, b):
                     await update(c, MANUAL)
-                    await c.send("conversation.item.create", item={"type": "message", "role": "user",
-                                                                   "content": [{"type": "input_text", "text": "x"}]})
+                    await c.send_text("x")
                 await a.send("response.create")
                 opening = await a.until("response.created")
                 await b.send("response.create")

@@ -149,8 +149,7 @@ def test_a_full_context_window_names_the_items_it_forgot():
         await c.until("session.updated")
         turns = []
         for words in ("hello there", "how are you", "tell me more"):
-            await c.send("conversation.item.create", item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": words}]})
+            await c.send_text(words)
             user = (await c.until("conversation.item.done"))[-1]["item"]["id"]
             await c.send("response.create", response={"max_output_tokens": 24})
             events = await c.until("response.done", timeout=90)
