@@ -54,7 +54,6 @@ class ResponseRun:
         self.samples_sent = 0                 # output samples at the wire rate
         self.first_audio_at: Optional[float] = None
         self.finished = False
-        self.context_items: list[str] = []    # items this answer's engine turn carries (session)
         # The duplex listener hears what we play (echo reference) and when an answer runs.
         self._on_audio = on_audio or (lambda pcm: None)
         self._on_speaking = on_speaking or (lambda speaking: None)

@@ -403,15 +403,15 @@ class RealtimeSession:
                           on_truncated=self._on_truncated)
         self.run = run
         self._remember(run.item_id, ItemRecord("assistant", run))
-        run.context_items = self._uncounted_items + [run.item_id]
+        carried = self._uncounted_items + [run.item_id]  # the items this engine turn carries
         self._uncounted_items = []
-        self._context.append(run.context_items)
+        self._context.append(carried)
         try:
             await run.open()
         except BaseException:
             turn.cancel()
             raise
-        self._run_task = asyncio.create_task(self._drive(run), name=f"response {run.id}")
+        self._run_task = asyncio.create_task(self._drive(run, carried), name=f"response {run.id}")
 
     def _request(self, audio: list[np.ndarray], image: Optional[bytes], texts: list[str],
                  max_tokens: Optional[int] = None) -> TurnRequest:
@@ -490,7 +490,7 @@ class RealtimeSession:
         except ValueError:
             pass
 
-    async def _drive(self, run: ResponseRun) -> None:
+    async def _drive(self, run: ResponseRun, carried: list[str]) -> None:
         done, error = None, None
         try:
             try:
@@ -502,7 +502,7 @@ class RealtimeSession:
                 run.turn.cancel()
                 error = f"{type(exc).__name__}: {exc}"
             if done is None or "context_start" not in done.stats:
-                self._forget_context(run.context_items)  # the engine never took this turn in
+                self._forget_context(carried)  # the engine never took this turn in
             await run.close(done, error)
         except SlowReader as exc:
             run.turn.cancel()
