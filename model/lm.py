@@ -81,6 +81,28 @@ class KVCache:
         return self.k.size(3)
 
 
+@dataclass
+class StepContext:
+    """What every layer of one forward call shares, built once per call (not per layer)."""
+
+    pos: torch.Tensor  # [B,T] absolute positions
+    rows: Optional[torch.Tensor]  # [B] cache rows, or None for rows 0..B-1 in order
+    write_rows: torch.Tensor  # [B,T] the cache row of each position
+    span: int  # cache positions [0, span) are attended
+    cos: torch.Tensor  # [B,1,1,T,D]
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B,1,Q*T,span] True where a query may attend
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, rope_cos, rope_sin, rows, pos: torch.Tensor, span: int) -> "StepContext":
+        B, T = pos.shape
+        write_rows = (torch.arange(B, device=pos.device) if rows is None else rows)[:, None].expand(B, T)
+        mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]  # B,T,span
+        mask = mask.repeat(1, cfg.q_per_kv, 1)[:, None]  # query index = head*T + t
+        return cls(pos=pos, rows=rows, write_rows=write_rows, span=span,
+                   cos=rope_cos[pos][:, None, None], sin=rope_sin[pos][:, None, None], mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -89,8 +111,8 @@ class Attention(nn.Module):
         self.attn = nn.Linear(cfg.n_embd, cfg.qkv_rows, bias=True)
         self.proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, rows, pos, span: int) -> torch.Tensor:
-        """x [B,T,C] at absolute positions pos [B,T] of cache rows `rows` [B].
+    def forward(self, x: torch.Tensor, ctx: "StepContext", layer: int, cache: KVCache) -> torch.Tensor:
+        """x [B,T,C] at absolute positions ctx.pos [B,T] of cache rows ctx.rows [B].
 
         Attends to cache positions [0, span) of each row, masked to <= its own position, so
         one call serves a prefill chunk (T>1, one turn) or a decode step (T=1, every row).
@@ -99,22 +121,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         G, Q, D = cfg.n_query_groups, cfg.q_per_kv, cfg.head_size
         qkv = self.attn(x).view(B, T, G, Q + 2, D).permute(0, 2, 3, 1, 4)  # B,G,Q+2,T,D
-        q, k, v = qkv.split((Q, 1, 1), dim=2)
-        q = apply_rope(q, cos, sin)  # cos/sin: B,1,1,T,D
-        k = apply_rope(k, cos, sin)
+        qk = apply_rope(qkv[:, :, : Q + 1], ctx.cos, ctx.sin)  # queries and key rotate alike
+        q, k, v = qk[:, :, :Q], qk[:, :, Q:], qkv[:, :, Q + 1 :]
         # Write this chunk's keys/values: advanced indices (rows, pos) select [B,T] slots.
-        r = (torch.arange(B, device=x.device) if rows is None else rows)[:, None].expand(B, T)
-        cache.k[layer, r, :, pos] = k[:, :, 0].permute(0, 2, 1, 3).to(cache.k.dtype)
-        cache.v[layer, r, :, pos] = v[:, :, 0].permute(0, 2, 1, 3).to(cache.v.dtype)
-        if rows is None:  # every cache row in order (the decode step): a view, no gather
-            keys, vals = cache.k[layer, :, :, :span], cache.v[layer, :, :, :span]
+        cache.k[layer, ctx.write_rows, :, ctx.pos] = k[:, :, 0].permute(0, 2, 1, 3).to(cache.k.dtype)
+        cache.v[layer, ctx.write_rows, :, ctx.pos] = v[:, :, 0].permute(0, 2, 1, 3).to(cache.v.dtype)
+        if ctx.rows is None:  # every cache row in order (the decode step): a view, no gather
+            keys, vals = cache.k[layer, :, :, : ctx.span], cache.v[layer, :, :, : ctx.span]
         else:
-            keys, vals = cache.k[layer, rows, :, :span], cache.v[layer, rows, :, :span]
+            keys, vals = cache.k[layer, ctx.rows, :, : ctx.span], cache.v[layer, ctx.rows, :, : ctx.span]
         # Query heads of one group share its key: fold them into the query length, no copy of K/V.
         q = q.reshape(B, G, Q * T, D)
-        mask = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]  # B,T,span
-        mask = mask.repeat(1, Q, 1)[:, None]  # B,1,Q*T,span (query index = head*T + t)
-        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=D ** -0.5)
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=ctx.mask, scale=D ** -0.5)
         y = y.view(B, G, Q, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, G * Q * D)
         return self.proj(y)
 
@@ -127,8 +145,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.n_embd)
 
-    def forward(self, x, cos, sin, layer, cache, rows, pos, span):
-        x = x + self.attn(self.norm_1(x), cos, sin, layer, cache, rows, pos, span)
+    def forward(self, x, ctx: "StepContext", layer: int, cache: KVCache):
+        x = x + self.attn(self.norm_1(x), ctx, layer, cache)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -182,10 +200,9 @@ class OmniLM(nn.Module):
         `span` bounds the attended cache length (max position + 1 over the batch); the caller
         knows it without reading the device.
         """
-        cos = self.rope_cos[pos][:, None, None]  # B,1,1,T,D
-        sin = self.rope_sin[pos][:, None, None]
+        ctx = StepContext.build(self.cfg, self.rope_cos, self.rope_sin, rows, pos, span)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, layer, cache, rows, pos, span)
+            x = block(x, ctx, layer, cache)
         return self.transformer.ln_f(x)
 
     # ---- output side -------------------------------------------------------------------
