@@ -217,3 +217,12 @@ class OmniLM(nn.Module):
         """[..., 7, 4160] local-id logits of the 7 audio layers, from one head slice."""
         w = self.lm_head.weight[tokens.PADDED_TEXT_VOCAB :]
         return F.linear(hidden, w).unflatten(-1, (tokens.N_AUDIO_LAYERS, tokens.PADDED_AUDIO_VOCAB))
+
+    # Greedy picks. A runtime may install faster exact versions (streaming/screened_argmax.py).
+    def text_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, C] -> the greedy text id of each row [R]."""
+        return self.text_logits(hidden).argmax(-1)
+
+    def audio_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, C] -> the greedy local id of each audio layer [R, 7]."""
+        return self.audio_logits(hidden).argmax(-1)

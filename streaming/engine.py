@@ -377,19 +377,17 @@ class Engine:
         speak, write = hidden[0::2, 0], hidden[1::2, 0]
         idx = [s.index for s in slots]
         writing = [j for j, s in enumerate(slots) if not s.rules.text_ended]
-        greedy = all(self._greedy[i] for i in idx)
-        audio_logits = lm.audio_logits(speak)  # [n, 7, 4160]
         if len(writing) < len(slots):
             write = write[torch.tensor(writing, device=self.device)] if writing else write[:0]
-        text_logits = lm.text_logits(write)  # [len(writing), 152000]
-        if greedy:
-            audio, text = audio_logits.argmax(-1), text_logits.argmax(-1)
+        if all(self._greedy[i] for i in idx):  # (a runtime may screen these: same ids)
+            audio, text = lm.audio_argmax(speak), lm.text_argmax(write)
         else:
             sel = torch.tensor(idx, device=self.device)
             t, k, p = self._temperature[sel], self._top_k[sel], self._top_p[sel]
-            audio = sample(audio_logits, t, k, p, self._gen)
+            audio = sample(lm.audio_logits(speak), t, k, p, self._gen)  # [n, 7]
             wsel = sel[torch.tensor(writing, dtype=torch.long, device=self.device)]
-            text = sample(text_logits, self._temperature[wsel], self._top_k[wsel], self._top_p[wsel], self._gen)
+            text = sample(lm.text_logits(write), self._temperature[wsel], self._top_k[wsel], self._top_p[wsel],
+                          self._gen)
         text_ids = [tk.PAD_T] * len(slots)
         for j, t in zip(writing, text.tolist()):  # the one device->host copy of the step (+ audio)
             text_ids[j] = t

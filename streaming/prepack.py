@@ -92,4 +92,8 @@ def prepack_(lm: nn.Module) -> bool:
     object.__setattr__(lm, "text_logits", text)
     object.__setattr__(lm, "audio_logits", _AudioHead(audio))
     object.__setattr__(lm, "prepacked", True)
+    if weight.dtype == torch.float32:  # greedy picks from a bf16 screen of the heads: same ids
+        from .screened_argmax import screen_heads_
+
+        screen_heads_(lm)
     return True

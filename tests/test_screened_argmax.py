@@ -1,0 +1,106 @@
+"""Screened greedy heads (streaming/screened_argmax.py): the fp32 argmax, read from bf16."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni2.model.bundle import load_model
+from omni2.model.generate import generate
+from omni2.streaming.config import EngineConfig
+from omni2.streaming.engine import Engine
+from omni2.streaming.messages import TurnDone, TurnRequest
+from omni2.streaming.screened_argmax import ScreenedArgmax, error_bound_factor, screen_heads_
+
+
+def full_argmax(hidden, weight, groups):
+    ids = F.linear(hidden, weight).view(hidden.size(0), groups, weight.size(0) // groups).argmax(-1)
+    return ids[:, 0] if groups == 1 else ids
+
+
+@pytest.mark.parametrize("groups", [1, 7])
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_equals_the_fp32_argmax_on_random_heads(groups, rows):
+    g = torch.Generator().manual_seed(rows * 10 + groups)
+    weight = 0.03 * torch.randn(7 * 600, 128, generator=g)
+    head = ScreenedArgmax(weight, groups)
+    for scale in (0.1, 1.0, 30.0):
+        hidden = scale * torch.randn(rows, 128, generator=g)
+        assert torch.equal(head(hidden), full_argmax(hidden, weight, groups))
+    if rows:  # it screened: far fewer exact rows than the head has
+        assert groups <= head.candidates < 0.05 * rows * weight.size(0)
+
+
+def test_the_error_bound_holds_for_every_row():
+    g = torch.Generator().manual_seed(5)
+    # rows and hidden states of very different sizes, so the per-row bound is exercised
+    weight = torch.randn(3000, 256, generator=g) * torch.logspace(-3, 1, 3000)[:, None]
+    head = ScreenedArgmax(weight)
+    hidden = torch.randn(4, 256, generator=g) * torch.tensor([[1e-3], [1.0], [50.0], [1e3]])
+    err = (head.approximate(hidden) - F.linear(hidden, weight)).abs()
+    bound = error_bound_factor(256) * hidden.norm(dim=1, keepdim=True) * head.norms
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 1e-3  # the bound is not vacuous either
+
+
+def test_near_ties_and_exact_ties_resolve_as_the_full_head_does():
+    """Rows that differ below bf16 resolution (identical approximations) and duplicated rows:
+    the first of the fp32 maxima wins, as torch.argmax over all logits picks it."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 64, generator=g)
+    weight = 0.01 * torch.randn(500, 64, generator=g)
+    best = hidden[0] / hidden[0].norm()
+    weight[100] = best
+    weight[300] = best * (1 + 2 ** -20)  # larger in fp32, equal in bf16
+    weight[400] = best * (1 + 2 ** -20)  # an exact tie with row 300
+    head = ScreenedArgmax(weight)
+    assert int(head(hidden)) == int(F.linear(hidden, weight).argmax()) == 300
+    weight[50] = weight[300]  # now an earlier exact tie
+    head = ScreenedArgmax(weight)
+    assert int(head(hidden)) == int(F.linear(hidden, weight).argmax()) == 50
+
+
+def test_a_cluster_of_rows_closer_than_bf16_can_tell_is_ranked_in_fp32():
+    """50 rows within 1e-4 (relative) of each other: their bf16 logits are in the wrong order
+    (checked), the screened pick is still the fp32 one."""
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(1, 64, generator=g)
+    weight = 0.01 * torch.randn(400, 64, generator=g)
+    best = hidden[0] / hidden[0].norm()
+    weight[200:250] = best * (1 + 1e-4 * torch.randn(50, 1, generator=g)) + 1e-5 * torch.randn(50, 64, generator=g)
+    head = ScreenedArgmax(weight)
+    exact = int(F.linear(hidden, weight).argmax())
+    assert int(head.approximate(hidden).argmax()) != exact  # bf16 alone would pick wrongly
+    assert int(head(hidden)) == exact
+
+
+def test_a_non_finite_hidden_state_reads_the_whole_head():
+    weight = torch.randn(200, 32)
+    hidden = torch.randn(2, 32)
+    hidden[1, 3] = float("nan")
+    assert torch.equal(ScreenedArgmax(weight)(hidden), full_argmax(hidden, weight, 1))
+
+
+def test_only_fp32_weights_split_into_equal_groups():
+    with pytest.raises(ValueError):
+        ScreenedArgmax(torch.randn(10, 4).bfloat16())
+    with pytest.raises(ValueError):
+        ScreenedArgmax(torch.randn(10, 4), groups=3)
+
+
+def test_a_screened_model_generates_the_plain_models_tokens(tiny_checkpoint, tiny_model):
+    """The engine's greedy picks go through lm.text_argmax / lm.audio_argmax; on the tiny
+    checkpoint they must give `generate`'s tokens step for step, text included."""
+    screened = load_model(tiny_checkpoint)
+    if not screen_heads_(screened.lm):
+        pytest.skip("no fast bf16 kernel on this CPU: heads are not screened")
+    assert not screen_heads_(screened.lm)  # once only
+    audio = (0.1 * np.random.RandomState(3).randn(9600)).astype(np.float32)
+    prompt, embeds = tiny_model.encode_question(audio)
+    ref = generate(tiny_model.lm, prompt, embeds, 24)
+    with Engine(screened, EngineConfig(max_sessions=2, record_tokens=True)) as eng:
+        turn = eng.submit(TurnRequest(session_id=eng.open_session(), audio_16k=audio, max_steps=24))
+        done = next(e for e in turn.events(timeout=120) if isinstance(e, TurnDone))
+    assert done.stats["audio_ids"] == ref.audio_tokens
+    assert done.stats["text_ids"] == ref.text_tokens
