@@ -91,13 +91,16 @@ class StepContext:
     span: int  # cache positions [0, span) are attended
     cos: torch.Tensor  # [B,1,1,T,D]
     sin: torch.Tensor
-    mask: torch.Tensor  # [B,1,Q*T,span] True where a query may attend
+    mask: torch.Tensor  # [B,1,Q*T,span] additive: 0 where a query may attend, -inf elsewhere
 
     @classmethod
-    def build(cls, cfg: ModelConfig, rope_cos, rope_sin, rows, pos: torch.Tensor, span: int) -> "StepContext":
+    def build(cls, cfg: ModelConfig, rope_cos, rope_sin, rows, pos: torch.Tensor, span: int,
+              dtype: torch.dtype) -> "StepContext":
         B, T = pos.shape
         write_rows = (torch.arange(B, device=pos.device) if rows is None else rows)[:, None].expand(B, T)
-        mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]  # B,T,span
+        hidden = torch.arange(span, device=pos.device)[None, None, :] > pos[:, :, None]  # B,T,span
+        # additive, as SDPA would make a boolean mask on every call
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
         mask = mask.repeat(1, cfg.q_per_kv, 1)[:, None]  # query index = head*T + t
         return cls(pos=pos, rows=rows, write_rows=write_rows, span=span,
                    cos=rope_cos[pos][:, None, None], sin=rope_sin[pos][:, None, None], mask=mask)
@@ -200,7 +203,7 @@ class OmniLM(nn.Module):
         `span` bounds the attended cache length (max position + 1 over the batch); the caller
         knows it without reading the device.
         """
-        ctx = StepContext.build(self.cfg, self.rope_cos, self.rope_sin, rows, pos, span)
+        ctx = StepContext.build(self.cfg, self.rope_cos, self.rope_sin, rows, pos, span, x.dtype)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, ctx, layer, cache)
         return self.transformer.ln_f(x)
