@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--no-prepack", action="store_false", dest="prepack",
                      help="run the engine on the weights as loaded (no oneDNN packing)")
     eng.add_argument("--repeats", type=int, default=3)
+    eng.add_argument("--text-share", type=float, default=None,
+                     help="share of a whole answer's steps that write text (default 0.3, see bench_engine.py)")
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
@@ -43,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
 
         result = run_engine_bench(size=args.model, dtype=args.dtype, device=args.device,
                                   sessions=tuple(int(s) for s in args.sessions.split(",")),
-                                  steps=args.steps, repeats=args.repeats, prepack=args.prepack)
+                                  steps=args.steps, repeats=args.repeats, prepack=args.prepack,
+                                  text_share=args.text_share)
     elif args.bench == "model":
         from omni2.streaming.bench_model import run_model_bench
 

@@ -4,7 +4,9 @@ Baseline, measured in the same run on the same weights: one turn at a time, its 
 with a KV cache as long as the context (the release attends over the whole 2048-position
 cache every step), the full 181,120-row head for both rows, and per-token sampling with a
 host sync per token, as the release's top-k=1 sampler does. The engine must produce the
-same tokens (checked) and is timed at 1, 2, 4, ... concurrent sessions.
+same tokens (checked) and is timed at 1, 2, 4, ... concurrent sessions, and for one session
+through the phases of an answer (text being written, text ended, a whole answer), each
+against the baseline in the same phase.
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ from .slots import feed_ids
 
 FRAME_SECONDS = 2048 / 24000
 REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
+# Share of a spoken answer's steps in which its text is still being written. Speech runs at
+# ~150 words a minute (2.5 words/s) and Qwen2's tokenizer spends ~1.3 tokens a word in
+# English, so an answer's text takes ~3.3 steps per 11.72 steps of its speech (28%); the
+# text stream runs ahead of the audio and then writes pad_t until the speech ends.
+ANSWER_TEXT_SHARE = 0.3
+# Steps 0 and 1 of a turn (the first forward passes after its prefill) run 1.5-2x slower than
+# the rest in both loops; rates are timed from step 2 on, in the baseline and the engine alike.
+WARM_STEPS = 2
 
 
 def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> OmniModel:
@@ -59,25 +69,27 @@ def question(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 @torch.inference_mode()
-def baseline_turn(model: OmniModel, audio: np.ndarray, steps: int, text_ended: bool = False) -> tuple[list, float]:
+def baseline_turn(model: OmniModel, audio: np.ndarray, steps: int, text_steps: int | None = None) -> tuple[list, float]:
     """Release-style decoding of one turn; returns (audio tokens per step, steps/s).
 
-    text_ended: from step 1 on, as if the text stream had written eot at step 0 (pad_t fed
-    back), the state of most of a real answer (its text ends well before its speech)."""
+    text_steps: the text stream is written for this many steps, then ends as if it had
+    written eot (pad_t fed back), as a real answer's text ends well before its speech. Random
+    weights never write eot by themselves. None: only the model decides."""
     lm = model.lm
     prompt, embeds = model.encode_question(audio)
     T = prompt.length
     dev = embeds.device
     cache = KVCache.allocate(lm.cfg, rows=2, max_len=lm.cfg.block_size, device=dev, dtype=embeds.dtype)
     full = lm.cfg.block_size
-    lm(embeds, cache, None, torch.arange(T, device=dev)[None].expand(2, T), span=T)
-    hidden = None
+    # the prompt in one pass over the whole cache, as every release step attends; its last
+    # position gives step 0's tokens
+    hidden = lm(embeds, cache, None, torch.arange(T, device=dev)[None].expand(2, T), span=full)
     rules, out, audio_ids, text_id = EndRules(), [], None, None
     t0 = time.perf_counter()
     for step in range(steps):
-        if step == 0:
-            hidden = lm(embeds[:, -1:], cache, None, torch.full((2, 1), T - 1, device=dev), span=full)
-        else:
+        if step == WARM_STEPS:  # timed from here: see engine_run
+            t0 = time.perf_counter()
+        if step > 0:
             ids = torch.tensor(feed_ids(audio_ids, text_id), device=dev)[:, :, None]
             hidden = lm(lm.embed(ids), cache, None, torch.full((2, 1), T + step - 1, device=dev), span=full)
         logits = lm.logits(hidden[:, -1])  # full head, both rows
@@ -86,10 +98,10 @@ def baseline_turn(model: OmniModel, audio: np.ndarray, steps: int, text_ended: b
         stop, text_id = rules.apply(step, audio_ids, text_id)
         if stop:
             break
-        rules.text_ended = rules.text_ended or text_ended
+        rules.text_ended = rules.text_ended or (text_steps is not None and step + 1 >= text_steps)
         out.append(audio_ids)
     elapsed = time.perf_counter() - t0
-    return out, len(out) / elapsed
+    return out, (len(out) - WARM_STEPS) / elapsed
 
 
 def _release_sample(logits: torch.Tensor) -> int:
@@ -117,6 +129,7 @@ def precision_agreement(size: str, device: str, audio: np.ndarray, steps: int, r
 class EngineRun:
     sessions: int
     steps_per_s_session: float  # 1 / median time of a decode step with all sessions speaking
+    mean_steps_per_s: float  # steps / their time, from step WARM_STEPS on (a whole turn's rate)
     aggregate_steps_per_s: float
     rtf: float  # compute seconds per second of speech in steady state (< 1 keeps up)
     prefill_ms: float
@@ -140,21 +153,27 @@ class _EncodedOnce:
         return getattr(self._model, name)
 
 
-class _TextEndedEngine(Engine):
-    """Every turn's text ends at step 0 (see baseline_turn): benchmark only."""
+class _TextStepsEngine(Engine):
+    """Every turn's text ends after `text_steps` steps (see baseline_turn): benchmark only."""
+
+    text_steps = 1
 
     def _update(self, slot, audio, text) -> None:
         super()._update(slot, audio, text)
-        slot.rules.text_ended = True
+        if slot.step >= self.text_steps:
+            slot.rules.text_ended = True
 
 
 def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, prefill_chunk: int = 256,
-               encode_once: bool = False, speech: bool = True, text_ended: bool = False) -> EngineRun:
+               encode_once: bool = False, speech: bool = True, text_steps: int | None = None) -> EngineRun:
     steps = max(steps, sessions + 8)  # long enough for steps with every session speaking
     cfg = EngineConfig(max_sessions=max(sessions, 1), max_steps=steps, record_tokens=True, prefill_chunk=prefill_chunk)
     if encode_once:
         model = _EncodedOnce(model, audio, speech)
-    with (_TextEndedEngine if text_ended else Engine)(model, cfg) as eng:
+    engine = Engine
+    if text_steps is not None:
+        engine = type("_Engine", (_TextStepsEngine,), {"text_steps": text_steps})
+    with engine(model, cfg) as eng:
         sids = [eng.open_session() for _ in range(sessions)]
         turns = [eng.submit(TurnRequest(session_id=s, audio_16k=audio, max_steps=steps)) for s in sids]
         dones = []
@@ -170,6 +189,7 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
     return EngineRun(
         sessions=sessions,
         steps_per_s_session=1 / step,
+        mean_steps_per_s=(len(full) - 1) / sum(full[1:]),  # decode steps start at step 1
         aggregate_steps_per_s=sessions / step,
         rtf=step / FRAME_SECONDS,
         prefill_ms=1000 * statistics.median(d.stats["prefill_s"] for d in dones),
@@ -185,7 +205,7 @@ def _median_run(runs: list[EngineRun]) -> EngineRun:
 
 def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu", sessions=(1, 2, 4, 8, 16),
                      steps: int = 24, repeats: int = 3, question_s: float = 3.0, prepack: bool = True,
-                     out=print) -> dict:
+                     text_share: float | None = None, out=print) -> dict:
     from omni2.streaming.runtime import pick_dtype
 
     torch.set_grad_enabled(False)
@@ -208,10 +228,14 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
     # The baseline runs on the weights as loaded, the release's way; then (unless told not
     # to) the weights are packed for the engine, as `omni2 serve` does on a CPU.
     fresh(baseline_turn, model, audio, 3)  # warm-up (allocator, kernels)
-    base = [fresh(baseline_turn, model, audio, steps) for _ in range(repeats)]
-    base_rate = statistics.median(r for _, r in base)
-    base_ended = [fresh(baseline_turn, model, audio, steps, text_ended=True) for _ in range(repeats)]
-    base_ended_rate = statistics.median(r for _, r in base_ended)
+    # One session through the phases of an answer: text still being written (every step, as
+    # random weights never end it), text ended (from step 1), and a whole answer whose text
+    # is written for ANSWER_TEXT_SHARE of its steps. Each against its own baseline.
+    share = ANSWER_TEXT_SHARE if text_share is None else text_share
+    phases = {"text written": None, "text ended": 1, "whole answer": max(1, round(share * steps))}
+    base_runs = {name: [fresh(baseline_turn, model, audio, steps, text_steps=k) for _ in range(repeats)]
+                 for name, k in phases.items()}
+    base, base_rate = base_runs["text written"], statistics.median(r for _, r in base_runs["text written"])
     if prepack:
         from .prepack import prepack_
 
@@ -235,23 +259,22 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
             run = _median_run([engine_run(model, n, steps, audio, encode_once=True, speech=speech) for _ in range(repeats)])
             one = ones.setdefault(speech, run)
             results["runs"].append(run.__dict__ | {"tokens": None, "speech": speech})
-            if n == 1 and speech:
-                results["identical_tokens"] = run.tokens == base[0][0]
-                results["speedup_1_session"] = run.steps_per_s_session / base_rate
             out(f"{n:>8} {'yes' if speech else 'no':>7} {run.steps_per_s_session:>16.2f} {run.aggregate_steps_per_s:>10.2f} "
                 f"{run.aggregate_steps_per_s / one.aggregate_steps_per_s:>9.2f} {run.rtf:>6.2f} {run.prefill_ms:>11.0f}")
-    out(f"1 session vs baseline: {results['speedup_1_session']:.2f}x steps/s, identical tokens: {results['identical_tokens']}")
-    # Most of a real answer is spoken after its text ended: the release still computes the
-    # whole 181k-row head for both rows there; the engine only the audio head.
-    ended = _median_run([engine_run(model, 1, steps, audio, encode_once=True, speech=False, text_ended=True)
-                         for _ in range(repeats)])
-    results["text_ended"] = {"baseline_steps_per_s": base_ended_rate,
-                             "engine_steps_per_s": ended.steps_per_s_session,
-                             "speedup_1_session": ended.steps_per_s_session / base_ended_rate,
-                             "identical_tokens": ended.tokens == base_ended[0][0]}
-    te = results["text_ended"]
-    out(f"1 session after the text ended (tokens only): baseline {base_ended_rate:.2f} steps/s, engine "
-        f"{ended.steps_per_s_session:.2f} = {te['speedup_1_session']:.2f}x, identical tokens: {te['identical_tokens']}")
+    out(f"1 session through an answer (tokens only; the whole answer writes text for {phases['whole answer']} "
+        f"of {steps} steps), each against the baseline in the same state:")
+    results["phases"] = {}
+    for name, k in phases.items():
+        run = _median_run([engine_run(model, 1, steps, audio, encode_once=True, speech=False, text_steps=k)
+                           for _ in range(repeats)])
+        rate = statistics.median(r for _, r in base_runs[name])
+        ph = results["phases"][name] = {
+            "baseline_steps_per_s": rate, "engine_steps_per_s": run.mean_steps_per_s,
+            "speedup": run.mean_steps_per_s / rate, "identical_tokens": run.tokens == base_runs[name][0][0]}
+        out(f"  {name:<13} baseline {rate:6.2f} steps/s, engine {run.mean_steps_per_s:6.2f} = {ph['speedup']:.2f}x, "
+            f"identical tokens: {ph['identical_tokens']}")
+    written = results["phases"]["text written"]
+    results["speedup_1_session"], results["identical_tokens"] = written["speedup"], written["identical_tokens"]
     if dt != torch.float32:
         results["agreement_vs_fp32"] = fresh(precision_agreement, size, device, audio, steps, run_tokens=base[0][0])
         a = results["agreement_vs_fp32"]
