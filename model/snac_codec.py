@@ -19,6 +19,8 @@ The `snac` package provides the network; this file adds what serving needs aroun
     - "random": the package's original behaviour (non-deterministic; no streaming equality).
 * `decode_frames` turns [B, n, 7] frames into [B, n*2048] samples, given each row's absolute
   start frame (which positions the noise).
+* `prepare_for_inference` (applied by `load_snac`) folds the weight norms into plain weights
+  and computes Snake in one buffer: bitwise the same audio, ~1/4 less CPU time.
 * `write_tiny_snac` writes a deterministic random codec with the real frame arithmetic but tiny
   widths, for tests and the synthetic tiny deployment.
 """
@@ -152,7 +154,7 @@ def load_snac(source: str = SNAC_REPO, noise: str = "positional", device: str | 
         first = str(exc).splitlines()[0:3]
         raise CheckpointError(f"{weights_path}: SNAC weights do not fit {config_path}: {' '.join(first)}") from exc
     set_noise_mode(model, noise)
-    return model.to(device).eval()
+    return prepare_for_inference(model).to(device).eval()
 
 
 def write_tiny_snac(directory: str | Path, seed: int = 0) -> Path:
@@ -238,6 +240,44 @@ def set_noise_mode(model: nn.Module, mode: str) -> nn.Module:
                     setattr(parent, name, PositionalNoise(child.linear, seed=_hash32(torch.tensor(index + 1)).item(), mode=mode))
                 index += 1
     model.noise_mode = mode
+    return model
+
+
+class InferenceSnake(nn.Module):
+    """snac's Snake1d, ``x + 1/(alpha + 1e-9) * sin(alpha x)^2``, in one buffer.
+
+    The package's scripted version allocates a fresh tensor for each of its five operations;
+    on a CPU those allocations (their page faults) cost about as much as the arithmetic. Same
+    operations in the same order, so the same bits. Inference only (in-place on a temporary)."""
+
+    def __init__(self, alpha: nn.Parameter) -> None:
+        super().__init__()
+        self.alpha = alpha  # same name as in Snake1d
+        self.register_buffer("inv_alpha", (alpha.detach() + 1e-9).reciprocal(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], shape[1], -1)
+        y = torch.mul(self.alpha, x)
+        y.sin_().pow_(2).mul_(self.inv_alpha)
+        return y.add_(x).reshape(shape)
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """In place: weight-normed convolutions get their computed weight as a plain parameter
+    (instead of recomputing it on every call) and Snake1d becomes InferenceSnake. The audio is
+    bitwise unchanged (tested); measured on the real-size decoder, one CPU thread, a 10-frame
+    window: 251 -> 201 ms, 8 windows in one batch: 2820 -> 2115 ms. Load weights before this:
+    the state dict's weight-norm keys are gone afterwards."""
+    from torch.nn.utils import parametrize
+
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            for name, child in list(module.named_children()):
+                if type(child).__name__ == "Snake1d":
+                    setattr(module, name, InferenceSnake(child.alpha))
     return model
 
 

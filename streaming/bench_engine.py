@@ -49,7 +49,7 @@ def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> O
         return load_runtime("tiny", device=device, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
     from omni2.model.audio_encoder import AudioEncoder
     from omni2.model.config import PRESETS
-    from omni2.model.snac_codec import build_snac, real_size_config
+    from omni2.model.snac_codec import build_snac, prepare_for_inference, real_size_config
     from omni2.model.tiny import random_lm
     from omni2.model.tokenizer import TextTokenizer
     from omni2.model.vision import VisionEncoder
@@ -58,7 +58,7 @@ def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> O
     lm = random_lm(PRESETS["mini-omni2"], seed).to(device=device, dtype=dtype)
     audio = AudioEncoder(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12).to(device).eval()
     vision = VisionEncoder().to(device).eval()
-    snac = build_snac(real_size_config()).to(device)
+    snac = prepare_for_inference(build_snac(real_size_config())).to(device)
     tokenizer = TextTokenizer.from_dir(ensure_tiny_checkpoint())
     return OmniModel(lm=lm, audio_encoder=audio, vision_encoder=vision, tokenizer=tokenizer, snac=snac,
                      name="mini-omni2-random", directory=tempfile.gettempdir())

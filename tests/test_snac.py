@@ -13,7 +13,9 @@ from omni2.model.snac_codec import (
     TINY_SNAC_CONFIG,
     build_snac,
     decode_frames,
+    InferenceSnake,
     load_snac,
+    prepare_for_inference,
     real_size_config,
     set_noise_mode,
     write_tiny_snac,
@@ -278,3 +280,24 @@ def test_real_size_architecture_streams_exactly():
         assert out.shape == whole.shape and np.abs(out - whole).max() < 1e-3
     naive = stream(FrameDecoder(model, group_frames=4, context_frames=3, hold_back=2048), frames)
     assert np.abs(naive - whole).max() > 1e-3
+
+
+@pytest.mark.parametrize("size", ["tiny", "real"])
+def test_inference_preparation_keeps_the_audio_bitwise(size):
+    """Folded weight norms and the one-buffer Snake: not one bit of the audio moves."""
+    config = dict(TINY_SNAC_CONFIG) if size == "tiny" else real_size_config()
+    torch.manual_seed(4)
+    plain = build_snac(config)
+    prepared = build_snac(config)
+    prepared.load_state_dict(plain.state_dict())
+    prepare_for_inference(prepared)
+    assert not any(type(m).__name__ in ("Snake1d", "ParametrizedConv1d", "ParametrizedConvTranspose1d")
+                   for m in prepared.modules())
+    assert any(isinstance(m, InferenceSnake) for m in prepared.modules())
+    frames = torch.stack([random_frames(6, seed=s) for s in (1, 2)])
+    assert torch.equal(decode_frames(prepared, frames, [0, 5]), decode_frames(plain, frames, [0, 5]))
+    assert receptive_field(prepared) == receptive_field(plain)
+
+
+def test_load_snac_returns_a_prepared_codec(tiny):
+    assert any(isinstance(m, InferenceSnake) for m in tiny.modules())
