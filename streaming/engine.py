@@ -29,6 +29,7 @@ from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
 from .config import EngineConfig
+from .cpu_malloc import keep_large_allocations
 from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
 from .messages import STOPPED_REASONS, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 from .slots import DECODE, HELD, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
@@ -52,6 +53,8 @@ class Engine:
         # CPU: allocated (zero-filled in parallel) on a short-lived thread, so the caller's
         # thread does not keep an OpenMP team that would slow the step thread's down.
         self._cpu = torch.device(self.device).type == "cpu"
+        if self._cpu:
+            keep_large_allocations()  # SNAC's big buffers reused, not mapped afresh (cpu_malloc)
         self.threads = config.threads or DEFAULT_THREADS
         allocate = lambda: KVCache.allocate(lm.cfg, rows=2 * config.max_sessions,  # noqa: E731
                                             max_len=max_len + 1, device=self.device, dtype=model.dtype)

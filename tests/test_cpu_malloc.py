@@ -1,0 +1,56 @@
+"""glibc malloc settings (streaming/cpu_malloc.py): big blocks come from the heap afterwards."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from omni2.streaming import cpu_malloc
+
+PROBE = textwrap.dedent("""
+    import ctypes, ctypes.util, sys
+    from omni2.streaming.cpu_malloc import keep_large_allocations
+
+    class Info(ctypes.Structure):  # struct mallinfo2: ten size_t fields
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = Info
+
+    def mapped_while_holding(size):
+        p = libc.malloc(size)
+        mapped = libc.mallinfo2().hblks
+        libc.free(p)
+        return mapped
+
+    before = mapped_while_holding(8 << 20) - libc.mallinfo2().hblks
+    applied = keep_large_allocations()
+    after = mapped_while_holding(8 << 20) - libc.mallinfo2().hblks
+    print(before, applied, after, keep_large_allocations())
+""")
+
+
+def probe(env):
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=60, check=True)
+    before, applied, after, again = out.stdout.split()
+    return int(before), applied == "True", int(after), again == "True"
+
+
+@pytest.mark.skipif(cpu_malloc._glibc() is None, reason="not glibc")
+def test_an_8_mb_block_is_mapped_afresh_before_and_taken_from_the_heap_after():
+    env = {k: v for k, v in os.environ.items() if k not in cpu_malloc.USER_SETTINGS}
+    before, applied, after, again = probe(env)
+    assert (before, applied, after, again) == (1, True, 0, True)
+
+
+@pytest.mark.skipif(cpu_malloc._glibc() is None, reason="not glibc")
+def test_the_users_own_malloc_settings_win():
+    env = dict(os.environ, MALLOC_TOP_PAD_="1048576")
+    before, applied, after, _ = probe(env)
+    assert (before, applied, after) == (1, False, 1)
