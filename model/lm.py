@@ -98,9 +98,9 @@ class StepContext:
               dtype: torch.dtype) -> "StepContext":
         B, T = pos.shape
         write_rows = (torch.arange(B, device=pos.device) if rows is None else rows)[:, None].expand(B, T)
-        hidden = torch.arange(span, device=pos.device)[None, None, :] > pos[:, :, None]  # B,T,span
-        # additive, as SDPA would make a boolean mask on every call
-        mask = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
+        future = torch.arange(span, device=pos.device)[None, None, :] > pos[:, :, None]  # B,T,span
+        # additive, as SDPA would make of a boolean mask in every layer
+        mask = torch.zeros(future.shape, dtype=dtype, device=pos.device).masked_fill_(future, float("-inf"))
         mask = mask.repeat(1, cfg.q_per_kv, 1)[:, None]  # query index = head*T + t
         return cls(pos=pos, rows=rows, write_rows=write_rows, span=span,
                    cos=rope_cos[pos][:, None, None], sin=rope_sin[pos][:, None, None], mask=mask)
