@@ -121,6 +121,7 @@ def test_turn_through_the_openai_sdk(server):
     assert any(e.type == "response.output_audio.delta" for e in seen)
 
 
+@requires_speech
 def test_cancel_and_disconnect_free_the_slot(engine, spoken):
     with running_server(engine, max_sessions=8, max_steps=1024) as srv:
         async def main():
