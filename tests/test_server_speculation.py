@@ -126,7 +126,11 @@ def real_engine():
 
 
 @requires_speech
-def test_tiny_engine_answers_byte_for_byte_the_same_with_speculation(real_engine, one_question):
+def test_tiny_engine_answers_the_same_with_speculation(real_engine, one_question):
+    """Same tokens, so the same transcript and the same speech. The PCM may differ by one
+    least significant bit here and there: the vocoder decodes whatever frames wait when it
+    wakes (a timing matter), and windows of other lengths round SNAC's float output
+    differently in the last bits (streaming == one-shot holds within 1e-3, not bitwise)."""
     answers = {}
     for speculate in (True, False):
         # Both answers from slot 0: which rows a turn decodes in may move fp32 results by an
@@ -139,7 +143,9 @@ def test_tiny_engine_answers_byte_for_byte_the_same_with_speculation(real_engine
         t = types(events)
         answers[speculate] = check_response(events[t.index("response.created"):], status=None)
     on, off = answers[True], answers[False]
-    assert on["audio"] and on["audio"] == off["audio"]
+    pcm_on, pcm_off = (np.frombuffer(a["audio"], dtype="<i2").astype(np.int32) for a in (on, off))
+    assert len(pcm_on) > 0 and len(pcm_on) == len(pcm_off)
+    assert np.abs(pcm_on - pcm_off).max() <= 1
     assert on["transcript"] == off["transcript"]
     assert on["done"]["status"] == off["done"]["status"]
 
