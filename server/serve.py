@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16")
     parser.add_argument("--snac", default=None, help="SNAC codec: hub repo id or local dir")
     parser.add_argument("--compile", default=None, choices=["", "default", "reduce-overhead"],
-                        help="torch.compile the decode step (reduce-overhead = CUDA graphs)")
+                        help="torch.compile the decode step (reduce-overhead = CUDA graphs); for GPUs: on "
+                             "a CPU the compiled real-size step measured 2.6x slower than eager")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help=f"concurrent sessions admitted (default {d.max_sessions})")
     parser.add_argument("--api-key", action="append", default=None, dest="api_keys",
