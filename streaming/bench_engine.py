@@ -36,9 +36,9 @@ REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
 # English, so an answer's text takes ~3.3 steps per 11.72 steps of its speech (28%); the
 # text stream runs ahead of the audio and then writes pad_t until the speech ends.
 ANSWER_TEXT_SHARE = 0.3
-# Steps 0 and 1 of a turn (the first forward passes after its prefill) run 1.5-2x slower than
-# the rest in both loops; rates are timed from step 2 on, in the baseline and the engine alike.
-WARM_STEPS = 2
+# Step 0's tokens come from the prefill in both loops; rates are timed from step 1 (the first
+# decode pass) on, in the baseline and the engine alike.
+WARM_STEPS = 1
 
 
 def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> OmniModel:
@@ -189,7 +189,7 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
     return EngineRun(
         sessions=sessions,
         steps_per_s_session=1 / step,
-        mean_steps_per_s=(len(full) - 1) / sum(full[1:]),  # decode steps start at step 1
+        mean_steps_per_s=len(full) / sum(full),  # decode steps: step 1 on
         aggregate_steps_per_s=sessions / step,
         rtf=step / FRAME_SECONDS,
         prefill_ms=1000 * statistics.median(d.stats["prefill_s"] for d in dones),
