@@ -10,7 +10,8 @@ row:
    logit L_j (rounding of h and w_j to bf16, of A to bf16, fp32 accumulation; Cauchy-Schwarz
    for the sum of |h_i w_ij|);
 3. every j with A_j + S_j >= max_k (A_k - S_k) is a candidate: the fp32 argmax is one of
-   them (any j left out has L_j < some L_k), and so is every index tied with it;
+   them (any j left out has L_j < some L_k), and so is every index tied with it (one pass over
+   A against max A and the largest S gives a superset that holds them and that maximum);
 4. the candidates' fp32 logits are computed from the fp32 rows (a handful of rows; measured
    3-70 per row on random real-size weights) and their first maximum is the answer.
 
@@ -53,39 +54,49 @@ class ScreenedArgmax:
         self._packed = torch.ops.mkldnn._reorder_linear_weight(low, 1) if _packed_bf16() else None
         self._low = None if self._packed is not None else low
         self.norms = self.weight.double().norm(dim=1).float()
+        self.group_max_norms = self.norms.view(groups, -1).amax(-1)
         self.factor = error_bound_factor(self.weight.size(1))
         self.candidates = 0  # fp32 rows read in the last call (for tests and stats)
 
     def approximate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """bf16 logits [R, V] as fp32."""
+        """bf16 logits [R, V]."""
         h = hidden.to(torch.bfloat16)
         if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "").float()
-        return F.linear(h, self._low).float()
+            return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
+        return F.linear(h, self._low)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, C] fp32 -> ids [R] (one group) or [R, groups]."""
         R, V, G = hidden.size(0), self.weight.size(0), self.groups
+        Vg = V // G
         shape = (R,) if G == 1 else (R, G)
         if R == 0:
             return torch.zeros(shape, dtype=torch.long, device=hidden.device)
-        approx = self.approximate(hidden).view(R, G, V // G)
-        slack = (self.factor * hidden.norm(dim=1)).view(R, 1, 1) * self.norms.view(1, G, V // G)
-        floor = (approx - slack).amax(-1, keepdim=True)
-        candidate = approx + slack >= floor  # [R, G, V/G]
-        if not bool(candidate.any(-1).all()):  # a non-finite hidden state: no bound holds
-            self.candidates = R * V
-            return F.linear(hidden, self.weight).view(R, G, V // G).argmax(-1).view(shape)
+        approx = self.approximate(hidden).view(R, G, Vg)  # bf16 values, compared exactly in fp32
+        scale = (self.factor * hidden.norm(dim=1)).view(R, 1)  # slack of row j: scale * norms[j]
+        top = approx.amax(-1).float()  # [R, G]
+        if not bool(torch.isfinite(top).all()):  # a non-finite hidden state: no bound holds
+            self.candidates = V
+            return F.linear(hidden, self.weight).view(R, G, Vg).argmax(-1).view(shape)
+        # Some k has approx_k = top, so the largest fp32 logit is >= top - scale * max norm, and
+        # a candidate needs approx_j >= top - 2 * scale * max norm: one cheap pass, a superset.
+        reach = (scale * self.group_max_norms.view(1, G)).view(R, G, 1)
+        cols = (approx >= top.view(R, G, 1) - 2 * reach).view(R, V).any(0).nonzero()[:, 0]
+        # On that superset, the exact test: approx_j + slack_j >= max_k (approx_k - slack_k),
+        # whose maximum lies inside the superset too.
+        group = torch.div(cols, Vg, rounding_mode="floor").expand(R, -1)
+        a, slack = approx.view(R, V)[:, cols].float(), scale * self.norms[cols]
+        floor = torch.full((R, G), float("-inf"), device=hidden.device).scatter_reduce_(1, group, a - slack, "amax")
+        cols = cols[(a + slack >= floor.gather(1, group)).any(0)]
         # One exact product for the union of every row's candidates (ascending ids): a column
         # that is a candidate of another row only adds an exact logit below this row's max.
-        cols = candidate.view(R, V).any(0).nonzero()[:, 0]
         self.candidates = len(cols)
         exact = F.linear(hidden, self.weight[cols])  # [R, U]
         if G == 1:  # first maximum over ascending ids: the full head's argmax, ties included
             return cols[exact.argmax(-1)]
         full = torch.full((R, V), float("-inf"), device=hidden.device)
         full[:, cols] = exact
-        return full.view(R, G, V // G).argmax(-1)
+        return full.view(R, G, Vg).argmax(-1)
 
 
 def _packed_bf16() -> bool:
