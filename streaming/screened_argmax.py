@@ -12,13 +12,15 @@ row:
 3. every j with A_j + S_j >= max_k (A_k - S_k) is a candidate: the fp32 argmax is one of
    them (any j left out has L_j < some L_k), and so is every index tied with it (one pass over
    A against max A and the largest S gives a superset that holds them and that maximum);
-4. the candidates' fp32 logits are computed from the fp32 rows (a handful of rows; measured
-   3-70 per row on random real-size weights) and their first maximum is the answer.
+4. the candidates' fp32 logits are computed from the fp32 rows (measured on random real-size
+   weights: 3-70 rows for one hidden state, ~220 for the union of eight) and their first
+   maximum is the answer.
 
 Step 4 uses the same `F.linear` as the full head on a subset of rows; for one row (one
 session) the subset's logits are bitwise the full head's, so the argmax, ties included, is
-the full head's (tested against `generate`). Measured on the 2-core Xeon (real-size text head, out of cache): one
-row 20.2 ms -> 11.8 ms, eight rows 66 ms -> 15 ms.
+the full head's (tested against `generate`). Measured on the 2-core Xeon (real-size text
+head, out of cache): one row 20.2 -> 12 ms, eight rows 66 -> 14.5 ms; the bf16 product is
+~11 ms of that, the screen and the exact rows the rest.
 
 Used for greedy rows only; sampling (temperature, top-k/p) needs every logit and takes the
 full fp32 head. Heads with several groups of logits (the 7 audio layers of 4,160 ids)
