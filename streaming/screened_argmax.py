@@ -28,8 +28,12 @@ take one argmax per group.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from . import prepack
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -53,8 +57,7 @@ class ScreenedArgmax:
         self.groups = groups
         low = self.weight.to(torch.bfloat16)
         # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows)
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(low, 1) if _packed_bf16() else None
-        self._low = None if self._packed is not None else low
+        self._low = prepack.PackedLinear(low, None, plain_rows=0) if prepack.available() else partial(F.linear, weight=low)
         self.norms = self.weight.double().norm(dim=1).float()
         self.group_max_norms = self.norms.view(groups, -1).amax(-1)
         self.factor = error_bound_factor(self.weight.size(1))
@@ -62,10 +65,7 @@ class ScreenedArgmax:
 
     def approximate(self, hidden: torch.Tensor) -> torch.Tensor:
         """bf16 logits [R, V]."""
-        h = hidden.to(torch.bfloat16)
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
-        return F.linear(h, self._low)
+        return self._low(hidden.to(torch.bfloat16))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, C] fp32 -> ids [R] (one group) or [R, groups]."""
@@ -101,9 +101,9 @@ class ScreenedArgmax:
         return full.view(R, G, Vg).argmax(-1)
 
 
-def _packed_bf16() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def fast_bf16() -> bool:
+    """Whether this CPU has oneDNN's packed bf16 kernel (AVX512-BF16 / AMX)."""
+    return prepack.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def screen_heads_(lm) -> bool:
@@ -112,7 +112,7 @@ def screen_heads_(lm) -> bool:
     from omni2.model import tokens as tk
 
     weight = lm.lm_head.weight
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not _packed_bf16()
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not fast_bf16()
             or getattr(lm, "screened_heads", False)):
         return False  # (without a fast bf16 kernel the screen would cost more than it saves)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from omni2.streaming import prepack
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming.screened_argmax import _packed_bf16
+from omni2.streaming.screened_argmax import fast_bf16
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch has no oneDNN packed linear")
 
@@ -51,7 +51,7 @@ def packed_pair(request, tiny_checkpoint):
     packed = load_model(tiny_checkpoint, dtype=dtype)
     assert prepack.prepack_(packed.lm) and not prepack.prepack_(packed.lm)  # once only
     # fp32 greedy heads are screened through bf16 where the CPU has a fast bf16 kernel
-    assert getattr(packed.lm, "screened_heads", False) == (dtype == torch.float32 and _packed_bf16())
+    assert getattr(packed.lm, "screened_heads", False) == (dtype == torch.float32 and fast_bf16())
     return plain, packed
 
 
