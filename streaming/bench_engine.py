@@ -156,7 +156,9 @@ class _EncodedOnce:
 class _TextStepsEngine(Engine):
     """Every turn's text ends after `text_steps` steps (see baseline_turn): benchmark only."""
 
-    text_steps = 1
+    def __init__(self, model, config: EngineConfig, text_steps: int) -> None:
+        super().__init__(model, config)
+        self.text_steps = text_steps
 
     def _update(self, slot, audio, text) -> None:
         super()._update(slot, audio, text)
@@ -170,10 +172,7 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
     cfg = EngineConfig(max_sessions=max(sessions, 1), max_steps=steps, record_tokens=True, prefill_chunk=prefill_chunk)
     if encode_once:
         model = _EncodedOnce(model, audio, speech)
-    engine = Engine
-    if text_steps is not None:
-        engine = type("_Engine", (_TextStepsEngine,), {"text_steps": text_steps})
-    with engine(model, cfg) as eng:
+    with (Engine(model, cfg) if text_steps is None else _TextStepsEngine(model, cfg, text_steps)) as eng:
         sids = [eng.open_session() for _ in range(sessions)]
         turns = [eng.submit(TurnRequest(session_id=s, audio_16k=audio, max_steps=steps)) for s in sids]
         dones = []
