@@ -8,7 +8,6 @@ the context test fills a small context window and expects the items it forgot to
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 
 import numpy as np
@@ -19,6 +18,7 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 from fake_engine import FakeEngine  # noqa: E402
 from server_harness import Client, running_server, stream_audio, tiny_engine, types  # noqa: E402
 from speech import requires_speech, resample, utterance  # noqa: E402
+from test_engine import wait_for  # noqa: E402
 from test_server_session import check_response  # noqa: E402
 
 from omni2.streaming.vad import CHUNK  # noqa: E402
@@ -135,9 +135,7 @@ def test_tiny_engine_answers_the_same_with_speculation(real_engine, one_question
     for speculate in (True, False):
         # Both answers from slot 0: which rows a turn decodes in may move fp32 results by an
         # ulp (another GEMM shape), so wait until the last run's session has let go of its slot.
-        deadline = time.monotonic() + 10
-        while real_engine.stats()["free_slots"] < len(real_engine.slots) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: real_engine.stats()["free_slots"] == len(real_engine.slots), timeout=10)
         with running_server(real_engine, speculative_turns=speculate, max_steps=32) as srv:
             events = run(spoken_turn(srv, one_question))
         t = types(events)
