@@ -11,9 +11,10 @@ measured on this project's 2-core Xeon (AVX-512 + AMX), out of cache, one 4864x8
 `F.linear` re-lays-out a bf16 weight on every call and MKL's fp32 kernel slows down sharply
 past two rows; a weight packed once at load time avoids both. bf16 prepacked results are
 bitwise equal to `F.linear` (checked in the tests), so tokens do not change; fp32 keeps the
-plain kernel for <= 2 rows (one session: the reference path, bit for bit) and uses the
-packed one for more rows, whose rounding differs from the plain kernel's in the last bits,
-as any change of batch size already does with MKL.
+plain kernel for <= 2 rows (one session: the reference path, bit for bit), our few_rows
+kernel (few_rows.py; 16 rows of all 24 layers: 77 vs oneDNN's 97 ms) for decode steps of
+several sessions, and the packed one for prompt chunks. Their rounding differs from the
+plain kernel's in the last bits, as any change of batch size already does with MKL.
 
 `prepack_(lm)` changes the model in place (a runtime transform: a prepacked model is not
 saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind.
@@ -28,6 +29,9 @@ from omni2.model import tokens as tk
 
 # Rows up to which fp32 keeps MKL's plain kernel (one session's two rows).
 FP32_PLAIN_ROWS = 2
+# Rows up to which fp32 uses the few_rows kernel where it is built (32 sessions' decode step);
+# longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 546 vs 608 ms).
+FEW_ROWS_MAX = 64
 
 
 def available() -> bool:
@@ -36,15 +40,18 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed once. `plain_rows` > 0 keeps W for calls of few rows."""
+    """y = x W^T + b with W packed once. `plain_rows` > 0 keeps W for calls of few rows;
+    `few_rows` (an fp32 few_rows.FewRowsKernel) takes calls of up to FEW_ROWS_MAX rows."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plain_rows: int) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plain_rows: int, few_rows=None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
         self.bias = None if bias is None else bias.detach()
         self.weight = weight.detach() if plain_rows else None
         self.plain_rows = plain_rows
+        self.few_rows = few_rows
+        self.few_packed = None if few_rows is None else few_rows.pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -52,12 +59,16 @@ class PackedLinear(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.out_features)
         if rows <= self.plain_rows:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed,
-                                               self.bias, "none", [], "")
+        x2 = x.reshape(rows, self.in_features)
+        if self.few_packed is not None and rows <= FEW_ROWS_MAX:
+            y = self.few_rows.linear(x2, self.few_packed, self.out_features, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, plain_rows={self.plain_rows}"
+        return (f"in={self.in_features}, out={self.out_features}, plain_rows={self.plain_rows}, "
+                f"few_rows={self.few_packed is not None}")
 
 
 class _AudioHead:
@@ -70,19 +81,29 @@ class _AudioHead:
         return self.linear(hidden).unflatten(-1, (tk.N_AUDIO_LAYERS, tk.PADDED_AUDIO_VOCAB))
 
 
-def prepack_(lm: nn.Module) -> bool:
+def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     """Pack the transformer blocks' and the split heads' weights in place; returns whether it
-    did (CPU, fp32/bf16, oneDNN present, not done before)."""
+    did (CPU, fp32/bf16, oneDNN present, not done before).
+
+    few_rows: an fp32 model's blocks also get the few_rows kernel for decode steps of several
+    sessions; None: where it builds (few_rows.kernel()), False: never, True: required."""
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or not available() or getattr(lm, "prepacked", False)):
         return False
     plain = FP32_PLAIN_ROWS if weight.dtype == torch.float32 else 0
+    kernel = None
+    if weight.dtype == torch.float32 and few_rows is not False:
+        from .few_rows import kernel as few_rows_kernel
+
+        kernel = few_rows_kernel()
+        if kernel is None and few_rows:
+            raise RuntimeError("the few_rows kernel was required but is not available here (see the log)")
     for block in lm.transformer.h:
         for parent, name in ((block.attn, "attn"), (block.attn, "proj"), (block.mlp, "fc_1"),
                              (block.mlp, "fc_2"), (block.mlp, "proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, PackedLinear(linear.weight, linear.bias, plain))
+            setattr(parent, name, PackedLinear(linear.weight, linear.bias, plain, kernel))
     with torch.no_grad():
         text = PackedLinear(weight[tk.TEXT_SLICE].contiguous(), None, plain)
         audio = PackedLinear(weight[tk.PADDED_TEXT_VOCAB:].contiguous(), None, plain)

@@ -44,10 +44,14 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}") from None
 
 
+def cache_root() -> Path:
+    """omni2's own cache (OMNI2_CACHE, else ~/.cache/omni2): what it generates or builds."""
+    return Path(os.environ.get("OMNI2_CACHE", Path.home() / ".cache" / "omni2"))
+
+
 def tiny_checkpoint_dir() -> Path:
     """Where the built-in tiny checkpoint is written once (it is generated, never downloaded)."""
-    root = Path(os.environ.get("OMNI2_CACHE", Path.home() / ".cache" / "omni2"))
-    return root / "tiny-v1"
+    return cache_root() / "tiny-v1"
 
 
 def ensure_tiny_checkpoint() -> Path:

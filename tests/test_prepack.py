@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
-from omni2.streaming import prepack
+from omni2.streaming import few_rows, prepack
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
@@ -52,6 +52,9 @@ def packed_pair(request, tiny_checkpoint):
     assert prepack.prepack_(packed.lm) and not prepack.prepack_(packed.lm)  # once only
     # fp32 greedy heads are screened through bf16 where the CPU has a fast bf16 kernel
     assert getattr(packed.lm, "screened_heads", False) == (dtype == torch.float32 and fast_bf16())
+    # fp32 decode steps of several sessions take the few_rows kernel where it builds
+    fc = packed.lm.transformer.h[0].mlp.fc_1
+    assert (fc.few_packed is not None) == (dtype == torch.float32 and few_rows.kernel() is not None)
     return plain, packed
 
 
@@ -65,7 +68,7 @@ def test_prepacked_model_generates_the_plain_models_tokens(packed_pair):
 
 
 def test_engine_on_prepacked_weights_gives_each_turn_its_plain_tokens(packed_pair):
-    """fp32: six concurrent turns (up to 12 rows: the packed kernel) against plain solo
+    """fp32: six concurrent turns (up to 12 rows: the few_rows kernel) against plain solo
     references. bf16 rounds every layer's output to 8 bits of mantissa, so a different batch
     size (a different kernel blocking, packed or not) may flip a token there: bf16 is checked
     on one session, where packed and plain kernels are bitwise the same."""

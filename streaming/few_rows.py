@@ -1,0 +1,122 @@
+"""fp32 products of a few rows by a large weight: our AVX-512 kernel (few_rows.c).
+
+A decode step of n sessions multiplies 2n rows by every weight of the model. On a CPU the
+library kernels are at their best for one session (MKL, bound by memory) and for long
+prompts (oneDNN, bound by arithmetic), but in between they do one and then the other:
+measured on this project's 2-core Xeon, the 24 layers' matrices (1.43 GB fp32):
+
+    rows     MKL F.linear   oneDNN packed   few_rows
+      2          61 ms          68 ms          56 ms
+      8         147 ms          81 ms          64 ms
+     16         167 ms         104 ms          83 ms
+     64         258 ms         196 ms         174 ms
+    256         649 ms         546 ms         608 ms
+
+few_rows keeps the weight streaming while it multiplies (see the C file). Each output is one
+fused multiply-add chain in k order whatever the batch, so a row's result does not depend on
+the other rows; it does differ from MKL's in the last bits, which is why one session's rows
+keep MKL (the reference path, bit for bit; see prepack.py).
+
+The C file is compiled with the system's C compiler at first use into omni2's cache (about a
+second) and called through ctypes. Where that cannot happen (no compiler, no AVX-512, or
+OMNI2_FEW_ROWS=0), `kernel()` says why in the log and returns None, and callers keep the
+library kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("omni2.few_rows")
+
+SOURCE = Path(__file__).with_name("few_rows.c")
+CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+
+
+class FewRowsKernel:
+    """The compiled kernel: pack a weight once, then multiply rows by it."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._linear = library.omni2_few_rows_linear
+        self._linear.restype = ctypes.c_int
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._linear.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
+        self.block = library.omni2_block_columns()
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] fp32 -> [ceil(N/48), K, 48], zero-padded: each block one run of memory."""
+        n, k = weight.shape
+        blocks = -(-n // self.block)
+        padded = torch.zeros(blocks * self.block, k, dtype=torch.float32)
+        padded[:n] = weight.detach()
+        return padded.view(blocks, self.block, k).transpose(1, 2).contiguous()
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [M, K] fp32 -> x W^T (+ bias) [M, n_out]."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.size(1) != packed.size(1):
+            raise ValueError(f"few_rows: need fp32 CPU rows [M, {packed.size(1)}], got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(x.size(0), n_out, dtype=torch.float32)
+        if x.size(0) == 0:
+            return y
+        rc = self._linear(x.data_ptr(), x.size(0), x.size(1), packed.data_ptr(), n_out,
+                          None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("few_rows: a thread could not allocate its accumulators")
+        return y
+
+
+def _unavailable(reason: str) -> None:
+    log.warning("few-rows fp32 kernel not used (%s); decode steps of several sessions keep oneDNN's kernel", reason)
+
+
+def build(out_dir: Path) -> Path:
+    """Compile few_rows.c into out_dir (once per source and compiler flags); returns the .so."""
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    lib = out_dir / f"few_rows-{tag}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
+    cc = os.environ.get("CC", "cc")
+    try:
+        subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True)
+        tmp.replace(lib)  # atomic: concurrent builders each write their own tmp
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{cc} failed: {exc.stderr.strip()[-500:]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def kernel() -> Optional[FewRowsKernel]:
+    """The kernel, built and loaded on first call; None (and a log line) where it cannot be."""
+    if os.environ.get("OMNI2_FEW_ROWS", "1") == "0":
+        log.info("few-rows fp32 kernel off (OMNI2_FEW_ROWS=0)")
+        return None
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        _unavailable(f"the CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512")
+        return None
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        _unavailable("no C compiler (cc) on PATH")
+        return None
+    from .runtime import cache_root
+
+    try:
+        lib = build(cache_root() / "kernels")
+        log.info("few-rows fp32 kernel: %s", lib)
+        return FewRowsKernel(ctypes.CDLL(str(lib)))
+    except (OSError, RuntimeError) as exc:
+        _unavailable(str(exc))
+        return None

@@ -1,0 +1,138 @@
+"""The few_rows fp32 kernel (streaming/few_rows.c): right sums, batch-independent rows, and a
+build that falls back cleanly where it cannot happen."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni2.streaming import few_rows, prepack
+
+BUILDS_HERE = torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not BUILDS_HERE, reason="few_rows needs an AVX-512 CPU and a C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = few_rows.kernel()
+    assert k is not None, "an AVX-512 machine with a compiler must build the kernel (see the log)"
+    return k
+
+
+def reference(x, w, b=None):
+    """The exact sum (float64) and a bound on any fp32 evaluation's error: K u sum|x w| (u = 2^-24),
+    doubled for room."""
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    bound = 2 * x.size(1) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    if b is not None:
+        bound = bound + 2.0 ** -24 * exact.abs()
+    return exact, bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 16), (3, 100, 200), (9, 47, 129), (17, 300, 896), (40, 97, 257)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sums_are_fp32_accurate_for_any_shape(kernel, rows, n, k, bias):
+    """Odd output counts (a partly filled 48-column block), k not a multiple of the 128-step
+    chunk, row counts that leave a short register pass."""
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = kernel.linear(x, kernel.pack(w), n, b)
+    exact, bound = reference(x, w, b)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert not torch.equal(bound, torch.zeros_like(bound))  # (the bound is not vacuous)
+    # and it is the product F.linear computes, to fp32 rounding
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_batch(kernel):
+    """Bitwise: a row alone, among 3, 8, 9, 16 or 33 others, at any place in the batch."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(130, 300, generator=g)
+    packed = kernel.pack(w)
+    row = torch.randn(1, 300, generator=g)
+    alone = kernel.linear(row, packed, 130)
+    for others in (2, 7, 8, 15, 32):
+        batch = torch.randn(others + 1, 300, generator=g)
+        for place in (0, others // 2, others):
+            batch[place] = row[0]
+            assert torch.equal(kernel.linear(batch, packed, 130)[place], alone[0]), (others, place)
+
+
+@needs_kernel
+def test_threads_do_not_change_the_result(kernel):
+    from omni2.streaming.cpu_threads import in_fresh_thread
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(500, 96, generator=g), torch.randn(6, 96, generator=g)
+    packed = kernel.pack(w)
+    one = in_fresh_thread(kernel.linear, x, packed, 500, threads=1)
+    two = in_fresh_thread(kernel.linear, x, packed, 500, threads=2)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_bad_input_is_refused_and_empty_input_is_empty(kernel):
+    packed = kernel.pack(torch.randn(10, 32))
+    with pytest.raises(ValueError, match="fp32 CPU rows"):
+        kernel.linear(torch.randn(2, 32, dtype=torch.float64), packed, 10)
+    with pytest.raises(ValueError, match=r"\[M, 32\]"):
+        kernel.linear(torch.randn(2, 31), packed, 10)
+    assert kernel.linear(torch.randn(0, 32), packed, 10).shape == (0, 10)
+    # a non-contiguous view is read correctly
+    x = torch.randn(32, 4).t()
+    torch.testing.assert_close(kernel.linear(x, packed, 10), F.linear(x, packed.transpose(1, 2).reshape(-1, 32)[:10]))
+
+
+@needs_kernel
+def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
+    first = few_rows.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setenv("CC", "false")  # a second build would fail: it must not run
+    assert few_rows.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_failed_build_or_a_switch_leaves_the_library_kernels(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OMNI2_CACHE", str(tmp_path))
+    few_rows.kernel.cache_clear()
+    try:
+        monkeypatch.setenv("OMNI2_FEW_ROWS", "0")
+        assert few_rows.kernel() is None
+        few_rows.kernel.cache_clear()
+        monkeypatch.delenv("OMNI2_FEW_ROWS")
+        monkeypatch.setenv("CC", "false")  # a compiler that fails
+        with caplog.at_level(logging.WARNING, logger="omni2.few_rows"):
+            assert few_rows.kernel() is None
+        assert "few-rows fp32 kernel not used" in caplog.text
+        assert not list((tmp_path / "kernels").glob("*")) if BUILDS_HERE else True
+        lm = torch.nn.Linear(8, 4)  # prepacking still works, on the library kernels only
+        lin = prepack.PackedLinear(lm.weight, lm.bias, prepack.FP32_PLAIN_ROWS, few_rows.kernel())
+        assert lin.few_packed is None
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(lin(x), lm(x).detach())
+    finally:
+        few_rows.kernel.cache_clear()
+
+
+@needs_kernel
+def test_packed_linear_uses_plain_then_few_rows_then_onednn(kernel):
+    torch.manual_seed(0)
+    w, b = torch.randn(300, 96), torch.randn(300)
+    lin = prepack.PackedLinear(w, b, prepack.FP32_PLAIN_ROWS, kernel)
+    packed = kernel.pack(w)
+    for rows in (1, 2):  # one session: MKL, bit for bit
+        x = torch.randn(rows, 96)
+        assert torch.equal(lin(x), F.linear(x, w, b))
+    for rows in (3, 16, prepack.FEW_ROWS_MAX):
+        x = torch.randn(rows, 96)
+        assert torch.equal(lin(x), kernel.linear(x, packed, 300, b))
+    x = torch.randn(prepack.FEW_ROWS_MAX + 1, 96)  # prompt chunks: oneDNN
+    y = torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], "")
+    assert torch.equal(lin(x), y)
