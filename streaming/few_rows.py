@@ -46,31 +46,46 @@ class FewRowsKernel:
     """The compiled kernel: pack a weight once, then multiply rows by it."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._linear = library.omni2_few_rows_linear
-        self._linear.restype = ctypes.c_int
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._linear.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
+        self._fns = {torch.float32: library.omni2_few_rows_linear, torch.int8: library.omni2_few_rows_int8}
+        for fn in self._fns.values():
+            fn.restype = ctypes.c_int
+            fn.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
         self.block = library.omni2_block_columns()
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] fp32 -> [ceil(N/48), K, 48], zero-padded: each block one run of memory."""
+        """[N, K] fp32 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of memory."""
+        if weight.dtype not in self._fns or weight.dim() != 2:
+            raise ValueError(f"few_rows: can pack 2-D fp32 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
         n, k = weight.shape
         blocks = -(-n // self.block)
-        padded = torch.zeros(blocks * self.block, k, dtype=torch.float32)
+        padded = torch.zeros(blocks * self.block, k, dtype=weight.dtype)
         padded[:n] = weight.detach()
         return padded.view(blocks, self.block, k).transpose(1, 2).contiguous()
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [M, K] fp32 -> x W^T (+ bias) [M, n_out]."""
+        """x [M, K] fp32 -> x W^T (+ bias) [M, n_out], W packed fp32."""
+        return self._call(x, packed, n_out, bias)
+
+    def int8_linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int, scales: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 -> (x Q^T) * scales [M, n_out], Q packed int8, scales fp32 [n_out]."""
+        if scales.dtype != torch.float32 or scales.shape != (n_out,):
+            raise ValueError(f"few_rows: need {n_out} fp32 scales")
+        return self._call(x, packed, n_out, scales.contiguous())
+
+    def _call(self, x: torch.Tensor, packed: torch.Tensor, n_out: int, per_col: Optional[torch.Tensor]) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.size(1) != packed.size(1):
             raise ValueError(f"few_rows: need fp32 CPU rows [M, {packed.size(1)}], got {x.dtype} {tuple(x.shape)}")
+        if -(-n_out // self.block) != packed.size(0):
+            raise ValueError(f"few_rows: {n_out} outputs do not fit a packed weight of {packed.size(0)} blocks")
         x = x.contiguous()
         y = torch.empty(x.size(0), n_out, dtype=torch.float32)
         if x.size(0) == 0:
             return y
-        rc = self._linear(x.data_ptr(), x.size(0), x.size(1), packed.data_ptr(), n_out,
-                          None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        rc = self._fns[packed.dtype](x.data_ptr(), x.size(0), x.size(1), packed.data_ptr(), n_out,
+                                     None if per_col is None else per_col.data_ptr(), y.data_ptr(),
+                                     torch.get_num_threads())
         if rc != 0:
             raise MemoryError("few_rows: a thread could not allocate its accumulators")
         return y

@@ -1,14 +1,17 @@
-"""Exact greedy argmax over an fp32 output head, reading mostly a bf16 copy of it.
+"""Exact greedy argmax over an fp32 output head, reading mostly a low-precision copy of it.
 
 On a CPU a one-session decode step is bound by how many weight bytes it streams, and the
 text head (152,000 x 896 fp32 = 545 MB) is a quarter of them. Greedy decoding only needs
 the index of the largest logit, and that can be found exactly without reading every fp32
 row:
 
-1. approximate logits A = bf16(h) . bf16(W)^T with the bf16 copy (half the bytes);
-2. a rigorous bound |A_j - L_j| <= S_j = c ||h|| ||w_j|| on the error against the fp32
-   logit L_j (rounding of h and w_j to bf16, of A to bf16, fp32 accumulation; Cauchy-Schwarz
-   for the sum of |h_i w_ij|);
+1. approximate logits A from a low-precision copy of W: int8 with a scale per row (a
+   quarter of the bytes, our few_rows kernel) for calls of up to 8 rows, else bf16 (half
+   the bytes, oneDNN's AMX kernel, faster for many rows);
+2. a rigorous bound |A_j - L_j| <= S_j = ||h|| slack_j on the error against the fp32
+   logit L_j. bf16: slack_j = c ||w_j|| (rounding of h and w_j to bf16, of A to bf16, fp32
+   accumulation; Cauchy-Schwarz for the sum of |h_i w_ij|); int8: from the exact residual
+   norm ||w_j - s_j q_j|| (Int8Screen);
 3. every j with A_j + S_j >= max_k (A_k - S_k) is a candidate: the fp32 argmax is one of
    them (any j left out has L_j < some L_k), and so is every index tied with it (one pass over
    A against max A and the largest S gives a superset that holds them and that maximum);
@@ -19,8 +22,8 @@ row:
 Step 4 uses the same `F.linear` as the full head on a subset of rows; for one row (one
 session) the subset's logits are bitwise the full head's, so the argmax, ties included, is
 the full head's (tested against `generate`). Measured on the 2-core Xeon (real-size text
-head, out of cache): one row 20.2 -> 12 ms, eight rows 66 -> 14.5 ms; the bf16 product is
-~11 ms of that, the screen and the exact rows the rest.
+head, out of cache): one row 20.2 -> 12 ms through bf16 (the bf16 product ~11 ms of it),
+-> ~6.5 ms through int8 (5.7 ms); eight rows 66 -> 14.5 ms (bf16).
 
 Used for greedy rows only; sampling (temperature, top-k/p) needs every logit and takes the
 full fp32 head. Heads with several groups of logits (the 7 audio layers of 4,160 ids)
@@ -37,35 +40,89 @@ from . import prepack
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# The bounds are multiplied by this before use: room for the rounding of the bound itself
+# and of the comparisons made with it.
+BOUND_MARGIN = 1.125
+# Up to this many rows the int8 screen (few_rows kernel) is the faster one; more rows take
+# the bf16 copy (AMX): real-size text head, 2-core Xeon: 1 row 5.7 vs 11.1 ms, 8 rows 8.4 vs
+# 11.5 ms, 16 rows 15.1 vs 11.7 ms.
+INT8_SCREEN_ROWS = 8
+
+
+def gamma(n: int) -> float:
+    """The classic bound on the relative error of an fp32 dot product of length n."""
+    return n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
 
 
 def error_bound_factor(n: int) -> float:
-    """c such that |A_j - L_j| <= c ||h|| ||w_j|| for dot products of length n: bf16
-    rounding of h, of w_j and of the result (3 u_bf16) plus fp32 accumulation of both the
-    approximation and the exact logit (gamma_n each, bounded by n u_fp32 with room), with a
-    1/8 margin for the rounding of the bound itself."""
-    return 1.125 * (3 * BF16_UNIT_ROUNDOFF + 3 * n * FP32_UNIT_ROUNDOFF)
+    """c such that |A_j - L_j| <= c ||h|| ||w_j|| for the bf16 screen and dot products of
+    length n: bf16 rounding of h, of w_j and of the result (3 u_bf16) plus fp32 accumulation of
+    both the approximation and the exact logit (gamma_n each, bounded by n u_fp32 with room)."""
+    return 3 * BF16_UNIT_ROUNDOFF + 3 * n * FP32_UNIT_ROUNDOFF
+
+
+class Bf16Screen:
+    """A = bf16(h) . bf16(W)^T; |A_j - L_j| <= ||h|| * row_slack[j] for every h."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        low = weight.to(torch.bfloat16)
+        # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows)
+        self._low = prepack.PackedLinear(low, None, plain_rows=0) if prepack.available() else partial(F.linear, weight=low)
+        self.row_slack = error_bound_factor(weight.size(1)) * weight.double().norm(dim=1).float()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._low(hidden.to(torch.bfloat16))
+
+
+class Int8Screen:
+    """A = (h . Q^T) * s with Q = round(W / s), one scale s_j = max|w_j| / 127 per row, read
+    by the few_rows kernel (a quarter of the fp32 bytes). The bound, from the exact residual
+    r_j = w_j - s_j q_j (computed in float64) rather than a worst case per element:
+
+        |A_j - L_j| <= ||h|| (||r_j|| + s_j ||q_j|| (gamma_n + 2u) + gamma_n ||w_j||)
+
+    (the kernel's fp32 sum of h q_j and its product by s_j; the residual by Cauchy-Schwarz;
+    the exact logit's own fp32 sum). As tight as the bf16 screen's on random rows (~0.9% vs
+    ~1.2% of ||h|| ||w_j||), for half its bytes."""
+
+    def __init__(self, weight: torch.Tensor, kernel) -> None:
+        w = weight.double()
+        scale = (w.abs().amax(1) / 127).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0
+        q = torch.round(w / scale.double()[:, None]).clamp_(-127, 127)
+        residual = (w - scale.double()[:, None] * q).norm(dim=1)
+        g, u = gamma(weight.size(1)), FP32_UNIT_ROUNDOFF
+        slack = residual + scale.double() * q.norm(dim=1) * (g + 2 * u) + g * w.norm(dim=1)
+        self.row_slack = (slack * (1 + 1e-6)).float()  # rounded up into fp32
+        self.scale, self.n_out, self._kernel = scale, weight.size(0), kernel
+        self._packed = kernel.pack(q.to(torch.int8))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._kernel.int8_linear(hidden, self._packed, self.n_out, self.scale)
 
 
 class ScreenedArgmax:
-    """argmax(h @ W^T) over `groups` equal groups of W's rows, for fp32 W [V, C], exact."""
+    """argmax(h @ W^T) over `groups` equal groups of W's rows, for fp32 W [V, C], exact.
 
-    def __init__(self, weight: torch.Tensor, groups: int = 1) -> None:
+    int8: a few_rows kernel to screen calls of up to INT8_SCREEN_ROWS rows in int8 (None:
+    every call screens through bf16)."""
+
+    def __init__(self, weight: torch.Tensor, groups: int = 1, int8=None) -> None:
         if weight.dtype != torch.float32 or weight.dim() != 2 or weight.size(0) % groups:
             raise ValueError("ScreenedArgmax needs a 2-D fp32 weight whose rows split into equal groups")
         self.weight = weight.detach().contiguous()
         self.groups = groups
-        low = self.weight.to(torch.bfloat16)
-        # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows)
-        self._low = prepack.PackedLinear(low, None, plain_rows=0) if prepack.available() else partial(F.linear, weight=low)
-        self.norms = self.weight.double().norm(dim=1).float()
-        self.group_max_norms = self.norms.view(groups, -1).amax(-1)
-        self.factor = error_bound_factor(self.weight.size(1))
+        self.bf16 = Bf16Screen(self.weight)
+        self.int8 = None if int8 is None else Int8Screen(self.weight, int8)
         self.candidates = 0  # fp32 rows read in the last call (for tests and stats)
 
+    def screen(self, rows: int):
+        """The screen a call of `rows` rows takes."""
+        return self.int8 if self.int8 is not None and rows <= INT8_SCREEN_ROWS else self.bf16
+
     def approximate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """bf16 logits [R, V]."""
-        return self._low(hidden.to(torch.bfloat16))
+        """Approximate logits [R, V] (bf16 or fp32 values) from the screen for R rows."""
+        return self.screen(hidden.size(0))(hidden)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, C] fp32 -> ids [R] (one group) or [R, groups]."""
@@ -74,20 +131,22 @@ class ScreenedArgmax:
         shape = (R,) if G == 1 else (R, G)
         if R == 0:
             return torch.zeros(shape, dtype=torch.long, device=hidden.device)
-        approx = self.approximate(hidden).view(R, G, Vg)  # bf16 values, compared exactly in fp32
-        scale = (self.factor * hidden.norm(dim=1)).view(R, 1)  # slack of row j: scale * norms[j]
+        screen = self.screen(R)
+        approx = screen(hidden).view(R, G, Vg)  # compared exactly in fp32
+        # slack of row j: scale * row_slack[j] (margin for the fp32 rounding of ||h|| included)
+        scale = (BOUND_MARGIN * hidden.norm(dim=1)).view(R, 1)
         top = approx.amax(-1).float()  # [R, G]
         if not bool(torch.isfinite(top).all()):  # a non-finite hidden state: no bound holds
             self.candidates = V
             return F.linear(hidden, self.weight).view(R, G, Vg).argmax(-1).view(shape)
-        # Some k has approx_k = top, so the largest fp32 logit is >= top - scale * max norm, and
-        # a candidate needs approx_j >= top - 2 * scale * max norm: one cheap pass, a superset.
-        reach = (scale * self.group_max_norms.view(1, G)).view(R, G, 1)
+        # Some k has approx_k = top, so the largest fp32 logit is >= top - the group's largest
+        # slack, and a candidate needs approx_j >= top - 2 * that: one cheap pass, a superset.
+        reach = (scale * screen.row_slack.view(G, Vg).amax(-1).view(1, G)).view(R, G, 1)
         cols = (approx >= top.view(R, G, 1) - 2 * reach).view(R, V).any(0).nonzero()[:, 0]
         # On that superset, the exact test: approx_j + slack_j >= max_k (approx_k - slack_k),
         # whose maximum lies inside the superset too.
         group = torch.div(cols, Vg, rounding_mode="floor").expand(R, -1)
-        a, slack = approx.view(R, V)[:, cols].float(), scale * self.norms[cols]
+        a, slack = approx.view(R, V)[:, cols].float(), scale * screen.row_slack[cols]
         floor = torch.full((R, G), float("-inf"), device=hidden.device).scatter_reduce_(1, group, a - slack, "amax")
         cols = cols[(a + slack >= floor.gather(1, group)).any(0)]
         # One exact product for the union of every row's candidates (ascending ids): a column
@@ -115,9 +174,11 @@ def screen_heads_(lm) -> bool:
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not fast_bf16()
             or getattr(lm, "screened_heads", False)):
         return False  # (without a fast bf16 kernel the screen would cost more than it saves)
+    from .few_rows import kernel
+
     with torch.no_grad():
-        text = ScreenedArgmax(weight[tk.TEXT_SLICE])
-        audio = ScreenedArgmax(weight[tk.PADDED_TEXT_VOCAB :], groups=tk.N_AUDIO_LAYERS)
+        text = ScreenedArgmax(weight[tk.TEXT_SLICE], int8=kernel())
+        audio = ScreenedArgmax(weight[tk.PADDED_TEXT_VOCAB :], groups=tk.N_AUDIO_LAYERS, int8=kernel())
     # instance attributes win over OmniLM's methods
     object.__setattr__(lm, "text_argmax", text)
     object.__setattr__(lm, "audio_argmax", audio)

@@ -136,3 +136,20 @@ def test_packed_linear_uses_plain_then_few_rows_then_onednn(kernel):
     x = torch.randn(prepack.FEW_ROWS_MAX + 1, 96)  # prompt chunks: oneDNN
     y = torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], "")
     assert torch.equal(lin(x), y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,k", [(1, 100, 200), (8, 47, 896), (11, 300, 129)])
+def test_int8_weights_are_widened_exactly_and_scaled_per_output(kernel, rows, n, k):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) + 0.01
+    x = torch.randn(rows, k, generator=g)
+    got = kernel.int8_linear(x, kernel.pack(q), n, scales)
+    exact, bound = reference(x, q.float(), None)
+    exact, bound = exact * scales.double(), (bound + 2.0 ** -24 * exact.abs()) * scales.double()
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    with pytest.raises(ValueError, match="fp32 scales"):
+        kernel.int8_linear(x, kernel.pack(q), n, scales[:-1])
+    with pytest.raises(ValueError, match="pack 2-D fp32 or int8"):
+        kernel.pack(q.to(torch.int16))

@@ -1,4 +1,5 @@
-"""Screened greedy heads (streaming/screened_argmax.py): the fp32 argmax, read from bf16."""
+"""Screened greedy heads (streaming/screened_argmax.py): the fp32 argmax, read from a bf16 or
+an int8 copy (the int8 screen runs on the few_rows kernel, where it builds)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,22 @@ from omni2.model.generate import generate
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming.screened_argmax import ScreenedArgmax, error_bound_factor, screen_heads_
+from omni2.streaming import few_rows
+from omni2.streaming.screened_argmax import INT8_SCREEN_ROWS, ScreenedArgmax, screen_heads_
+
+SCREENS = ["bf16", pytest.param("int8", marks=pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the int8 screen runs on the AVX-512 few_rows kernel"))]
+
+
+def make_head(weight, groups=1, screen="bf16"):
+    """A screened head whose calls of up to INT8_SCREEN_ROWS rows take `screen`."""
+    if screen == "bf16":
+        return ScreenedArgmax(weight, groups)
+    kernel = few_rows.kernel()
+    assert kernel is not None, "an AVX-512 machine with a compiler must build few_rows (see the log)"
+    head = ScreenedArgmax(weight, groups, int8=kernel)
+    assert head.screen(1) is head.int8
+    return head
 
 
 def full_argmax(hidden, weight, groups):
@@ -19,12 +35,13 @@ def full_argmax(hidden, weight, groups):
     return ids[:, 0] if groups == 1 else ids
 
 
+@pytest.mark.parametrize("screen", SCREENS)
 @pytest.mark.parametrize("groups", [1, 7])
 @pytest.mark.parametrize("rows", [0, 1, 3])
-def test_equals_the_fp32_argmax_on_random_heads(groups, rows):
+def test_equals_the_fp32_argmax_on_random_heads(groups, rows, screen):
     g = torch.Generator().manual_seed(rows * 10 + groups)
     weight = 0.03 * torch.randn(7 * 600, 128, generator=g)
-    head = ScreenedArgmax(weight, groups)
+    head = make_head(weight, groups, screen)
     for scale in (0.1, 1.0, 30.0):
         hidden = scale * torch.randn(rows, 128, generator=g)
         assert torch.equal(head(hidden), full_argmax(hidden, weight, groups))
@@ -32,19 +49,36 @@ def test_equals_the_fp32_argmax_on_random_heads(groups, rows):
         assert groups <= head.candidates < 0.05 * rows * weight.size(0)
 
 
-def test_the_error_bound_holds_for_every_row():
+@pytest.mark.parametrize("screen", SCREENS)
+def test_the_error_bound_holds_for_every_row(screen):
     g = torch.Generator().manual_seed(5)
-    # rows and hidden states of very different sizes, so the per-row bound is exercised
+    # rows and hidden states of very different sizes, so the per-row bound is exercised;
+    # a row with one outlier weight (a coarse int8 scale) and an all-zero row
     weight = torch.randn(3000, 256, generator=g) * torch.logspace(-3, 1, 3000)[:, None]
-    head = ScreenedArgmax(weight)
+    weight[7, 3] = 500.0
+    weight[8] = 0.0
+    head = make_head(weight, screen=screen)
     hidden = torch.randn(4, 256, generator=g) * torch.tensor([[1e-3], [1.0], [50.0], [1e3]])
-    err = (head.approximate(hidden) - F.linear(hidden, weight)).abs()
-    bound = error_bound_factor(256) * hidden.norm(dim=1, keepdim=True) * head.norms
+    err = (head.approximate(hidden).double() - hidden.double() @ weight.double().t()).abs()
+    bound = hidden.double().norm(dim=1, keepdim=True) * head.screen(4).row_slack.double()
     assert bool((err <= bound).all())
-    assert float((err / bound).max()) > 1e-3  # the bound is not vacuous either
+    assert float((err[bound > 0] / bound[bound > 0]).max()) > 1e-3  # the bound is not vacuous either
+    assert torch.equal(head(hidden), F.linear(hidden, weight).argmax(-1))
 
 
-def test_near_ties_and_exact_ties_resolve_as_the_full_head_does():
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs the few_rows kernel")
+def test_few_rows_screen_in_int8_and_many_in_bf16():
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(2000, 96, generator=g)
+    head = make_head(weight, screen="int8")
+    assert head.screen(INT8_SCREEN_ROWS) is head.int8 and head.screen(INT8_SCREEN_ROWS + 1) is head.bf16
+    for rows in (INT8_SCREEN_ROWS, INT8_SCREEN_ROWS + 1, 20):
+        hidden = torch.randn(rows, 96, generator=g)
+        assert torch.equal(head(hidden), F.linear(hidden, weight).argmax(-1))
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_near_ties_and_exact_ties_resolve_as_the_full_head_does(screen):
     """Rows that differ below bf16 resolution (identical approximations) and duplicated rows:
     the first of the fp32 maxima wins, as torch.argmax over all logits picks it."""
     g = torch.Generator().manual_seed(7)
@@ -54,32 +88,34 @@ def test_near_ties_and_exact_ties_resolve_as_the_full_head_does():
     weight[100] = best
     weight[300] = best * (1 + 2 ** -20)  # larger in fp32, equal in bf16
     weight[400] = best * (1 + 2 ** -20)  # an exact tie with row 300
-    head = ScreenedArgmax(weight)
+    head = make_head(weight, screen=screen)
     assert int(head(hidden)) == int(F.linear(hidden, weight).argmax()) == 300
     weight[50] = weight[300]  # now an earlier exact tie
-    head = ScreenedArgmax(weight)
+    head = make_head(weight, screen=screen)
     assert int(head(hidden)) == int(F.linear(hidden, weight).argmax()) == 50
 
 
-def test_a_cluster_of_rows_closer_than_bf16_can_tell_is_ranked_in_fp32():
-    """50 rows within 1e-4 (relative) of each other: their bf16 logits are in the wrong order
-    (checked), the screened pick is still the fp32 one."""
+@pytest.mark.parametrize("screen", SCREENS)
+def test_a_cluster_of_rows_closer_than_the_screen_can_tell_is_ranked_in_fp32(screen):
+    """50 rows within 1e-4 (relative) of each other: their approximate logits are in the wrong
+    order (checked), the screened pick is still the fp32 one."""
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(1, 64, generator=g)
     weight = 0.01 * torch.randn(400, 64, generator=g)
     best = hidden[0] / hidden[0].norm()
     weight[200:250] = best * (1 + 1e-4 * torch.randn(50, 1, generator=g)) + 1e-5 * torch.randn(50, 64, generator=g)
-    head = ScreenedArgmax(weight)
+    head = make_head(weight, screen=screen)
     exact = int(F.linear(hidden, weight).argmax())
-    assert int(head.approximate(hidden).argmax()) != exact  # bf16 alone would pick wrongly
+    assert int(head.approximate(hidden).argmax()) != exact  # the screen alone would pick wrongly
     assert int(head(hidden)) == exact
 
 
-def test_a_non_finite_hidden_state_reads_the_whole_head():
+@pytest.mark.parametrize("screen", SCREENS)
+def test_a_non_finite_hidden_state_reads_the_whole_head(screen):
     weight = torch.randn(200, 32)
     hidden = torch.randn(2, 32)
     hidden[1, 3] = float("nan")
-    assert torch.equal(ScreenedArgmax(weight)(hidden), full_argmax(hidden, weight, 1))
+    assert torch.equal(make_head(weight, screen=screen)(hidden), full_argmax(hidden, weight, 1))
 
 
 def test_only_fp32_weights_split_into_equal_groups():
