@@ -1,4 +1,4 @@
-"""`omni2 bench {model,engine,server,interrupt}`: benchmarks that print figures.
+"""`omni2 bench {model,kernels,engine,server,interrupt}`: benchmarks that print figures.
 
 Each compares against a baseline measured in the same run; speed goals live here, never in
 tests. Machines are noisy: every figure is a median of --repeats runs.
@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
     mod.add_argument("--repeats", type=int, default=5)
+    ker = sub.add_parser("kernels", help="CPU kernels of a decode step (body matrices, greedy heads) vs the library's")
+    ker.add_argument("--rows", default="1,2,8,16,64,256", help="rows per product (2 per session)")
+    ker.add_argument("--layers", type=int, default=24, help="how many blocks' matrices (24: the whole body)")
+    ker.add_argument("--no-heads", action="store_false", dest="heads", help="skip the greedy heads")
+    ker.add_argument("--repeats", type=int, default=5)
     srv = sub.add_parser("server", help="frames/s through the WebSocket vs the raw engine; first-audio latency")
     srv.add_argument("--sessions", type=int, default=4)
     srv.add_argument("--turns", type=int, default=3)
@@ -35,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--device", default="auto")
     itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
     itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
-    for q in (eng, mod, srv, itr):
+    for q in (eng, mod, ker, srv, itr):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
 
@@ -51,6 +56,11 @@ def main(args: argparse.Namespace) -> int:
         from omni2.streaming.bench_model import run_model_bench
 
         result = run_model_bench(dtype=args.dtype, device=args.device, repeats=args.repeats)
+    elif args.bench == "kernels":
+        from omni2.streaming.bench_kernels import run_kernel_bench
+
+        result = run_kernel_bench(rows=tuple(int(r) for r in args.rows.split(",")), layers=args.layers,
+                                  repeats=args.repeats, heads=args.heads)
     elif args.bench == "server":
         from omni2.server.bench import run_server_bench
 

@@ -85,17 +85,22 @@ class Int8Screen:
     the exact logit's own fp32 sum). As tight as the bf16 screen's on random rows (~0.9% vs
     ~1.2% of ||h|| ||w_j||), for half its bytes."""
 
-    def __init__(self, weight: torch.Tensor, kernel) -> None:
-        w = weight.double()
-        scale = (w.abs().amax(1) / 127).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0
-        q = torch.round(w / scale.double()[:, None]).clamp_(-127, 127)
-        residual = (w - scale.double()[:, None] * q).norm(dim=1)
-        g, u = gamma(weight.size(1)), FP32_UNIT_ROUNDOFF
-        slack = residual + scale.double() * q.norm(dim=1) * (g + 2 * u) + g * w.norm(dim=1)
-        self.row_slack = (slack * (1 + 1e-6)).float()  # rounded up into fp32
-        self.scale, self.n_out, self._kernel = scale, weight.size(0), kernel
-        self._packed = kernel.pack(q.to(torch.int8))
+    def __init__(self, weight: torch.Tensor, kernel, chunk: int = 8192) -> None:
+        scale, q, slack = [], [], []
+        for w in weight.split(chunk):  # in float64 a chunk at a time (a whole head would be 1 GB)
+            w = w.double()
+            s = (w.abs().amax(1) / 127).float()
+            s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: q = 0
+            qc = torch.round(w / s.double()[:, None]).clamp_(-127, 127)
+            residual = (w - s.double()[:, None] * qc).norm(dim=1)
+            g, u = gamma(weight.size(1)), FP32_UNIT_ROUNDOFF
+            bound = residual + s.double() * qc.norm(dim=1) * (g + 2 * u) + g * w.norm(dim=1)
+            scale.append(s)
+            q.append(qc.to(torch.int8))
+            slack.append((bound * (1 + 1e-6)).float())  # rounded up into fp32
+        self.scale, self.row_slack = torch.cat(scale), torch.cat(slack)
+        self.n_out, self._kernel = weight.size(0), kernel
+        self._packed = kernel.pack(torch.cat(q))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._kernel.int8_linear(hidden, self._packed, self.n_out, self.scale)

@@ -1,0 +1,28 @@
+"""`omni2 bench kernels` smoke run: one block's matrices, a few rows, the real-size heads."""
+from __future__ import annotations
+
+import torch
+
+from omni2.streaming import few_rows, prepack
+from omni2.streaming.bench_kernels import body_shapes, run_kernel_bench
+
+
+def test_body_shapes_are_the_released_blocks():
+    shapes = body_shapes(24)
+    assert len(shapes) == 120
+    assert abs(sum(o * i for o, i in shapes) * 4 / 1e9 - 1.43) < 0.01  # the 1.43 GB a step streams
+
+
+def test_kernel_bench_prints_every_kernel_and_checks_the_screens():
+    lines = []
+    result = run_kernel_bench(rows=(2, 3), layers=1, head_rows=(1, 9), repeats=1, out=lines.append)
+    kinds = {"mkl"} | ({"onednn"} if prepack.available() else set()) | ({"few_rows"} if few_rows.kernel() else set())
+    assert set(result["body"]) == {2, 3}
+    assert all(set(ms) == kinds and all(v > 0 for v in ms.values()) for ms in result["body"].values())
+    # every screen that ran gave the fp32 argmax (the bench raises otherwise) and rechecked few rows
+    text1 = result["heads"]["text/1"]
+    assert 1 <= text1["bf16_rechecked"] < 1000
+    if few_rows.kernel() is not None and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert 1 <= text1["int8_rechecked"] < 1000
+        assert "int8" not in result["heads"]["text/9"]  # 9 rows screen through bf16
+    assert any(line.startswith("greedy heads") for line in lines) and len(lines) == 3 + 2 + 2 + 4
