@@ -3,21 +3,22 @@
 A decode step of n sessions multiplies 2n rows by every weight of the model. On a CPU the
 library kernels are at their best for one session (MKL, bound by memory) and for long
 prompts (oneDNN, bound by arithmetic), but in between they do one and then the other:
-measured on this project's 2-core Xeon, the 24 layers' matrices (1.43 GB fp32):
+`omni2 bench kernels` on this project's 2-core Xeon, the 24 layers' matrices (1.43 GB fp32):
 
     rows     MKL F.linear   oneDNN packed   few_rows
-      2          61 ms          68 ms          56 ms
-      8         147 ms          81 ms          64 ms
-     16         167 ms         104 ms          83 ms
-     64         258 ms         196 ms         174 ms
-    256         649 ms         546 ms         608 ms
+      1          58 ms          69 ms          59 ms
+      2          65 ms          73 ms          56 ms
+      8         152 ms          85 ms          63 ms
+     16         164 ms         107 ms          83 ms
+     64         274 ms         206 ms         199 ms
+    256         684 ms         613 ms         673 ms
 
 few_rows keeps the weight streaming while it multiplies (see the C file). Each output is one
 fused multiply-add chain in k order whatever the batch, so a row's result does not depend on
 the other rows; it does differ from MKL's in the last bits, which is why one session's rows
 keep MKL (the reference path, bit for bit; see prepack.py). The same loop reads int8 weights
 with a scale per output (`int8_linear`): the screened greedy heads' cheap first pass
-(screened_argmax.py; real-size text head, one row: 5.7 ms vs 11.1 ms for oneDNN's bf16).
+(screened_argmax.py; real-size text head, one row: 6.2 ms screened vs 13.0 ms through bf16).
 
 The C file is compiled with the system's C compiler at first use into omni2's cache (about a
 second) and called through ctypes. Where that cannot happen (no compiler, no AVX-512, or

@@ -12,7 +12,7 @@ measured on this project's 2-core Xeon (AVX-512 + AMX), out of cache, one 4864x8
 past two rows; a weight packed once at load time avoids both. bf16 prepacked results are
 bitwise equal to `F.linear` (checked in the tests), so tokens do not change; fp32 keeps the
 plain kernel for <= 2 rows (one session: the reference path, bit for bit), our few_rows
-kernel (few_rows.py; 16 rows of all 24 layers: 77 vs oneDNN's 97 ms) for decode steps of
+kernel (few_rows.py; 16 rows of all 24 layers: 83 vs oneDNN's 107 ms) for decode steps of
 several sessions, and the packed one for prompt chunks. Their rounding differs from the
 plain kernel's in the last bits, as any change of batch size already does with MKL.
 
@@ -30,7 +30,8 @@ from omni2.model import tokens as tk
 # Rows up to which fp32 keeps MKL's plain kernel (one session's two rows).
 FP32_PLAIN_ROWS = 2
 # Rows up to which fp32 uses the few_rows kernel where it is built (32 sessions' decode step);
-# longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 546 vs 608 ms).
+# longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 613 vs 673 ms for
+# the body's matrices; `omni2 bench kernels`).
 FEW_ROWS_MAX = 64
 
 

@@ -21,9 +21,9 @@ row:
 
 Step 4 uses the same `F.linear` as the full head on a subset of rows; for one row (one
 session) the subset's logits are bitwise the full head's, so the argmax, ties included, is
-the full head's (tested against `generate`). Measured on the 2-core Xeon (real-size text
-head, out of cache): one row 20.2 -> 12 ms through bf16 (the bf16 product ~11 ms of it),
--> ~6.5 ms through int8 (5.7 ms); eight rows 66 -> 14.5 ms (bf16).
+the full head's (tested against `generate`). `omni2 bench kernels` on the 2-core Xeon
+(real-size text head, out of cache): one row 21.2 ms full, 13.0 through bf16, 6.2 through
+int8; eight rows 67.5 ms full, 15.2 bf16, 10.5 int8; sixteen 72.5 full, 17.7 bf16.
 
 Used for greedy rows only; sampling (temperature, top-k/p) needs every logit and takes the
 full fp32 head. Heads with several groups of logits (the 7 audio layers of 4,160 ids)
@@ -44,8 +44,8 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 # and of the comparisons made with it.
 BOUND_MARGIN = 1.125
 # Up to this many rows the int8 screen (few_rows kernel) is the faster one; more rows take
-# the bf16 copy (AMX): real-size text head, 2-core Xeon: 1 row 5.7 vs 11.1 ms, 8 rows 8.4 vs
-# 11.5 ms, 16 rows 15.1 vs 11.7 ms.
+# the bf16 copy (AMX): real-size text head's product alone, 2-core Xeon: 1 row 5.7 vs 11.1 ms,
+# 8 rows 8.4 vs 11.5 ms, 16 rows 15.1 vs 11.7 ms.
 INT8_SCREEN_ROWS = 8
 
 
