@@ -87,7 +87,12 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     did (CPU, fp32/bf16, oneDNN present, not done before).
 
     few_rows: an fp32 model's blocks also get the few_rows kernel for decode steps of several
-    sessions; None: where it builds (few_rows.kernel()), False: never, True: required."""
+    sessions, and its greedy heads the int8 screen; None: where it builds (few_rows.kernel()),
+    False: never, True: required.
+
+    Memory (Mini-Omni2, fp32): the LM as loaded is ~3.1 GB; prepacked ~7.3 GB, as the body is
+    kept three times (plain for one session, oneDNN for prompts, few_rows for several sessions)
+    and the heads gain a packed, a bf16 and an int8 copy."""
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or not available() or getattr(lm, "prepacked", False)):
@@ -117,5 +122,5 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     if weight.dtype == torch.float32:  # greedy picks from a bf16 screen of the heads: same ids
         from .screened_argmax import screen_heads_
 
-        screen_heads_(lm)
+        screen_heads_(lm, int8=kernel)
     return True

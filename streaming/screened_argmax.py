@@ -170,20 +170,24 @@ def fast_bf16() -> bool:
     return prepack.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def screen_heads_(lm) -> bool:
+def screen_heads_(lm, int8="auto") -> bool:
     """Give an fp32 CPU model screened greedy heads (lm.text_argmax / lm.audio_argmax), in
-    place; returns whether it did. A runtime transform, like prepacking."""
+    place; returns whether it did. A runtime transform, like prepacking.
+
+    int8: the few_rows kernel for the int8 screen, None for bf16 only, "auto": where it builds."""
     from omni2.model import tokens as tk
 
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not fast_bf16()
             or getattr(lm, "screened_heads", False)):
         return False  # (without a fast bf16 kernel the screen would cost more than it saves)
-    from .few_rows import kernel
+    if int8 == "auto":
+        from .few_rows import kernel
 
+        int8 = kernel()
     with torch.no_grad():
-        text = ScreenedArgmax(weight[tk.TEXT_SLICE], int8=kernel())
-        audio = ScreenedArgmax(weight[tk.PADDED_TEXT_VOCAB :], groups=tk.N_AUDIO_LAYERS, int8=kernel())
+        text = ScreenedArgmax(weight[tk.TEXT_SLICE], int8=int8)
+        audio = ScreenedArgmax(weight[tk.PADDED_TEXT_VOCAB :], groups=tk.N_AUDIO_LAYERS, int8=int8)
     # instance attributes win over OmniLM's methods
     object.__setattr__(lm, "text_argmax", text)
     object.__setattr__(lm, "audio_argmax", audio)

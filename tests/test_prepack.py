@@ -87,3 +87,11 @@ def test_prepack_is_a_no_op_off_the_cpu_and_for_half_precision(tiny_checkpoint):
     fp16 = load_model(tiny_checkpoint, snac=None, dtype=torch.float16)
     assert not prepack.prepack_(fp16.lm)
     assert type(fp16.lm.transformer.h[0].mlp.fc_1) is torch.nn.Linear
+
+
+def test_few_rows_off_keeps_the_library_kernels_and_the_bf16_screen(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, snac=None)
+    assert prepack.prepack_(model.lm, few_rows=False)
+    assert model.lm.transformer.h[0].mlp.fc_1.few_packed is None
+    if getattr(model.lm, "screened_heads", False):
+        assert model.lm.text_argmax.int8 is None and model.lm.audio_argmax.int8 is None
