@@ -111,7 +111,7 @@ def test_a_failed_build_or_a_switch_leaves_the_library_kernels(tmp_path, monkeyp
         with caplog.at_level(logging.WARNING, logger="omni2.few_rows"):
             assert few_rows.kernel() is None
         assert "few-rows fp32 kernel not used" in caplog.text
-        assert not list((tmp_path / "kernels").glob("*")) if BUILDS_HERE else True
+        assert not list((tmp_path / "kernels").glob("*"))  # no half-built library left behind
         lm = torch.nn.Linear(8, 4)  # prepacking still works, on the library kernels only
         lin = prepack.PackedLinear(lm.weight, lm.bias, prepack.FP32_PLAIN_ROWS, few_rows.kernel())
         assert lin.few_packed is None
