@@ -87,13 +87,13 @@ class Int8Screen:
 
     def __init__(self, weight: torch.Tensor, kernel, chunk: int = 8192) -> None:
         scale, q, slack = [], [], []
+        g, u = gamma(weight.size(1)), FP32_UNIT_ROUNDOFF
         for w in weight.split(chunk):  # in float64 a chunk at a time (a whole head would be 1 GB)
             w = w.double()
             s = (w.abs().amax(1) / 127).float()
             s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: q = 0
             qc = torch.round(w / s.double()[:, None]).clamp_(-127, 127)
             residual = (w - s.double()[:, None] * qc).norm(dim=1)
-            g, u = gamma(weight.size(1)), FP32_UNIT_ROUNDOFF
             bound = residual + s.double() * qc.norm(dim=1) * (g + 2 * u) + g * w.norm(dim=1)
             scale.append(s)
             q.append(qc.to(torch.int8))
@@ -119,6 +119,9 @@ class ScreenedArgmax:
         self.groups = groups
         self.bf16 = Bf16Screen(self.weight)
         self.int8 = None if int8 is None else Int8Screen(self.weight, int8)
+        # each screen's largest slack per group (the reach of the superset pass), computed once
+        self._group_max_slack = {screen: screen.row_slack.view(groups, -1).amax(-1)
+                                 for screen in (self.bf16, self.int8) if screen is not None}
         self.candidates = 0  # fp32 rows read in the last call (for tests and stats)
 
     def screen(self, rows: int):
@@ -146,7 +149,7 @@ class ScreenedArgmax:
             return F.linear(hidden, self.weight).view(R, G, Vg).argmax(-1).view(shape)
         # Some k has approx_k = top, so the largest fp32 logit is >= top - the group's largest
         # slack, and a candidate needs approx_j >= top - 2 * that: one cheap pass, a superset.
-        reach = (scale * screen.row_slack.view(G, Vg).amax(-1).view(1, G)).view(R, G, 1)
+        reach = (scale * self._group_max_slack[screen].view(1, G)).view(R, G, 1)
         cols = (approx >= top.view(R, G, 1) - 2 * reach).view(R, V).any(0).nonzero()[:, 0]
         # On that superset, the exact test: approx_j + slack_j >= max_k (approx_k - slack_k),
         # whose maximum lies inside the superset too.
