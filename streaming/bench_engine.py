@@ -6,14 +6,18 @@ cache every step), the full 181,120-row head for both rows, and per-token sampli
 host sync per token, as the release's top-k=1 sampler does. The engine must produce the
 same tokens (checked) and is timed at 1, 2, 4, ... concurrent sessions, and for one session
 through the phases of an answer (text being written, text ended, a whole answer), each
-against the baseline in the same phase.
+against the baseline in the same phase. The baseline keeps the weights as loaded and the
+engine runs on a prepacked copy, so the two alternate run by run in one process: a shared
+machine's speed drifts by 10-20% over minutes, and a ratio of runs taken minutes apart would
+carry that drift.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -202,9 +206,34 @@ def _median_run(runs: list[EngineRun], key=lambda r: r.aggregate_steps_per_s) ->
     return runs[len(runs) // 2]
 
 
+def packed_copy(model: OmniModel) -> OmniModel | None:
+    """The model with a prepacked copy of its LM (modules copied, weights shared), so that the
+    baseline keeps the weights as loaded while the engine runs packed, in the same process;
+    None where prepacking does not apply (GPU, fp16, no oneDNN)."""
+    from .prepack import prepack_
+
+    lm = model.lm
+    shared = {id(t): t for t in (*lm.parameters(), *lm.buffers())}
+    packed = copy.deepcopy(lm, memo=shared)
+    return replace(model, lm=packed) if prepack_(packed) else None
+
+
+def _paired(first, second, flip: bool):
+    """(first(), second()), run in the other order when flip: alternating the order of the
+    runs of a pair cancels a drift of the machine's speed between them."""
+    if flip:
+        b = second()
+        return first(), b
+    a = first()
+    return a, second()
+
+
 def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu", sessions=(1, 2, 4, 8, 16),
                      steps: int = 24, repeats: int = 3, question_s: float = 3.0, prepack: bool = True,
                      text_share: float | None = None, out=print) -> dict:
+    """The benchmark (module docstring). Machines drift: the engine and the baseline alternate
+    run by run, and each speedup is the median of the paired ratios; the session counts of the
+    throughput table are likewise taken round-robin, repeat by repeat."""
     from omni2.streaming.runtime import pick_dtype
 
     torch.set_grad_enabled(False)
@@ -217,6 +246,11 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
     t0 = time.perf_counter()
     model = fresh(random_model, size, dt, device)
     out(f"model ready in {time.perf_counter() - t0:.1f} s")
+    # The baseline runs on the weights as loaded, the release's way; the engine (unless told
+    # not to) on a packed copy, as `omni2 serve` runs on a CPU.
+    packed = fresh(packed_copy, model) if prepack else None
+    engine_model = packed or model
+    out(f"engine weights: {'prepacked (oneDNN, few_rows where built)' if packed else 'as loaded'}")
     audio = question(question_s)
     t_enc = []
     for _ in range(repeats):
@@ -224,58 +258,66 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
         fresh(model.encode_question, audio)
         t_enc.append(time.perf_counter() - t)
     steps = max(steps, 9)
-    # The baseline runs on the weights as loaded, the release's way; then (unless told not
-    # to) the weights are packed for the engine, as `omni2 serve` does on a CPU.
     fresh(baseline_turn, model, audio, 3)  # warm-up (allocator, kernels)
-    # One session through the phases of an answer: text still being written (every step, as
-    # random weights never end it), text ended (from step 1), and a whole answer whose text
-    # is written for ANSWER_TEXT_SHARE of its steps. Each against its own baseline.
-    share = ANSWER_TEXT_SHARE if text_share is None else text_share
-    phases = {"text written": None, "text ended": 1, "whole answer": max(1, round(share * steps))}
-    base_runs = {name: [fresh(baseline_turn, model, audio, steps, text_steps=k) for _ in range(repeats)]
-                 for name, k in phases.items()}
-    base, base_rate = base_runs["text written"], statistics.median(r for _, r in base_runs["text written"])
-    if prepack:
-        from .prepack import prepack_
-
-        packed = fresh(prepack_, model.lm)
-        out(f"engine weights: {'prepacked for oneDNN' if packed else 'as loaded (prepacking not available here)'}")
-    engine_run(model, 1, 3, audio)  # warm-up
-    results = {"baseline_steps_per_s": base_rate, "encode_ms": 1000 * statistics.median(t_enc), "runs": []}
+    engine_run(engine_model, 1, 3, audio)
+    results = {"encode_ms": 1000 * statistics.median(t_enc), "runs": []}
     out(f"question {question_s:.0f} s: encoders+adapters {results['encode_ms']:.0f} ms (median of {repeats})")
-    out(f"baseline (release-style, 1 turn): {base_rate:.2f} steps/s, real-time factor {1 / (base_rate * FRAME_SECONDS):.2f}")
-    one = None
-    first = _median_run([engine_run(model, 1, steps, audio) for _ in range(repeats)])
+    first = _median_run([engine_run(engine_model, 1, steps, audio) for _ in range(repeats)])
     out(f"1 session, question encoded in the turn: prefill {first.prefill_ms:.0f} ms (LM), "
         f"time to first audio {first.ttfa_ms:.0f} ms after submit (encoders + prefill + 4 frames + SNAC)")
     results["ttfa_ms"], results["prefill_ms"] = first.ttfa_ms, first.prefill_ms
-    out("throughput (question encoded once, so the runs time decoding); 'speech no' runs without the")
-    out("vocoder (on a CPU, streaming SNAC shares the LM's cores; on a GPU it is a small kernel):")
-    out(f"{'sessions':>8} {'speech':>7} {'steps/s/session':>16} {'aggregate':>10} {'x 1 sess':>9} {'RTF':>6} {'prefill ms':>11}")
-    ones = {}
-    for n in sessions:
-        for speech in (False, True):
-            run = _median_run([engine_run(model, n, steps, audio, encode_once=True, speech=speech) for _ in range(repeats)])
-            one = ones.setdefault(speech, run)
-            results["runs"].append(run.__dict__ | {"tokens": None, "speech": speech})
-            out(f"{n:>8} {'yes' if speech else 'no':>7} {run.steps_per_s_session:>16.2f} {run.aggregate_steps_per_s:>10.2f} "
-                f"{run.aggregate_steps_per_s / one.aggregate_steps_per_s:>9.2f} {run.rtf:>6.2f} {run.prefill_ms:>11.0f}")
+
+    # One session through the phases of an answer: text still being written (every step, as
+    # random weights never end it), text ended (from step 1), and a whole answer whose text
+    # is written for ANSWER_TEXT_SHARE of its steps. Each against the baseline in that phase.
+    share = ANSWER_TEXT_SHARE if text_share is None else text_share
+    phases = {"text written": None, "text ended": 1, "whole answer": max(1, round(share * steps))}
+    pairs = {name: [] for name in phases}
+    for r in range(repeats):
+        for name, k in phases.items():
+            pairs[name].append(_paired(
+                lambda: fresh(baseline_turn, model, audio, steps, text_steps=k),
+                lambda: engine_run(engine_model, 1, steps, audio, encode_once=True, speech=False, text_steps=k),
+                flip=r % 2 == 1))
     out(f"1 session through an answer (tokens only; the whole answer writes text for {phases['whole answer']} "
-        f"of {steps} steps), each against the baseline in the same state:")
+        f"of {steps} steps), against release-style decoding in the same state; the two alternate, "
+        f"speedup = median of {repeats} paired ratios:")
     results["phases"] = {}
-    for name, k in phases.items():
-        run = _median_run([engine_run(model, 1, steps, audio, encode_once=True, speech=False, text_steps=k)
-                           for _ in range(repeats)], key=lambda r: r.mean_steps_per_s)
-        rate = statistics.median(r for _, r in base_runs[name])
+    for name, runs in pairs.items():
+        ratios = [e.mean_steps_per_s / rate for (_, rate), e in runs]
         ph = results["phases"][name] = {
-            "baseline_steps_per_s": rate, "engine_steps_per_s": run.mean_steps_per_s,
-            "speedup": run.mean_steps_per_s / rate, "identical_tokens": run.tokens == base_runs[name][0][0]}
-        out(f"  {name:<13} baseline {rate:6.2f} steps/s, engine {run.mean_steps_per_s:6.2f} = {ph['speedup']:.2f}x, "
+            "baseline_steps_per_s": statistics.median(rate for (_, rate), _ in runs),
+            "engine_steps_per_s": statistics.median(e.mean_steps_per_s for _, e in runs),
+            "speedup": statistics.median(ratios), "paired_ratios": ratios,
+            "identical_tokens": all(e.tokens == base for (base, _), e in runs)}
+        out(f"  {name:<13} baseline {ph['baseline_steps_per_s']:6.2f} steps/s, engine {ph['engine_steps_per_s']:6.2f}: "
+            f"{ph['speedup']:.2f}x (pairs {' / '.join(f'{x:.2f}' for x in ratios)}), "
             f"identical tokens: {ph['identical_tokens']}")
     written = results["phases"]["text written"]
+    results["baseline_steps_per_s"] = written["baseline_steps_per_s"]
     results["speedup_1_session"], results["identical_tokens"] = written["speedup"], written["identical_tokens"]
+    base_rate = written["baseline_steps_per_s"]
+    out(f"baseline (release-style, 1 turn, text written): {base_rate:.2f} steps/s, "
+        f"real-time factor {1 / (base_rate * FRAME_SECONDS):.2f}")
+
+    out("throughput (question encoded once, so the runs time decoding; session counts taken round-robin); "
+        "'speech no' runs")
+    out("without the vocoder (on a CPU, streaming SNAC shares the LM's cores; on a GPU it is a small kernel):")
+    table = {(n, speech): [] for n in sessions for speech in (False, True)}
+    for _ in range(repeats):
+        for n, speech in table:
+            table[n, speech].append(engine_run(engine_model, n, steps, audio, encode_once=True, speech=speech))
+    out(f"{'sessions':>8} {'speech':>7} {'steps/s/session':>16} {'aggregate':>10} {'x 1 sess':>9} {'RTF':>6} {'prefill ms':>11}")
+    ones = {}
+    for (n, speech), runs in table.items():
+        run = _median_run(runs)
+        one = ones.setdefault(speech, run)
+        results["runs"].append(run.__dict__ | {"tokens": None, "speech": speech})
+        out(f"{n:>8} {'yes' if speech else 'no':>7} {run.steps_per_s_session:>16.2f} {run.aggregate_steps_per_s:>10.2f} "
+            f"{run.aggregate_steps_per_s / one.aggregate_steps_per_s:>9.2f} {run.rtf:>6.2f} {run.prefill_ms:>11.0f}")
     if dt != torch.float32:
-        results["agreement_vs_fp32"] = fresh(precision_agreement, size, device, audio, steps, run_tokens=base[0][0])
+        base_tokens = pairs["text written"][0][0][0]
+        results["agreement_vs_fp32"] = fresh(precision_agreement, size, device, audio, steps, run_tokens=base_tokens)
         a = results["agreement_vs_fp32"]
         out(f"{dtype} vs fp32 reference tokens: {a['token_agreement']:.1%} of audio tokens equal, "
             f"first divergence at step {a['first_divergence']} of {a['steps']}")

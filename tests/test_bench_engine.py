@@ -12,5 +12,7 @@ def test_engine_bench_smoke_every_phase_gives_the_baselines_tokens():
     for name, phase in result["phases"].items():
         assert phase["identical_tokens"] is True, name
         assert phase["baseline_steps_per_s"] > 0 and phase["engine_steps_per_s"] > 0
+        assert len(phase["paired_ratios"]) == 1 and phase["speedup"] == phase["paired_ratios"][0]
     assert [r["sessions"] for r in result["runs"]] == [1, 1, 2, 2]
     assert any("whole answer" in line for line in lines)
+    assert any("prepacked" in line for line in lines)  # the engine ran on the packed copy
