@@ -1,7 +1,7 @@
 """`omni2 bench kernels`: the CPU kernels of a decode step, each against the library's own.
 
 1. The body's matrices (real-size shapes, seeded random fp32 weights) times a few rows: MKL's
-   plain F.linear (the reference path), oneDNN's packed kernel, and few_rows (few_rows.c).
+   plain F.linear (what the weights as loaded use), oneDNN's packed kernel, and few_rows (few_rows.c).
 2. The greedy heads: the full fp32 head + argmax, against the screened argmax through bf16
    and through int8 (screened_argmax.py), with the fp32 rows each screen had to recheck.
 

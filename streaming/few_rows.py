@@ -15,8 +15,9 @@ prompts (oneDNN, bound by arithmetic), but in between they do one and then the o
 
 few_rows keeps the weight streaming while it multiplies (see the C file). Each output is one
 fused multiply-add chain in k order whatever the batch, so a row's result does not depend on
-the other rows; it does differ from MKL's in the last bits, which is why one session's rows
-keep MKL (the reference path, bit for bit; see prepack.py). The same loop reads int8 weights
+the other rows: prepack.py gives it every fp32 decode step, one session's included, and a
+session's step then has the same bits whatever other sessions share it. Its last bits differ
+from MKL's (as MKL's own differ between one and two rows). The same loop reads int8 weights
 with a scale per output (`int8_linear`): the screened greedy heads' cheap first pass
 (screened_argmax.py; real-size text head, one row: 6.2 ms screened vs 13.0 ms through bf16).
 

@@ -1,4 +1,4 @@
-"""CPU weight prepacking: the language model's matrices in oneDNN's blocked layout.
+"""CPU weight prepacking: the language model's matrices in the layouts of faster kernels.
 
 A decode step multiplies a handful of rows (2 per session) by every weight of the model, so
 on a CPU it is bound by how fast the weights stream from memory, and the kernel matters:
@@ -10,11 +10,16 @@ measured on this project's 2-core Xeon (AVX-512 + AMX), out of cache, one 4864x8
 
 `F.linear` re-lays-out a bf16 weight on every call and MKL's fp32 kernel slows down sharply
 past two rows; a weight packed once at load time avoids both. bf16 prepacked results are
-bitwise equal to `F.linear` (checked in the tests), so tokens do not change; fp32 keeps the
-plain kernel for <= 2 rows (one session: the reference path, bit for bit), our few_rows
-kernel (few_rows.py; 16 rows of all 24 layers: 83 vs oneDNN's 107 ms) for decode steps of
-several sessions, and the packed one for prompt chunks. Their rounding differs from the
-plain kernel's in the last bits, as any change of batch size already does with MKL.
+bitwise equal to `F.linear` (checked in the tests), so tokens do not change.
+
+fp32 decode steps (1 to FEW_ROWS_MAX rows: up to 32 sessions) take our few_rows kernel
+(few_rows.py) where it builds: the body's matrices at 2 rows (one session) 63 ms vs MKL's
+74, at 16 rows 83 vs oneDNN's 107 (`omni2 bench kernels`). Each of its outputs is one
+multiply-add chain in k order, so a session's decode step gives the same bits whatever other
+sessions share it. Prompt chunks (more rows) take the oneDNN packed kernel. Both round
+differently from MKL's plain kernel in the last bits (as MKL itself does between one and two
+rows), so tokens match the plain model's rather than its bits (tested; checked in every
+`omni2 bench engine` run). Without few_rows, fp32 keeps MKL's plain kernel for <= 2 rows.
 
 `prepack_(lm)` changes the model in place (a runtime transform: a prepacked model is not
 saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind.
@@ -27,7 +32,8 @@ import torch.nn.functional as F
 
 from omni2.model import tokens as tk
 
-# Rows up to which fp32 keeps MKL's plain kernel (one session's two rows).
+# Rows up to which fp32 keeps MKL's plain kernel (one session's two rows) where few_rows is
+# not built: oneDNN's packed kernel is slower there.
 FP32_PLAIN_ROWS = 2
 # Rows up to which fp32 uses the few_rows kernel where it is built (32 sessions' decode step);
 # longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 613 vs 673 ms for
@@ -41,28 +47,28 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed once. `plain_rows` > 0 keeps W for calls of few rows;
-    `few_rows` (an fp32 few_rows.FewRowsKernel) takes calls of up to FEW_ROWS_MAX rows."""
+    """y = x W^T + b with W packed once. `few_rows` (an fp32 few_rows.FewRowsKernel) takes
+    calls of up to FEW_ROWS_MAX rows; else `plain_rows` > 0 keeps W for calls of that many."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plain_rows: int, few_rows=None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
         self.bias = None if bias is None else bias.detach()
-        self.weight = weight.detach() if plain_rows else None
-        self.plain_rows = plain_rows
         self.few_rows = few_rows
         self.few_packed = None if few_rows is None else few_rows.pack(weight)
+        self.plain_rows = 0 if few_rows is not None else plain_rows
+        self.weight = weight.detach() if self.plain_rows else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows == 0:  # e.g. no session still writing text this step
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        if rows <= self.plain_rows:
-            return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, self.in_features)
         if self.few_packed is not None and rows <= FEW_ROWS_MAX:
             y = self.few_rows.linear(x2, self.few_packed, self.out_features, self.bias)
+        elif rows <= self.plain_rows:
+            return F.linear(x, self.weight, self.bias)
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
@@ -86,13 +92,13 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     """Pack the transformer blocks' and the split heads' weights in place; returns whether it
     did (CPU, fp32/bf16, oneDNN present, not done before).
 
-    few_rows: an fp32 model's blocks also get the few_rows kernel for decode steps of several
-    sessions, and its greedy heads the int8 screen; None: where it builds (few_rows.kernel()),
-    False: never, True: required.
+    few_rows: an fp32 model's blocks get the few_rows kernel for decode steps, and its greedy
+    heads the int8 screen; None: where it builds (few_rows.kernel()), False: never (MKL's plain
+    kernel for one session, oneDNN for more), True: required.
 
-    Memory (Mini-Omni2, fp32): the LM as loaded is ~3.1 GB; prepacked ~7.3 GB, as the body is
-    kept three times (plain for one session, oneDNN for prompts, few_rows for several sessions)
-    and the heads gain a packed, a bf16 and an int8 copy."""
+    Memory (Mini-Omni2, fp32): the LM as loaded is ~3.1 GB; prepacked MEMORY_GB, as the body is
+    kept twice (few_rows for decode steps, oneDNN for prompts; its plain weights are freed
+    when nothing else holds them) and the heads gain a packed, a bf16 and an int8 copy."""
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or not available() or getattr(lm, "prepacked", False)):

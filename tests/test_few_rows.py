@@ -122,20 +122,21 @@ def test_a_failed_build_or_a_switch_leaves_the_library_kernels(tmp_path, monkeyp
 
 
 @needs_kernel
-def test_packed_linear_uses_plain_then_few_rows_then_onednn(kernel):
+def test_packed_linear_uses_few_rows_for_decode_steps_then_onednn(kernel):
     torch.manual_seed(0)
     w, b = torch.randn(300, 96), torch.randn(300)
     lin = prepack.PackedLinear(w, b, prepack.FP32_PLAIN_ROWS, kernel)
+    assert lin.weight is None  # no plain copy kept beside the kernel's
     packed = kernel.pack(w)
-    for rows in (1, 2):  # one session: MKL, bit for bit
-        x = torch.randn(rows, 96)
-        assert torch.equal(lin(x), F.linear(x, w, b))
-    for rows in (3, 16, prepack.FEW_ROWS_MAX):
+    for rows in (1, 2, 3, 16, prepack.FEW_ROWS_MAX):  # one session's 2 rows included
         x = torch.randn(rows, 96)
         assert torch.equal(lin(x), kernel.linear(x, packed, 300, b))
     x = torch.randn(prepack.FEW_ROWS_MAX + 1, 96)  # prompt chunks: oneDNN
     y = torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], "")
     assert torch.equal(lin(x), y)
+    plain = prepack.PackedLinear(w, b, prepack.FP32_PLAIN_ROWS, None)  # no kernel: MKL for one session
+    x = torch.randn(2, 96)
+    assert torch.equal(plain(x), F.linear(x, w, b))
 
 
 @needs_kernel

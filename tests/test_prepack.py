@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
+from omni2.model.lm import KVCache
 from omni2.streaming import few_rows, prepack
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
@@ -33,7 +34,7 @@ def test_bf16_packed_linear_is_bitwise_plain_linear(rows):
     assert torch.equal(prepack.PackedLinear(w, b, plain_rows=0)(x), F.linear(x, w, b))
 
 
-def test_fp32_packed_linear_is_plain_up_to_two_rows_and_close_beyond():
+def test_fp32_packed_linear_without_few_rows_is_plain_up_to_two_rows_and_close_beyond():
     torch.manual_seed(0)
     w, b = torch.randn(300, 96), torch.randn(300)
     lin = prepack.PackedLinear(w, b, plain_rows=prepack.FP32_PLAIN_ROWS)
@@ -81,6 +82,28 @@ def test_engine_on_prepacked_weights_gives_each_turn_its_plain_tokens(packed_pai
     for i, done in enumerate(dones):
         prompt, embeds = plain.encode_question(question(10 + i))
         assert done.stats["audio_ids"] == generate(plain.lm, prompt, embeds, 16).audio_tokens, i
+
+
+def test_a_sessions_decode_step_gives_the_same_bits_whatever_shares_it(packed_pair):
+    """fp32 with few_rows: one session's two rows alone, or among five other sessions' rows at
+    other positions, give bitwise the same hidden states (every decode step up to 32 sessions
+    takes one kernel whose rows do not depend on each other)."""
+    _, packed = packed_pair
+    lm = packed.lm
+    if lm.lm_head.weight.dtype != torch.float32 or few_rows.kernel() is None:
+        pytest.skip("bitwise batch independence is the fp32 few_rows kernel's")
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache.allocate(lm.cfg, rows=12, max_len=64)
+    cache.k.normal_(generator=g), cache.v.normal_(generator=g)  # some context in every row
+    ids = torch.randint(0, lm.cfg.padded_vocab_size, (12, 8, 1), generator=g)
+    pos = torch.randint(5, 40, (6,), generator=g).repeat_interleave(2)[:, None]
+    span = int(pos.max()) + 1
+    together = lm(lm.embed(ids), KVCache(cache.k.clone(), cache.v.clone()), None, pos, span)
+    for first in (0, 6):  # a session at the front and one in the middle of the batch
+        rows = slice(first, first + 2)
+        alone = lm(lm.embed(ids[rows]), KVCache(cache.k[:, rows].clone(), cache.v[:, rows].clone()), None,
+                   pos[rows], span)
+        assert torch.equal(alone, together[rows])
 
 
 def test_prepack_is_a_no_op_off_the_cpu_and_for_half_precision(tiny_checkpoint):
