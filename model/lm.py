@@ -68,9 +68,11 @@ class KVCache:
     v: torch.Tensor
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, rows: int, max_len: Optional[int] = None, device=None, dtype=None) -> "KVCache":
+    def allocate(cls, cfg: ModelConfig, rows: int, max_len: Optional[int] = None, device=None, dtype=None,
+                 zeros=torch.zeros) -> "KVCache":
+        """zeros(shape, device=, dtype=): the allocator of the two zero-filled tensors."""
         shape = (cfg.n_layer, rows, cfg.n_query_groups, max_len or cfg.block_size, cfg.head_size)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(zeros(shape, device=device, dtype=dtype), zeros(shape, device=device, dtype=dtype))
 
     @property
     def rows(self) -> int:

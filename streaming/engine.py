@@ -28,6 +28,7 @@ from omni2.model.generate import max_steps_for
 from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
+from . import huge_pages
 from .config import EngineConfig
 from .cpu_malloc import keep_large_allocations
 from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
@@ -57,7 +58,8 @@ class Engine:
             keep_large_allocations()  # SNAC's big buffers reused, not mapped afresh (cpu_malloc)
         self.threads = config.threads or DEFAULT_THREADS
         allocate = lambda: KVCache.allocate(lm.cfg, rows=2 * config.max_sessions,  # noqa: E731
-                                            max_len=max_len + 1, device=self.device, dtype=model.dtype)
+                                            max_len=max_len + 1, device=self.device, dtype=model.dtype,
+                                            zeros=huge_pages.zeros if self._cpu else torch.zeros)
         self.cache = in_fresh_thread(allocate, threads=self.threads) if self._cpu else allocate()
         self.slots = [Slot(i) for i in range(config.max_sessions)]
         self._sessions: dict[str, Slot] = {}

@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from . import huge_pages
+
 log = logging.getLogger("omni2.few_rows")
 
 SOURCE = Path(__file__).with_name("few_rows.c")
@@ -58,14 +60,15 @@ class FewRowsKernel:
         self.block = library.omni2_block_columns()
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] fp32 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of memory."""
+        """[N, K] fp32 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of
+        memory, on 2 MiB pages where the system allows (huge_pages.py)."""
         if weight.dtype not in self._fns or weight.dim() != 2:
             raise ValueError(f"few_rows: can pack 2-D fp32 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
         n, k = weight.shape
         blocks = -(-n // self.block)
         padded = torch.zeros(blocks * self.block, k, dtype=weight.dtype)
         padded[:n] = weight.detach()
-        return padded.view(blocks, self.block, k).transpose(1, 2).contiguous()
+        return huge_pages.copy(padded.view(blocks, self.block, k).transpose(1, 2))
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
