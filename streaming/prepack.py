@@ -96,9 +96,10 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     heads the int8 screen; None: where it builds (few_rows.kernel()), False: never (MKL's plain
     kernel for one session, oneDNN for more), True: required.
 
-    Memory (Mini-Omni2, fp32): the LM as loaded is ~3.1 GB; prepacked MEMORY_GB, as the body is
-    kept twice (few_rows for decode steps, oneDNN for prompts; its plain weights are freed
-    when nothing else holds them) and the heads gain a packed, a bf16 and an int8 copy."""
+    Memory (Mini-Omni2, fp32; resident size of a process holding the LM): 3.8 GB as loaded,
+    6.1 GB prepacked, as the body is kept twice (few_rows for decode steps, oneDNN for
+    prompts; its plain weights are freed when nothing else holds them) and the heads gain a
+    packed, a bf16 and an int8 copy."""
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or not available() or getattr(lm, "prepacked", False)):
