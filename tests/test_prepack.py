@@ -69,8 +69,8 @@ def test_prepacked_model_generates_the_plain_models_tokens(packed_pair):
 
 
 def test_engine_on_prepacked_weights_gives_each_turn_its_plain_tokens(packed_pair):
-    """fp32: six concurrent turns (up to 12 rows: the few_rows kernel) against plain solo
-    references. bf16 rounds every layer's output to 8 bits of mantissa, so a different batch
+    """fp32: six concurrent turns (2 to 12 rows a step, all through the few_rows kernel where it
+    builds) against plain solo references (MKL). bf16 rounds every layer's output to 8 bits of mantissa, so a different batch
     size (a different kernel blocking, packed or not) may flip a token there: bf16 is checked
     on one session, where packed and plain kernels are bitwise the same."""
     plain, packed = packed_pair
