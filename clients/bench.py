@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ker.add_argument("--rows", default="1,2,8,16,64,256", help="rows per product (2 per session)")
     ker.add_argument("--layers", type=int, default=24, help="how many blocks' matrices (24: the whole body)")
     ker.add_argument("--no-heads", action="store_false", dest="heads", help="skip the greedy heads")
+    ker.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the body's weights and rows")
     ker.add_argument("--repeats", type=int, default=5)
     srv = sub.add_parser("server", help="frames/s through the WebSocket vs the raw engine; first-audio latency")
     srv.add_argument("--sessions", type=int, default=4)
@@ -57,10 +58,13 @@ def main(args: argparse.Namespace) -> int:
 
         result = run_model_bench(dtype=args.dtype, device=args.device, repeats=args.repeats)
     elif args.bench == "kernels":
+        import torch
+
         from omni2.streaming.bench_kernels import run_kernel_bench
 
         result = run_kernel_bench(rows=tuple(int(r) for r in args.rows.split(",")), layers=args.layers,
-                                  repeats=args.repeats, heads=args.heads)
+                                  repeats=args.repeats, heads=args.heads,
+                                  dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     elif args.bench == "server":
         from omni2.server.bench import run_server_bench
 

@@ -44,26 +44,30 @@ def body_shapes(layers: int) -> list[tuple[int, int]]:
 
 @torch.inference_mode()
 def run_kernel_bench(rows=(1, 2, 8, 16, 64, 256), layers: int = 24, head_rows=(1, 8, 16), repeats: int = 5,
-                     heads: bool = True, out=print) -> dict:
+                     heads: bool = True, dtype: torch.dtype = torch.float32, out=print) -> dict:
+    """dtype: the body's weights and rows (bf16: few_rows sums in fp32 and its result is
+    rounded to bf16, as PackedLinear does). The heads are fp32 (the screens are fp32's)."""
     few = few_rows_kernel()
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(o, i, generator=g) * i ** -0.5 for o, i in body_shapes(layers)]
-    gb = sum(w.numel() for w in weights) * 4 / 1e9
+    weights = [(torch.randn(o, i, generator=g) * i ** -0.5).to(dtype) for o, i in body_shapes(layers)]
+    gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     out(f"# omni2 bench kernels: torch threads={torch.get_num_threads()}, few_rows "
         f"{'built' if few else 'NOT available (see the log)'}, oneDNN {'yes' if prepack.available() else 'no'}")
-    out(f"body: {layers} layers' fp32 matrices ({gb:.2f} GB), ms for all of them (GB/s):")
+    out(f"body: {layers} layers' {name} matrices ({gb:.2f} GB), ms for all of them (GB/s):")
     out(f"{'rows':>6} {'MKL F.linear':>16} {'oneDNN packed':>16} {'few_rows':>16}")
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 2) for w in weights] if prepack.available() else None
     packed = [few.pack(w) for w in weights] if few else None
-    result = {"body_gb": gb, "body": {}, "heads": {}}
+    result = {"dtype": name, "body_gb": gb, "body": {}, "heads": {}}
     for m in rows:
-        xs = {n: torch.randn(m, n, generator=g) for n in {w.size(1) for w in weights}}
+        xs = {n: torch.randn(m, n, generator=g).to(dtype) for n in {w.size(1) for w in weights}}
         kernels = {"mkl": lambda: [F.linear(xs[w.size(1)], w) for w in weights]}
         if onednn:
             kernels["onednn"] = lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.size(1)], p, None, "none", [], "")
                                          for w, p in zip(weights, onednn)]
         if packed:
-            kernels["few_rows"] = lambda: [few.linear(xs[w.size(1)], p, w.size(0)) for w, p in zip(weights, packed)]
+            kernels["few_rows"] = lambda: [few.linear(xs[w.size(1)].float(), p, w.size(0)).to(dtype)
+                                           for w, p in zip(weights, packed)]
         ms = {name: _median_ms(fn, repeats) for name, fn in kernels.items()}
         result["body"][m] = ms
         cells = [f"{ms[k]:7.1f} ({gb / ms[k] * 1000:4.1f})" if k in ms else f"{'-':>14}"

@@ -11,9 +11,10 @@
  * Each output is summed in k order by one fused multiply-add chain, whatever the number of
  * rows or threads: a row's result does not depend on the other rows of the batch.
  *
- * The same loop reads int8 weights (widened exactly to fp32) with one scale per output:
+ * The same loop reads bf16 weights (widened exactly: half the bytes, for a bf16 model's
+ * decode steps of a few rows) and int8 weights (widened exactly, with one scale per output:
  * a quarter of the bytes, for the screened greedy heads (screened_argmax.py), whose error
- * bound covers it.
+ * bound covers it).
  *
  * Built by streaming/few_rows.py with the C compiler at first use; called through ctypes.
  */
@@ -33,6 +34,10 @@
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* bf16 is the top half of an fp32: widened exactly by a shift */
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 /* acc[rows][48] += x[rows, 0:kn] . w[0:kn][48], one FMA chain per output in k order;
@@ -77,6 +82,7 @@ static inline __m512 load16_i8(const int8_t *p) {
 
 DEFINE_PASS(pass_f32, float, load16_f32)
 DEFINE_PASS(pass_i8, int8_t, load16_i8)
+DEFINE_PASS(pass_bf16, uint16_t, load16_bf16)
 
 int omni2_block_columns(void) { return NR; }
 
@@ -114,6 +120,12 @@ int omni2_block_columns(void) { return NR; }
 
 /* fp32 weights: y = x W^T + bias */
 DEFINE_LINEAR(omni2_few_rows_linear, float, pass_f32_rows,
+              if (per_col) for (int64_t j = 0; j < cols; ++j) out[j] = sum[j] + per_col[n0 + j];
+              else memcpy(out, sum, (size_t)cols * sizeof(float)))
+
+/* bf16 weights, fp32 rows and sums: y = x W^T + bias, as the fp32 kernel computes for the
+ * widened weights, bit for bit (half the bytes; a bf16 model's decode steps of few rows) */
+DEFINE_LINEAR(omni2_few_rows_bf16, uint16_t, pass_bf16_rows,
               if (per_col) for (int64_t j = 0; j < cols; ++j) out[j] = sum[j] + per_col[n0 + j];
               else memcpy(out, sum, (size_t)cols * sizeof(float)))
 

@@ -53,17 +53,18 @@ class FewRowsKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._fns = {torch.float32: library.omni2_few_rows_linear, torch.int8: library.omni2_few_rows_int8}
+        self._fns = {torch.float32: library.omni2_few_rows_linear, torch.bfloat16: library.omni2_few_rows_bf16,
+                     torch.int8: library.omni2_few_rows_int8}
         for fn in self._fns.values():
             fn.restype = ctypes.c_int
             fn.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
         self.block = library.omni2_block_columns()
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] fp32 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of
+        """[N, K] fp32, bf16 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of
         memory, on 2 MiB pages where the system allows (huge_pages.py)."""
         if weight.dtype not in self._fns or weight.dim() != 2:
-            raise ValueError(f"few_rows: can pack 2-D fp32 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(f"few_rows: can pack 2-D fp32, bf16 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
         n, k = weight.shape
         blocks = -(-n // self.block)
         padded = torch.zeros(blocks * self.block, k, dtype=weight.dtype)
@@ -72,7 +73,8 @@ class FewRowsKernel:
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [M, K] fp32 -> x W^T (+ bias) [M, n_out], W packed fp32."""
+        """x [M, K] fp32 -> x W^T (+ bias) [M, n_out] fp32, W packed fp32 or bf16 (summed in
+        fp32: a bf16 W gives bitwise the fp32 kernel's result for W widened to fp32)."""
         return self._call(x, packed, n_out, bias)
 
     def int8_linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int, scales: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,10 @@ FP32_PLAIN_ROWS = 2
 # longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 613 vs 673 ms for
 # the body's matrices; `omni2 bench kernels`).
 FEW_ROWS_MAX = 64
+# bf16 weights take few_rows (fp32 sums of the widened weights) up to this many rows (two
+# sessions): beyond, oneDNN's AMX kernel wins (`omni2 bench kernels --dtype bf16`, the body's
+# 0.72 GB: 2 rows 39 vs 47 ms, 4 rows 46 vs 51, 8 rows 52 vs 51, 16 rows 78 vs 69).
+BF16_FEW_ROWS_MAX = 4
 
 
 def available() -> bool:
@@ -47,8 +51,9 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed once. `few_rows` (an fp32 few_rows.FewRowsKernel) takes
-    calls of up to FEW_ROWS_MAX rows; else `plain_rows` > 0 keeps W for calls of that many."""
+    """y = x W^T + b with W packed once. `few_rows` (a few_rows.FewRowsKernel) takes calls of
+    up to FEW_ROWS_MAX rows (fp32) or BF16_FEW_ROWS_MAX (bf16: summed in fp32, the result
+    rounded to bf16 as oneDNN's is); else `plain_rows` > 0 keeps W for calls of that many."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plain_rows: int, few_rows=None) -> None:
         super().__init__()
@@ -57,6 +62,8 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
         self.few_rows = few_rows
         self.few_packed = None if few_rows is None else few_rows.pack(weight)
+        self.few_rows_max = FEW_ROWS_MAX if weight.dtype == torch.float32 else BF16_FEW_ROWS_MAX
+        self.few_bias = None if self.bias is None or few_rows is None else self.bias.float()
         self.plain_rows = 0 if few_rows is not None else plain_rows
         self.weight = weight.detach() if self.plain_rows else None
 
@@ -65,8 +72,8 @@ class PackedLinear(nn.Module):
         if rows == 0:  # e.g. no session still writing text this step
             return x.new_zeros(*x.shape[:-1], self.out_features)
         x2 = x.reshape(rows, self.in_features)
-        if self.few_packed is not None and rows <= FEW_ROWS_MAX:
-            y = self.few_rows.linear(x2, self.few_packed, self.out_features, self.bias)
+        if self.few_packed is not None and rows <= self.few_rows_max:
+            y = self.few_rows.linear(x2.float(), self.few_packed, self.out_features, self.few_bias).to(x.dtype)
         elif rows <= self.plain_rows:
             return F.linear(x, self.weight, self.bias)
         else:
@@ -93,8 +100,9 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     did (CPU, fp32/bf16, oneDNN present, not done before).
 
     few_rows: an fp32 model's blocks get the few_rows kernel for decode steps, and its greedy
-    heads the int8 screen; None: where it builds (few_rows.kernel()), False: never (MKL's plain
-    kernel for one session, oneDNN for more), True: required.
+    heads the int8 screen; a bf16 model's blocks and heads get it for one or two sessions' steps;
+    None: where it builds (few_rows.kernel()), False: never (MKL's plain kernel for one fp32
+    session, oneDNN for the rest), True: required.
 
     Memory (Mini-Omni2, fp32; resident size of a process holding the LM): 3.8 GB as loaded,
     6.1 GB prepacked, as the body is kept twice (few_rows for decode steps, oneDNN for
@@ -106,7 +114,7 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
         return False
     plain = FP32_PLAIN_ROWS if weight.dtype == torch.float32 else 0
     kernel = None
-    if weight.dtype == torch.float32 and few_rows is not False:
+    if few_rows is not False:
         from .few_rows import kernel as few_rows_kernel
 
         kernel = few_rows_kernel()
@@ -118,8 +126,10 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
             linear = getattr(parent, name)
             setattr(parent, name, PackedLinear(linear.weight, linear.bias, plain, kernel))
     with torch.no_grad():
-        text = PackedLinear(weight[tk.TEXT_SLICE].contiguous(), None, plain)
-        audio = PackedLinear(weight[tk.PADDED_TEXT_VOCAB:].contiguous(), None, plain)
+        # (fp32 greedy heads are screened below; bf16 ones stream the head itself)
+        head_kernel = kernel if weight.dtype == torch.bfloat16 else None
+        text = PackedLinear(weight[tk.TEXT_SLICE].contiguous(), None, plain, head_kernel)
+        audio = PackedLinear(weight[tk.PADDED_TEXT_VOCAB:].contiguous(), None, plain, head_kernel)
     # Instance attributes win over the class's methods: the engine and `generate` call
     # lm.text_logits / lm.audio_logits and get the packed heads. lm_head itself stays for
     # the full-vocabulary `logits()`.

@@ -26,3 +26,12 @@ def test_kernel_bench_prints_every_kernel_and_checks_the_screens():
         assert 1 <= text1["int8_rechecked"] < 1000
         assert "int8" not in result["heads"]["text/9"]  # 9 rows screen through bf16
     assert any(line.startswith("greedy heads") for line in lines) and len(lines) == 3 + 2 + 2 + 4
+
+
+def test_kernel_bench_runs_the_body_in_bf16():
+    lines = []
+    result = run_kernel_bench(rows=(2,), layers=1, repeats=1, heads=False, dtype=torch.bfloat16, out=lines.append)
+    assert result["dtype"] == "bf16" and abs(result["body_gb"] - 1.43 / 24 / 2) < 0.001  # half the fp32 bytes
+    kinds = {"mkl"} | ({"onednn"} if prepack.available() else set()) | ({"few_rows"} if few_rows.kernel() else set())
+    assert set(result["body"][2]) == kinds
+    assert "bf16 matrices" in lines[1]

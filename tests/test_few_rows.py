@@ -152,5 +152,31 @@ def test_int8_weights_are_widened_exactly_and_scaled_per_output(kernel, rows, n,
     assert bool(((got.double() - exact).abs() <= bound).all())
     with pytest.raises(ValueError, match="fp32 scales"):
         kernel.int8_linear(x, kernel.pack(q), n, scales[:-1])
-    with pytest.raises(ValueError, match="pack 2-D fp32 or int8"):
+    with pytest.raises(ValueError, match="pack 2-D fp32, bf16 or int8"):
         kernel.pack(q.to(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 16), (2, 100, 200), (9, 47, 129), (16, 300, 896)])
+def test_bf16_weights_give_bitwise_the_fp32_kernels_result_for_the_widened_weights(kernel, rows, n, k):
+    g = torch.Generator().manual_seed(rows + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x, b = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+    got = kernel.linear(x, kernel.pack(w), n, b)
+    assert torch.equal(got, kernel.linear(x, kernel.pack(w.float()), n, b))
+    assert kernel.pack(w).dtype == torch.bfloat16  # half the bytes streamed
+
+
+@needs_kernel
+def test_bf16_packed_linear_uses_few_rows_for_two_sessions_then_onednn(kernel):
+    torch.manual_seed(1)
+    w, b = torch.randn(300, 96).bfloat16(), torch.randn(300).bfloat16()
+    lin = prepack.PackedLinear(w, b, 0, kernel)
+    for rows in range(1, prepack.BF16_FEW_ROWS_MAX + 1):  # fp32 sums, rounded to bf16 once
+        x = torch.randn(rows, 96).bfloat16()
+        y = lin(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, kernel.linear(x.float(), kernel.pack(w), 300, b.float()).bfloat16())
+        torch.testing.assert_close(y, F.linear(x, w, b))  # oneDNN/MKL's answer to bf16 rounding
+    x = torch.randn(prepack.BF16_FEW_ROWS_MAX + 1, 96).bfloat16()  # AMX territory: oneDNN
+    assert torch.equal(lin(x), torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], ""))
