@@ -3,15 +3,16 @@
 A decode step of n sessions multiplies 2n rows by every weight of the model. On a CPU the
 library kernels are at their best for one session (MKL, bound by memory) and for long
 prompts (oneDNN, bound by arithmetic), but in between they do one and then the other:
-`omni2 bench kernels` on this project's 2-core Xeon, the 24 layers' matrices (1.43 GB fp32):
+`omni2 bench kernels` on this project's 2-core Xeon VM, the 24 layers' matrices (1.43 GB fp32;
+few_rows' packed copies on 2 MiB pages, huge_pages.py):
 
     rows     MKL F.linear   oneDNN packed   few_rows
-      1          58 ms          69 ms          59 ms
-      2          65 ms          73 ms          56 ms
-      8         152 ms          85 ms          63 ms
-     16         164 ms         107 ms          83 ms
-     64         274 ms         206 ms         199 ms
-    256         684 ms         613 ms         673 ms
+      1          68 ms          76 ms          60 ms
+      2          73 ms          86 ms          59 ms
+      8         164 ms          96 ms          66 ms
+     16         203 ms         131 ms          91 ms
+     64         333 ms         252 ms         229 ms
+    256         859 ms         712 ms         719 ms
 
 few_rows keeps the weight streaming while it multiplies (see the C file). Each output is one
 fused multiply-add chain in k order whatever the batch, so a row's result does not depend on
@@ -19,7 +20,7 @@ the other rows: prepack.py gives it every fp32 decode step, one session's includ
 session's step then has the same bits whatever other sessions share it. Its last bits differ
 from MKL's (as MKL's own differ between one and two rows). The same loop reads int8 weights
 with a scale per output (`int8_linear`): the screened greedy heads' cheap first pass
-(screened_argmax.py; real-size text head, one row: 6.2 ms screened vs 13.0 ms through bf16).
+(screened_argmax.py; real-size text head, one row: 5.5 ms screened vs 13.5 ms through bf16).
 
 The C file is compiled with the system's C compiler at first use into omni2's cache (about a
 second) and called through ctypes. Where that cannot happen (no compiler, no AVX-512, or

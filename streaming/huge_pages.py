@@ -38,17 +38,17 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def available() -> bool:
     """Whether empty() maps huge pages here (logged once)."""
     if os.environ.get("OMNI2_HUGE_PAGES", "1") == "0":
-        log.info("huge pages for packed weights: off (OMNI2_HUGE_PAGES=0)")
+        log.info("huge pages for big CPU tensors: off (OMNI2_HUGE_PAGES=0)")
         return False
     if not hasattr(mmap, "MADV_HUGEPAGE"):
-        log.info("huge pages for packed weights: not on this platform")
+        log.info("huge pages for big CPU tensors: not on this platform")
         return False
     try:
         setting = THP_SETTING.read_text()
     except OSError:
         setting = ""
     if "[always]" not in setting and "[madvise]" not in setting:
-        log.info("huge pages for packed weights: transparent huge pages are off here (%s)",
+        log.info("huge pages for big CPU tensors: transparent huge pages are off here (%s)",
                  setting.strip() or "no THP setting")
         return False
     return True
@@ -66,7 +66,7 @@ def empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except OSError as exc:  # e.g. a kernel built without THP
-        log.info("huge pages for packed weights: madvise refused (%s)", exc)
+        log.info("huge pages for big CPU tensors: madvise refused (%s)", exc)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping until freed
     start = -raw.data_ptr() % HUGE_PAGE  # huge pages need 2 MiB-aligned ranges
     return raw[start : start + nbytes].view(dtype).view(shape)

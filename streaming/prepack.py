@@ -9,12 +9,13 @@ measured on this project's 2-core Xeon (AVX-512 + AMX), out of cache, one 4864x8
      16       2002 us          1309 us           789 us          492 us
 
 `F.linear` re-lays-out a bf16 weight on every call and MKL's fp32 kernel slows down sharply
-past two rows; a weight packed once at load time avoids both. bf16 prepacked results are
-bitwise equal to `F.linear` (checked in the tests), so tokens do not change.
+past two rows; a weight packed once at load time avoids both. oneDNN's bf16 results are
+bitwise equal to `F.linear`'s (checked in the tests).
 
 fp32 decode steps (1 to FEW_ROWS_MAX rows: up to 32 sessions) take our few_rows kernel
-(few_rows.py) where it builds: the body's matrices at 2 rows (one session) 63 ms vs MKL's
-74, at 16 rows 83 vs oneDNN's 107 (`omni2 bench kernels`). Each of its outputs is one
+(few_rows.py, weights on 2 MiB pages) where it builds: the body's matrices at 2 rows (one
+session) 59 ms vs MKL's 73, at 16 rows 91 vs oneDNN's 131 (`omni2 bench kernels`); bf16 ones
+of one or two sessions too (BF16_FEW_ROWS_MAX), as fp32 sums rounded to bf16. Each of its outputs is one
 multiply-add chain in k order, so a session's decode step gives the same bits whatever other
 sessions share it. Prompt chunks (more rows) take the oneDNN packed kernel. Both round
 differently from MKL's plain kernel in the last bits (as MKL itself does between one and two
@@ -36,12 +37,12 @@ from omni2.model import tokens as tk
 # not built: oneDNN's packed kernel is slower there.
 FP32_PLAIN_ROWS = 2
 # Rows up to which fp32 uses the few_rows kernel where it is built (32 sessions' decode step);
-# longer calls (prompt chunks) are oneDNN's, which is faster there (256 rows: 613 vs 673 ms for
-# the body's matrices; `omni2 bench kernels`).
+# longer calls (prompt chunks) are oneDNN's, as fast or faster there (256 rows: 712 vs 719 ms
+# for the body's matrices, 613 vs 673 in another run; `omni2 bench kernels`).
 FEW_ROWS_MAX = 64
 # bf16 weights take few_rows (fp32 sums of the widened weights) up to this many rows (two
 # sessions): beyond, oneDNN's AMX kernel wins (`omni2 bench kernels --dtype bf16`, the body's
-# 0.72 GB: 2 rows 39 vs 47 ms, 4 rows 46 vs 51, 8 rows 52 vs 51, 16 rows 78 vs 69).
+# 0.72 GB: 2 rows 40 vs 50 ms, 4 rows 44 vs 44, 8 rows 48 vs 45, 16 rows 72 vs 45).
 BF16_FEW_ROWS_MAX = 4
 
 

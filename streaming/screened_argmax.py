@@ -22,8 +22,8 @@ row:
 Step 4 uses the same `F.linear` as the full head on a subset of rows; for one row (one
 session) the subset's logits are bitwise the full head's, so the argmax, ties included, is
 the full head's (tested against `generate`). `omni2 bench kernels` on the 2-core Xeon
-(real-size text head, out of cache): one row 21.2 ms full, 13.0 through bf16, 6.2 through
-int8; eight rows 67.5 ms full, 15.2 bf16, 10.5 int8; sixteen 72.5 full, 17.7 bf16.
+(real-size text head, out of cache): one row 20.5 ms full, 13.5 through bf16, 5.5 through
+int8; eight rows 67.4 ms full, 15.9 bf16, 10.9 int8; sixteen 72.5 full, 18.9 bf16.
 
 Used for greedy rows only; sampling (temperature, top-k/p) needs every logit and takes the
 full fp32 head. Heads with several groups of logits (the 7 audio layers of 4,160 ids)
