@@ -8,8 +8,8 @@ same tokens (checked) and is timed at 1, 2, 4, ... concurrent sessions, and for 
 through the phases of an answer (text being written, text ended, a whole answer), each
 against the baseline in the same phase. The baseline keeps the weights as loaded and the
 engine runs on a prepacked copy, so the two alternate run by run in one process: a shared
-machine's speed drifts by 10-20% over minutes, and a ratio of runs taken minutes apart would
-carry that drift.
+machine's speed drifts by 20% or more over minutes, and a ratio of runs taken minutes apart
+would carry that drift.
 """
 from __future__ import annotations
 
