@@ -68,10 +68,12 @@ class FewRowsKernel:
         if weight.dtype not in self._fns or weight.dim() != 2:
             raise ValueError(f"few_rows: can pack 2-D fp32, bf16 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
         n, k = weight.shape
-        blocks = -(-n // self.block)
-        padded = torch.zeros(blocks * self.block, k, dtype=weight.dtype)
-        padded[:n] = weight.detach()
-        return huge_pages.copy(padded.view(blocks, self.block, k).transpose(1, 2))
+        weight, full = weight.detach(), n // self.block  # blocks of 48 whole columns
+        packed = huge_pages.empty((-(-n // self.block), k, self.block), weight.dtype)
+        packed[:full].copy_(weight[: full * self.block].reshape(full, self.block, k).transpose(1, 2))
+        if full < packed.size(0):  # the last block, zero-padded
+            packed[full].zero_()[:, : n - full * self.block].copy_(weight[full * self.block :].t())
+        return packed
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, n_out: int,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
