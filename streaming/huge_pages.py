@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import mmap
 import os
 from pathlib import Path
@@ -28,9 +29,7 @@ import torch
 
 log = logging.getLogger("omni2.huge_pages")
 
-HUGE_PAGE = 2 << 20
-# Below one huge page a tensor stays in torch's allocator.
-MIN_BYTES = HUGE_PAGE
+HUGE_PAGE = 2 << 20  # (a tensor smaller than one stays in torch's allocator)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -56,11 +55,8 @@ def available() -> bool:
 
 def empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, on 2 MiB pages where available()."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < MIN_BYTES or not available():
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE or not available():
         return torch.empty(shape, dtype=dtype)
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
