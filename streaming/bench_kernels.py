@@ -92,8 +92,9 @@ def _head_bench(few, head_rows, repeats: int, g: torch.Generator, out) -> dict:
             screens["int8"] = ScreenedArgmax(weight, groups, int8=few)
         for r in head_rows:
             h = torch.randn(r, c.n_embd, generator=g)
-            full = F.linear(h, weight).view(r, groups, -1).argmax(-1).view(r, -1)
-            row = {"full": _median_ms(lambda: F.linear(h, weight).view(r, groups, -1).argmax(-1), repeats)}
+            full_pick = lambda: F.linear(h, weight).view(r, groups, -1).argmax(-1)  # noqa: E731
+            full = full_pick().view(r, -1)
+            row = {"full": _median_ms(full_pick, repeats)}
             cells = []
             for kind in ("bf16", "int8"):
                 s = screens.get(kind)
