@@ -32,22 +32,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import huge_pages
+from . import huge_pages, native
 
 log = logging.getLogger("omni2.few_rows")
 
 SOURCE = Path(__file__).with_name("few_rows.c")
-CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+CFLAGS = native.BASE_CFLAGS
 
 
 class FewRowsKernel:
@@ -111,41 +107,17 @@ def _unavailable(reason: str) -> None:
 
 def build(out_dir: Path) -> Path:
     """Compile few_rows.c into out_dir (once per source and compiler flags); returns the .so."""
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    lib = out_dir / f"few_rows-{tag}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
-    cc = os.environ.get("CC", "cc")
-    try:
-        subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True)
-        tmp.replace(lib)  # atomic: concurrent builders each write their own tmp
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"{cc} failed: {exc.stderr.strip()[-500:]}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return lib
+    return native.build(SOURCE, out_dir, CFLAGS)
 
 
 @functools.lru_cache(maxsize=None)
 def kernel() -> Optional[FewRowsKernel]:
-    """The kernel, built and loaded on first call; None (and a log line) where it cannot be."""
-    if os.environ.get("OMNI2_FEW_ROWS", "1") == "0":
-        log.info("few-rows fp32 kernel off (OMNI2_FEW_ROWS=0)")
-        return None
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        _unavailable(f"the CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512")
-        return None
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        _unavailable("no C compiler (cc) on PATH")
-        return None
-    from .runtime import cache_root
-
+    """The kernel, built and loaded on first call; None (and a log line) where it cannot be
+    (no AVX-512, no compiler, or OMNI2_FEW_ROWS=0)."""
     try:
-        lib = build(cache_root() / "kernels")
-        log.info("few-rows fp32 kernel: %s", lib)
-        return FewRowsKernel(ctypes.CDLL(str(lib)))
-    except (OSError, RuntimeError) as exc:
+        lib = native.library(SOURCE, CFLAGS, "OMNI2_FEW_ROWS")
+    except native.Unavailable as exc:
         _unavailable(str(exc))
         return None
+    log.info("few-rows fp32 kernel: %s", lib._name)
+    return FewRowsKernel(lib)

@@ -1,0 +1,60 @@
+"""This package's C kernels (few_rows.c, decode_attention.c): built and loaded at first use.
+
+Each C file is compiled with the system's C compiler (`$CC`, else `cc`; about a second) into
+omni2's cache, once per source text and flags, and loaded through ctypes. They need an
+AVX-512 CPU; where one cannot be built or is switched off, `library()` raises `Unavailable`
+with the reason, and the caller keeps the library kernels and says so in the log.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+BASE_CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+
+
+class Unavailable(RuntimeError):
+    """A kernel cannot be built or loaded here, or is switched off; the message says why."""
+
+
+def build(source: Path, out_dir: Path, cflags: list[str]) -> Path:
+    """Compile `source` into out_dir (once per source text and flags); returns the .so."""
+    tag = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    lib = out_dir / f"{source.stem}-{tag}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
+    cc = os.environ.get("CC", "cc")
+    try:
+        subprocess.run([cc, *cflags, "-o", str(tmp), str(source)], check=True, capture_output=True, text=True)
+        tmp.replace(lib)  # atomic: concurrent builders each write their own tmp
+    except subprocess.CalledProcessError as exc:
+        raise Unavailable(f"{cc} failed: {exc.stderr.strip()[-500:]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return lib
+
+
+def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
+    """`source` built into the cache and loaded. switch: the environment variable that turns
+    it off (=0)."""
+    if os.environ.get(switch, "1") == "0":
+        raise Unavailable(f"off ({switch}=0)")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise Unavailable(f"the CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        raise Unavailable("no C compiler (cc) on PATH")
+    from .runtime import cache_root
+
+    lib = build(source, cache_root() / "kernels", cflags)
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as exc:
+        raise Unavailable(str(exc)) from None
