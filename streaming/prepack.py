@@ -100,10 +100,11 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     """Pack the transformer blocks' and the split heads' weights in place; returns whether it
     did (CPU, fp32/bf16, oneDNN present, not done before).
 
-    few_rows: an fp32 model's blocks get the few_rows kernel for decode steps, and its greedy
-    heads the int8 screen; a bf16 model's blocks and heads get it for one or two sessions' steps;
-    None: where it builds (few_rows.kernel()), False: never (MKL's plain kernel for one fp32
-    session, oneDNN for the rest), True: required.
+    few_rows: an fp32 model's blocks get the few_rows kernel for decode steps, its greedy
+    heads the int8 screen and its attention the fused decode step (decode_attention.py); a
+    bf16 model's blocks and heads get few_rows for one or two sessions' steps; None: where
+    they build, False: never (MKL's plain kernel for one fp32 session, oneDNN for the rest,
+    the model's own attention), True: few_rows required.
 
     Memory (Mini-Omni2, fp32; resident size of a process holding the LM): 3.8 GB as loaded,
     6.1 GB prepacked, as the body is kept twice (few_rows for decode steps, oneDNN for
@@ -141,4 +142,8 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
         from .screened_argmax import screen_heads_
 
         screen_heads_(lm, int8=kernel)
+        if few_rows is not False:  # a decode step's attention in one C call per layer
+            from .decode_attention import fuse_decode_attention_
+
+            fuse_decode_attention_(lm)
     return True

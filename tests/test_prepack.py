@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache
-from omni2.streaming import few_rows, prepack
+from omni2.streaming import decode_attention, few_rows, prepack
+from omni2.streaming.decode_attention import DecodeAttention
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
@@ -57,6 +58,9 @@ def packed_pair(request, tiny_checkpoint):
     fc = packed.lm.transformer.h[0].mlp.fc_1
     assert (fc.few_packed is not None) == (few_rows.kernel() is not None)
     assert (packed.lm.text_logits.few_packed is not None) == (dtype == torch.bfloat16 and few_rows.kernel() is not None)
+    # and fp32 decode steps attend through the fused kernel where it builds
+    fused = isinstance(packed.lm.transformer.h[0].attn, DecodeAttention)
+    assert fused == (dtype == torch.float32 and decode_attention.kernel() is not None)
     return plain, packed
 
 
@@ -89,7 +93,7 @@ def test_engine_on_prepacked_weights_gives_each_turn_its_plain_tokens(packed_pai
 def test_a_sessions_decode_step_gives_the_same_bits_whatever_shares_it(packed_pair):
     """fp32 with few_rows: one session's two rows alone, or among five other sessions' rows at
     other positions, give bitwise the same hidden states (every decode step up to 32 sessions
-    takes one kernel whose rows do not depend on each other)."""
+    takes one kernel whose rows do not depend on each other, and so does its attention)."""
     _, packed = packed_pair
     lm = packed.lm
     if lm.lm_head.weight.dtype != torch.float32 or few_rows.kernel() is None:
