@@ -19,6 +19,7 @@
  * Built by streaming/few_rows.py with the C compiler at first use; called through ctypes.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -132,3 +133,115 @@ DEFINE_LINEAR(omni2_few_rows_bf16, uint16_t, pass_bf16_rows,
 /* int8 weights q with a scale per output: y = (x q^T) * scale, for screening (screened_argmax.py) */
 DEFINE_LINEAR(omni2_few_rows_int8, int8_t, pass_i8_rows,
               for (int64_t j = 0; j < cols; ++j) out[j] = sum[j] * per_col[n0 + j])
+
+/* ---- int8 x int8 with AVX512-VNNI (vpdpbusd), for screening ------------------------------
+ * Rows quantized to int8 as well (xq = q_x + 128, unsigned), weights int8 packed as
+ * [ceil(n/48)][k/4][48][4]: each vpdpbusd adds 4 products per output exactly in int32, 64
+ * per instruction (the widening loop above does 16 per multiply-add plus two conversions,
+ * which caps it below memory speed at 8 rows). The int32 sums are exact; out = (sum -
+ * 128 * colsum) * row_scale * col_scale, the difference exact in fp32 (|q_x . q| < 2^24 for
+ * k <= 1040), then two roundings. */
+#define VNNI __attribute__((target("avx512f,avx512vnni")))
+
+static inline __attribute__((always_inline)) VNNI void pass_u8s8(const int rows, const uint8_t *x, int64_t ldx,
+                                                                const int8_t *w, int64_t k4n, int32_t *acc) {
+    __m512i c[MR][3];
+    for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < 3; ++j) c[m][j] = _mm512_loadu_si512(acc + m * NR + 16 * j);
+    for (int64_t k4 = 0; k4 < k4n; ++k4) {
+        const int8_t *wk = w + k4 * NR * 4;
+        for (int j = 0; j < NR * 4; j += 64) {
+            _mm_prefetch((const char *)(wk + FAR * NR * 4) + j, _MM_HINT_T1);
+            _mm_prefetch((const char *)(wk + NEAR * NR * 4) + j, _MM_HINT_T0);
+        }
+        const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64), w2 = _mm512_loadu_si512(wk + 128);
+        for (int m = 0; m < rows; ++m) {
+            int32_t four;
+            memcpy(&four, x + m * ldx + 4 * k4, 4);
+            const __m512i xb = _mm512_set1_epi32(four);
+            c[m][0] = _mm512_dpbusd_epi32(c[m][0], xb, w0);
+            c[m][1] = _mm512_dpbusd_epi32(c[m][1], xb, w1);
+            c[m][2] = _mm512_dpbusd_epi32(c[m][2], xb, w2);
+        }
+    }
+    for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < 3; ++j) _mm512_storeu_si512(acc + m * NR + 16 * j, c[m][j]);
+}
+
+static VNNI void pass_u8s8_rows(int64_t rows, const uint8_t *x, int64_t ldx, const int8_t *w, int64_t k4n, int32_t *acc) {
+    switch (rows) {
+    case 1: pass_u8s8(1, x, ldx, w, k4n, acc); break;
+    case 2: pass_u8s8(2, x, ldx, w, k4n, acc); break;
+    case 3: pass_u8s8(3, x, ldx, w, k4n, acc); break;
+    case 4: pass_u8s8(4, x, ldx, w, k4n, acc); break;
+    case 5: pass_u8s8(5, x, ldx, w, k4n, acc); break;
+    case 6: pass_u8s8(6, x, ldx, w, k4n, acc); break;
+    case 7: pass_u8s8(7, x, ldx, w, k4n, acc); break;
+    default: pass_u8s8(8, x, ldx, w, k4n, acc); break;
+    }
+}
+
+/* xq [m, k] uint8 (k a multiple of 4), packed as above, colsum [n] (sum of each output's
+ * int8 weights), row_scale [m], col_scale [n]; y [m, n]. Returns 0, or -1 if a thread could
+ * not get its accumulators. */
+VNNI int omni2_few_rows_u8s8(const uint8_t *xq, int64_t m, int64_t k, const int8_t *packed, int64_t n,
+                             const int32_t *colsum, const float *row_scale, const float *col_scale, float *y,
+                             int threads) {
+    const int64_t blocks = (n + NR - 1) / NR, k4 = k / 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int32_t *acc = aligned_alloc(64, (size_t)(m * NR * sizeof(int32_t) + 63) / 64 * 64);
+        failed = acc == NULL;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            if (acc == NULL) continue;
+            memset(acc, 0, (size_t)m * NR * sizeof(int32_t));
+            const int8_t *block = packed + b * k4 * NR * 4;
+            for (int64_t q0 = 0; q0 < k4; q0 += KB / 4) {
+                const int64_t qn = k4 - q0 < KB / 4 ? k4 - q0 : KB / 4;
+                for (int64_t r = 0; r < m; r += MR)
+                    pass_u8s8_rows(m - r < MR ? m - r : MR, xq + r * k + 4 * q0, k, block + q0 * NR * 4, qn, acc + r * NR);
+            }
+            const int64_t n0 = b * NR, cols = n - n0 < NR ? n - n0 : NR;
+            for (int64_t r = 0; r < m; ++r)
+                for (int64_t j = 0; j < cols; ++j)
+                    y[r * n + n0 + j] = (float)(acc[r * NR + j] - 128 * colsum[n0 + j]) * row_scale[r] * col_scale[n0 + j];
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Rows x [m, k] fp32 -> int8 with a scale per row, for omni2_few_rows_u8s8: scale[r] =
+ * max|x_r| / 127 (1 for an all-zero row), q = round(x / scale) in [-127, 127], stored as
+ * q + 128 in xq [m, kp] (kp >= k; the padding is q = 0). Also, in float64, for the screen's
+ * error bound: err[r] = ||x_r - scale[r] q_r|| and qnorm[r] = ||q_r||. A non-finite row
+ * gives a non-finite scale (the caller's screen then falls back to the full head). */
+void omni2_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp, uint8_t *xq, float *scale,
+                         double *err, double *qnorm) {
+    for (int64_t r = 0; r < m; ++r) {
+        const float *row = x + r * k;
+        float top = 0.0f;
+        int finite = 1;
+        for (int64_t i = 0; i < k; ++i) {
+            finite &= isfinite(row[i]) != 0;
+            top = fabsf(row[i]) > top ? fabsf(row[i]) : top;
+        }
+        const float s = !finite ? NAN : (top > 0.0f ? top / 127.0f : 1.0f);
+        double e2 = 0.0, q2 = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+            float q = nearbyintf(row[i] / s);
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            if (q != q) q = 0.0f;
+            xq[r * kp + i] = (uint8_t)(int)(q + 128.0f);
+            const double e = (double)row[i] - (double)s * (double)q;
+            e2 += e * e;
+            q2 += (double)q * (double)q;
+        }
+        for (int64_t i = k; i < kp; ++i) xq[r * kp + i] = 128;
+        scale[r] = s;
+        err[r] = sqrt(e2);
+        qnorm[r] = sqrt(q2);
+    }
+}

@@ -21,7 +21,10 @@ session's step then has the same bits whatever other sessions share it. Its last
 from MKL's (as MKL's own differ between one and two rows). The same loop reads bf16 weights
 (summed in fp32: a bf16 model's steps of one or two sessions) and int8 weights with a scale
 per output (`int8_linear`): the screened greedy heads' cheap first pass
-(screened_argmax.py; real-size text head, one row: 5.5 ms screened vs 13.5 ms through bf16).
+(screened_argmax.py; real-size text head, one row: 5.5 ms screened vs 13.5 ms through bf16);
+where the CPU has AVX512-VNNI, the rows are quantized to int8 as well (`quantize_rows`,
+`u8s8_linear`: exact integer sums, 4 products per multiply-add, so 8 rows cost about what one
+does).
 
 The C file is compiled with the system's C compiler at first use into omni2's cache (about a
 second) and called through ctypes. Where that cannot happen (no compiler, no AVX-512, or
@@ -33,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +47,7 @@ from . import huge_pages, native
 log = logging.getLogger("omni2.few_rows")
 
 SOURCE = Path(__file__).with_name("few_rows.c")
-CFLAGS = native.BASE_CFLAGS
+CFLAGS = [*native.BASE_CFLAGS, "-fno-math-errno"]  # (sqrt inline: no libm needed)
 
 
 class FewRowsKernel:
@@ -57,6 +61,14 @@ class FewRowsKernel:
             fn.restype = ctypes.c_int
             fn.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
         self.block = library.omni2_block_columns()
+        self._u8s8 = library.omni2_few_rows_u8s8
+        self._u8s8.restype = ctypes.c_int
+        self._u8s8.argtypes = [p, i64, i64, p, i64, p, p, p, p, ctypes.c_int]
+        self._quantize = library.omni2_quantize_rows
+        self._quantize.restype = None
+        self._quantize.argtypes = [p, i64, i64, i64, p, p, p, p]
+        # int8 x int8 products (u8s8_linear) need AVX512-VNNI; OMNI2_VNNI=0 turns them off
+        self.vnni = cpu_has("avx512_vnni") and os.environ.get("OMNI2_VNNI", "1") != "0"
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """[N, K] fp32, bf16 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of
@@ -83,6 +95,54 @@ class FewRowsKernel:
             raise ValueError(f"few_rows: need {n_out} fp32 scales")
         return self._call(x, packed, n_out, scales.contiguous())
 
+    def pack_u8s8(self, q: torch.Tensor) -> torch.Tensor:
+        """int8 [N, K] -> [ceil(N/48), ceil(K/4), 48, 4] for u8s8_linear: per 4 k, each output's 4
+        weights side by side (vpdpbusd's layout); zero-padded."""
+        if q.dtype != torch.int8 or q.dim() != 2:
+            raise ValueError(f"few_rows: pack_u8s8 takes 2-D int8 weights, not {q.dtype} {tuple(q.shape)}")
+        n, k = q.shape
+        blocks, k4 = -(-n // self.block), -(-k // 4)
+        padded = torch.zeros(blocks * self.block, k4 * 4, dtype=torch.int8)
+        padded[:n, :k] = q
+        packed = huge_pages.empty((blocks, k4, self.block, 4), torch.int8)
+        packed.copy_(padded.view(blocks, self.block, k4, 4).transpose(1, 2))
+        return packed
+
+    def quantize_rows(self, x: torch.Tensor, k_padded: int) -> tuple:
+        """fp32 rows [M, K] -> (xq uint8 [M, k_padded]: round(x / scale) + 128, zero-padded;
+        scale [M] fp32: max|x_r| / 127; err [M] float64: ||x_r - scale q_r||; qnorm [M] float64:
+        ||q_r||). A row with a non-finite value gets a NaN scale."""
+        if x.dtype != torch.float32 or x.dim() != 2 or k_padded < x.size(1):
+            raise ValueError(f"few_rows: quantize_rows takes fp32 rows of at most {k_padded}, not {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        m = x.size(0)
+        xq = torch.empty(m, k_padded, dtype=torch.uint8)
+        scale, err, qnorm = torch.empty(m), torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+        self._quantize(x.data_ptr(), m, x.size(1), k_padded, xq.data_ptr(), scale.data_ptr(), err.data_ptr(),
+                       qnorm.data_ptr())
+        return xq, scale, err, qnorm
+
+    def u8s8_linear(self, xq: torch.Tensor, row_scale: torch.Tensor, packed: torch.Tensor, n_out: int,
+                    colsum: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+        """((xq - 128) Q^T) * row_scale[:, None] * col_scale [M, n_out]: xq uint8 [M, 4 * packed.size(1)]
+        (int8 rows offset by 128), Q packed by pack_u8s8, colsum [n_out] int32 (Q's row sums);
+        the integer sums exact, then two fp32 roundings. Needs `self.vnni`."""
+        if not self.vnni:
+            raise RuntimeError("few_rows: u8s8_linear needs AVX512-VNNI")
+        m, k = xq.shape
+        if (xq.dtype != torch.uint8 or k != 4 * packed.size(1) or -(-n_out // self.block) != packed.size(0)
+                or row_scale.shape != (m,) or colsum.shape != (n_out,) or col_scale.shape != (n_out,)
+                or colsum.dtype != torch.int32 or row_scale.dtype != torch.float32 or col_scale.dtype != torch.float32):
+            raise ValueError(f"few_rows: u8s8_linear arguments do not fit: xq {xq.dtype} {tuple(xq.shape)}, "
+                             f"packed {tuple(packed.shape)}, {n_out} outputs")
+        xq, row_scale = xq.contiguous(), row_scale.contiguous()
+        y = torch.empty(m, n_out, dtype=torch.float32)
+        if m and self._u8s8(xq.data_ptr(), m, k, packed.data_ptr(), n_out, colsum.contiguous().data_ptr(),
+                            row_scale.data_ptr(), col_scale.contiguous().data_ptr(), y.data_ptr(),
+                            torch.get_num_threads()) != 0:
+            raise MemoryError("few_rows: a thread could not allocate its accumulators")
+        return y
+
     def _call(self, x: torch.Tensor, packed: torch.Tensor, n_out: int, per_col: Optional[torch.Tensor]) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.size(1) != packed.size(1):
             raise ValueError(f"few_rows: need fp32 CPU rows [M, {packed.size(1)}], got {x.dtype} {tuple(x.shape)}")
@@ -98,6 +158,15 @@ class FewRowsKernel:
         if rc != 0:
             raise MemoryError("few_rows: a thread could not allocate its accumulators")
         return y
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists this CPU flag (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def _unavailable(reason: str) -> None:

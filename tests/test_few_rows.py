@@ -2,6 +2,7 @@
 build that falls back cleanly where it cannot happen."""
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 
@@ -180,3 +181,40 @@ def test_bf16_packed_linear_uses_few_rows_for_two_sessions_then_onednn(kernel):
         torch.testing.assert_close(y, F.linear(x, w, b))  # oneDNN/MKL's answer to bf16 rounding
     x = torch.randn(prepack.BF16_FEW_ROWS_MAX + 1, 96).bfloat16()  # AMX territory: oneDNN
     assert torch.equal(lin(x), torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], ""))
+
+
+@needs_kernel
+@pytest.mark.skipif(not few_rows.cpu_has("avx512_vnni"), reason="int8 x int8 products need AVX512-VNNI")
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 16), (3, 100, 201), (9, 47, 130), (8, 300, 896)])
+def test_int8_rows_by_int8_weights_sum_exactly(kernel, rows, n, k):
+    """quantize_rows then u8s8_linear: integer sums exact (k not a multiple of 4 padded with
+    zeros), then scaled by the row's and the output's scales, in that order."""
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-2, 2, rows)[:, None]
+    packed = kernel.pack_u8s8(q)
+    xq, scale, err, qnorm = kernel.quantize_rows(x, 4 * packed.size(1))
+    qx = xq[:, :k].long() - 128
+    assert bool((xq[:, k:] == 128).all()) and int(qx.abs().max()) == 127
+    torch.testing.assert_close(scale, x.abs().amax(1) / 127)
+    exact_err = (x.double() - scale.double()[:, None] * qx.double()).norm(dim=1)
+    torch.testing.assert_close(err, exact_err)
+    torch.testing.assert_close(qnorm, qx.double().norm(dim=1))
+    col_scale = torch.rand(n, generator=g) + 0.5
+    got = kernel.u8s8_linear(xq, scale, packed, n, q.int().sum(1, dtype=torch.int32), col_scale)
+    assert torch.equal(got, (qx @ q.long().t()).float() * scale[:, None] * col_scale)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel.u8s8_linear(xq[:, 1:], scale, packed, n, q.int().sum(1, dtype=torch.int32), col_scale)
+
+
+@needs_kernel
+def test_a_non_finite_row_gets_a_nan_scale_and_int8_products_need_vnni(kernel):
+    x = torch.ones(3, 8)
+    x[1, 2], x[2, 5] = float("nan"), float("inf")
+    _, scale, _, _ = kernel.quantize_rows(x, 8)
+    assert scale[0] == 1 / 127 and scale[1:].isnan().all()
+    off = copy.copy(kernel)
+    off.vnni = False
+    with pytest.raises(RuntimeError, match="VNNI"):
+        off.u8s8_linear(torch.zeros(1, 8, dtype=torch.uint8), torch.ones(1), off.pack_u8s8(torch.zeros(4, 8, dtype=torch.int8)),
+                        4, torch.zeros(4, dtype=torch.int32), torch.ones(4))

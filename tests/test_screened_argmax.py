@@ -2,6 +2,8 @@
 an int8 copy (the int8 screen runs on the few_rows kernel, where it builds)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,10 +15,13 @@ from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
 from omni2.streaming import few_rows
-from omni2.streaming.screened_argmax import INT8_SCREEN_ROWS, ScreenedArgmax, screen_heads_
+from omni2.streaming.screened_argmax import INT8_SCREEN_ROWS, INT8_VNNI_ROWS, ScreenedArgmax, screen_heads_
 
-SCREENS = ["bf16", pytest.param("int8", marks=pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the int8 screen runs on the AVX-512 few_rows kernel"))]
+_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                             reason="the int8 screen runs on the AVX-512 few_rows kernel")
+_VNNI = pytest.mark.skipif(not few_rows.cpu_has("avx512_vnni"), reason="int8 x int8 products need AVX512-VNNI")
+# int8: the rows quantized too (VNNI); int8-widened: int8 weights widened to fp32 sums
+SCREENS = ["bf16", pytest.param("int8", marks=[_AVX512, _VNNI]), pytest.param("int8-widened", marks=_AVX512)]
 
 
 def make_head(weight, groups=1, screen="bf16"):
@@ -25,8 +30,11 @@ def make_head(weight, groups=1, screen="bf16"):
         return ScreenedArgmax(weight, groups)
     kernel = few_rows.kernel()
     assert kernel is not None, "an AVX-512 machine with a compiler must build few_rows (see the log)"
+    if screen == "int8-widened":
+        kernel = copy.copy(kernel)
+        kernel.vnni = False
     head = ScreenedArgmax(weight, groups, int8=kernel)
-    assert head.screen(1) is head.int8
+    assert head.screen(1) is head.int8 and head.int8.vnni == (screen == "int8")
     return head
 
 
@@ -60,7 +68,7 @@ def test_the_error_bound_holds_for_every_row(screen):
     head = make_head(weight, screen=screen)
     hidden = torch.randn(4, 256, generator=g) * torch.tensor([[1e-3], [1.0], [50.0], [1e3]])
     err = (head.approximate(hidden).double() - hidden.double() @ weight.double().t()).abs()
-    bound = hidden.double().norm(dim=1, keepdim=True) * head.screen(4).row_slack.double()
+    bound = head.bound(hidden).double()
     assert bool((err <= bound).all())
     assert float((err[bound > 0] / bound[bound > 0]).max()) > 1e-3  # the bound is not vacuous either
     assert torch.equal(head(hidden), F.linear(hidden, weight).argmax(-1))
@@ -70,9 +78,10 @@ def test_the_error_bound_holds_for_every_row(screen):
 def test_few_rows_screen_in_int8_and_many_in_bf16():
     g = torch.Generator().manual_seed(9)
     weight = torch.randn(2000, 96, generator=g)
-    head = make_head(weight, screen="int8")
-    assert head.screen(INT8_SCREEN_ROWS) is head.int8 and head.screen(INT8_SCREEN_ROWS + 1) is head.bf16
-    for rows in (INT8_SCREEN_ROWS, INT8_SCREEN_ROWS + 1, 20):
+    head = make_head(weight, screen="int8" if few_rows.cpu_has("avx512_vnni") else "int8-widened")
+    assert head.int8_rows == (INT8_VNNI_ROWS if head.int8.vnni else INT8_SCREEN_ROWS)
+    assert head.screen(head.int8_rows) is head.int8 and head.screen(head.int8_rows + 1) is head.bf16
+    for rows in (INT8_SCREEN_ROWS, head.int8_rows, head.int8_rows + 1, 20):
         hidden = torch.randn(rows, 96, generator=g)
         assert torch.equal(head(hidden), F.linear(hidden, weight).argmax(-1))
 
