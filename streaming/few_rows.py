@@ -183,10 +183,7 @@ def build(out_dir: Path) -> Path:
 def kernel() -> Optional[FewRowsKernel]:
     """The kernel, built and loaded on first call; None (and a log line) where it cannot be
     (no AVX-512, no compiler, or OMNI2_FEW_ROWS=0)."""
-    try:
-        lib = native.library(SOURCE, CFLAGS, "OMNI2_FEW_ROWS")
-    except native.Unavailable as exc:
-        _unavailable(str(exc))
-        return None
-    log.info("few-rows fp32 kernel: %s", lib._name)
-    return FewRowsKernel(lib)
+    lib = native.library_or_none(SOURCE, CFLAGS, "OMNI2_FEW_ROWS", _unavailable)
+    if lib is not None:
+        log.info("few-rows fp32 kernel: %s", lib._name)
+    return None if lib is None else FewRowsKernel(lib)

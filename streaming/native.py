@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -58,3 +59,12 @@ def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
         return ctypes.CDLL(str(lib))
     except OSError as exc:
         raise Unavailable(str(exc)) from None
+
+
+def library_or_none(source: Path, cflags: list[str], switch: str, unavailable: Callable[[str], None]) -> Optional[ctypes.CDLL]:
+    """library(), or None after unavailable(reason) (the caller's log line) where it cannot be."""
+    try:
+        return library(source, cflags, switch)
+    except Unavailable as exc:
+        unavailable(str(exc))
+        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,6 +134,9 @@ def test_the_transform_swaps_every_block_once_and_can_be_switched_off(tmp_path, 
     assert all(isinstance(b.attn, decode_attention.DecodeAttention) for b in lm.transformer.h)
     assert not decode_attention.fuse_decode_attention_(lm)  # once only
     assert not decode_attention.fuse_decode_attention_(random_lm(PRESETS["tiny"], 0).bfloat16())
+    for cfg, fits in ((PRESETS["tiny"], True), (replace(PRESETS["tiny"], n_embd=272, n_head=2, head_size=136), False)):
+        shell = SimpleNamespace(cfg=cfg, lm_head=torch.nn.Linear(2, 2), transformer=SimpleNamespace(h=[]))
+        assert decode_attention.fuse_decode_attention_(shell) == fits  # heads over 128 keep the model's code
     monkeypatch.setenv("OMNI2_CACHE", str(tmp_path))
     monkeypatch.setenv("OMNI2_DECODE_ATTENTION", "0")
     decode_attention.kernel.cache_clear()
