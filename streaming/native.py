@@ -26,6 +26,8 @@ class Unavailable(RuntimeError):
 
 def build(source: Path, out_dir: Path, cflags: list[str]) -> Path:
     """Compile `source` into out_dir (once per source text and flags); returns the .so."""
+    if not source.is_file():  # (an install that left the C file out)
+        raise Unavailable(f"{source.name} is not installed beside {Path(__file__).name}")
     tag = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     lib = out_dir / f"{source.stem}-{tag}.so"
     if lib.is_file():

@@ -218,3 +218,19 @@ def test_a_non_finite_row_gets_a_nan_scale_and_int8_products_need_vnni(kernel):
     with pytest.raises(RuntimeError, match="VNNI"):
         off.u8s8_linear(torch.zeros(1, 8, dtype=torch.uint8), torch.ones(1), off.pack_u8s8(torch.zeros(4, 8, dtype=torch.int8)),
                         4, torch.zeros(4, dtype=torch.int32), torch.ones(4))
+
+
+def test_every_c_kernel_ships_with_the_package_and_a_missing_one_is_a_clean_fallback(tmp_path):
+    """pyproject's package data lists each C file of streaming/ (a wheel install needs them);
+    a C file missing all the same makes the kernel unavailable, not an error."""
+    import tomllib
+    from pathlib import Path
+
+    from omni2.streaming import native
+
+    root = Path(__file__).resolve().parents[1]
+    with open(root / "pyproject.toml", "rb") as f:
+        shipped = tomllib.load(f)["tool"]["setuptools"]["package-data"]["omni2.streaming"]
+    assert sorted(shipped) == sorted(p.name for p in (root / "streaming").glob("*.c"))
+    with pytest.raises(native.Unavailable, match="not installed"):
+        native.build(tmp_path / "gone.c", tmp_path, native.BASE_CFLAGS)
