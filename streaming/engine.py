@@ -354,8 +354,8 @@ class Engine:
             ids.extend(s.next_ids if s.index in live else IDLE_IDS)
             pos.extend((p, p))
         span = max(pos) + 1
-        if self.config.compile:  # ... and the span to a bucket (masked positions cost little)
-            b = self.config.compile_span_bucket
+        if self.config.compile or not self._cpu:  # the span to a bucket: few shapes to compile,
+            b = self.config.compile_span_bucket    # and cuDNN's attention plans are reused (config)
             span = min(-(-span // b) * b, self.cache.max_len)
         ids_t = torch.tensor(ids, device=self.device)[:, :, None]  # [2hi, 8, 1]
         pos_t = torch.tensor(pos, device=self.device)[:, None]

@@ -310,6 +310,24 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
     assert done.stats["text_ids"] == ref.text_tokens
 
 
+def test_off_the_cpu_decode_steps_attend_to_a_bucketed_span_with_the_same_tokens(tiny_model):
+    """On a GPU the attended span is rounded up to compile_span_bucket (cuDNN builds an
+    attention plan per shape: 70 ms a step on an H200 while the span grew every step); the
+    positions past each row's own are masked, so the tokens stay the reference's. Exercised
+    on the CPU by telling the engine it is not on one."""
+    ref = reference(tiny_model, question(51), 20)
+    spans = []
+    with Engine(tiny_model, EngineConfig(max_sessions=2, record_tokens=True, compile_span_bucket=64)) as eng:
+        eng._cpu = False
+        forward = eng._forward
+        eng._forward = lambda ids, pos, k, v, span: spans.append((int(pos.max()), span)) or forward(ids, pos, k, v, span)
+        sid = eng.open_session()
+        done = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(51), max_steps=20)))[0]
+    assert done.stats["audio_ids"] == ref.audio_tokens and done.stats["text_ids"] == ref.text_tokens
+    assert len(spans) == 19 and all(span % 64 == 0 and span > top for top, span in spans)
+    assert len({span for _, span in spans}) < len(spans)  # (the positions moved, the span did not)
+
+
 def test_turns_whose_text_ended_match_the_reference(tiny_model):
     """A model that writes `eot` early: after it the engine skips the text head for that slot,
     and every token still equals the reference (which forces pad_t there)."""
