@@ -75,9 +75,3 @@ def zeros(shape: tuple, device=None, dtype: torch.dtype = torch.float32) -> torc
         raise ValueError(f"huge pages are CPU memory, not {device}")
     return empty(tuple(shape), dtype).zero_()
 
-
-def copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t on huge pages (where available)."""
-    out = empty(tuple(t.shape), t.dtype)
-    out.copy_(t)
-    return out

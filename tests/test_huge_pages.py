@@ -42,15 +42,6 @@ def test_a_big_tensor_lies_on_huge_pages_and_its_memory_goes_with_it():
     assert mapping_of(address) is None  # unmapped
 
 
-def test_copy_keeps_values_shape_and_dtype():
-    g = torch.Generator().manual_seed(0)
-    for src in (torch.randn(3000, 900, generator=g), torch.randint(-127, 128, (40, 300, 900), dtype=torch.int8),
-                torch.randn(2, 3, generator=g).t()):  # a non-contiguous source; a tiny one
-        out = huge_pages.copy(src)
-        assert out.shape == src.shape and out.dtype == src.dtype and out.is_contiguous()
-        assert torch.equal(out, src)
-
-
 def test_small_tensors_and_the_switch_keep_torchs_allocator(monkeypatch):
     small = huge_pages.empty((100, 100), torch.float32)
     assert small.untyped_storage().nbytes() == 100 * 100 * 4  # not a view into a bigger mapping
