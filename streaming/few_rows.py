@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import huge_pages, native
 
@@ -75,6 +76,10 @@ class FewRowsKernel:
         memory, on 2 MiB pages where the system allows (huge_pages.py)."""
         if weight.dtype not in self._fns or weight.dim() != 2:
             raise ValueError(f"few_rows: can pack 2-D fp32, bf16 or int8 weights, not {weight.dtype} {tuple(weight.shape)}")
+        return self._blocks(weight)
+
+    def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] of any element type -> [ceil(N/48), K, 48], zero-padded, on huge pages."""
         n, k = weight.shape
         weight, full = weight.detach(), n // self.block  # blocks of 48 whole columns
         packed = huge_pages.empty((-(-n // self.block), k, self.block), weight.dtype)
@@ -100,13 +105,12 @@ class FewRowsKernel:
         weights side by side (vpdpbusd's layout); zero-padded."""
         if q.dtype != torch.int8 or q.dim() != 2:
             raise ValueError(f"few_rows: pack_u8s8 takes 2-D int8 weights, not {q.dtype} {tuple(q.shape)}")
-        n, k = q.shape
-        blocks, k4 = -(-n // self.block), -(-k // 4)
-        padded = torch.zeros(blocks * self.block, k4 * 4, dtype=torch.int8)
-        padded[:n, :k] = q
-        packed = huge_pages.empty((blocks, k4, self.block, 4), torch.int8)
-        packed.copy_(padded.view(blocks, self.block, k4, 4).transpose(1, 2))
-        return packed
+        k4 = -(-q.size(1) // 4)
+        if 4 * k4 != q.size(1):
+            q = F.pad(q, (0, 4 * k4 - q.size(1)))
+        # each output's 4 weights of a k group are one 32-bit element: pack()'s block layout
+        words = q.detach().contiguous().view(torch.int32)  # [N, k4]
+        return self._blocks(words).view(torch.int8).view(-1, k4, self.block, 4)
 
     def quantize_rows(self, x: torch.Tensor, k_padded: int) -> tuple:
         """fp32 rows [M, K] -> (xq uint8 [M, k_padded]: round(x / scale) + 128, zero-padded;
