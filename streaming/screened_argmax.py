@@ -173,8 +173,7 @@ class ScreenedArgmax:
     def bound(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, V]: the bound on |approximate - exact fp32 logit| this call uses, margin included."""
         screen = self.screen(hidden.size(0))
-        coef = BOUND_MARGIN * screen(hidden)[1]
-        return (coef[:, :, None] * screen.terms[None]).sum(1)
+        return (BOUND_MARGIN * screen(hidden)[1]) @ screen.terms
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, C] fp32 -> ids [R] (one group) or [R, groups]."""
@@ -200,9 +199,8 @@ class ScreenedArgmax:
         # On that superset, the exact test: approx_j + slack_j >= max_k (approx_k - slack_k),
         # whose maximum lies inside the superset too.
         group = torch.div(cols, Vg, rounding_mode="floor").expand(R, -1)
-        terms = screen.terms[:, cols]  # [T, U]
         a = approx.view(R, V)[:, cols].float()
-        slack = coef[:, :1] * terms[:1] if terms.size(0) == 1 else coef @ terms
+        slack = coef @ screen.terms[:, cols]  # [R, T] @ [T, U]
         floor = torch.full((R, G), float("-inf"), device=hidden.device).scatter_reduce_(1, group, a - slack, "amax")
         cols = cols[(a + slack >= floor.gather(1, group)).any(0)]
         # One exact product for the union of every row's candidates (ascending ids): a column
