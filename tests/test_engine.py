@@ -90,6 +90,13 @@ def test_image_turn_equals_reference(engine, tiny_model):
     assert done.stats["text_ids"] == ref.text_tokens
 
 
+def wait_for_a_free_slot(engine, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not any(slot.session is None for slot in engine.slots):
+        assert time.monotonic() < deadline, "a closed session's slot was never freed"
+        time.sleep(0.01)
+
+
 def test_concurrent_turns_each_get_their_solo_tokens(engine, tiny_model):
     """8 turns started at different times, different lengths, some slots reused."""
     plans = [(i, 0.3 + 0.1 * (i % 4), 12 + 5 * (i % 3)) for i in range(10)]
@@ -100,7 +107,7 @@ def test_concurrent_turns_each_get_their_solo_tokens(engine, tiny_model):
             old = i - 8
             results[old] = collect(turns[old])
             engine.close_session(sessions[old])
-            time.sleep(0.05)
+            wait_for_a_free_slot(engine)  # (the engine frees a closed session's slot between steps)
         sessions[i] = engine.open_session()
         turns[i] = engine.submit(TurnRequest(session_id=sessions[i], audio_16k=question(100 + i, s), max_steps=n))
         time.sleep(0.02 * (i % 3))
