@@ -7,7 +7,11 @@ never an error (a tiny random model emits anything in [0, 152000)).
 
 Byte-level BPE can split one character over several tokens (an emoji is 4 bytes, a token may
 hold only some of them), so `IncrementalDecoder` keeps a byte buffer and emits text only once
-the bytes form complete UTF-8 characters.
+the bytes form complete UTF-8 characters. A model may also emit bytes that never form a
+character (a lone continuation byte, a lead byte followed by another lead byte: the tiny
+random-weight model does so all the time, and a real turn cut off by max_steps can end inside
+a character). Those bytes are dropped, not shown as U+FFFD: the text is a user-facing
+transcript, and `decode` drops them the same way, so streamed deltas still add up to it.
 
 `write_tiny_tokenizer` writes a small tokenizer in the same file format, learned
 deterministically from a built-in text, so the synthetic tiny checkpoint has the released
@@ -25,6 +29,8 @@ from . import tokens
 from .errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
+# Bytes that can never be part of a UTF-8 character are dropped from the text (module doc).
+UTF8_ERRORS = "ignore"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # Qwen2's pre-tokenizer split (a fact of the released tokenizer.json, needed to write one in
@@ -111,17 +117,11 @@ class TextTokenizer:
         # Qwen2 adds no BOS/EOS; add_special_tokens=False keeps it that way for any post-processor.
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def _known(self, ids: Iterable[int]) -> list[int]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if 0 <= i < self.vocab_size and i not in self._special_ids and self._tok.id_to_token(i) is not None:
-                out.append(i)
-        return out
-
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; specials and ids the tokenizer lacks contribute nothing."""
-        return self._tok.decode(self._known(ids), skip_special_tokens=True)
+        """Text of `ids`; specials, ids the tokenizer lacks and bytes that are not UTF-8
+        contribute nothing (the byte table is the tokenizer's ByteLevel decoder without its
+        U+FFFD replacement)."""
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors=UTF8_ERRORS)
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         """Text of one turn: everything before the first `eot`."""
@@ -155,13 +155,14 @@ class IncrementalDecoder:
     """Turns a live text-token stream into text deltas.
 
     Concatenated deltas (plus `flush()`) equal `decode_answer(all ids)`: incomplete UTF-8
-    sequences are held until their last byte arrives, `pad_t` and unknown ids emit nothing,
-    and after `eot` the turn's text is over (later ids are ignored).
+    sequences are held until their last byte arrives, bytes that cannot be UTF-8 are dropped
+    as soon as that is certain, `pad_t` and unknown ids emit nothing, and after `eot` the
+    turn's text is over (later ids are ignored).
     """
 
     def __init__(self, tokenizer: TextTokenizer):
         self._tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=UTF8_ERRORS)
         self.finished = False
         self.text = ""
 
@@ -179,7 +180,7 @@ class IncrementalDecoder:
         return "".join(self.push(i) for i in ids)
 
     def flush(self) -> str:
-        """End the stream: bytes of a character that never completed become U+FFFD."""
+        """End the stream: bytes of a character that never completed are dropped."""
         if self.finished:
             return ""
         self.finished = True

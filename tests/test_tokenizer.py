@@ -80,10 +80,8 @@ def test_incremental_deltas_match_decode_every_prefix(tok, text):
             delta = dec.push(i)
             assert "\ufffd" not in delta
             so_far += delta
-            # Held-back bytes are exactly an incomplete trailing character.
-            full = tok.decode(ids[:n])
-            assert full.startswith(so_far)
-            assert full[len(so_far):] in ("", "\ufffd")
+            # Held-back bytes are exactly an incomplete trailing character, which decode drops.
+            assert tok.decode(ids[:n]) == so_far
         assert so_far + dec.flush() == tok.decode(ids) == text
         assert dec.text == text
 
@@ -106,12 +104,51 @@ def test_incremental_stops_at_eot_and_ignores_pad(tok):
     assert dec.text == tok.decode_answer(ids + [tokens.EOT] + tok.encode(" more"))
 
 
-def test_incremental_eot_flushes_incomplete_character(tok):
+def test_incremental_eot_drops_incomplete_character(tok):
     ids = _split_ids_mid_char(tok, "é")[:1]
     dec = tok.incremental()
     assert dec.push(ids[0]) == ""
-    assert dec.push(tokens.EOT) == "\ufffd"  # same as decode() of a truncated character
-    assert tok.decode(ids) == "\ufffd"
+    assert dec.push(tokens.EOT) == ""  # a turn cut inside a character: the half is not text
+    assert tok.decode(ids) == ""
+
+
+def _byte_ids(tok, data: bytes) -> list[int]:
+    byte_vocab = {tok.token_bytes(i): i for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1}
+    return [byte_vocab[bytes([b])] for b in data]
+
+
+# Bytes no UTF-8 text holds where they stand: what the tiny random model writes (0xEB after
+# 0xEB), lone continuation bytes, a truncated 3-byte character before ASCII, 0xC0/0xFF.
+NOT_UTF8 = [b"\xeb\xeb\xeb", b"\x80", b"\xe6\x97!", b"\xc0\xaf", b"\xff", b"\xf0\x9f\x99"]
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+def test_bytes_that_are_not_utf8_are_dropped_and_split_characters_survive(tok, bad):
+    good = ["é", "日本", "🙂", "ok"]
+    data = bad + b"".join(g.encode() + bad for g in good)
+    ids = _byte_ids(tok, data)
+    want = "".join(good) + ("!" * data.count(b"!"))
+    dec = tok.incremental()
+    deltas = [dec.push(i) for i in ids] + [dec.flush()]
+    text = "".join(deltas)
+    assert "\ufffd" not in text
+    assert sorted(text) == sorted(want)          # every valid character, nothing else
+    for g in good:
+        assert g in text, (g, text)
+    assert text == dec.text == tok.decode(ids) == tok.decode_answer(ids + [tokens.EOT])
+
+
+def test_random_token_streams_give_no_replacement_characters(tok):
+    """Like the tiny model: arbitrary ids (bytes, merges, specials, ids past the vocab)."""
+    import random
+
+    rng = random.Random(13)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size + 20) for _ in range(rng.randrange(1, 40))]
+        dec = tok.incremental()
+        streamed = "".join(dec.push(i) for i in ids) + dec.flush()
+        assert "\ufffd" not in streamed
+        assert streamed == tok.decode_answer(ids + [tokens.EOT])
 
 
 def test_writer_is_deterministic(tmp_path):
