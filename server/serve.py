@@ -139,6 +139,13 @@ def main(args: argparse.Namespace) -> int:
         except RecognizerUnavailable as exc:
             print(f"omni2 serve: --interrupt command: {exc}", file=sys.stderr)
             return 2
+    try:  # a device or precision this machine cannot run: one line now, not a failed /health/ready later
+        from omni2.streaming.runtime import pick_device, pick_dtype
+
+        pick_dtype(settings.dtype, pick_device(settings.device))
+    except (RuntimeError, ValueError) as exc:
+        print(f"omni2 serve: {exc}", file=sys.stderr)
+        return 2
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from omni2.model import tokens as tk
 from omni2.model.config import PRESETS
 
-from . import prepack
+from . import cpu_features, prepack
 from .few_rows import kernel as few_rows_kernel
-from .screened_argmax import ScreenedArgmax
+from .runtime import UnsupportedDtype
+from .screened_argmax import ScreenedArgmax, fast_bf16
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -46,7 +47,10 @@ def body_shapes(layers: int) -> list[tuple[int, int]]:
 def run_kernel_bench(rows=(1, 2, 8, 16, 64, 256), layers: int = 24, head_rows=(1, 8, 16), repeats: int = 5,
                      heads: bool = True, dtype: torch.dtype = torch.float32, out=print) -> dict:
     """dtype: the body's weights and rows (bf16: few_rows sums in fp32 and its result is
-    rounded to bf16, as PackedLinear does). The heads are fp32 (the screens are fp32's)."""
+    rounded to bf16, as PackedLinear does; refused where the CPU has no native bf16). The heads
+    are fp32 (the screens are fp32's; the bf16 screen only where the runtime would take it)."""
+    if dtype == torch.bfloat16 and (reason := cpu_features.missing("bf16")) is not None:
+        raise UnsupportedDtype(f"bench kernels --dtype bf16: {reason}")
     few = few_rows_kernel()
     g = torch.Generator().manual_seed(0)
     weights = [(torch.randn(o, i, generator=g) * i ** -0.5).to(dtype) for o, i in body_shapes(layers)]
@@ -87,8 +91,10 @@ def _head_bench(few, head_rows, repeats: int, g: torch.Generator, out) -> dict:
     result = {}
     for name, (weight, groups) in parts.items():
         weight = weight.contiguous()
-        screens = {"bf16": ScreenedArgmax(weight, groups)}
-        if few:
+        screens = {}
+        if fast_bf16():  # (screen_heads_ screens only there)
+            screens["bf16"] = ScreenedArgmax(weight, groups)
+        if few and fast_bf16():
             # as the runtime screens them: the text head's rows quantized too where the CPU can
             screens["int8"] = ScreenedArgmax(weight, groups, int8=few, vnni=name == "text")
         for r in head_rows:

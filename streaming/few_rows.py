@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import huge_pages, native
+from . import cpu_features, huge_pages, native
 
 log = logging.getLogger("omni2.few_rows")
 
@@ -69,7 +69,7 @@ class FewRowsKernel:
         self._quantize.restype = None
         self._quantize.argtypes = [p, i64, i64, i64, p, p, p, p]
         # int8 x int8 products (u8s8_linear) need AVX512-VNNI; OMNI2_VNNI=0 turns them off
-        self.vnni = cpu_has("avx512_vnni") and os.environ.get("OMNI2_VNNI", "1") != "0"
+        self.vnni = cpu_features.has("vnni") and os.environ.get("OMNI2_VNNI", "1") != "0"
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """[N, K] fp32, bf16 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of
@@ -162,15 +162,6 @@ class FewRowsKernel:
         if rc != 0:
             raise MemoryError("few_rows: a thread could not allocate its accumulators")
         return y
-
-
-def cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists this CPU flag (False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
 
 
 def _unavailable(reason: str) -> None:

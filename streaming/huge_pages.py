@@ -23,14 +23,14 @@ import logging
 import math
 import mmap
 import os
-from pathlib import Path
 
 import torch
+
+from . import cpu_features
 
 log = logging.getLogger("omni2.huge_pages")
 
 HUGE_PAGE = 2 << 20  # (a tensor smaller than one stays in torch's allocator)
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,13 +42,9 @@ def available() -> bool:
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         log.info("huge pages for big CPU tensors: not on this platform")
         return False
-    try:
-        setting = THP_SETTING.read_text()
-    except OSError:
-        setting = ""
-    if "[always]" not in setting and "[madvise]" not in setting:
-        log.info("huge pages for big CPU tensors: transparent huge pages are off here (%s)",
-                 setting.strip() or "no THP setting")
+    reason = cpu_features.missing("huge_pages")
+    if reason is not None:
+        log.info("huge pages for big CPU tensors: not used (%s)", reason)
         return False
     return True
 

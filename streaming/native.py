@@ -2,20 +2,20 @@
 
 Each C file is compiled with the system's C compiler (`$CC`, else `cc`; about a second) into
 omni2's cache, once per source text and flags, and loaded through ctypes. They need an
-AVX-512 CPU; where one cannot be built or is switched off, `library()` raises `Unavailable`
-with the reason, and the caller keeps the library kernels and says so in the log.
+AVX-512 CPU and a C compiler (cpu_features.py); where one cannot be built or is switched off,
+`library()` raises `Unavailable` with the reason, and the caller keeps the library kernels
+and says so in the log.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
+from . import cpu_features
 
 BASE_CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
 
@@ -50,10 +50,10 @@ def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
     it off (=0)."""
     if os.environ.get(switch, "1") == "0":
         raise Unavailable(f"off ({switch}=0)")
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        raise Unavailable(f"the CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512")
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        raise Unavailable("no C compiler (cc) on PATH")
+    for feature in ("avx512", "cc"):
+        reason = cpu_features.missing(feature)
+        if reason is not None:
+            raise Unavailable(reason)
     from .runtime import cache_root
 
     lib = build(source, cache_root() / "kernels", cflags)

@@ -23,15 +23,27 @@ rows), so tokens match the plain model's rather than its bits (tested; checked i
 `omni2 bench engine` run). Without few_rows, fp32 keeps MKL's plain kernel for <= 2 rows.
 
 `prepack_(lm)` changes the model in place (a runtime transform: a prepacked model is not
-saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind.
+saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind. What it takes
+depends on the CPU (cpu_features.py): without AVX-512 (or a C compiler) no few_rows kernel,
+no fused decode attention, no int8 screen; without native bf16 no bf16 screen of the fp32
+heads, and a bf16 model is not packed at all (oneDNN refuses to pack bf16 for such a CPU;
+the runtime refuses `--dtype bf16` there in the first place). fp32 packing itself runs on
+any x86-64 oneDNN supports (AVX2 included).
 """
 from __future__ import annotations
+
+import logging
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from omni2.model import tokens as tk
+
+from . import cpu_features
+
+log = logging.getLogger("omni2.prepack")
 
 # Rows up to which fp32 keeps MKL's plain kernel (one session's two rows) where few_rows is
 # not built: oneDNN's packed kernel is slower there.
@@ -59,7 +71,11 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plain_rows: int, few_rows=None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
+        if weight.dtype == torch.bfloat16 and not cpu_features.has("bf16"):
+            plain_rows = sys.maxsize  # oneDNN cannot pack bf16 for this CPU: torch's generic kernel
+            self.packed = None
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
         self.bias = None if bias is None else bias.detach()
         self.few_rows = few_rows
         self.few_packed = None if few_rows is None else few_rows.pack(weight)
@@ -113,6 +129,10 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or not available() or getattr(lm, "prepacked", False)):
+        return False
+    if weight.dtype == torch.bfloat16 and (reason := cpu_features.missing("bf16")) is not None:
+        log.warning("bf16 weights not prepacked (%s): torch's generic bf16 kernels, slowly; "
+                    "fp32 (--dtype auto) is the fast choice on this CPU", reason)
         return False
     plain = FP32_PLAIN_ROWS if weight.dtype == torch.float32 else 0
     kernel = None

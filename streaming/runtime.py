@@ -34,14 +34,27 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+class UnsupportedDtype(ValueError):
+    """The precision asked for does not run natively here; the message is one line for the user."""
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """fp32 on CPU (reference-exact), bf16 on GPU unless asked otherwise."""
+    """fp32 on CPU (reference-exact, and what every CPU runs), bf16 on GPU unless asked
+    otherwise. bf16 on a CPU only where oneDNN runs it natively (cpu_features.py)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        return DTYPES[dtype]
+        picked = DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}") from None
+    if picked == torch.bfloat16 and device == "cpu":
+        from . import cpu_features
+
+        reason = cpu_features.missing("bf16")
+        if reason is not None:
+            raise UnsupportedDtype(f"--dtype {dtype} cannot run on this CPU ({cpu_features.cpu_model()}): {reason}; "
+                                   "use --dtype fp32 (or auto)")
+    return picked
 
 
 def cache_root() -> Path:

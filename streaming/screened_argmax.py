@@ -39,7 +39,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from . import prepack
+from . import cpu_features, prepack
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -72,8 +72,9 @@ class Bf16Screen:
 
     def __init__(self, weight: torch.Tensor) -> None:
         low = weight.to(torch.bfloat16)
-        # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows)
-        self._low = prepack.PackedLinear(low, None, plain_rows=0) if prepack.available() else partial(F.linear, weight=low)
+        # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows); torch's
+        # generic bf16 kernel elsewhere (the same bits: the tests check both)
+        self._low = prepack.PackedLinear(low, None, plain_rows=0) if fast_bf16() else partial(F.linear, weight=low)
         self.terms = (error_bound_factor(weight.size(1)) * weight.double().norm(dim=1).float())[None]
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,8 +216,8 @@ class ScreenedArgmax:
 
 
 def fast_bf16() -> bool:
-    """Whether this CPU has oneDNN's packed bf16 kernel (AVX512-BF16 / AMX)."""
-    return prepack.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU has oneDNN's packed bf16 kernel (cpu_features.py: AVX-512 or AVX-NE-CONVERT)."""
+    return prepack.available() and cpu_features.has("bf16")
 
 
 def screen_heads_(lm, int8="auto") -> bool:

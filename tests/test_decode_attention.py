@@ -4,7 +4,6 @@ own code for everything that is not an fp32 decode step."""
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -15,8 +14,9 @@ from omni2.model.config import PRESETS
 from omni2.model.lm import Attention, KVCache, StepContext, rope_tables
 from omni2.streaming import decode_attention
 
-BUILDS_HERE = torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which("cc") is not None
-pytestmark = pytest.mark.skipif(not BUILDS_HERE, reason="the kernel needs an AVX-512 CPU and a C compiler")
+from cpu_marks import needs  # noqa: E402
+
+pytestmark = needs("avx512", "cc")
 
 # the released dims (head 64: the unrolled path), the tiny model's (head 8: one partial vector),
 # and a head of 40 (a full and a partial vector), with 1, 3 and 7 queries per key

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import torch.nn.functional as F
 
 from omni2.streaming import few_rows, prepack
 
-BUILDS_HERE = torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not BUILDS_HERE, reason="few_rows needs an AVX-512 CPU and a C compiler")
+from cpu_marks import needs  # noqa: E402
+
+needs_kernel = needs("avx512", "cc")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_bf16_packed_linear_uses_few_rows_for_two_sessions_then_onednn(kernel):
 
 
 @needs_kernel
-@pytest.mark.skipif(not few_rows.cpu_has("avx512_vnni"), reason="int8 x int8 products need AVX512-VNNI")
+@needs("vnni")
 @pytest.mark.parametrize("rows,n,k", [(1, 48, 16), (3, 100, 201), (9, 47, 130), (8, 300, 896)])
 def test_int8_rows_by_int8_weights_sum_exactly(kernel, rows, n, k):
     """quantize_rows then u8s8_linear: integer sums exact (k not a multiple of 4 padded with

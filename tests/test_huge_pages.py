@@ -9,7 +9,9 @@ import torch
 
 from omni2.streaming import huge_pages
 
-needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="transparent huge pages are off here")
+from cpu_marks import needs  # noqa: E402
+
+needs_thp = needs("huge_pages")
 
 
 def mapping_of(address: int) -> dict | None:

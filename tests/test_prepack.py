@@ -20,6 +20,8 @@ from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
 from omni2.streaming.screened_argmax import fast_bf16
 
+from cpu_marks import needs  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch has no oneDNN packed linear")
 
 
@@ -46,7 +48,7 @@ def test_fp32_packed_linear_without_few_rows_is_plain_up_to_two_rows_and_close_b
     torch.testing.assert_close(lin(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module", params=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=["fp32", pytest.param("bf16", marks=needs("bf16"))])
 def packed_pair(request, tiny_checkpoint):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[request.param]
     plain = load_model(tiny_checkpoint, snac=None, dtype=dtype)

@@ -14,12 +14,13 @@ from omni2.model.generate import generate
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine
 from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming import few_rows
+from omni2.streaming import cpu_features, few_rows
 from omni2.streaming.screened_argmax import INT8_SCREEN_ROWS, INT8_VNNI_ROWS, ScreenedArgmax, screen_heads_
 
-_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                             reason="the int8 screen runs on the AVX-512 few_rows kernel")
-_VNNI = pytest.mark.skipif(not few_rows.cpu_has("avx512_vnni"), reason="int8 x int8 products need AVX512-VNNI")
+from cpu_marks import needs  # noqa: E402
+
+_AVX512 = needs("avx512", "cc")  # the int8 screen runs on the AVX-512 few_rows kernel
+_VNNI = needs("vnni")  # int8 x int8 products
 # int8: the rows quantized too (VNNI); int8-widened: int8 weights widened to fp32 sums
 SCREENS = ["bf16", pytest.param("int8", marks=[_AVX512, _VNNI]), pytest.param("int8-widened", marks=_AVX512)]
 
@@ -74,11 +75,11 @@ def test_the_error_bound_holds_for_every_row(screen):
     assert torch.equal(head(hidden), F.linear(hidden, weight).argmax(-1))
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs the few_rows kernel")
+@_AVX512
 def test_few_rows_screen_in_int8_and_many_in_bf16():
     g = torch.Generator().manual_seed(9)
     weight = torch.randn(2000, 96, generator=g)
-    head = make_head(weight, screen="int8" if few_rows.cpu_has("avx512_vnni") else "int8-widened")
+    head = make_head(weight, screen="int8" if cpu_features.has("vnni") else "int8-widened")
     assert head.int8_rows == (INT8_VNNI_ROWS if head.int8.vnni else INT8_SCREEN_ROWS)
     assert head.screen(head.int8_rows) is head.int8 and head.screen(head.int8_rows + 1) is head.bf16
     for rows in (INT8_SCREEN_ROWS, head.int8_rows, head.int8_rows + 1, 20):
