@@ -18,7 +18,7 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 from server_harness import jpeg_data_url, running_server, tiny_engine  # noqa: E402
 
 from omni2.clients import chat, loadtest  # noqa: E402
-from omni2.clients.cli import build_parser  # noqa: E402
+from omni2.clients.cli import SUBCOMMANDS, build_parser  # noqa: E402
 from omni2.clients.realtime_client import (  # noqa: E402
     RealtimeClient, RealtimeError, is_loopback, read_audio, wav_bytes)
 
@@ -181,3 +181,22 @@ def test_loadtest_with_server_vad_times_from_speech_end(server, tmp_path):
     # Sent as fast as possible, the whole file is out long before the server's VAD hears the
     # end of speech; time from speech_stopped to first audio is small but never negative.
     assert all(t.ttfa_s is not None and 0 <= t.ttfa_s < 30 for t in report.turns)
+
+
+# ---- issue 13: a refused question, URLs, why an answer is incomplete, bench help ----------------
+def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        parse(["bench", "--help"])
+    text = capsys.readouterr().out
+    from omni2.clients.bench import add_arguments
+
+    own = argparse.ArgumentParser()
+    add_arguments(own)
+    bench = next(a for a in own._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(bench.choices) == {"model", "kernels", "engine", "server", "interrupt"}
+    lines = text.splitlines()
+    for action in bench._choices_actions:
+        assert action.dest in SUBCOMMANDS["bench"][1], f"{action.dest} missing from omni2's bench help"
+        assert any(line.strip().endswith(action.help) for line in lines), f"{action.dest}: {action.help!r} wraps"
+    assert SUBCOMMANDS["bench"][1] in text
