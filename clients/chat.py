@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
-from .realtime_client import Answer, RealtimeClient, RealtimeError, image_data_url, read_audio, wav_bytes
-
-DEFAULT_URL = "ws://127.0.0.1:8000/v1/realtime"
+from .realtime_client import (Answer, RealtimeClient, RealtimeError, add_server_arguments, image_data_url,
+                              read_audio, realtime_url, wav_bytes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"realtime endpoint (default {DEFAULT_URL})")
-    parser.add_argument("--api-key", default=os.environ.get("OMNI2_API_KEY"),
-                        help="Bearer key if the server wants one (or OMNI2_API_KEY)")
+    add_server_arguments(parser)
     q = parser.add_mutually_exclusive_group(required=True)
     q.add_argument("--audio", metavar="WAV", help="spoken question (any rate, mono or stereo)")
     q.add_argument("--text", help="typed question")
@@ -54,9 +50,10 @@ async def converse(args: argparse.Namespace, stream=None) -> Answer:
         # Mini-Omni2's prompts pair a picture with speech only (see model/bundle.py).
         raise ValueError("--image goes with a spoken question (--audio): the model takes "
                          "pictures only together with speech")
+    url = realtime_url(args.url)
     audio, rate = (read_audio(args.audio) if args.audio else (None, 24000))
     image = image_data_url(args.image) if args.image else None
-    client = await RealtimeClient.connect(args.url, api_key=args.api_key)
+    client = await RealtimeClient.connect(url, api_key=args.api_key)
     try:
         if audio is not None:
             await client.configure(rate, vad=args.vad)
@@ -75,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except RealtimeError as exc:
         hint = " (server busy or loading: try again later)" if exc.refused else ""
-        print(f"omni2 chat: refused: {exc}{hint}", file=sys.stderr)
+        print(f"omni2 chat: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

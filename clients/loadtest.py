@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from .realtime_client import RealtimeClient, RealtimeError, is_loopback, read_audio
+from .realtime_client import RealtimeClient, RealtimeError, add_server_arguments, is_loopback, read_audio, realtime_url
 
-DEFAULT_URL = "ws://127.0.0.1:8000/v1/realtime"
 MAX_SESSIONS = 256
 MAX_TURNS = 100
 RAMP_S = 0.02                 # stagger session starts so the handshakes do not all collide
@@ -163,8 +161,7 @@ def format_table(report: Report, sessions: int, turns: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"realtime endpoint (default {DEFAULT_URL})")
-    parser.add_argument("--api-key", default=os.environ.get("OMNI2_API_KEY"), help="Bearer key")
+    add_server_arguments(parser)
     parser.add_argument("--sessions", type=int, default=4, help=f"concurrent sessions (1..{MAX_SESSIONS})")
     parser.add_argument("--turns", type=int, default=1, help=f"questions per session (1..{MAX_TURNS})")
     parser.add_argument("--audio", metavar="WAV", help="spoken question (default: a 1.5 s synthetic tone)")
@@ -189,7 +186,11 @@ def check_args(args) -> Optional[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    problem = check_args(args)
+    try:
+        args.url = realtime_url(args.url)
+        problem = check_args(args)
+    except ValueError as exc:
+        problem = str(exc)
     if problem:
         print(f"omni2 loadtest: {problem}", file=sys.stderr)
         return 2

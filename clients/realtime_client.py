@@ -11,11 +11,12 @@ import asyncio
 import base64
 import io
 import json
+import os
 import time
 import wave
 from dataclasses import dataclass, field
 from typing import Optional
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -24,6 +25,10 @@ CLOSE_TRY_AGAIN = 1013            # server full or model not ready
 CHUNK_S = 0.1                     # input audio per input_audio_buffer.append
 CONNECT_TIMEOUT_S = 15.0
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+DEFAULT_PATH = "/v1/realtime"
+DEFAULT_URL = f"ws://127.0.0.1:8000{DEFAULT_PATH}"
+_WS_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
 
 
 class RealtimeError(Exception):
@@ -39,6 +44,34 @@ class RealtimeError(Exception):
     def refused(self) -> bool:
         """Busy or not ready: the server asked to try again later (close 1013)."""
         return self.close_code == CLOSE_TRY_AGAIN or self.code in ("server_busy", "model_not_ready")
+
+
+def realtime_url(url: str) -> str:
+    """The WebSocket endpoint meant by what a user typed: ws(s):// as given, http(s):// as
+    ws(s)://, a bare host[:port] as ws://, and the API's path when the URL names none (the
+    server answers 403 anywhere else). ValueError, in one line, when it cannot be used."""
+    text = url.strip()
+    try:
+        parts = urlsplit(text if "://" in text else "ws://" + text)
+        parts.port                      # a port that is not a number 0..65535 raises here
+    except ValueError as exc:
+        raise ValueError(f"--url {url!r}: {exc}") from None
+    scheme = _WS_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"--url {url!r}: the scheme must be ws, wss, http or https")
+    if not parts.hostname:
+        raise ValueError(f"--url {url!r}: no host name")
+    path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def add_server_arguments(parser) -> None:
+    """--url and --api-key, the same for every tool that talks to a server."""
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"realtime endpoint: ws(s)://, http(s):// or host:port; the path "
+                             f"defaults to {DEFAULT_PATH} (default {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("OMNI2_API_KEY"),
+                        help="Bearer key if the server wants one (or OMNI2_API_KEY)")
 
 
 def is_loopback(url: str) -> bool:
@@ -140,7 +173,7 @@ class RealtimeClient:
                       timeout: float = CONNECT_TIMEOUT_S) -> "RealtimeClient":
         """Open and wait for session.created; refusals raise RealtimeError."""
         import websockets
-        from websockets.exceptions import ConnectionClosed, InvalidStatus
+        from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
@@ -149,10 +182,13 @@ class RealtimeClient:
         except InvalidStatus as exc:
             status = exc.response.status_code
             body = _error_body(exc.response.body)
+            hint = f" (is {urlparse(url).path} the realtime endpoint?)" if status in (403, 404) else ""
             raise RealtimeError(body.get("code") or f"http_{status}",
-                                body.get("message") or f"HTTP {status} at the handshake") from None
+                                body.get("message") or f"HTTP {status} at the handshake{hint}") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise RealtimeError("connect_failed", f"cannot reach {url}: {exc}") from None
+        except WebSocketException as exc:   # a bad URI, or something that is not a WebSocket server
+            raise RealtimeError("connect_failed", f"no WebSocket at {url}: {exc}") from None
         client = cls(conn)
         try:
             first = await client.recv(timeout)

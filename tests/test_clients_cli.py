@@ -7,7 +7,10 @@ final transcript, timings present, and the load tester counting every turn and r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import socket
+import threading
 import wave
 
 import numpy as np
@@ -20,7 +23,7 @@ from server_harness import jpeg_data_url, running_server, tiny_engine  # noqa: E
 from omni2.clients import chat, loadtest  # noqa: E402
 from omni2.clients.cli import SUBCOMMANDS, build_parser  # noqa: E402
 from omni2.clients.realtime_client import (  # noqa: E402
-    RealtimeClient, RealtimeError, is_loopback, read_audio, wav_bytes)
+    RealtimeClient, RealtimeError, is_loopback, read_audio, realtime_url, wav_bytes)
 
 MAX_STEPS = 40
 
@@ -184,6 +187,68 @@ def test_loadtest_with_server_vad_times_from_speech_end(server, tmp_path):
 
 
 # ---- issue 13: a refused question, URLs, why an answer is incomplete, bench help ----------------
+def test_realtime_url_accepts_what_users_type():
+    assert realtime_url("ws://h:1/x?a=1") == "ws://h:1/x?a=1"
+    assert realtime_url("ws://h:1") == realtime_url("ws://h:1/") == "ws://h:1/v1/realtime"
+    assert realtime_url("http://h:8000") == "ws://h:8000/v1/realtime"
+    assert realtime_url("https://h") == "wss://h/v1/realtime"
+    assert realtime_url(" localhost:8000 ") == "ws://localhost:8000/v1/realtime"
+    assert realtime_url("[::1]:8000/custom") == "ws://[::1]:8000/custom"
+    for bad, why in [("ftp://h", "scheme"), ("http://", "no host"), ("ws://h:x", "Port"),
+                     ("ws://h:70000", "Port"), ("ws://[::1", "IPv6")]:
+        with pytest.raises(ValueError, match=why):
+            realtime_url(bad)
+
+
+def test_chat_and_loadtest_reach_the_server_by_http_or_bare_url(server, capsys):
+    base = server.ws.removesuffix("/v1/realtime")
+    for url in (server.http, base, base.removeprefix("ws://")):
+        assert chat.main(parse(["chat", "--url", url, "--text", "hi", "--timeout", "60"])) == 0, url
+    args = parse(["loadtest", "--url", server.http, "--sessions", "1", "--fast"])
+    assert loadtest.main(args) == 0
+    assert args.url == server.ws
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def not_a_websocket_server():
+    """A TCP port that hangs up on every connection, as a non-HTTP service might."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                sock.accept()[0].close()
+            except OSError:
+                pass
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(2)
+        sock.close()
+
+
+def test_unusable_urls_fail_in_one_line(server, capsys):
+    def one_line(argv, status):
+        module = chat if argv[0] == "chat" else loadtest
+        assert module.main(parse(argv)) == status, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err and err.startswith(f"omni2 {argv[0]}: "), err
+        return err
+
+    assert "scheme must be" in one_line(["chat", "--url", "ftp://127.0.0.1:9", "--text", "hi"], 2)
+    assert "Port" in one_line(["chat", "--url", "ws://127.0.0.1:x", "--text", "hi"], 2)
+    assert "scheme must be" in one_line(["loadtest", "--url", "ftp://127.0.0.1:9"], 2)
+    assert "HTTP 403" in one_line(["chat", "--url", server.ws + "x", "--text", "hi"], 1)
+    with not_a_websocket_server() as hostport:
+        assert "no WebSocket at" in one_line(["chat", "--url", hostport, "--text", "hi"], 1)
+
+
 def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):
