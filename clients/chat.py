@@ -77,13 +77,18 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print()
+    if answer.done_at is None:
+        # No response.done: the server refused the question (its error is printed above)
+        # or the answer never finished; either way there is nothing worth writing.
+        why = (f"the server refused the question ({answer.refusal.get('code')})"
+               if answer.refusal is not None else (answer.errors or ["no response.done"])[-1])
+        print(f"omni2 chat: no answer: {why}" + ("; nothing written" if args.out else ""), file=sys.stderr)
+        return 1
     if args.out:
         with open(args.out, "wb") as f:
             f.write(wav_bytes(answer.audio()))
     ttfa = f"{answer.ttfa_s * 1000:.0f} ms" if answer.ttfa_s is not None else "no audio"
-    wall = f"{answer.wall_s:.2f} s" if answer.wall_s is not None else "-"
-    print(f"[{answer.status}] time to first audio {ttfa}; {answer.audio_s:.2f} s of audio in {wall}"
+    print(f"[{answer.status}] time to first audio {ttfa}; "
+          f"{answer.audio_s:.2f} s of audio in {answer.wall_s:.2f} s"
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
-    for e in answer.errors:
-        print(f"omni2 chat: {e}", file=sys.stderr)
     return 0 if answer.status in ("completed", "incomplete") else 1

@@ -3,7 +3,8 @@
 It speaks only the wire protocol (JSON events over one WebSocket) and needs nothing but
 `websockets` and numpy, so the terminal tools start in a fraction of a second and never
 import torch. One `ask()` call is one turn: send the question (audio, text, image), then
-collect the answer's transcript, PCM and timings until `response.done`.
+collect the answer's transcript, PCM and timings until `response.done`, or until an error
+event that says no answer will come.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ class Answer:
     audio_deltas: int = 0
     errors: list[str] = field(default_factory=list)
     usage: Optional[dict] = None
+    refusal: Optional[dict] = None           # the error event's body that means no answer comes
 
     @property
     def audio_s(self) -> float:
@@ -258,17 +260,20 @@ class RealtimeClient:
             await self.send("conversation.item.create", item={
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
         answer = Answer()
+        server_starts = vad and audio is not None
+        # The server names our event_id in the error that refuses this response.create.
+        create_id = None if server_starts else f"evt_create_{time.monotonic_ns()}"
         # Listen while speaking: with VAD the answer can start before the file's tail is sent,
         # and event times must be taken when the events arrive.
-        collector = asyncio.create_task(self.collect(answer, timeout, on_event))
+        collector = asyncio.create_task(self.collect(answer, timeout, on_event, create_id))
         try:
             if audio is not None:
                 await self.send_audio(audio, rate, pace)
                 if not vad:
                     await self.send("input_audio_buffer.commit")
-            if not (vad and audio is not None):
+            if not server_starts:
                 answer.asked_at = time.monotonic()
-                await self.send("response.create")
+                await self.send("response.create", event_id=create_id)
             elif not answer.asked_at:
                 answer.asked_at = time.monotonic()   # until the server's speech_stopped says
         except BaseException:
@@ -276,11 +281,17 @@ class RealtimeClient:
             raise
         return await collector
 
-    async def collect(self, answer: Answer, timeout: float, on_event=None) -> Answer:
+    async def collect(self, answer: Answer, timeout: float, on_event=None,
+                      create_id: Optional[str] = None) -> Answer:
+        """Events until response.done, or until an error that refuses the answer before it
+        starts: one naming `create_id` (our response.create), or, when the server starts the
+        answer itself (VAD, `create_id` None), any error between speech_stopped and
+        response.created. Then `answer.refusal` is that error and no response.done will come."""
         from websockets.exceptions import ConnectionClosed
 
         deadline = time.monotonic() + timeout
         deltas: list[str] = []
+        started = stopped = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -296,6 +307,9 @@ class RealtimeClient:
             kind = event["type"]
             if kind == "input_audio_buffer.speech_stopped":
                 answer.asked_at = time.monotonic()   # VAD: the question ends when the server says
+                stopped = True
+            elif kind == "response.created":
+                started = True
             elif kind == "response.output_audio.delta":
                 if answer.first_audio_at is None:
                     answer.first_audio_at = time.monotonic()
@@ -308,8 +322,12 @@ class RealtimeClient:
             elif kind == "error":
                 err = event.get("error", {})
                 answer.errors.append(f"{err.get('code')}: {err.get('message')}")
+                if not started and (err.get("event_id") == create_id if create_id else stopped):
+                    answer.status, answer.refusal = "refused", err
             if on_event is not None:
                 on_event(event, answer)
+            if answer.refusal is not None:
+                return answer
             if kind == "response.done":
                 answer.done_at = time.monotonic()
                 resp = event.get("response", {})
