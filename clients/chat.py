@@ -10,9 +10,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Optional
 
 from .realtime_client import (Answer, RealtimeClient, RealtimeError, add_server_arguments, image_data_url,
                               read_audio, realtime_url, wav_bytes)
+
+# response.done status_details.reason -> what it means to the person who asked
+REASONS = {
+    "max_output_tokens": "the answer hit its length cap (the server's max_steps or max_output_tokens)",
+    "content_filter": "the server's content filter stopped it",
+    "turn_detected": "speech in the input interrupted it",
+    "client_cancelled": "the client cancelled it",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +73,16 @@ async def converse(args: argparse.Namespace, stream=None) -> Answer:
         await client.close()
 
 
+def explain(answer: Answer) -> Optional[str]:
+    """Why an answer stopped short, from response.done's status_details (None if it did not)."""
+    if answer.status == "completed":
+        return None
+    details = answer.status_details or {}
+    error = details.get("error") or {}
+    reason = details.get("reason") or error.get("message") or error.get("code")
+    return REASONS.get(reason, reason) if reason else "the server gave no reason"
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         answer = asyncio.run(converse(args))
@@ -88,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
         with open(args.out, "wb") as f:
             f.write(wav_bytes(answer.audio()))
     ttfa = f"{answer.ttfa_s * 1000:.0f} ms" if answer.ttfa_s is not None else "no audio"
-    print(f"[{answer.status}] time to first audio {ttfa}; "
+    why = explain(answer)
+    print(f"[{answer.status}{': ' + why if why else ''}] time to first audio {ttfa}; "
           f"{answer.audio_s:.2f} s of audio in {answer.wall_s:.2f} s"
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
     return 0 if answer.status in ("completed", "incomplete") else 1

@@ -144,6 +144,7 @@ class Answer:
     audio_deltas: int = 0
     errors: list[str] = field(default_factory=list)
     usage: Optional[dict] = None
+    status_details: Optional[dict] = None    # response.done's reason for incomplete/cancelled
     refusal: Optional[dict] = None           # the error event's body that means no answer comes
 
     @property
@@ -332,6 +333,7 @@ class RealtimeClient:
                 answer.done_at = time.monotonic()
                 resp = event.get("response", {})
                 answer.status = resp.get("status", "unknown")
+                answer.status_details = resp.get("status_details")
                 answer.usage = resp.get("usage")
                 answer.transcript = answer.transcript or "".join(deltas)
                 return answer

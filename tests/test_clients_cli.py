@@ -19,12 +19,13 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
+from fake_engine import FakeEngine  # noqa: E402
 from server_harness import jpeg_data_url, running_server, tiny_engine  # noqa: E402
 
 from omni2.clients import chat, loadtest  # noqa: E402
 from omni2.clients.cli import SUBCOMMANDS, build_parser  # noqa: E402
 from omni2.clients.realtime_client import (  # noqa: E402
-    RealtimeClient, RealtimeError, is_loopback, read_audio, realtime_url, wav_bytes)
+    Answer, RealtimeClient, RealtimeError, is_loopback, read_audio, realtime_url, wav_bytes)
 
 MAX_STEPS = 40
 
@@ -65,7 +66,7 @@ def test_chat_spoken_question_with_image_writes_wav_and_prints_transcript(server
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
         frames = w.getnframes()
     assert frames > 2400, "answer shorter than 0.1 s"
-    assert "[completed]" in printed.err or "[incomplete]" in printed.err, printed.err
+    assert "[completed]" in printed.err or "[incomplete: " in printed.err, printed.err
     assert "time to first audio" in printed.err and "no audio" not in printed.err
     assert f"{frames / 24000:.2f} s of audio" in printed.err
     assert printed.out.strip(), "no transcript printed"
@@ -263,6 +264,27 @@ def test_unusable_urls_fail_in_one_line(server, capsys):
     assert "HTTP 403" in one_line(["chat", "--url", server.ws + "x", "--text", "hi"], 1)
     with not_a_websocket_server() as hostport:
         assert "no WebSocket at" in one_line(["chat", "--url", hostport, "--text", "hi"], 1)
+
+
+@pytest.fixture()
+def capped_server():
+    """The fake engine needs 16+ steps for its answer: a 4-step cap always cuts it short."""
+    engine = FakeEngine(slots=2, tick_s=0.01).start()
+    try:
+        with running_server(engine, max_steps=4) as srv:
+            yield srv
+    finally:
+        engine.stop()
+
+
+def test_chat_says_why_an_answer_is_incomplete(capped_server, capsys):
+    assert chat.main(parse(["chat", "--url", capped_server.ws, "--text", "hi", "--timeout", "30"])) == 0
+    err = capsys.readouterr().err
+    assert "[incomplete: the answer hit its length cap" in err, err
+    assert chat.explain(Answer(status="incomplete")) == "the server gave no reason"
+    assert chat.explain(Answer(status="cancelled", status_details={"reason": "turn_detected"})) == \
+        "speech in the input interrupted it"
+    assert chat.explain(Answer(status="completed")) is None
 
 
 def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
