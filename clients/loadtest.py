@@ -3,9 +3,12 @@
 Every session streams real PCM16 chunks (paced at real time unless `--fast`), commits, and
 collects the answer. Per turn it measures time to first audio (from the end of the question)
 and the real-time factor (answer wall time / answer audio seconds: below 1 means the server
-speaks faster than it is played). Refusals (close 1013, server busy) are counted apart from
-errors. The run is bounded: sessions and turns are capped, `--duration-limit` stops it, and
-only loopback servers are targeted unless `--allow-remote` is given.
+speaks faster than it is played). Real-time on average is not enough for a listener, so
+each answer is also played through a simulated client jitter buffer (`--jitter-ms`) and
+its playback underruns are counted. Refusals (close 1013, server busy) are counted apart
+from errors. Progress goes to stderr while it runs. The run is bounded: sessions and turns
+are capped, `--duration-limit` stops it, and only loopback servers are targeted unless
+`--allow-remote` is given.
 """
 from __future__ import annotations
 
@@ -19,11 +22,14 @@ from typing import Optional
 
 import numpy as np
 
-from .realtime_client import RealtimeClient, RealtimeError, add_server_arguments, is_loopback, read_audio, realtime_url
+from .realtime_client import (OUTPUT_RATE, RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
+                              read_audio, realtime_url)
 
 MAX_SESSIONS = 256
 MAX_TURNS = 100
 RAMP_S = 0.02                 # stagger session starts so the handshakes do not all collide
+JITTER_MS = 200.0             # a client's playback buffer (browsers and phones hold 100-300 ms)
+PROGRESS_EVERY_S = 5.0        # one progress line this often when stderr is not a terminal
 
 
 @dataclass
@@ -35,6 +41,7 @@ class TurnResult:
     audio_s: float
     wall_s: Optional[float]
     error: Optional[str] = None
+    underruns: int = 0
 
     @property
     def ok(self) -> bool:
@@ -48,6 +55,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     stopped_early: bool = False
+    turns_skipped: int = 0        # never asked: their session was refused, failed or stopped
 
     @property
     def completed(self) -> list[TurnResult]:
@@ -61,8 +69,10 @@ class Report:
         return {
             "turns_completed": len(ok), "turns_failed": len(self.turns) - len(ok),
             "refusals": self.refusals, "errors": len(self.errors),
-            "ttfa_p50_ms": _ms(percentile(ttfa, 50)), "ttfa_p90_ms": _ms(percentile(ttfa, 90)),
-            "rtf_p50": percentile(rtf, 50), "rtf_p90": percentile(rtf, 90),
+            **{f"ttfa_p{q}_ms": _ms(percentile(ttfa, q)) for q in (50, 90, 95)},
+            **{f"rtf_p{q}": percentile(rtf, q) for q in (50, 90, 95)},
+            "answers_with_underruns": sum(1 for t in ok if t.underruns),
+            "underruns": sum(t.underruns for t in ok),
             "audio_s": audio, "wall_s": self.wall_s,
             "audio_per_wall": audio / self.wall_s if self.wall_s > 0 else 0.0,
             "stopped_early": self.stopped_early,
@@ -80,6 +90,69 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100.0 * len(ordered)))
     return ordered[rank - 1]
+
+
+def count_underruns(arrivals: list[tuple[float, int]], jitter_s: float, rate: int = OUTPUT_RATE) -> int:
+    """Stalls a listener hears: playback starts once `jitter_s` of audio has arrived and then
+    plays in real time; when it needs audio that has not arrived while more is still coming,
+    that is one underrun, and it waits for the buffer to fill to `jitter_s` again.
+    `arrivals` are (arrival time, samples) of each audio delta, in order."""
+    underruns = 0
+    dry_at: Optional[float] = None        # while playing: when the buffered audio runs out
+    buffered = 0                          # while waiting: samples received since the stall
+    for at, samples in arrivals:
+        if dry_at is not None and at > dry_at:
+            underruns += 1
+            dry_at, buffered = None, 0
+        if dry_at is not None:
+            dry_at += samples / rate
+            continue
+        buffered += samples
+        if buffered >= jitter_s * rate:
+            dry_at = at + buffered / rate
+    return underruns
+
+
+class Progress:
+    """Turns finished of those planned, on stderr while the run goes: a tqdm bar on a terminal,
+    otherwise a plain line every `every_s` (a bar's carriage returns would garble a log)."""
+
+    def __init__(self, total: int, stream=None, bar: Optional[bool] = None, every_s: float = PROGRESS_EVERY_S):
+        self.total, self.every_s = total, every_s
+        self.stream = stream or sys.stderr
+        if bar is None:
+            bar = self.stream.isatty()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="turn", desc="loadtest", file=self.stream)
+        self.start = self.printed_at = time.monotonic()
+
+    def show(self, report: Report, final: bool = False) -> None:
+        done = len(report.turns) + report.turns_skipped
+        ok = len(report.completed)
+        counts = {"ok": ok, "failed": len(report.turns) - ok, "refused": report.refusals}
+        if self.bar is not None:
+            self.bar.set_postfix(counts, refresh=False)
+            self.bar.update(done - self.bar.n)
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if final or now - self.printed_at >= self.every_s:
+            self.printed_at = now
+            print(f"loadtest: {done}/{self.total} turns ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
+                  f"after {now - self.start:.0f} s", file=self.stream, flush=True)
+
+    async def follow(self, report: Report) -> None:
+        while True:
+            self.show(report)
+            await asyncio.sleep(min(self.every_s, 0.25))
+
+    def close(self, report: Report) -> None:
+        self.show(report, final=True)
+        if self.bar is not None:
+            self.bar.close()
 
 
 def default_question(rate: int = 24000, seconds: float = 1.5) -> np.ndarray:
@@ -102,28 +175,39 @@ async def run_session(index: int, args, audio: np.ndarray, rate: int, report: Re
             report.refusals += 1
         else:
             report.errors.append(f"session {index}: {exc}")
+        report.turns_skipped += args.turns
         return
+    asked = 0
     try:
         await client.configure(rate, vad=args.vad)
         for turn in range(args.turns):
             answer = await client.ask(audio=audio, rate=rate, vad=args.vad,
                                       pace=0.0 if args.fast else 1.0, timeout=args.turn_timeout)
+            if answer.refusal is not None and RealtimeError(answer.refusal.get("code"), "").refused:
+                report.refusals += 1        # no free slot for the answer: busy, not broken
+                break
+            asked += 1
             error = "; ".join(answer.errors) or None
             report.turns.append(TurnResult(index, turn, answer.status, answer.ttfa_s, answer.audio_s,
-                                           answer.wall_s, error))
-            if answer.done_at is None:      # timed out or the socket died: this session is over
+                                           answer.wall_s, error,
+                                           count_underruns(answer.audio_arrivals, args.jitter_ms / 1000)))
+            if answer.done_at is None:      # refused, timed out or the socket died: session over
                 break
     except RealtimeError as exc:
         report.errors.append(f"session {index}: {exc}")
     finally:
+        report.turns_skipped += args.turns - asked
         await client.close()
 
 
-async def run_load(args, audio: np.ndarray, rate: int) -> Report:
+async def run_load(args, audio: np.ndarray, rate: int, progress: Optional[Progress] = None) -> Report:
     report = Report()
     start = time.monotonic()
     tasks = [asyncio.create_task(run_session(i, args, audio, rate, report)) for i in range(args.sessions)]
+    follower = asyncio.create_task(progress.follow(report)) if progress else None
     done, pending = await asyncio.wait(tasks, timeout=args.duration_limit)
+    if follower:
+        follower.cancel()
     for task in pending:
         task.cancel()
     if pending:
@@ -133,10 +217,12 @@ async def run_load(args, audio: np.ndarray, rate: int) -> Report:
         if task.exception() is not None:
             report.errors.append(f"{type(task.exception()).__name__}: {task.exception()}")
     report.wall_s = time.monotonic() - start
+    if progress:
+        progress.close(report)
     return report
 
 
-def format_table(report: Report, sessions: int, turns: int) -> str:
+def format_table(report: Report, sessions: int, turns: int, jitter_ms: float = JITTER_MS) -> str:
     s = report.summary()
 
     def f(x, spec):
@@ -150,8 +236,13 @@ def format_table(report: Report, sessions: int, turns: int) -> str:
         ("errors", f"{s['errors']}"),
         ("time to first audio p50", f"{f(s['ttfa_p50_ms'], '.0f')} ms"),
         ("time to first audio p90", f"{f(s['ttfa_p90_ms'], '.0f')} ms"),
+        ("time to first audio p95", f"{f(s['ttfa_p95_ms'], '.0f')} ms"),
         ("real-time factor p50", f(s["rtf_p50"], ".3f")),
         ("real-time factor p90", f(s["rtf_p90"], ".3f")),
+        ("real-time factor p95", f(s["rtf_p95"], ".3f")),
+        ("jitter buffer", f"{jitter_ms:g} ms (playback starts once that much audio is in, then runs in real time)"),
+        ("answers with underruns", f"{s['answers_with_underruns']} of {s['turns_completed']}"),
+        ("playback underruns", f"{s['underruns']}"),
         ("audio received", f"{s['audio_s']:.2f} s"),
         ("wall time", f"{s['wall_s']:.2f} s" + (" (duration limit hit)" if s["stopped_early"] else "")),
         ("audio s per wall s", f"{s['audio_per_wall']:.2f}"),
@@ -170,6 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server VAD ends each question (needs real speech with trailing silence)")
     parser.add_argument("--duration-limit", type=float, default=300.0, help="stop the whole run after S seconds")
     parser.add_argument("--turn-timeout", type=float, default=120.0, help="give up on one answer after S seconds")
+    parser.add_argument("--jitter-ms", type=float, default=JITTER_MS,
+                        help=f"simulated client playback buffer for counting underruns (default {JITTER_MS:g})")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server")
 
 
@@ -180,6 +273,8 @@ def check_args(args) -> Optional[str]:
         return f"--turns must be 1..{MAX_TURNS}"
     if args.duration_limit <= 0 or args.turn_timeout <= 0:
         return "--duration-limit and --turn-timeout must be > 0"
+    if args.jitter_ms < 0:
+        return "--jitter-ms must be >= 0"
     if not is_loopback(args.url) and not args.allow_remote:
         return f"{args.url} is not a loopback address; pass --allow-remote to load another host"
     return None
@@ -200,10 +295,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"omni2 loadtest: {exc}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(run_load(args, audio, rate))
+        report = asyncio.run(run_load(args, audio, rate, Progress(args.sessions * args.turns)))
     except KeyboardInterrupt:
         return 130
-    print(format_table(report, args.sessions, args.turns))
+    print(format_table(report, args.sessions, args.turns, args.jitter_ms))
     for e in report.errors[:10]:
         print(f"error: {e}", file=sys.stderr)
     for t in [t for t in report.turns if not t.ok][:10]:

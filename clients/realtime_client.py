@@ -31,7 +31,6 @@ DEFAULT_URL = f"ws://127.0.0.1:8000{DEFAULT_PATH}"
 _WS_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
 
 
-
 class RealtimeError(Exception):
     """The server answered with an error (or refused): `code` is the API error code."""
 
@@ -142,6 +141,7 @@ class Answer:
     first_audio_at: Optional[float] = None
     done_at: Optional[float] = None
     audio_deltas: int = 0
+    audio_arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, samples)
     errors: list[str] = field(default_factory=list)
     usage: Optional[dict] = None
     status_details: Optional[dict] = None    # response.done's reason for incomplete/cancelled
@@ -312,10 +312,13 @@ class RealtimeClient:
             elif kind == "response.created":
                 started = True
             elif kind == "response.output_audio.delta":
+                now = time.monotonic()
                 if answer.first_audio_at is None:
-                    answer.first_audio_at = time.monotonic()
-                answer.pcm += base64.b64decode(event["delta"])
+                    answer.first_audio_at = now
+                pcm = base64.b64decode(event["delta"])
+                answer.pcm += pcm
                 answer.audio_deltas += 1
+                answer.audio_arrivals.append((now, len(pcm) // 2))
             elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
                 deltas.append(event["delta"])
             elif kind in ("response.output_audio_transcript.done", "response.output_text.done"):
