@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from omni2.streaming.runtime import UnsupportedDtype
+
+    try:
+        result = _run(args)
+    except UnsupportedDtype as exc:  # (bf16 on a CPU without it: one line, not a traceback)
+        print(f"omni2 bench {args.bench}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
     if args.bench == "engine":
         from omni2.streaming.bench_engine import run_engine_bench
 
@@ -74,7 +89,4 @@ def main(args: argparse.Namespace) -> int:
         from omni2.streaming.bench_interrupt import run_interrupt_bench
 
         result = run_interrupt_bench(quick=args.quick) if args.quick else run_interrupt_bench()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-    return 0
+    return result

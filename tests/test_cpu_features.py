@@ -146,10 +146,12 @@ def test_auto_picks_fp32_on_a_cpu_and_an_explicit_bf16_is_refused_where_it_canno
         load_runtime("tiny", device="cpu", dtype="bfloat16")
 
 
-def test_serve_with_a_bf16_the_cpu_cannot_run_stops_at_start_with_one_line():
+@pytest.mark.parametrize("command", [["serve", "--device", "cpu", "--port", "18471"], ["bench", "model"],
+                                     ["bench", "engine"], ["bench", "kernels"]], ids=" ".join)
+def test_a_command_with_a_bf16_the_cpu_cannot_run_stops_at_start_with_one_line(command):
     env = {**os.environ, cpu_features.DISABLE_VAR: "bf16"}
-    proc = subprocess.run([sys.executable, "-m", "omni2.clients.cli", "serve", "--dtype", "bf16", "--device", "cpu",
-                           "--port", "18471"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    proc = subprocess.run([sys.executable, "-m", "omni2.clients.cli", *command, "--dtype", "bf16"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--dtype bf16 cannot run on this CPU" in lines[0], proc.stderr
+    assert len(lines) == 1 and "bf16 switched off" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
