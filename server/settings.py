@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 ENV_PREFIX = "OMNI2_"
+COMPILE_MODES = ("off", "default", "reduce-overhead")   # torch.compile modes of the decode step
 
 
 class SettingsError(ValueError):
@@ -27,7 +28,7 @@ class ServerSettings:
     device: str = "auto"
     dtype: str = "auto"                 # auto: fp32 on CPU (reference-exact), bf16 on CUDA
     snac: str = ""                      # SNAC codec: hub id or dir ("" = checkpoint's snac/ or the hub)
-    compile: str = ""                   # torch.compile the decode step: "", default, reduce-overhead
+    compile: str = ""                   # torch.compile the decode step: "" (off), default, reduce-overhead
     cpu_prepack: bool = True            # CPU: LM weights packed for oneDNN at load (same tokens, faster)
     log_level: str = "info"
 
@@ -89,6 +90,12 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         problems = []
+        # "off" is how --help and OMNI2_COMPILE spell it; "" (the old spelling) is what the
+        # engine reads as off.
+        mode = self.compile.strip().lower()
+        if mode not in COMPILE_MODES + ("",):
+            problems.append(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        object.__setattr__(self, "compile", "" if mode == "off" else mode)
         for name in ("max_sessions", "max_message_bytes", "outbound_queue_events", "max_steps",
                      "max_image_bytes", "max_image_pixels", "max_pending_texts"):
             if getattr(self, name) < 1:

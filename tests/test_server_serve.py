@@ -91,6 +91,28 @@ def test_omni2_serve_rejects_bad_settings():
     assert out.returncode == 2 and "max_sessions must be >= 1" in out.stderr
 
 
+def test_serve_help_names_every_compile_mode(capsys):
+    from omni2.clients.cli import build_parser
+    from omni2.server.serve import settings_from_args
+
+    parser = build_parser(only="serve")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--compile {off,default,reduce-overhead}" in help_text and "{," not in help_text
+    # off is the engine's "" (eager); the old empty spelling and OMNI2_COMPILE=off still work.
+    for value, engine_mode in (("off", ""), ("", ""), ("OFF", ""), ("reduce-overhead", "reduce-overhead")):
+        assert settings_from_args(parser.parse_args(["serve", "--compile", value])).compile == engine_mode
+    from omni2.server.settings import SettingsError, settings_from_env
+
+    assert settings_from_env({"OMNI2_COMPILE": "off"}).compile == ""
+    assert settings_from_env({"OMNI2_COMPILE": "default"}).compile == "default"
+    with pytest.raises(SettingsError, match="compile must be one of off, default, reduce-overhead"):
+        settings_from_env({"OMNI2_COMPILE": "fast"})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--compile", "fast"])
+
+
 @pytest.mark.slow
 def test_server_bench_smoke():
     from omni2.streaming.espeak import missing_tools
