@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Callable, Optional
 
+from omni2.model.errors import CheckpointError
+
 log = logging.getLogger("omni2.server")
 
 # loader() -> (engine, info); info has model, device, dtype, fallback (bool)
@@ -44,7 +46,9 @@ class EngineHost:
         try:
             engine, info = loader()
         except Exception as exc:  # reported by /health/ready; the process stays up to say so
-            log.error("model failed to load: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
+            # A checkpoint that is missing or damaged is a message for the operator, not a bug.
+            log.error("model failed to load: %s", exc,
+                      exc_info=not isinstance(exc, (OSError, ValueError, CheckpointError)))
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             return

@@ -2,7 +2,10 @@
 
 The HTTP side starts at once; the model loads and warms up on a thread, and /health/ready
 turns 200 when it is done. `--model auto` falls back to the built-in tiny model (with a loud
-warning) when the real checkpoint cannot be found, so the server always comes up.
+warning and `"fallback": true` in /health/ready) when the
+real checkpoint cannot be found, so the server always comes up. A model the operator named (a
+directory or hub id) that cannot load stops the server with exit code 1 and one line on
+stderr: a missing directory before the server starts, a failed download or load once it does.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -93,6 +97,24 @@ def load_engine(settings: ServerSettings):
     return engine, info
 
 
+def check_model(model: str) -> None:
+    """Raise CheckpointError now when an explicit --model cannot be what the loader will find.
+
+    A local directory (or anything that is not a hub repo id) is checked in full before the
+    server starts, so a typo costs one line on stderr. A hub id missing from the local cache is
+    left to the loader to download; if that fails, main() stops the server."""
+    if model in ("auto", "tiny"):
+        return
+    from omni2.model.checkpoint import resolve_checkpoint
+    from omni2.model.errors import CheckpointError
+
+    try:
+        resolve_checkpoint(model, allow_download=False)
+    except CheckpointError as exc:
+        if exc.__cause__ is None:  # a local path, or not a hub id at all: nothing to download
+            raise
+
+
 def web_client_dir() -> Optional[Path]:
     """The browser client shipped in omni2.clients (served at /), when present."""
     try:
@@ -151,22 +173,49 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"omni2 serve: {exc}", file=sys.stderr)
         return 2
+    try:  # an explicit --model that is not there: one line now, not a failed /health/ready later
+        check_model(settings.model)
+    except RuntimeError as exc:
+        print(f"omni2 serve: --model {exc}", file=sys.stderr)  # the error starts with the path
+        return 1
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass
     except OSError as exc:
         print(f"omni2 serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    host = EngineHost.loading(lambda: load_engine(settings))
+    # Only `auto` may come up without its model (and then serves the tiny one): a model the
+    # operator named that fails to load leaves nothing to serve, so the server stops.
+    explicit_failed = threading.Event()
+    servers: list = []
+
+    def load():
+        try:
+            return load_engine(settings)
+        except Exception:
+            if settings.model != "auto":
+                explicit_failed.set()
+                for s in servers:
+                    s.should_exit = True
+            raise
+
+    host = EngineHost.loading(load)
     app = create_app(settings, host, static_dir=web_client_dir())
     log.info("omni2 serving on http://%s:%d (realtime: ws://%s:%d/v1/realtime); auth %s",
              settings.host, settings.port, settings.host, settings.port,
              "on" if settings.auth_enabled else "off")
     server = uvicorn.Server(uvicorn_config(app, settings))
+    servers.append(server)
+    if explicit_failed.is_set():  # failed before the server existed (set before servers is read)
+        server.should_exit = True
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down gracefully on
         pass
     finally:
         host.stop()
+    if explicit_failed.is_set():
+        host.wait(5)  # the loader thread records the error right after it raised
+        print(f"omni2 serve: cannot serve --model {settings.model}: {host.error}", file=sys.stderr)
+        return 1
     return 0 if host.state != "failed" else 1

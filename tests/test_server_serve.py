@@ -91,6 +91,36 @@ def test_omni2_serve_rejects_bad_settings():
     assert out.returncode == 2 and "max_sessions must be >= 1" in out.stderr
 
 
+def serve(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omni2.clients.cli", "serve", "--port", str(free_port()),
+                           "--device", "cpu", "--no-warmup", *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("model", ["/nonexistent", "not/a/hub/id"])
+def test_omni2_serve_exits_with_one_line_when_the_named_model_is_not_there(model):
+    out = serve("--model", model)
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith(f"omni2 serve: --model {model}: ") and "checkpoint" in lines[0]
+
+
+def test_omni2_serve_stops_when_the_named_model_fails_to_load(tmp_path):
+    """Every file is there (so the check before the server starts passes) but none loads: the
+    failure on the loader thread stops the server instead of leaving /health/ready failed."""
+    from omni2.model.checkpoint import REQUIRED_FILES
+
+    for name in REQUIRED_FILES:
+        (tmp_path / name).write_bytes(b"")
+    out = serve("--model", str(tmp_path), "--log-level", "warning")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"omni2 serve: cannot serve --model {tmp_path}: CheckpointError: "), last
+    assert "model_config.yaml" in last
+
+
 def test_serve_help_names_every_compile_mode(capsys):
     from omni2.clients.cli import build_parser
     from omni2.server.serve import settings_from_args
