@@ -139,7 +139,7 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
 
     session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
                               model_name=host.model_name, detector_factory=detector_factory,
-                              on_fatal=on_fatal)
+                              on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")))
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
     try:
         try:

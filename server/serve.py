@@ -2,7 +2,7 @@
 
 The HTTP side starts at once; the model loads and warms up on a thread, and /health/ready
 turns 200 when it is done. `--model auto` falls back to the built-in tiny model (with a loud
-warning and `"fallback": true` in /health/ready) when the
+warning, `"fallback": true` in /health/ready and `model_fallback` in every session) when the
 real checkpoint cannot be found, so the server always comes up. A model the operator named (a
 directory or hub id) that cannot load stops the server with exit code 1 and one line on
 stderr: a missing directory before the server starts, a failed download or load once it does.

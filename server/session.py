@@ -76,13 +76,15 @@ def same_question(a: TurnRequest, b: TurnRequest) -> bool:
 class RealtimeSession:
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
-                 on_fatal: Optional[Callable[[str], Awaitable[None]]] = None):
+                 on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
+                 model_fallback: bool = False):
         self.id = ev.new_id("sess")
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.outbox = outbox
         self.cfg = SessionConfig.default(settings, model_name)
+        self.model_fallback = model_fallback      # the built-in tiny stand-in: its answers are noise
         self._detector_factory = detector_factory
         self._on_fatal = on_fatal
         self.input: Optional[InputAudio] = None
@@ -111,7 +113,12 @@ class RealtimeSession:
         self.input = await asyncio.to_thread(
             InputAudio, self.cfg.input_format, self.cfg.turn_detection,
             self.settings.max_turn_audio_s, self.settings.idle_audio_keep_s, self._detector_factory)
-        await self.outbox.put(ev.session_created(self.cfg.to_wire(self.id)))
+        await self.outbox.put(ev.session_created(self._wire(self.cfg)))
+
+    def _wire(self, cfg: SessionConfig) -> dict:
+        # omni2 extension: clients tell their users that a stand-in answers (the web page shows
+        # a notice), as /health/ready's "fallback" tells operators.
+        return {**cfg.to_wire(self.id), "model_fallback": self.model_fallback}
 
     async def _open_engine_session(self) -> str:
         """A slot released by a session that just left is freed at the engine's next step;
@@ -197,7 +204,7 @@ class RealtimeSession:
         if (cfg.input_format, cfg.turn_detection) != (self.input.fmt, self.input.turn_detection):
             await asyncio.to_thread(self.input.configure, cfg.input_format, cfg.turn_detection)
         self.cfg = cfg
-        updated = ev.session_updated(cfg.to_wire(self.id))
+        updated = ev.session_updated(self._wire(cfg))
         if notes:
             updated["notes"] = notes  # omni2 extension: settings accepted but without effect
         await self.outbox.put(updated)

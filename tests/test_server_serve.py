@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -35,26 +37,43 @@ def ready(port: int):
         return None, None
 
 
-def test_omni2_serve_tiny_comes_up_answers_and_stops():
-    port = free_port()
-    env = {**os.environ, "OMNI2_API_KEYS": "k1", "OMNI2_IDLE_TIMEOUT_S": "60"}
-    proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "tiny",
-                             "--device", "cpu", "--port", str(port), "--max-sessions", "2",
-                             "--max-steps", "24", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def serving(*args: str, env: dict | None = None):
+    """`omni2 serve ARGS` on a free port, ready (200) inside the block, then stopped by Ctrl-C,
+    which must exit 0; `.out` holds its output after the block."""
+    run = types.SimpleNamespace(port=free_port(), body=None, out="")
+    proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--device", "cpu",
+                             "--port", str(run.port), "--log-level", "warning", *args],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         status = None
         while time.time() < deadline and proc.poll() is None:
-            status, body = ready(port)
+            status, run.body = ready(run.port)
             if status == 200:
                 break
             time.sleep(0.2)
         assert status == 200, (status, proc.poll())
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            run.out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            run.out, _ = proc.communicate()
+    assert proc.returncode == 0, run.out[-2000:]
+
+
+def test_omni2_serve_tiny_comes_up_answers_and_stops():
+    with serving("--model", "tiny", "--max-sessions", "2", "--max-steps", "24",
+                 env={"OMNI2_API_KEYS": "k1", "OMNI2_IDLE_TIMEOUT_S": "60"}) as run:
+        body = run.body
         assert body["model"] == "tiny" and body["max_sessions"] == 2 and body["fallback"] is False
 
         async def turn():
-            c = await Client.connect(f"ws://127.0.0.1:{port}/v1/realtime",
+            c = await Client.connect(f"ws://127.0.0.1:{run.port}/v1/realtime",
                                      headers={"Authorization": "Bearer k1"})
             assert (await c.recv())["type"] == "session.created"
             await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
@@ -67,14 +86,6 @@ def test_omni2_serve_tiny_comes_up_answers_and_stops():
         events = asyncio.run(asyncio.wait_for(turn(), 90))
         assert events[-1]["response"]["status"] in ("completed", "incomplete")
         assert any(e["type"] == "response.output_audio.delta" for e in events)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-2000:]
 
 
 def test_omni2_serve_refuses_a_taken_port():
@@ -119,6 +130,22 @@ def test_omni2_serve_stops_when_the_named_model_fails_to_load(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"omni2 serve: cannot serve --model {tmp_path}: CheckpointError: "), last
     assert "model_config.yaml" in last
+
+
+def test_omni2_serve_auto_falls_back_to_tiny_and_tells_sessions():
+    with serving("--model", "auto", "--no-warmup",
+                 env={"OMNI2_CHECKPOINT": "/nonexistent", "HF_HUB_OFFLINE": "1"}) as run:
+        assert run.body["fallback"] is True
+
+        async def created():
+            c = await Client.connect(f"ws://127.0.0.1:{run.port}/v1/realtime")
+            event = await c.recv()
+            await c.close()
+            return event
+
+        event = asyncio.run(asyncio.wait_for(created(), 30))
+        assert event["type"] == "session.created" and event["session"]["model_fallback"] is True
+    assert "serving the built-in TINY model" in run.out
 
 
 def test_serve_help_names_every_compile_mode(capsys):

@@ -50,7 +50,7 @@ def engine():
         yield eng
 
 
-def web_server(engine, **overrides) -> RunningServer:
+def web_server(engine, fallback: bool = True, **overrides) -> RunningServer:
     from omni2.server.app import create_app
     from omni2.server.engine_host import EngineHost
     from omni2.server.settings import ServerSettings
@@ -58,7 +58,7 @@ def web_server(engine, **overrides) -> RunningServer:
     settings = ServerSettings(**{"log_level": "warning", "max_sessions": 2, "max_steps": MAX_STEPS,
                                  **overrides})
     host = EngineHost.ready_with(engine, {"model": "tiny", "device": "cpu", "dtype": "float32",
-                                          "fallback": True})
+                                          "fallback": fallback})
     return RunningServer(create_app(settings, host, static_dir=WEB_DIR), settings).start()
 
 
@@ -90,6 +90,31 @@ def test_page_and_assets_are_served_and_self_contained(server):
     for event in ("input_audio_buffer.append", "input_image_buffer.append", "conversation.item.truncate",
                   "response.cancel", "session.update", "openai-insecure-api-key."):
         assert event in js, event
+
+
+def test_session_says_whether_the_fallback_model_answers(engine, server):
+    """What the page reads to show its notice: session.created/updated's model_fallback."""
+    import asyncio
+
+    from server_harness import Client
+
+    async def session_events(url):
+        c = await Client.connect(url)
+        created = await c.recv()
+        await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
+        updated = (await c.until("session.updated"))[-1]
+        await c.close()
+        return created, updated
+
+    created, updated = asyncio.run(session_events(server.ws))
+    assert created["type"] == "session.created"
+    assert created["session"]["model_fallback"] is True and updated["session"]["model_fallback"] is True
+    real = web_server(engine, fallback=False)
+    try:
+        created, updated = asyncio.run(session_events(real.ws))
+    finally:
+        real.stop()
+    assert created["session"]["model_fallback"] is False and updated["session"]["model_fallback"] is False
 
 
 # ---- in Chromium ------------------------------------------------------------------------------
@@ -282,6 +307,9 @@ def test_phone_layout_has_no_horizontal_overflow_and_big_targets(browser, server
     scroll_w, client_w = browser.execute_script(
         "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert client_w == 390 and scroll_w <= client_w, (scroll_w, client_w)
+    notice = browser.find_element(By.ID, "fallback-notice")   # this server serves the tiny stand-in
+    r = notice.rect
+    assert notice.is_displayed() and r["x"] >= 0 and r["x"] + r["width"] <= 390 and r["y"] < 844, r
     for el in browser.find_elements(By.CSS_SELECTOR, "button"):
         if not el.is_displayed():
             continue
@@ -289,6 +317,36 @@ def test_phone_layout_has_no_horizontal_overflow_and_big_targets(browser, server
         assert r["x"] >= 0 and r["x"] + r["width"] <= 390 + 0.5, (el.text, r)
         assert r["height"] >= 40, f"touch target {el.text!r} is {r['height']} px tall"
     screenshot(browser, tmp_path, "web-phone-390x844.png")
+    assert severe_console_errors(browser) == []
+
+
+@requires_browser
+def test_fallback_notice_shows_only_while_the_tiny_stand_in_answers(browser, server, engine, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    notice = lambda: browser.find_element(By.ID, "fallback-notice")  # noqa: E731
+    browser.get(server.http + "/")
+    assert not notice().is_displayed(), "notice before the server said what it serves"
+    open_page(browser, server, mode="ptt")
+    assert notice().is_displayed() and "tiny" in notice().text and "noise" in notice().text
+    r, width, height = notice().rect, *browser.execute_script("return [innerWidth, innerHeight]")
+    assert r["x"] >= 0 and r["x"] + r["width"] <= width and r["y"] + r["height"] <= height / 2, r
+    screenshot(browser, tmp_path, "web-desktop-fallback-notice.png")
+    real = web_server(engine, fallback=False)
+    try:
+        open_page(browser, real, mode="ptt")
+        assert not notice().is_displayed(), "notice on a server with a real checkpoint"
+        # The same page connected to the stand-in again (the server address is a setting).
+        browser.find_element(By.ID, "connect").click()
+        browser.find_element(By.CSS_SELECTOR, "details.settings summary").click()
+        url = browser.find_element(By.ID, "url")
+        url.clear()
+        url.send_keys(server.ws)
+        browser.find_element(By.ID, "connect").click()
+        wait_for(browser, lambda s: s["events"].get("session.created", 0) >= 2, 10, "second session")
+        assert notice().is_displayed()
+    finally:
+        real.stop()
     assert severe_console_errors(browser) == []
 
 

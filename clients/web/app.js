@@ -16,6 +16,7 @@ const ui = {
   form: $("text-form"), url: $("url"), key: $("key"), preview: $("preview"),
   cameraBox: $("camera-box"), flip: $("flip"), listening: $("listening"),
   listeningLabel: $("listening-label"), speaking: $("speaking"), speakingLabel: $("speaking-label"),
+  fallback: $("fallback-notice"),
 };
 
 const app = {
@@ -70,6 +71,7 @@ function connect() {
   app.ws = ws;
   app.ready = false;
   app.closeInfo = null;
+  ui.fallback.hidden = true;                         // until this server says what it serves
   setState("connecting");
   ws.onmessage = (m) => {
     let event;
@@ -116,6 +118,8 @@ function onEvent(e) {
   stats.events[e.type] = (stats.events[e.type] || 0) + 1;
   switch (e.type) {
     case "session.created":
+      // omni2 extension: the server has no real checkpoint and serves its tiny random model.
+      ui.fallback.hidden = !(e.session && e.session.model_fallback);
       setState("connected");
       configureSession();
       break;
