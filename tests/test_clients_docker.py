@@ -3,10 +3,12 @@
 Docker cannot run here, so the files are checked for what would break a deployment: GPU
 reservation, the data volume, the API-key variable, a non-root user, the serve command on
 all interfaces, a health check that exists in the image and asks /health/ready, COPY
-sources that exist. The health check script runs against a real server on loopback.
+sources that exist. The health check script runs against a real server on loopback and
+finds a listening `omni2 serve` in /proc.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -23,6 +25,13 @@ from server_harness import running_server
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 HEALTHCHECK = DOCKER / "healthcheck.py"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -91,14 +100,14 @@ def test_compose_reserves_a_gpu_and_mounts_the_data_volume():
 
 
 def _run_healthcheck(port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMNI2_PORT": str(port)}
+    env = {**os.environ, "OMNI2_HEALTH_PORT": str(port)}
     return subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True,
                           text=True, timeout=30)
 
 
 def test_healthcheck_is_stdlib_only_and_follows_readiness():
     imports = re.findall(r"^(?:from|import) (\w+)", HEALTHCHECK.read_text(), re.M)
-    assert set(imports) <= {"__future__", "json", "os", "sys", "urllib"}, imports
+    assert set(imports) <= {"__future__", "json", "os", "socket", "sys", "urllib"}, imports
     from fake_engine import FakeEngine
     from omni2.server.engine_host import EngineHost
 
@@ -125,6 +134,69 @@ def test_healthcheck_is_stdlib_only_and_follows_readiness():
     finally:
         release.set()
         engine.stop()
+
+
+def _fake_proc(root: Path, servers: dict[int, tuple[list[str], list[str]]], tcp: list[str], tcp6=()):
+    """A /proc with processes {pid: (argv, socket inodes)} and the given net/tcp{,6} rows."""
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"
+    for pid, (argv, inodes) in servers.items():
+        (root / str(pid) / "fd").mkdir(parents=True)
+        (root / str(pid) / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+        for fd, inode in enumerate(inodes, 3):
+            os.symlink(f"socket:[{inode}]", root / str(pid) / "fd" / str(fd))
+        os.symlink("/dev/null", root / str(pid) / "fd" / "0")
+    (root / "net").mkdir()
+    (root / "net" / "tcp").write_text("\n".join([header, *tcp]) + "\n")
+    (root / "net" / "tcp6").write_text("\n".join([header, *tcp6]) + "\n")
+    return str(root)
+
+
+def _row(local: str, state: str, inode: str) -> str:
+    return f"   0: {local} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 10001 0 {inode} 1"
+
+
+def test_healthcheck_asks_the_port_the_server_listens_on(tmp_path):
+    """`omni2 serve --port 18472` in a container whose OMNI2_PORT says 8000: the check asks
+    18472, the port the server's process listens on."""
+    hc = load(HEALTHCHECK)
+    serve = ["/opt/omni2/bin/python3", "/opt/omni2/bin/omni2", "serve", "--port", "18472"]
+    proc = _fake_proc(tmp_path / "a", {1: (serve, ["111", "222"]), 7: (["sleep", "9"], ["333"])}, [
+        _row("00000000:4828", "0A", "111"),         # 0.0.0.0:18472, the server
+        _row("0100007F:4828", "01", "222"),         # an established connection of the server
+        _row("0100007F:1F40", "0A", "333"),         # 127.0.0.1:8000, someone else's listener
+    ])
+    env = {"OMNI2_PORT": "8000"}
+    assert hc.ready_urls(env, proc) == ["http://127.0.0.1:18472/health/ready"]
+    assert hc.ready_urls({**env, "OMNI2_HEALTH_PORT": "9"}, proc) == ["http://127.0.0.1:9/health/ready"]
+    assert hc.ready_urls({**env, "OMNI2_HEALTH_HOST": "10.0.0.2"}, proc) == ["http://10.0.0.2:18472/health/ready"]
+    # Workers sharing one port are one listener; an IPv6 wildcard is asked on ::1.
+    module = ["python", "-m", "omni2.clients.cli", "serve"]
+    proc = _fake_proc(tmp_path / "b", {5: (module, ["1"]), 6: (module, ["2"])}, [], [
+        _row("00000000000000000000000000000000:2328", "0A", "1"),
+        _row("00000000000000000000000000000000:2328", "0A", "2"),
+    ])
+    assert hc.ready_urls({}, proc) == ["http://[::1]:9000/health/ready"]
+    # Nothing listening yet (still importing): the configured port, then the default.
+    proc = _fake_proc(tmp_path / "c", {1: (serve, [])}, [])
+    assert hc.ready_urls(env | {"OMNI2_PORT": "8123"}, proc) == ["http://127.0.0.1:8123/health/ready"]
+    assert hc.ready_urls({}, proc) == ["http://127.0.0.1:8000/health/ready"]
+    assert hc.decode_address("0100007F:1F40") == ("127.0.0.1", 8000)
+    assert hc.decode_address("00000000000000000000000001000000:0050") == ("::1", 80)
+
+
+def test_healthcheck_finds_a_real_listener_in_proc():
+    """The same lookup on this machine's /proc, for a process that looks like `omni2 serve`."""
+    hc = load(HEALTHCHECK)
+    code = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, "omni2", "serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        assert child.pid in hc.server_pids()
+        assert hc.listening(hc.socket_inodes(child.pid)) == [("127.0.0.1", port)]
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
