@@ -1,17 +1,19 @@
 """The deployment files: compose and Dockerfile consistency, and the stdlib health check.
 
-Docker cannot run here, so the files are checked for what would break a deployment: GPU
+Without a docker daemon the files are checked for what would break a deployment: GPU
 reservation, the data volume, the API-key variable, a non-root user, the serve command on
 all interfaces, a health check that exists in the image and asks /health/ready, COPY
-sources that exist. The health check script runs against a real server on loopback and
-finds a listening `omni2 serve` in /proc.
+sources that exist and reach the build context. The health check script runs against a real
+server on loopback and finds a listening `omni2 serve` in /proc.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -47,19 +49,36 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+def env_of(ins) -> dict[str, str]:
+    return dict(kv.split("=", 1) for i, a in ins if i == "ENV" for kv in shlex.split(a))
+
+
+def build_sources(ins) -> list[str]:
+    """Context paths the build reads: COPY sources and RUN --mount=type=bind sources."""
+    out = []
+    for i, a in ins:
+        if i == "COPY":
+            out += [p for p in shlex.split(a)[:-1] if not p.startswith("--")]
+        elif i == "RUN":
+            out += re.findall(r"--mount=type=bind,source=([^,\s]+)", a)
+    return out
+
+
 def test_dockerfile_runs_serve_as_non_root_with_ready_healthcheck():
     ins = dockerfile()
     names = [i for i, _ in ins]
     args_of = lambda name: [a for i, a in ins if i == name]  # noqa: E731
     base = args_of("ARG")
-    assert any("nvidia/cuda" in a and "runtime" in a for a in base), "base is not a CUDA runtime image"
+    assert any("nvidia/cuda" in a for a in base), "base is not an NVIDIA CUDA image"
     assert args_of("FROM") == ["${CUDA_IMAGE}"]
     assert any("download.pytorch.org/whl/cu" in a for a in base), "torch is not taken from a CUDA index"
-    # CMD: JSON form, omni2 serve on all interfaces, on the exposed port.
+    # CMD: JSON form, omni2 serve; all interfaces and the exposed port come from the settings'
+    # environment variables, so `-e OMNI2_PORT=...` and `--port` both work.
     (cmd,) = args_of("CMD")
-    argv = __import__("json").loads(cmd)
-    assert argv[:2] == ["omni2", "serve"] and argv[argv.index("--host") + 1] == "0.0.0.0"
-    assert args_of("EXPOSE") == [argv[argv.index("--port") + 1]]
+    assert json.loads(cmd)[:2] == ["omni2", "serve"]
+    env = env_of(ins)
+    assert env["OMNI2_HOST"] == "0.0.0.0"
+    assert args_of("EXPOSE") == [env["OMNI2_PORT"]]
     # Runs as a named non-root user, set before CMD.
     users = args_of("USER")
     assert users and users[-1] not in ("root", "0") and names.index("USER") < names.index("CMD")
@@ -68,16 +87,71 @@ def test_dockerfile_runs_serve_as_non_root_with_ready_healthcheck():
     assert "--start-period=" in hc
     target = next(a.split()[-1] for a in args_of("COPY") if a.startswith("docker/healthcheck.py"))
     assert target in hc
-    # Every COPY source exists (the build context is the repository root).
-    for a in args_of("COPY"):
-        parts = shlex.split(a)
-        for src in parts[:-1]:
-            if not src.startswith("--"):
-                assert (ROOT / src).exists(), f"COPY source {src} missing"
+    # Every source the build reads exists (the build context is the repository root).
+    for src in build_sources(ins):
+        assert (ROOT / src).exists(), f"build source {src} missing"
     # Model caches on the volume the compose file mounts.
-    env = " ".join(args_of("ENV"))
-    assert "HF_HOME=/data/" in env and "OMNI2_CACHE=/data/" in env
+    assert env["HF_HOME"].startswith("/data/") and env["OMNI2_CACHE"].startswith("/data/")
     assert args_of("VOLUME") == ['["/data"]']
+
+
+def test_dockerfile_torch_default_is_the_tested_version_and_secrets_stay_out_of_layers():
+    ins = dockerfile()
+    args = dict(a.partition("=")[::2] for i, a in ins if i == "ARG")
+    # The version .ci/run installs, inside pyproject's range.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"torch=={args['TORCH_VERSION']}" in ci
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low, high = re.search(r'"torch>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(low) <= as_tuple(args["TORCH_VERSION"]) < as_tuple(high)
+    # Every pip run that can reach an index gets the optional secrets and a tmpfs /tmp, and
+    # nothing else carries credentials: no ARG or ENV names a certificate or a pip config.
+    for i, a in ins:
+        if i == "RUN" and "pip-install.sh" in a:
+            assert "--mount=type=secret,id=ca_certs" in a and "--mount=type=secret,id=pip_conf" in a
+            assert "--mount=type=tmpfs,target=/tmp" in a
+        if i == "RUN" and re.search(r"\bpip install\b", a):
+            assert "--no-deps --no-build-isolation" in a, "a plain pip install would go to the network"
+        if i in ("ARG", "ENV"):
+            assert not re.search(r"PIP_(CERT|CONFIG_FILE|INDEX_URL)|CA_CERT", a), a
+    assert not [a for i, a in ins if i == "COPY" and ("secret" in a or "pip.conf" in a)]
+
+
+def dockerignore() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def test_dockerignore_lets_in_only_what_the_build_reads():
+    rules = dockerignore()
+    assert rules[0] == "*", "the context must be an allow-list (a checkout's .venv is GBs)"
+    allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
+    for src in build_sources(dockerfile()):
+        src = src.rstrip("/")
+        assert any(src == a or src.startswith(a + "/") for a in allowed), f"{src} excluded from the context"
+    for a in allowed:
+        assert (ROOT / a).exists(), f".dockerignore lets in {a}, which does not exist"
+        assert not a.startswith((".venv", ".git", "docker/.env")) and a != "docker"
+
+
+def test_image_requirements_leave_triton_to_torch(monkeypatch):
+    """openai-whisper is installed with --no-deps; its requirements stand in for it, less
+    triton unless torch itself requires it (a CUDA torch does)."""
+    req = load(DOCKER / "requirements.py")
+    project = req.tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert req.name_of(req.whisper_requirement(project)) == "openai-whisper"
+    cpu_torch = [r for r in req.installed_requires("torch") if req.name_of(r) != "triton"]
+    whisper_needs = ["more-itertools", "numba", "tiktoken", 'triton>=2; sys_platform == "linux"']
+    fake = {"torch": cpu_torch, "openai-whisper": whisper_needs}
+    monkeypatch.setattr(req, "installed_requires", lambda dist: fake[dist])
+    names = [req.name_of(r) for r in req.rest(project)]
+    assert "openai-whisper" not in names and "triton" not in names
+    assert {"numba", "tiktoken", "more-itertools", "setuptools", "wheel"} <= set(names)
+    for dep in project["project"]["dependencies"]:
+        assert req.name_of(dep) == "openai-whisper" or dep in req.rest(project)
+    fake["torch"] = cpu_torch + ['triton==3.7.1; platform_system == "Linux"']
+    assert "triton" in [req.name_of(r) for r in req.rest(project)]
 
 
 def test_compose_reserves_a_gpu_and_mounts_the_data_volume():
@@ -200,7 +274,7 @@ def test_healthcheck_finds_a_real_listener_in_proc():
 
 
 @pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
-                    if __import__("shutil").which("docker") else True,
+                    if shutil.which("docker") else True,
                     reason="docker compose is not installed here (validated by parsing instead)")
 def test_docker_compose_config_accepts_the_file():
     r = subprocess.run(["docker", "compose", "-f", str(DOCKER / "compose.yaml"), "config", "-q"],
