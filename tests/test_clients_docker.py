@@ -36,6 +36,15 @@ def load(path: Path):
     return module
 
 
+def with_defaults(text: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR} as an unset environment would fill them."""
+    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", text)
+
+
+def compose_variables(text: str) -> set[str]:
+    return set(re.findall(r"\$\{(\w+)", text))
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = (DOCKER / "Dockerfile").read_text()
@@ -155,22 +164,40 @@ def test_image_requirements_leave_triton_to_torch(monkeypatch):
 
 
 def test_compose_reserves_a_gpu_and_mounts_the_data_volume():
-    spec = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    text = (DOCKER / "compose.yaml").read_text()
+    spec = yaml.safe_load(with_defaults(text))
     (name, svc), = spec["services"].items()
     build = svc["build"]
     assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert any(v.split(":")[1] == "/data" for v in svc["volumes"])
-    assert set(spec["volumes"]) == {v.split(":")[0] for v in svc["volumes"]}
+    assert device["device_ids"] == ["0"], "one GPU per container, chosen by OMNI2_GPU"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert "/data" in mounts and "/checkpoint" in mounts
+    assert set(spec["volumes"]) == set(mounts.values())
+    assert spec["volumes"]["omni2-data"]["name"] == "omni2-data", "one data volume for every GPU's project"
     env = svc["environment"]
     assert "OMNI2_API_KEYS" in env
-    assert all(v != "" for v in env.values())
+    assert all(v != "" for v in yaml.safe_load(text)["services"][name]["environment"].values())
     # An empty OMNI2_CHECKPOINT would make the runtime look in the working directory.
     assert "OMNI2_CHECKPOINT" not in env
+    # No option the server does not have yet (workers: issue 15).
+    assert "OMNI2_WORKERS" not in env
+    from omni2.server.settings import ServerSettings
+
+    fields = {f.upper() for f in ServerSettings.__dataclass_fields__}
+    assert all(k[len("OMNI2_"):] in fields for k in env if k.startswith("OMNI2_")), env
     assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/omni2-healthcheck"
     port_map = svc["ports"][0]
     assert port_map.endswith(":8000")
+
+
+def test_env_example_documents_every_compose_variable():
+    compose = compose_variables((DOCKER / "compose.yaml").read_text())
+    example = (DOCKER / ".env.example").read_text()
+    documented = set(re.findall(r"^#? ?(\w+)=", example, re.M))
+    assert compose <= documented, compose - documented
+    assert documented <= compose, documented - compose
 
 
 def _run_healthcheck(port: int) -> subprocess.CompletedProcess:
