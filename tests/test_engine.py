@@ -19,6 +19,8 @@ from omni2.streaming.engine import Engine, EngineFull
 from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
 from omni2.streaming.slots import Slot, make_room
 
+from cpu_marks import not_under_isa_emulation  # noqa: E402
+
 
 def question(seed, seconds=0.6):
     rng = np.random.RandomState(seed)
@@ -306,6 +308,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
 
 
 @pytest.mark.slow
+@not_under_isa_emulation
 def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
     """torch.compile (CPU inductor here; CUDA graphs on a GPU) must not change a token."""
     ref = reference(tiny_model, question(50), 20)
