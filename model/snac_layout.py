@@ -90,6 +90,15 @@ def frames_from_steps(steps: Steps) -> torch.Tensor:
     return frames
 
 
+def steps_heard(samples: int) -> int:
+    """Decode steps of an answer whose every audio token belongs to a frame the listener heard
+    in full, given `samples` (24 kHz) played: the frames F = samples // 2048, and steps 0..F
+    (step s holds layer a of frame s-a-1, so a later step holds a token of an unheard frame).
+    0 when no frame was heard: nothing of the answer reached the user."""
+    frames = max(0, int(samples)) // SAMPLES_PER_FRAME
+    return frames + 1 if frames else 0
+
+
 class FrameAssembler:
     """Incremental `frames_from_steps`: feed one 7-token step at a time, get frames as they complete.
 

@@ -72,6 +72,7 @@ class Interrupted:
     phrase: Optional[str]
     sample: int                      # absolute index where the controller decided
     played_ms: int                   # answer audio the client had played by then
+    audible: bool = True             # an answer was being generated or still playing then
 
 
 InputEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | Overflow | Interrupted
@@ -276,7 +277,7 @@ class InputAudio:
             else:
                 self._held = False     # the barge-in speech becomes the next turn
                 out.append(SpeechStarted(self._buf_start))
-        out.append(Interrupted(ev.kind, ev.phrase, self._origin + ev.at_sample, ev.played_ms))
+        out.append(Interrupted(ev.kind, ev.phrase, self._origin + ev.at_sample, ev.played_ms, ev.audible))
         return out
 
     def commit(self) -> np.ndarray:

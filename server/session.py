@@ -25,6 +25,8 @@ from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
+from omni2.model.snac_layout import SAMPLE_RATE as SNAC_RATE
+from omni2.model.snac_layout import steps_heard
 from omni2.streaming.audio import decode_input_audio, resample
 from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnRequest
 
@@ -220,19 +222,7 @@ class RealtimeSession:
                 self._drop_speculation()
                 self._paused = False
             if isinstance(h, Interrupted):
-                # Duplex listener: a spoken command or a barge-in over the answer.
-                td = self.cfg.turn_detection
-                self.metrics.interrupts_total.inc(label=h.kind)
-                if self.run is not None and not self.run.finished and (td is None or td.interrupt_response):
-                    log.info("session %s: %s interrupt (%s) after %d ms played", self.id, h.kind,
-                             h.phrase or "-", h.played_ms)
-                    command = h.kind == "command"
-                    if command:  # clients flush their player on speech_started, as for barge-in
-                        item_id = ev.new_id("item")
-                        await self.outbox.put(ev.speech_started(h.sample * 1000 // RATE, item_id))
-                    await self.run.cancel("turn_detected")
-                    if command:  # the command is consumed here: it is not a question
-                        await self.outbox.put(ev.speech_stopped(h.sample * 1000 // RATE, item_id))
+                await self._interrupted(h)
             elif isinstance(h, SpeechStarted):
                 self._speech_item = ev.new_id("item")
                 td = self.cfg.turn_detection
@@ -263,6 +253,38 @@ class RealtimeSession:
                     "input_audio_buffer_full", f"Input audio buffer is full "
                     f"({self.settings.max_turn_audio_s:g} s); {h.dropped_samples / RATE:.2f} s dropped. "
                     "Commit or clear it.", "audio", e.event_id))
+
+    async def _interrupted(self, h: Interrupted) -> None:
+        """Duplex listener: a spoken command or a barge-in over the answer, while it is being
+        generated or only still playing (an answer is written faster than it plays, so most
+        of it plays after generation ended). Either way the client is told to flush its player
+        (speech_started), a live answer is cancelled, and the answer is truncated to what the
+        client had played: the item (conversation.item.truncated) and the model's context."""
+        self.metrics.interrupts_total.inc(label=h.kind)
+        td, run = self.cfg.turn_detection, self.run
+        if run is None or not (td is None or td.interrupt_response) or not (h.audible or not run.finished):
+            return
+        log.info("session %s: %s interrupt (%s) after %d ms played%s", self.id, h.kind, h.phrase or "-",
+                 h.played_ms, "" if not run.finished else " (answer already generated)")
+        at_ms = h.sample * 1000 // RATE
+        command = h.kind == "command"
+        if command:  # (a barge-in's speech_started came from the listener with its turn)
+            item_id = ev.new_id("item")
+            await self.outbox.put(ev.speech_started(at_ms, item_id))
+        if not run.finished:
+            await run.cancel("turn_detected")
+        await self._truncate(run, min(h.played_ms, run.audio_ms))
+        if command:  # the command is consumed here: it is not a question
+            await self.outbox.put(ev.speech_stopped(at_ms, item_id))
+
+    async def _truncate(self, run: ResponseRun, audio_end_ms: int) -> None:
+        """The user heard `audio_end_ms` of this answer: the model's context keeps the decode
+        steps whose speech was played in full (snac_layout.steps_heard; a step's text token
+        goes with it, and the text runs a few words ahead of the speech), if the answer is
+        still the conversation's last turn. Said to the client by conversation.item.truncated."""
+        steps = steps_heard(audio_end_ms * SNAC_RATE // 1000)
+        await asyncio.to_thread(self.engine.truncate_answer, self.engine_session, run.turn, steps)
+        await self.outbox.put(ev.item_truncated(run.item_id, 0, audio_end_ms))
 
     async def _audio_commit(self, e: p.AudioCommit) -> None:
         if self.input.buffered_ms < self.settings.min_commit_ms:
@@ -380,7 +402,7 @@ class RealtimeSession:
         if e.audio_end_ms > run.audio_ms:
             raise p.ProtocolError("invalid_value", f"audio_end_ms {e.audio_end_ms} is beyond the "
                                   f"item's audio ({run.audio_ms} ms).", "audio_end_ms")
-        await self.outbox.put(ev.item_truncated(e.item_id, 0, e.audio_end_ms))
+        await self._truncate(run, e.audio_end_ms)
 
     async def _start_response(self, started_at: float, max_tokens: Optional[int] = None,
                               modalities: Optional[list[str]] = None) -> None:

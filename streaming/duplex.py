@@ -116,6 +116,7 @@ class Interrupt:
     at_sample: int
     text: str = ""          # recognizer transcript of the window (command), for logs
     played_ms: int = 0      # assistant audio of this answer the client had played by then
+    audible: bool = True    # an answer was being generated or still playing then (else idle)
 
 
 DuplexEvent = Union[VadEvent, Interrupt]
@@ -411,8 +412,8 @@ class DuplexController:
 
     def _interrupt(self, kind, phrase, confidence, at, text) -> Interrupt:
         self._interrupted = True
+        audible, played = self.audible(at), self.played_ms(at)
         self.speaking = False
-        played = self.played_ms(at)
         # The server cancels the turn and the client flushes its player at this point.
         self.echo.flush_reference(at)
-        return Interrupt(kind, phrase, float(confidence), int(at), text, played)
+        return Interrupt(kind, phrase, float(confidence), int(at), text, played, audible)

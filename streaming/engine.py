@@ -151,6 +151,19 @@ class Engine:
         slot.closing = True
         self._wake.set()
 
+    def truncate_answer(self, session_id: str, turn: Turn, steps: int) -> None:
+        """From the session's next turn on, the model remembers only the first `steps` decode
+        steps of `turn`'s answer (what the user heard: `snac_layout.steps_heard`). Applied at
+        a step boundary once `turn` is over (cancel it first to stop it now), and only while
+        it is still the conversation's last turn: a later turn has already read the whole
+        answer, so then nothing changes. Must come before the next turn is submitted."""
+        with self._lock:
+            slot = self._sessions.get(session_id)
+            if slot is None:
+                return
+            slot.pending_cut = (turn, steps)
+        self._wake.set()
+
     def submit(self, request: TurnRequest) -> Turn:
         """Queue a question; returns its Turn at once. A session's live turn is cancelled
         first (one answer at a time per conversation)."""
@@ -270,6 +283,10 @@ class Engine:
             elif s.phase == HELD and not s.turn.held:  # released: speak now
                 busy = True
                 self._start_decode(s, *s.first)
+            if s.pending_cut is not None and s.turn is not s.pending_cut[0]:  # its turn is over
+                with self._lock:
+                    cut, s.pending_cut = s.pending_cut, None
+                s.cut_answer(*cut)
             if s.closing and s.phase == IDLE:
                 with self._lock:
                     s.release()

@@ -50,6 +50,10 @@ class Slot:
     prefill_s: float = 0.0
     decode_started_at: float = 0.0
     closing: bool = False  # session closed while a turn was live: release at the next boundary
+    # the last turn that ended into the context, and where its answer's positions begin
+    last_turn: Optional[Turn] = None
+    answer_start: int = 0
+    pending_cut: Optional[tuple[Turn, int]] = None  # (turn, answer steps to keep), see cut_answer
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -91,6 +95,7 @@ class Slot:
         """Keep what the cache holds of this turn as context; forget the turn's state."""
         if self.phase != IDLE:
             self.ctx = self.written
+            self.last_turn, self.answer_start = self.turn, self.start + self.prompt_len
         self.phase = IDLE
         self.turn = None
         self.embeds = None
@@ -100,17 +105,30 @@ class Slot:
     def forget_turn(self) -> None:
         """Drop the current turn from the context entirely (a speculation that was not used):
         the positions it wrote become free again."""
+        last = (self.last_turn, self.answer_start)
         if self.phase != IDLE:
             self.written = self.start
             if self.turn_starts and self.turn_starts[-1] == self.start:
                 self.turn_starts.pop()
         self.end_turn()
+        self.last_turn, self.answer_start = last
+
+    def cut_answer(self, turn: Turn, steps: int) -> bool:
+        """Keep only the first `steps` answer positions of `turn` in the context (the part the
+        user heard), if `turn` is over and is still this conversation's last turn; returns
+        whether it did. Both rows of a step share its position, so a step is kept or dropped
+        whole: its 7 audio tokens and its text token."""
+        if self.phase != IDLE or turn is not self.last_turn:
+            return False
+        self.ctx = min(self.ctx, self.answer_start + max(0, steps))
+        return True
 
     def release(self) -> None:
         self.end_turn()
         self.session = None
         self.ctx = 0
         self.turn_starts = []
+        self.last_turn, self.pending_cut = None, None
 
 
 def make_room(cache: KVCache, slot: Slot, need: int, limit: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> int:

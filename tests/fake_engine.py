@@ -49,6 +49,7 @@ class FakeEngine:
         self.steps_total = 0
         self.cancels_total = 0
         self.submitted: list[TurnRequest] = []
+        self.truncations: list[tuple[str, Turn, int]] = []
         self.step_seconds: list[float] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -103,6 +104,10 @@ class FakeEngine:
             self._live[turn] = {"step": 0, "words": self._answer(request), "text": [], "phase": 0.0}
             self.submitted.append(request)
         return turn
+
+    def truncate_answer(self, sid: str, turn: Turn, steps: int) -> None:
+        """Recorded (session, turn, steps) for tests: the fake keeps no context."""
+        self.truncations.append((sid, turn, steps))
 
     def _answer(self, request: TurnRequest) -> list[str]:
         what = []

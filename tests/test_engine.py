@@ -186,6 +186,52 @@ def test_multi_turn_context_turn_two_sees_turn_one(engine, tiny_model):
     assert d2.stats["audio_ids"] != solo.audio_tokens  # it did see turn 1
 
 
+def test_a_truncated_answer_leaves_only_its_heard_steps_in_the_context(engine, tiny_model):
+    """truncate_answer: the next turn's prompt starts right after the kept steps, and the model
+    reads exactly prompt 1, the kept steps, prompt 2. A cut of a turn a later one has read
+    changes nothing; a live answer is cut once its cancel has stopped it."""
+    lm = tiny_model.lm
+    sid = engine.open_session()
+    q1, q2 = question(22), question(23)
+    t1 = engine.submit(TurnRequest(session_id=sid, audio_16k=q1, max_steps=12))
+    d1 = collect(t1)[0]
+    engine.truncate_answer(sid, t1, 5)
+    d2 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=q2, max_steps=12)))[0]
+    p1, e1 = tiny_model.encode_question(q1)
+    _, e2 = tiny_model.encode_question(q2)
+    assert d2.stats["context_start"] == p1.length + 5
+    fed = [torch.tensor(_feed(a, t)) for a, t in zip(d1.stats["audio_ids"][:5], d1.stats["text_ids"][:5])]
+    with torch.inference_mode():
+        seq = torch.cat([e1, lm.embed(torch.stack(fed, dim=2)), e2], dim=1)
+    assert d2.stats["audio_ids"] == _greedy_continue(lm, seq, 12)
+    # turn 2 read all of turn 1's kept context: cutting turn 1 again now changes nothing
+    end2 = d2.stats["context_start"] + d2.stats["prompt_positions"] + 11
+    engine.truncate_answer(sid, t1, 1)
+    t3 = engine.submit(TurnRequest(session_id=sid, audio_16k=question(24), max_steps=400))
+    assert next(e for e in t3.events(timeout=120) if isinstance(e, AudioChunk)) is not None
+    engine.truncate_answer(sid, t3, 3)  # a live answer: kept pending until its cancel ends it
+    t3.cancel()
+    d3 = collect(t3)[0]
+    assert d3.reason == "cancelled" and d3.stats["context_start"] == end2
+    d4 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=question(25), max_steps=4)))[0]
+    assert d4.stats["context_start"] == end2 + d3.stats["prompt_positions"] + 3
+
+
+def test_steps_heard_keeps_only_steps_of_fully_played_frames():
+    from omni2.model.snac_layout import SAMPLES_PER_FRAME, frames_from_steps, steps_heard
+
+    assert steps_heard(0) == 0 and steps_heard(SAMPLES_PER_FRAME - 1) == 0
+    assert steps_heard(SAMPLES_PER_FRAME) == 2 and steps_heard(5 * SAMPLES_PER_FRAME + 7) == 6
+    # every token of the kept steps belongs to a heard frame (or to none: the first steps)
+    steps = [[100 * s + a for a in range(7)] for s in range(20)]
+    frames = frames_from_steps(steps)
+    for heard in range(1, 10):
+        kept = {tok for row in steps[: steps_heard(heard * SAMPLES_PER_FRAME)] for tok in row}
+        unheard = {int(t) for t in frames[heard:].flatten()}
+        assert not kept & unheard
+        assert steps_heard(heard * SAMPLES_PER_FRAME) == heard + 1
+
+
 def _feed(audio, text):
     from omni2.streaming.slots import feed_ids
 

@@ -127,3 +127,62 @@ def test_barge_in_mode_cancels_and_answers_the_new_question(engine):
     started = t.index("input_audio_buffer.speech_started")
     assert started < t.index("input_audio_buffer.speech_stopped") < t.index("response.created", started)
     assert t.count("response.created") == 2, t
+
+
+# ---- the answer is fully generated, still playing ------------------------------------------------
+@pytest.fixture
+def fast_engine():
+    """Writes an 8 s answer in ~1.6 s: the user speaks while it plays, after it was generated."""
+    eng = FakeEngine(slots=2, answer_words=80, words_every=1, tick_s=0.02, chunk_s=0.1).start()
+    yield eng
+    eng.stop()
+
+
+def check_playback_stop(events: list[dict], engine: FakeEngine) -> dict:
+    """The answer was complete before the user spoke; then the client is told to flush
+    (speech_started), the item is truncated to what had played, and the model forgets the rest."""
+    t = types(events)
+    done_at = t.index("response.done")
+    assert events[done_at]["response"]["status"] == "completed", events[done_at]
+    started = t.index("input_audio_buffer.speech_started")
+    assert done_at < started < t.index("conversation.item.truncated"), t
+    truncated = events[t.index("conversation.item.truncated")]
+    audio_ms = sum(len(e["delta"]) for e in events if e["type"] == "response.output_audio.delta") * 3 // 4 // 48
+    assert truncated["item_id"] == events[done_at]["response"]["output"][0]["id"]
+    assert 1500 <= truncated["audio_end_ms"] < audio_ms - 1000, (truncated, audio_ms)  # what had played
+    from omni2.model.snac_layout import steps_heard
+
+    assert [steps for _, _, steps in engine.truncations] == [steps_heard(truncated["audio_end_ms"] * 24)]
+    return truncated
+
+
+@requires_speech
+def test_stop_omni_while_a_generated_answer_still_plays_stops_it(fast_engine):
+    recognizer_or_skip()
+    with running_server(fast_engine, interrupt_mode="command") as srv:
+        events = asyncio.run(asyncio.wait_for(talk_over_the_answer(srv.ws, "stop omni", after_s=2.5), 60))
+    check_playback_stop(events, fast_engine)
+    t = types(events)
+    assert t.index("conversation.item.truncated") < t.index("input_audio_buffer.speech_stopped"), t
+    assert t.count("response.created") == 1 and "input_audio_buffer.committed" not in t, t  # not a question
+
+
+@requires_speech
+def test_other_talk_while_a_generated_answer_plays_is_ignored_in_command_mode(fast_engine):
+    recognizer_or_skip()
+    with running_server(fast_engine, interrupt_mode="command") as srv:
+        events = asyncio.run(asyncio.wait_for(
+            talk_over_the_answer(srv.ws, "what is the weather like tomorrow", after_s=2.5), 60))
+    t = types(events)
+    assert "input_audio_buffer.speech_started" not in t and "conversation.item.truncated" not in t, t
+    assert fast_engine.truncations == []
+
+
+@requires_speech
+def test_barge_in_while_a_generated_answer_plays_stops_it_and_answers(fast_engine):
+    with running_server(fast_engine, interrupt_mode="barge_in") as srv:
+        events = asyncio.run(asyncio.wait_for(
+            talk_over_the_answer(srv.ws, "what is the weather like tomorrow", after_s=2.5, tail_s=3.0), 60))
+    check_playback_stop(events, fast_engine)
+    t = types(events)
+    assert t.count("response.created") == 2 and "input_audio_buffer.committed" in t, t  # the new question

@@ -175,3 +175,34 @@ def test_typed_question_with_camera_on_is_answered_and_keeps_the_frame(server):
     typed, err = run(main())
     assert typed[-1]["response"]["status"] in ("completed", "incomplete"), typed[-1]
     assert err[-1]["error"]["code"] == "invalid_input" and err[-1]["error"]["event_id"] == "evt_img"
+
+
+def test_a_truncated_answer_leaves_the_models_context_at_what_was_heard(engine, server):
+    """conversation.item.truncate after the answer: the session's context ends after the steps
+    whose speech played (snac_layout.steps_heard), and the next question goes right there."""
+    from omni2.model.snac_layout import steps_heard
+
+    async def main():
+        c = await Client.connect(server.ws)
+        await c.recv()
+        await c.send_text("tell me a story")
+        await c.send("response.create")
+        done = (await c.until("response.done"))[-1]
+        slot = next(s for s in engine.slots if s.session is not None)
+        full = slot.ctx
+        item = done["response"]["output"][0]["id"]
+        await c.send("conversation.item.truncate", item_id=item, content_index=0, audio_end_ms=1000)
+        truncated = (await c.until("conversation.item.truncated"))[-1]
+        deadline = time.monotonic() + 10
+        while slot.ctx == full and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert truncated["audio_end_ms"] == 1000
+        assert slot.ctx == slot.answer_start + steps_heard(24000) < full
+        kept = slot.ctx
+        await c.send_text("and then?")
+        await c.send("response.create")
+        await c.until("response.done")
+        assert slot.turn_starts[-1] == kept  # the next question starts right after the heard part
+        await c.close()
+
+    run(main())
