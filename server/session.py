@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Optional
 import numpy as np
 
 from omni2.model.snac_layout import SAMPLE_RATE as SNAC_RATE
-from omni2.model.snac_layout import steps_heard
+from omni2.model.snac_layout import SAMPLES_PER_FRAME, steps_heard
 from omni2.streaming.audio import decode_input_audio, resample
 from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnRequest
 
@@ -47,6 +47,7 @@ KNOWN_EVENTS = {"session.update", "input_audio_buffer.append", "input_audio_buff
                 "response.cancel", "conversation.item.truncate", "input_image_buffer.append"}
 MAX_ITEMS_TRACKED = 256        # items remembered for truncate / previous_item_id checks
 CANCEL_WAIT_S = 10.0           # how long a new answer waits for the interrupted one to close
+FRAME_MS = SAMPLES_PER_FRAME * 1000 // SNAC_RATE  # a truncate this close to the end heard it all
 
 
 def is_engine_full(exc: BaseException) -> bool:
@@ -282,8 +283,10 @@ class RealtimeSession:
         steps whose speech was played in full (snac_layout.steps_heard; a step's text token
         goes with it, and the text runs a few words ahead of the speech), if the answer is
         still the conversation's last turn. Said to the client by conversation.item.truncated."""
-        steps = steps_heard(audio_end_ms * SNAC_RATE // 1000)
-        await asyncio.to_thread(self.engine.truncate_answer, self.engine_session, run.turn, steps)
+        heard_all = run.finished and run.cancel_reason is None and audio_end_ms >= run.audio_ms - FRAME_MS
+        if not heard_all:  # (else every step stays: the last steps hold the last frames' layers)
+            steps = steps_heard(audio_end_ms * SNAC_RATE // 1000)
+            await asyncio.to_thread(self.engine.truncate_answer, self.engine_session, run.turn, steps)
         await self.outbox.put(ev.item_truncated(run.item_id, 0, audio_end_ms))
 
     async def _audio_commit(self, e: p.AudioCommit) -> None:

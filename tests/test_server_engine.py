@@ -187,10 +187,16 @@ def test_a_truncated_answer_leaves_the_models_context_at_what_was_heard(engine, 
         await c.recv()
         await c.send_text("tell me a story")
         await c.send("response.create")
-        done = (await c.until("response.done"))[-1]
+        events = await c.until("response.done")
+        done = events[-1]
         slot = next(s for s in engine.slots if s.session is not None)
         full = slot.ctx
         item = done["response"]["output"][0]["id"]
+        audio_ms = sum(len(e["delta"]) for e in events if e["type"] == "response.output_audio.delta") * 3 // 4 // 48
+        await c.send("conversation.item.truncate", item_id=item, content_index=0, audio_end_ms=audio_ms - 20)
+        await c.until("conversation.item.truncated")
+        await asyncio.sleep(0.3)
+        assert slot.ctx == full  # heard to (nearly) the end: all of it stays
         await c.send("conversation.item.truncate", item_id=item, content_index=0, audio_end_ms=1000)
         truncated = (await c.until("conversation.item.truncated"))[-1]
         deadline = time.monotonic() + 10

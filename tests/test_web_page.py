@@ -404,6 +404,13 @@ def test_turns_the_model_forgot_are_marked(browser):
                 browser.find_element(By.ID, "text").send_keys(words)
                 browser.find_element(By.ID, "send").click()
                 s = wait_for(browser, lambda s, n=n: len(s["statuses"]) >= n, 60, f"answer {n}")
+                # heard to the end (a message sent over a playing answer truncates it: then the
+                # model forgets the unheard rest, and the context would not fill)
+                deadline = time.monotonic() + 30
+                while browser.execute_script("return window.omni2.app.player.sources.length"):
+                    assert time.monotonic() < deadline, "the answer never finished playing"
+                    time.sleep(0.05)
+            s = wait_for(browser, lambda s: True, 5, "stats")
             assert s["events"].get("conversation.context.truncated") == 1, s["events"]
             marked = [b for b in bubbles(browser, "user") + bubbles(browser, "assistant")
                       if "no longer in the model's memory" in b.text]
