@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--device", default="auto")
     itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
     itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
+    itr.add_argument("--split", default="test", choices=["test", "tune"], help="held-out voices (test) or tuning ones")
+    itr.add_argument("--mode", default="command", choices=["command", "barge_in"])
+    itr.add_argument("--sessions", type=int, default=1, help="controllers at once, paced to real time")
+    itr.add_argument("--playback", action="store_true", help="the answer is generated before the user speaks")
     for q in (eng, mod, ker, srv, itr):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
@@ -88,5 +92,6 @@ def _run(args: argparse.Namespace) -> dict:
     else:
         from omni2.streaming.bench_interrupt import run_interrupt_bench
 
-        result = run_interrupt_bench(quick=args.quick) if args.quick else run_interrupt_bench()
+        result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
+                                     sessions=args.sessions)
     return result

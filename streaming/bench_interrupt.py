@@ -14,6 +14,12 @@ the spoken command arrived.
 
 Voices: `split="test"` (the default, what the report quotes) uses voices and sentences
 never used for tuning; `split="tune"` the ones the thresholds were chosen on.
+
+`playback=True`: the whole answer was generated before the user speaks (the engine writes
+2-10x faster than real time), so the controller hears the user while the answer only plays.
+`sessions=N`: N controllers at once, each on its own share of the clips, paced to the wall
+clock (packets arrive in real time) and sharing the process's recognizer as a server's
+sessions do; latency is then wall time from the end of the command to the decision.
 """
 from __future__ import annotations
 
@@ -125,7 +131,7 @@ def _assistant_audio(voices: _Voices, rng: random.Random, seconds: float, says_c
     return np.concatenate([out, np.zeros(int(seconds * OUT_SR) - out.size, np.float32)])
 
 
-def _make_clip(name, label, condition, user, rng, voices, says_command=False) -> Clip:
+def _make_clip(name, label, condition, user, rng, voices, says_command=False, playback=False) -> Clip:
     lead = rng.uniform(2.0, 3.0)
     tail = 1.5
     lead_n = int(lead * SR)
@@ -137,7 +143,8 @@ def _make_clip(name, label, condition, user, rng, voices, says_command=False) ->
     answer = _assistant_audio(voices, rng, total / SR + 1.0, says_command)
     step = int(0.16 * OUT_SR)
     first = int(0.2 * SR)
-    sends = [(first + int(i / step * 0.08 * SR), answer[i : i + step]) for i in range(0, answer.size, step)]
+    pace = 0.0 if playback else 0.08  # (playback: all of it sent at once, generation over)
+    sends = [(first + int(i / step * pace * SR), answer[i : i + step]) for i in range(0, answer.size, step)]
     if "echo" in condition:
         # Client plays back to back from the first chunk; the echo reaches the mic after an
         # unknown extra delay through a room response, below the user's level.
@@ -160,10 +167,12 @@ def _make_clip(name, label, condition, user, rng, voices, says_command=False) ->
     return Clip(name, label, condition, mic.astype(np.float32), sends, *cmd)
 
 
-def build_set(split: str = "test", seed: int = 0, n_commands: int = 48, quick: bool = False) -> list[Clip]:
+def build_set(split: str = "test", seed: int = 0, n_commands: int = 48, quick: bool = False,
+              playback: bool = False) -> list[Clip]:
     """The generated evaluation set (commands, other speech, noise, echo-only).
 
-    quick: a handful of clips of each kind (smoke tests), not a measurement.
+    quick: a handful of clips of each kind (smoke tests), not a measurement. playback: the
+    answer is all sent before the user speaks (see the module docstring).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: {sorted(SPLITS)}")
@@ -179,7 +188,8 @@ def build_set(split: str = "test", seed: int = 0, n_commands: int = 48, quick: b
         speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
         user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
         cond = conditions[i % len(conditions)]
-        clips.append(_make_clip(f"cmd/{voice}/{speed}/{pitch}/{text}", True, cond, user, rng, voices))
+        clips.append(_make_clip(f"cmd/{voice}/{speed}/{pitch}/{text}", True, cond, user, rng, voices,
+                                playback=playback))
     sentences = spec["sentences"][:4] if quick else spec["sentences"] * 2
     extra = 1 if quick else 8
     for i, text in enumerate(sentences):
@@ -187,19 +197,22 @@ def build_set(split: str = "test", seed: int = 0, n_commands: int = 48, quick: b
         speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
         user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
         cond = conditions[i % len(conditions)]
-        clips.append(_make_clip(f"speech/{voice}/{speed}/{text}", False, cond, user, rng, voices))
+        clips.append(_make_clip(f"speech/{voice}/{speed}/{text}", False, cond, user, rng, voices, playback=playback))
     empty = np.zeros(0, np.float32)
     for i in range(extra):
-        clips.append(_make_clip(f"noise/{i}", False, "noise", empty, rng, voices))
+        clips.append(_make_clip(f"noise/{i}", False, "noise", empty, rng, voices, playback=playback))
     for i in range(extra):
-        clips.append(_make_clip(f"echo-only/{i}", False, "echo", empty, rng, voices, says_command=i % 2 == 0))
+        clips.append(_make_clip(f"echo-only/{i}", False, "echo", empty, rng, voices, says_command=i % 2 == 0,
+                                playback=playback))
     for i in range(max(1, extra // 2)):
-        clips.append(_make_clip(f"background-only/{i}", False, "background", empty, rng, voices))
+        clips.append(_make_clip(f"background-only/{i}", False, "background", empty, rng, voices, playback=playback))
     return clips
 
 
-def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False) -> ClipResult:
-    """Feed one clip in real-time order on a simulated clock; stop at the first interrupt.
+def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False, paced: bool = False) -> ClipResult:
+    """Feed one clip in real-time order; stop at the first interrupt. The clock is simulated
+    (compute time added to arrival times), or with `paced` the wall clock (each packet is
+    fed when it would arrive; other sessions compete for the CPU meanwhile).
 
     Latency counts from the end of the user's speech, or from its start (barge-in).
     """
@@ -207,8 +220,11 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False)
     controller.set_speaking(True)
     sends = list(clip.sends)
     busy_until = 0.0
+    origin = time.perf_counter()
     for pos in range(0, clip.mic.size, PACKET):
         arrival = (pos + PACKET) / SR
+        if paced:
+            time.sleep(max(0.0, origin + arrival - time.perf_counter()))
         start = max(arrival, busy_until)
         t0 = time.perf_counter()
         while sends and sends[0][0] <= pos + PACKET:
@@ -216,7 +232,7 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False)
         if not sends:
             controller.set_speaking(False)
         events = controller.feed_input(clip.mic[pos : pos + PACKET])
-        busy_until = start + time.perf_counter() - t0
+        busy_until = time.perf_counter() - origin if paced else start + time.perf_counter() - t0
         for ev in events:
             if isinstance(ev, Interrupt):
                 latency = None
@@ -290,20 +306,25 @@ def run_interrupt_bench(
     config: DuplexConfig | None = None,
     verbose: bool = False,
     quick: bool = False,
+    playback: bool = False,
+    sessions: int = 1,
     printer=print,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
     split: "test" (report these) or "tune" (the voices/sentences thresholds were set on).
     mode: "command" or "barge_in". verbose: one line per clip, decode traces for misses.
+    playback / sessions: see the module docstring (sessions > 1 runs paced to the wall clock).
     Needs espeak-ng and sox on PATH (raises espeak.SynthUnavailable otherwise).
     """
+    if sessions < 1:
+        raise ValueError("sessions must be >= 1")
     config = config or DuplexConfig()
     if mode != config.mode:
         config = replace(config, mode=mode)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    clips = build_set(split, seed, 4 if quick else n_commands, quick=quick)
+    clips = build_set(split, seed, 4 if quick else n_commands, quick=quick, playback=playback)
     barge_in = config.mode == "barge_in"
     if barge_in:
         # Any user speech must stop the answer; noise, echo and other talkers must not
@@ -311,27 +332,44 @@ def run_interrupt_bench(
         for clip in clips:
             clip.label = clip.cmd_start is not None
     t_build = time.perf_counter() - t0
-    controller = DuplexController(config)
-    controller._tracing = verbose
-    results = []
+    controllers = [DuplexController(config) for _ in range(sessions)]
+    for controller in controllers:
+        controller._tracing = verbose and sessions == 1
+    def report(clip: Clip, r: ClipResult, trace) -> None:
+        ok = (r.interrupt is not None and (not clip.label or r.interrupt.at_sample >= clip.cmd_start)) == clip.label
+        what = "-" if r.interrupt is None else f"{r.interrupt.kind} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
+        lat = "" if r.latency_ms is None else f" {r.latency_ms:.0f} ms"
+        printer(f"{'ok ' if ok else 'BAD'} {clip.condition:12s} {clip.name:48s} {what}{lat}")
+        if not ok and trace:
+            for at, text, conf, trigger in trace:
+                mark = ""
+                if clip.cmd_start is not None:
+                    mark = f"{(at - clip.cmd_end) / 16:+.0f} ms"
+                printer(f"      {at / SR:6.2f}s {mark:>9s} {trigger:5s} {conf:.2f} {text!r}")
+
     t0 = time.perf_counter()
-    for clip in clips:
-        r = run_clip(controller, clip, from_start=barge_in)
-        results.append(r)
+    if sessions == 1:
+        results = []
+        for clip in clips:
+            results.append(run_clip(controllers[0], clip, from_start=barge_in))
+            if verbose:
+                report(clip, results[-1], controllers[0].trace)
+    else:  # each session its own share of the clips, all at once, in real time
+        from concurrent.futures import ThreadPoolExecutor
+
+        def share(i: int) -> list[ClipResult]:
+            return [run_clip(controllers[i], clip, from_start=barge_in, paced=True) for clip in clips[i::sessions]]
+
+        with ThreadPoolExecutor(sessions, thread_name_prefix="omni2-bench-session") as pool:
+            shares = list(pool.map(share, range(sessions)))
+        results = [shares[i % sessions][i // sessions] for i in range(len(clips))]
         if verbose:
-            ok = (r.interrupt is not None and (not clip.label or r.interrupt.at_sample >= clip.cmd_start)) == clip.label
-            what = "-" if r.interrupt is None else f"{r.interrupt.kind} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
-            lat = "" if r.latency_ms is None else f" {r.latency_ms:.0f} ms"
-            printer(f"{'ok ' if ok else 'BAD'} {clip.condition:12s} {clip.name:48s} {what}{lat}")
-            if not ok and controller.trace:
-                for at, text, conf, trigger in controller.trace:
-                    mark = ""
-                    if clip.cmd_start is not None:
-                        mark = f"{(at - clip.cmd_end) / 16:+.0f} ms"
-                    printer(f"      {at / SR:6.2f}s {mark:>9s} {trigger:5s} {conf:.2f} {text!r}")
+            for clip, r in zip(clips, results):
+                report(clip, r, None)
     audio_s = sum(c.mic.size for c in clips) / SR
     summary = summarize(results, from_start=barge_in)
-    summary.update(split=split, mode=mode, seed=seed, audio_seconds=round(audio_s, 1),
+    summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions,
+                   audio_seconds=round(audio_s, 1),
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
                    load_average=(load_before, os.getloadavg()[0] if load_before is not None else None))
@@ -344,6 +382,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
+            f"sessions={s['sessions']}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")

@@ -259,3 +259,19 @@ def test_interrupt_bench_quick_run(command_controller):
     assert s["commands"] == 4 and s["non_commands"] >= 7
     assert s["recall"] >= 0.5 and s["false_stops"] <= 1
     assert any("precision" in line for line in lines)
+
+
+@requires_speech
+@pytest.mark.slow
+def test_interrupt_bench_playback_and_concurrent_modes(command_controller):
+    """The playback case (answer all sent before the user speaks) and two sessions at once,
+    paced to the wall clock: the same clips, every one scored, in the same table."""
+    from omni2.streaming.bench_interrupt import build_set, run_interrupt_bench
+
+    clips = build_set(quick=True, playback=True)
+    assert all(len({at for at, _ in c.sends}) == 1 for c in clips)  # the answer went at once
+    lines = []
+    s = run_interrupt_bench(quick=True, playback=True, sessions=2, printer=lines.append)
+    assert s["sessions"] == 2 and s["playback"] and s["commands"] == 4 and s["non_commands"] >= 7
+    assert s["recall"] >= 0.5 and s["false_stops"] <= 1
+    assert "sessions=2  playback" in lines[0]
