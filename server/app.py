@@ -20,6 +20,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_names
 from .engine_host import EngineHost
+from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
@@ -154,18 +155,23 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
                                                    "Try again later.", type="server_error"))
             close_reason.update(code=CLOSE_TRY_AGAIN, reason="no model slot free")
             return
+        clock = SessionClock(settings)
         while True:
             try:
-                message = await asyncio.wait_for(ws.receive(), settings.idle_timeout_s)
+                message = await asyncio.wait_for(ws.receive(), clock.wait_s(session))
             except asyncio.TimeoutError:
-                if session.busy:
-                    continue
-                await session.send_error(ProtocolError("idle_timeout", f"No client event for "
-                                                       f"{settings.idle_timeout_s:g} s; closing."))
-                close_reason.update(code=CLOSE_NORMAL, reason="idle timeout")
-                break
+                due = clock.due(session)
+                if due == "stall":
+                    await session.end_stalled_speech()
+                elif due == "idle":
+                    await session.send_error(ProtocolError("idle_timeout", f"No client event for "
+                                                           f"{settings.idle_timeout_s:g} s; closing."))
+                    close_reason.update(code=CLOSE_NORMAL, reason="idle timeout")
+                    break
+                continue
             if message["type"] == "websocket.disconnect":
                 break
+            clock.heard()
             raw = message.get("text")
             if raw is None:
                 raw = message.get("bytes") or b""

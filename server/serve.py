@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow browser pages from this Origin only (repeatable)")
     parser.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
+    parser.add_argument("--input-stall-timeout", type=float, default=None, dest="input_stall_timeout_s",
+                        help="end a user's speech after this many seconds without audio "
+                             f"(default {d.input_stall_timeout_s:g})")
     parser.add_argument("--max-steps", type=int, default=None,
                         help=f"decode steps per answer at most (default {d.max_steps})")
     parser.add_argument("--interrupt", choices=("vad", "barge_in", "command"), default=None,
@@ -67,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
-              "warmup", "log_level", "interrupt_mode")
+              "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases"):
         value = getattr(args, name, None)

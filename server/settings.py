@@ -46,6 +46,7 @@ class ServerSettings:
     # max_message_bytes and the cap the session answers with an error event and goes on.
     hard_message_bytes: int = 4 << 20
     idle_timeout_s: float = 300.0       # no client event and no live response -> close
+    input_stall_timeout_s: float = 10.0  # mid-speech (VAD) with no audio this long: the speech ends
     outbound_queue_events: int = 512    # server events waiting for a slow reader
     send_stall_timeout_s: float = 15.0  # queue full this long -> reader is gone, close
     max_turn_audio_s: float = 60.0      # input audio buffer cap (and VAD forced commit)
@@ -100,7 +101,7 @@ class ServerSettings:
                      "max_image_bytes", "max_image_pixels", "max_pending_texts"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s"):
+        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hard_message_bytes < self.max_message_bytes:
