@@ -22,6 +22,7 @@ from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_na
 from .engine_host import EngineHost
 from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
+from .limits import ConnectionLimiter
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError
@@ -47,6 +48,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
     admission = Admission(settings.max_sessions)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
     app.state.admission = admission
+    app.state.connections = ConnectionLimiter(settings, metrics)  # used by serve.uvicorn_config
 
     @app.get("/health")
     async def health():

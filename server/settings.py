@@ -40,6 +40,11 @@ class ServerSettings:
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
 
+    # --- connections (before any session: TCP, HTTP, the WebSocket handshake) ----------------
+    max_connections: int = 256          # open TCP connections in all; beyond: 503 and close
+    max_connections_per_client: int = 32  # per client IP (0 = no cap; behind a proxy all share one)
+    handshake_timeout_s: float = 10.0   # connection open -> request headers complete, else closed
+
     # --- per-connection limits -----------------------------------------------------------
     max_message_bytes: int = 1 << 20    # one client event (JSON text), 1 MiB
     # The WebSocket layer drops the connection (close 1009) above this hard cap; between
@@ -101,7 +106,11 @@ class ServerSettings:
                      "max_image_bytes", "max_image_pixels", "max_pending_texts"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s"):
+        for name in ("max_connections", "max_connections_per_client"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s",
+                     "handshake_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hard_message_bytes < self.max_message_bytes:
