@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import events as ev
-from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_names
+from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, wants_beta_names
 from .engine_host import EngineHost
 from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
@@ -55,18 +55,26 @@ def create_app(settings: ServerSettings, host: EngineHost,
         return {"status": "ok"}
 
     @app.get("/health/ready")
-    async def ready():
+    async def ready(request: Request):
+        # Probes need only the status; the details are for operators (access.check_operator).
+        details = check_operator(settings, request.headers) is None
         if not host.ready:
             body = {"status": host.state}
-            if host.error:
+            if host.error and details:
                 body["error"] = host.error
             return JSONResponse(body, status_code=503)
+        if not details:
+            return {"status": "ready"}
         stats = host.stats() or {}
         return {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
                 "sessions": admission.active, "max_sessions": admission.limit}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(request: Request):
+        refusal = check_operator(settings, request.headers)
+        if refusal is not None:
+            return JSONResponse({"error": {"type": "invalid_request_error", "code": refusal.code,
+                                           "message": refusal.message}}, status_code=refusal.status)
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
         text = metrics.render(host.stats())

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require this Bearer key (repeatable; or OMNI2_API_KEYS=k1,k2)")
     parser.add_argument("--allowed-origin", action="append", default=None, dest="allowed_origins",
                         help="allow browser pages from this Origin only (repeatable)")
+    parser.add_argument("--metrics-key", action="append", default=None, dest="metrics_keys",
+                        help="key for /metrics and /health/ready details (repeatable; or OMNI2_METRICS_KEYS); "
+                             "with --api-key and no metrics key, /metrics answers 403")
     parser.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
     parser.add_argument("--input-stall-timeout", type=float, default=None, dest="input_stall_timeout_s",
@@ -81,7 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
               "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s", "handshake_timeout_s",
               "max_connections", "max_connections_per_client")
     overrides = {f: getattr(args, f, None) for f in fields}
-    for name in ("api_keys", "allowed_origins", "command_phrases"):
+    for name in ("api_keys", "allowed_origins", "command_phrases", "metrics_keys"):
         value = getattr(args, name, None)
         overrides[name] = tuple(value) if value else None
     return settings_from_env(**overrides)
@@ -143,6 +146,7 @@ def uvicorn_config(app, settings: ServerSettings):
     from uvicorn.importer import import_from_string
 
     from .limits import ConnectionLimiter, guarded_protocols
+    from .redact import redact_uvicorn_logs
 
     # The sans-I/O websockets binding is the maintained one (uvicorn >= 0.35); older: legacy.
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
@@ -158,6 +162,7 @@ def uvicorn_config(app, settings: ServerSettings):
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
         lifespan="off", server_header=False)
+    redact_uvicorn_logs()  # after Config: it (re)configures uvicorn's loggers
     return config
 
 

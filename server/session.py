@@ -150,7 +150,7 @@ class RealtimeSession:
         self.closed = True
         self._drop_speculation()
         if self.run is not None and not self.run.finished:
-            self.run.cancel_reason = self.run.cancel_reason or "client_cancelled"
+            self.run.cancel_reason = self.run.cancel_reason or "client_disconnected"
             self.run.turn.cancel()
         if self._run_task is not None:
             self._run_task.cancel()
@@ -158,6 +158,8 @@ class RealtimeSession:
                 await self._run_task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.run is not None:
+            self.run.abandon()  # an answer cut by the disconnect still counts (cancelled)
         if self.engine_session is not None:
             await asyncio.to_thread(self.engine.close_session, self.engine_session)
             self.engine_session = None

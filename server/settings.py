@@ -35,7 +35,13 @@ class ServerSettings:
     # --- admission and access ------------------------------------------------------------
     max_sessions: int = 16              # concurrent WebSocket sessions (= engine slots)
     api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
-    allowed_origins: tuple[str, ...] = ()  # empty: any Origin; else exact match required
+    # Browser pages allowed to open sessions (exact Origin match; "*" = any). Empty: any Origin
+    # on a server without keys; only the server's own pages (Origin host = Host) with keys.
+    allowed_origins: tuple[str, ...] = ()
+    # /metrics and the details of /health/ready: open on a server without keys; with keys they
+    # need `Authorization: Bearer <one of these>` (API keys do not open them) and, while none
+    # is set, /metrics answers 403 and /health/ready only says its status.
+    metrics_keys: tuple[str, ...] = ()
     # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
@@ -138,6 +144,7 @@ class ServerSettings:
         """The settings safe to show (keys redacted), for logs and /health/ready."""
         out = dataclasses.asdict(self)
         out["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        out["metrics_keys"] = f"<{len(self.metrics_keys)} key(s)>"
         return out
 
 
