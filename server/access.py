@@ -1,14 +1,18 @@
-"""Who may open a session: API keys, Origin allowlist, and the session count (admission).
+"""Who may open a session or read the server's figures: API keys, Origin, admission.
 
 Keys come as `Authorization: Bearer <key>` (SDKs, scripts) or, for browsers that cannot set
 WebSocket headers, as the subprotocol `openai-insecure-api-key.<key>` the OpenAI API
 accepts. The Origin check protects browsers from other sites driving the server with the
 user's network position; clients that send no Origin (SDKs, curl) are not browsers and pass.
+With keys and no allowlist, only the server's own pages (Origin host = Host header) pass.
+/metrics and /health/ready's details are for operators: on a server with keys they need a
+metrics key (`metrics_keys`), never an API key.
 """
 from __future__ import annotations
 
 import hmac
 import threading
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
@@ -49,12 +53,37 @@ def key_matches(key: Optional[str], keys: tuple[str, ...]) -> bool:
     return ok
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a page at `origin` is served by this server, as the Host header names it."""
+    try:
+        page, server = urlsplit(origin), urlsplit("//" + host.strip())
+        page_port, server_port = page.port, server.port
+    except ValueError:
+        return False
+    if page.scheme not in _DEFAULT_PORTS or not page.hostname or not server.hostname:
+        return False  # "null" (file://, sandboxed frames) and anything that is not a web page
+    default = _DEFAULT_PORTS[page.scheme]
+    return (page.hostname, page_port or default) == (server.hostname, server_port or default)
+
+
+def origin_allowed(settings: ServerSettings, origin: str, host: str) -> bool:
+    if "*" in settings.allowed_origins:
+        return True
+    if settings.allowed_origins:
+        return origin in settings.allowed_origins
+    return not settings.auth_enabled or same_origin(origin, host)
+
+
 def check_access(settings: ServerSettings, headers: Mapping[str, str],
                  subprotocols: Iterable[str]) -> Optional[Refusal]:
     """None when the connection may proceed, else why not."""
     origin = headers.get("origin")
-    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
-        return Refusal(403, "origin_not_allowed", f"Origin {origin!r} is not allowed.")
+    if origin is not None and not origin_allowed(settings, origin, headers.get("host", "")):
+        return Refusal(403, "origin_not_allowed", f"Origin {origin[:200]!r} is not allowed (see "
+                       "--allowed-origin).")
     if settings.auth_enabled:
         key = presented_key(headers, subprotocols, settings.allow_key_in_subprotocol)
         if key is None:
@@ -62,6 +91,19 @@ def check_access(settings: ServerSettings, headers: Mapping[str, str],
                            "'Authorization: Bearer <key>'.")
         if not key_matches(key, settings.api_keys):
             return Refusal(401, "invalid_api_key", "Incorrect API key provided.")
+    return None
+
+
+def check_operator(settings: ServerSettings, headers: Mapping[str, str]) -> Optional[Refusal]:
+    """None when the caller may read /metrics and /health/ready's details, else why not."""
+    if settings.metrics_keys:
+        if key_matches(presented_key(headers, (), allow_subprotocol=False), settings.metrics_keys):
+            return None
+        return Refusal(401, "invalid_metrics_key", "A metrics key is required: send "
+                       "'Authorization: Bearer <metrics key>'.")
+    if settings.auth_enabled:
+        return Refusal(403, "metrics_key_required", "This server has API keys, so its metrics need "
+                       "their own key: set OMNI2_METRICS_KEYS (or --metrics-key).")
     return None
 
 

@@ -13,14 +13,16 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import events as ev
-from .access import REALTIME_SUBPROTOCOL, Admission, check_access, wants_beta_names
+from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, wants_beta_names
 from .engine_host import EngineHost
+from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
+from .limits import ConnectionLimiter
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError
@@ -46,24 +48,33 @@ def create_app(settings: ServerSettings, host: EngineHost,
     admission = Admission(settings.max_sessions)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
     app.state.admission = admission
+    app.state.connections = ConnectionLimiter(settings, metrics)  # used by serve.uvicorn_config
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
     @app.get("/health/ready")
-    async def ready():
+    async def ready(request: Request):
+        # Probes need only the status; the details are for operators (access.check_operator).
+        details = check_operator(settings, request.headers) is None
         if not host.ready:
             body = {"status": host.state}
-            if host.error:
+            if host.error and details:
                 body["error"] = host.error
             return JSONResponse(body, status_code=503)
+        if not details:
+            return {"status": "ready"}
         stats = host.stats() or {}
         return {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
                 "sessions": admission.active, "max_sessions": admission.limit}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(request: Request):
+        refusal = check_operator(settings, request.headers)
+        if refusal is not None:
+            return JSONResponse({"error": {"type": "invalid_request_error", "code": refusal.code,
+                                           "message": refusal.message}}, status_code=refusal.status)
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
         text = metrics.render(host.stats())
@@ -154,18 +165,23 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
                                                    "Try again later.", type="server_error"))
             close_reason.update(code=CLOSE_TRY_AGAIN, reason="no model slot free")
             return
+        clock = SessionClock(settings)
         while True:
             try:
-                message = await asyncio.wait_for(ws.receive(), settings.idle_timeout_s)
+                message = await asyncio.wait_for(ws.receive(), clock.wait_s(session))
             except asyncio.TimeoutError:
-                if session.busy:
-                    continue
-                await session.send_error(ProtocolError("idle_timeout", f"No client event for "
-                                                       f"{settings.idle_timeout_s:g} s; closing."))
-                close_reason.update(code=CLOSE_NORMAL, reason="idle timeout")
-                break
+                due = clock.due(session)
+                if due == "stall":
+                    await session.end_stalled_speech()
+                elif due == "idle":
+                    await session.send_error(ProtocolError("idle_timeout", f"No client event for "
+                                                           f"{settings.idle_timeout_s:g} s; closing."))
+                    close_reason.update(code=CLOSE_NORMAL, reason="idle timeout")
+                    break
+                continue
             if message["type"] == "websocket.disconnect":
                 break
+            clock.heard()
             raw = message.get("text")
             if raw is None:
                 raw = message.get("bytes") or b""

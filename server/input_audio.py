@@ -24,6 +24,7 @@ audio. `SpeechResumed` says the speculation is void (the user went on talking).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -122,6 +123,7 @@ class InputAudio:
         self.keep_samples = int(idle_keep_s * RATE)
         self._factory = detector_factory
         self.samples_total = 0       # 16 kHz samples received this session
+        self.pushed_at = time.monotonic()  # when audio last came (the stall timeout reads it)
         self._chunks: list[np.ndarray] = []
         self._buf_start = 0          # absolute index of the first buffered sample
         self._buf_len = 0
@@ -146,8 +148,8 @@ class InputAudio:
     def configure(self, fmt: AudioFormat, turn_detection: Optional[TurnDetection]) -> None:
         """Apply a session.update; a new detector starts fresh from the current position."""
         if fmt != self.fmt:
+            self._resampler = Resampler(fmt.sample_rate, RATE)  # first: it may refuse the rate
             self.fmt = fmt
-            self._resampler = Resampler(fmt.sample_rate, RATE)
         if turn_detection != self.turn_detection:
             self.turn_detection = turn_detection
             self._detector = self._factory(turn_detection) if turn_detection else None
@@ -209,6 +211,7 @@ class InputAudio:
     def push(self, data: bytes) -> list[InputEvent]:
         """Take one append's bytes; return what they caused, in order."""
         single_threaded()  # the VAD's torch work must not hold an OpenMP team (cpu_threads)
+        self.pushed_at = time.monotonic()
         x = self.decode(data)
         if x.size == 0:
             return []
@@ -257,17 +260,31 @@ class InputAudio:
                 self._cut = None
         if self.in_speech and self._buf_len >= self.max_samples:
             # The user has talked for max_turn_audio_s: answer what we have, listen afresh.
-            end = self._buf_start + self._buf_len
-            audio = self._take_until(end)
-            if not (self._held or self._discard):
-                events.append(SpeechStopped(end, audio, forced=True))
-            self.in_speech = self._held = self._discard = False
-            self._cut = None
-            self._detector = self._factory(self.turn_detection)
-            self._origin = self.samples_total
+            events += self._force_stop(self._buf_start + self._buf_len)
         if not self.in_speech:
             self._trim_before(self._buf_start + self._buf_len - self.keep_samples)
         return events
+
+    def end_speech(self) -> list[InputEvent]:
+        """The client stopped sending audio mid-speech (stall timeout): the speech ends where
+        the audio did, or where the quiet already heard would have cut it, as if the user had
+        gone quiet; the detector starts over."""
+        if not self.in_speech:
+            return []
+        end = self._buf_start + self._buf_len
+        events = self._force_stop(end if self._cut is None else self._cut, end)
+        self._trim_before(end - self.keep_samples)
+        return events
+
+    def _force_stop(self, cut: int, at: Optional[int] = None) -> list[InputEvent]:
+        """End the current speech without the detector: its audio up to `cut` is the turn."""
+        audio = self._take_until(cut)
+        heard = not (self._held or self._discard)
+        self.in_speech = self._held = self._discard = False
+        self._cut = None
+        self._detector = self._factory(self.turn_detection)
+        self._origin = self.samples_total
+        return [SpeechStopped(cut if at is None else at, audio, forced=True)] if heard else []
 
     def _on_interrupt(self, ev) -> list[InputEvent]:
         out: list[InputEvent] = []

@@ -102,6 +102,9 @@ class Metrics:
         self.sessions_active = Gauge(p + "sessions_active", "WebSocket sessions open now")
         self.sessions_total = Counter(p + "sessions_total", "Sessions accepted since start")
         self.refused_total = Counter(p + "sessions_refused_total", "Connections refused", "reason")
+        self.connections_open = Gauge(p + "connections_open", "TCP connections open now (HTTP and WebSocket)")
+        self.connections_refused = Counter(p + "connections_refused_total", "TCP connections refused or "
+                                           "closed before a request (server/limits.py)", "reason")
         self.responses_total = Counter(p + "responses_total", "Responses finished", "status")
         self.cancels_total = Counter(p + "response_cancels_total", "Responses cancelled", "reason")
         self.interrupts_total = Counter(p + "interrupts_total", "Duplex interrupts heard (command, "

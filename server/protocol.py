@@ -194,6 +194,11 @@ UNSUPPORTED = {
 }
 
 
+def _no_constant(name: str):
+    # Python's json reads NaN and +-Infinity, which JSON does not have: refuse them at the door.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_message(raw: str | bytes, max_bytes: int, max_image_bytes: int) -> ClientEvent:
     """One WebSocket message -> one validated client event, or ProtocolError."""
     size = len(raw.encode() if isinstance(raw, str) else raw)
@@ -205,9 +210,11 @@ def parse_message(raw: str | bytes, max_bytes: int, max_image_bytes: int) -> Cli
         except UnicodeDecodeError:
             raise ProtocolError("invalid_json", "Binary messages must be UTF-8 JSON text.") from None
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("invalid_json", f"Message is not valid JSON: {exc}.") from None
+        obj = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, and also an integer literal over Python's 4300-digit
+        # limit; RecursionError: nesting deeper than the parser's stack.
+        raise ProtocolError("invalid_json", f"Message is not valid JSON: {str(exc)[:200]}.") from None
     if not isinstance(obj, dict):
         raise ProtocolError("invalid_event", "A client event must be a JSON object.")
     event_id = obj.get("event_id") if isinstance(obj.get("event_id"), str) else None

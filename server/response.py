@@ -182,6 +182,14 @@ class ResponseRun:
         self._account(status)
         return status
 
+    def abandon(self) -> None:
+        """The connection ended before the answer closed: no events can go out, but the
+        answer is counted (cancelled, with the cancel reason the session set)."""
+        if not self.finished:
+            self._on_speaking(False)
+            self.finished = True
+            self._account("cancelled")
+
     def _usage(self, done: Optional[TurnDone]) -> dict:
         """Token counts as the engine reports them: prompt positions in, one text token and
         one 7-code SNAC frame per decode step out (Mini-Omni2 decodes both in parallel)."""

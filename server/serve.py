@@ -45,8 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require this Bearer key (repeatable; or OMNI2_API_KEYS=k1,k2)")
     parser.add_argument("--allowed-origin", action="append", default=None, dest="allowed_origins",
                         help="allow browser pages from this Origin only (repeatable)")
+    parser.add_argument("--metrics-key", action="append", default=None, dest="metrics_keys",
+                        help="key for /metrics and /health/ready details (repeatable; or OMNI2_METRICS_KEYS); "
+                             "with --api-key and no metrics key, /metrics answers 403")
     parser.add_argument("--idle-timeout", type=float, default=None, dest="idle_timeout_s",
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
+    parser.add_argument("--input-stall-timeout", type=float, default=None, dest="input_stall_timeout_s",
+                        help="end a user's speech after this many seconds without audio "
+                             f"(default {d.input_stall_timeout_s:g})")
+    parser.add_argument("--handshake-timeout", type=float, default=None, dest="handshake_timeout_s",
+                        help=f"close connections without a complete request after this many seconds "
+                             f"(default {d.handshake_timeout_s:g})")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help=f"open TCP connections at most, 0 = no cap (default {d.max_connections})")
+    parser.add_argument("--max-connections-per-client", type=int, default=None,
+                        help=f"open TCP connections per client IP, 0 = no cap (default "
+                             f"{d.max_connections_per_client}; behind a proxy every client has its IP)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help=f"decode steps per answer at most (default {d.max_steps})")
     parser.add_argument("--interrupt", choices=("vad", "barge_in", "command"), default=None,
@@ -67,9 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
-              "warmup", "log_level", "interrupt_mode")
+              "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s", "handshake_timeout_s",
+              "max_connections", "max_connections_per_client")
     overrides = {f: getattr(args, f, None) for f in fields}
-    for name in ("api_keys", "allowed_origins", "command_phrases"):
+    for name in ("api_keys", "allowed_origins", "command_phrases", "metrics_keys"):
         value = getattr(args, name, None)
         overrides[name] = tuple(value) if value else None
     return settings_from_env(**overrides)
@@ -127,16 +142,28 @@ def web_client_dir() -> Optional[Path]:
 
 def uvicorn_config(app, settings: ServerSettings):
     import uvicorn
-    from uvicorn.config import WS_PROTOCOLS
+    from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    from .limits import ConnectionLimiter, guarded_protocols
+    from .redact import redact_uvicorn_logs
 
     # The sans-I/O websockets binding is the maintained one (uvicorn >= 0.35); older: legacy.
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
-    return uvicorn.Config(
+    # uvicorn's own protocols with connection caps and a request deadline (limits.py); the
+    # app's limiter when it has one, so /metrics shows the counts.
+    state = getattr(app, "state", None)
+    limiter = getattr(state, "connections", None) or ConnectionLimiter(settings)
+    http, ws = guarded_protocols(limiter, import_from_string(HTTP_PROTOCOLS["auto"]),
+                                 import_from_string(WS_PROTOCOLS[ws]))
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        ws=ws, ws_max_size=settings.hard_message_bytes,
+        http=http, ws=ws, ws_max_size=settings.hard_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_ping_interval=settings.ws_ping_interval_s, ws_ping_timeout=settings.ws_ping_timeout_s,
         lifespan="off", server_header=False)
+    redact_uvicorn_logs()  # after Config: it (re)configures uvicorn's loggers
+    return config
 
 
 def main(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from . import protocol as p
 from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
                           SpeechResumed, SpeechStarted, SpeechStopped)
 from .metrics import Metrics
+from .guard import internal_error
 from .outbox import Outbox, SlowReader
 from .response import ResponseRun
 from .session_config import SessionConfig
@@ -136,6 +137,11 @@ class RealtimeSession:
             await asyncio.sleep(0.02)
 
     @property
+    def responding(self) -> bool:
+        """An answer is live (the idle timeout waits for it to end)."""
+        return self.run is not None and not self.run.finished
+
+    @property
     def busy(self) -> bool:
         """A response is live or the user is mid-sentence (idle timeout does not apply)."""
         return (self.run is not None and not self.run.finished) or bool(self.input and self.input.in_speech)
@@ -147,7 +153,7 @@ class RealtimeSession:
         self.closed = True
         self._drop_speculation()
         if self.run is not None and not self.run.finished:
-            self.run.cancel_reason = self.run.cancel_reason or "client_cancelled"
+            self.run.cancel_reason = self.run.cancel_reason or "client_disconnected"
             self.run.turn.cancel()
         if self._run_task is not None:
             self._run_task.cancel()
@@ -155,6 +161,8 @@ class RealtimeSession:
                 await self._run_task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.run is not None:
+            self.run.abandon()  # an answer cut by the disconnect still counts (cancelled)
         if self.engine_session is not None:
             await asyncio.to_thread(self.engine.close_session, self.engine_session)
             self.engine_session = None
@@ -174,6 +182,10 @@ class RealtimeSession:
         except p.ProtocolError as err:
             err.event_id = err.event_id or event.event_id
             await self.send_error(err)
+        except (SlowReader, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug or an input we did not foresee: this event fails, not the session
+            await self.send_error(internal_error(exc, event, self.id))
 
     async def send_error(self, err: p.ProtocolError) -> None:
         self.metrics.errors_total.inc(label=err.code)
@@ -218,6 +230,16 @@ class RealtimeSession:
         except ValueError as exc:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None
+        await self._on_input(happened, e.event_id)
+
+    async def end_stalled_speech(self) -> None:
+        """The client sent no audio mid-speech for the stall timeout: the speech ends here."""
+        log.info("session %s: no audio for %g s mid-speech; the speech ends there", self.id,
+                 self.settings.input_stall_timeout_s)
+        await self._on_input(await asyncio.to_thread(self.input.end_speech), None)
+
+    async def _on_input(self, happened: list, event_id: Optional[str]) -> None:
+        """What the microphone audio caused (input_audio.InputEvent), in order."""
         for h in happened:
             if isinstance(h, (Interrupted, SpeechResumed, SpeechStarted)):
                 self._drop_speculation()
@@ -253,7 +275,7 @@ class RealtimeSession:
                 await self.send_error(p.ProtocolError(
                     "input_audio_buffer_full", f"Input audio buffer is full "
                     f"({self.settings.max_turn_audio_s:g} s); {h.dropped_samples / RATE:.2f} s dropped. "
-                    "Commit or clear it.", "audio", e.event_id))
+                    "Commit or clear it.", "audio", event_id))
 
     async def _interrupted(self, h: Interrupted) -> None:
         """Duplex listener: a spoken command or a barge-in over the answer, while it is being

@@ -35,10 +35,21 @@ class ServerSettings:
     # --- admission and access ------------------------------------------------------------
     max_sessions: int = 16              # concurrent WebSocket sessions (= engine slots)
     api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
-    allowed_origins: tuple[str, ...] = ()  # empty: any Origin; else exact match required
+    # Browser pages allowed to open sessions (exact Origin match; "*" = any). Empty: any Origin
+    # on a server without keys; only the server's own pages (Origin host = Host) with keys.
+    allowed_origins: tuple[str, ...] = ()
+    # /metrics and the details of /health/ready: open on a server without keys; with keys they
+    # need `Authorization: Bearer <one of these>` (API keys do not open them) and, while none
+    # is set, /metrics answers 403 and /health/ready only says its status.
+    metrics_keys: tuple[str, ...] = ()
     # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
+
+    # --- connections (before any session: TCP, HTTP, the WebSocket handshake) ----------------
+    max_connections: int = 256          # open TCP connections in all; beyond: 503 and close
+    max_connections_per_client: int = 32  # per client IP (0 = no cap; behind a proxy all share one)
+    handshake_timeout_s: float = 10.0   # connection open -> request headers complete, else closed
 
     # --- per-connection limits -----------------------------------------------------------
     max_message_bytes: int = 1 << 20    # one client event (JSON text), 1 MiB
@@ -46,6 +57,7 @@ class ServerSettings:
     # max_message_bytes and the cap the session answers with an error event and goes on.
     hard_message_bytes: int = 4 << 20
     idle_timeout_s: float = 300.0       # no client event and no live response -> close
+    input_stall_timeout_s: float = 10.0  # mid-speech (VAD) with no audio this long: the speech ends
     outbound_queue_events: int = 512    # server events waiting for a slow reader
     send_stall_timeout_s: float = 15.0  # queue full this long -> reader is gone, close
     max_turn_audio_s: float = 60.0      # input audio buffer cap (and VAD forced commit)
@@ -100,7 +112,11 @@ class ServerSettings:
                      "max_image_bytes", "max_image_pixels", "max_pending_texts"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s"):
+        for name in ("max_connections", "max_connections_per_client"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s",
+                     "handshake_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hard_message_bytes < self.max_message_bytes:
@@ -128,6 +144,7 @@ class ServerSettings:
         """The settings safe to show (keys redacted), for logs and /health/ready."""
         out = dataclasses.asdict(self)
         out["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        out["metrics_keys"] = f"<{len(self.metrics_keys)} key(s)>"
         return out
 
 

@@ -16,7 +16,8 @@ name                                                   encoding        sample ra
 =====================================================  ==============  ===========
 
 The Realtime API itself only documents rate 24000 for audio/pcm; other PCM rates
-(8000..48000) are an extension so that clients can send 16 kHz microphone audio unresampled.
+(8000..48000, multiples of 8, 10 or 25 Hz: see PCM_RATE_RULE) are an extension so that
+clients can send 16 kHz microphone audio unresampled.
 
 Resampling is a polyphase Kaiser-windowed-sinc filter: output sample n sits at input time
 n * sr_in / sr_out, and is the dot product of the input around that time with the filter
@@ -194,12 +195,30 @@ ACCEPTED_FORMATS = (
 )
 
 
+# The PCM rates accepted are those the resampler reaches the model rate from with a filter
+# table of at most max_phases phases: 16000 / gcd(rate, 16000) <= 2048, which is exactly the
+# rates that are a multiple of 8, 10 or 25 Hz (every rate devices use). An odd rate such as
+# 44101 Hz would need 16000 phases (25 MB of taps per rate): refused when the format is chosen.
+PCM_RATE_RULE = (f"a whole number of Hz in {PCM_RATE_RANGE[0]}..{PCM_RATE_RANGE[1]} that is a multiple of "
+                 "8, 10 or 25 (e.g. 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)")
+
+
+def resampling_phases(sr_in: int, sr_out: int) -> int:
+    """Filter phases a Resampler from sr_in to sr_out needs (the reduced upsampling factor)."""
+    return sr_out // math.gcd(sr_in, sr_out)
+
+
 def _pcm_rate(rate: object) -> int:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate):
-        raise ValueError(f"audio rate must be an integer number of Hz, got {rate!r}")
-    rate = int(rate)
+    if isinstance(rate, float) and math.isfinite(rate) and rate.is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, int):
+        # (not int(rate): int(inf) raises OverflowError, int(nan) ValueError)
+        raise ValueError(f"audio rate must be {PCM_RATE_RULE}; got {rate!r}")
     if not PCM_RATE_RANGE[0] <= rate <= PCM_RATE_RANGE[1]:
         raise ValueError(f"audio rate {rate} Hz is outside the supported {PCM_RATE_RANGE[0]}..{PCM_RATE_RANGE[1]} Hz")
+    if resampling_phases(rate, MODEL_SAMPLE_RATE) > DEFAULT_QUALITY.max_phases:
+        raise ValueError(f"audio rate {rate} Hz cannot be resampled to {MODEL_SAMPLE_RATE} Hz; "
+                         f"accepted: {PCM_RATE_RULE}")
     return rate
 
 
@@ -306,8 +325,8 @@ class Resampler:
         if int(sr_in) != sr_in or int(sr_out) != sr_out or sr_in <= 0 or sr_out <= 0:
             raise ValueError(f"sample rates must be positive integers, got {sr_in} -> {sr_out}")
         self.sr_in, self.sr_out = int(sr_in), int(sr_out)
-        g = math.gcd(self.sr_in, self.sr_out)
-        self.up, self.down = self.sr_out // g, self.sr_in // g
+        self.up = resampling_phases(self.sr_in, self.sr_out)
+        self.down = self.sr_in * self.up // self.sr_out
         if self.up > quality.max_phases:
             raise ValueError(
                 f"resampling {sr_in} -> {sr_out} Hz needs {self.up} filter phases (limit {quality.max_phases})"

@@ -25,6 +25,7 @@ from omni2.streaming.audio import (
     parse_audio_format,
     pcm16_to_float,
     resample,
+    resampling_phases,
 )
 
 ALL_CODES = bytes(range(256))
@@ -144,11 +145,31 @@ def test_parse_audio_format(fmt, expect):
 @pytest.mark.parametrize(
     "fmt",
     ["mp3", "pcm32", "", {"type": "audio/mp3"}, {"rate": 24000}, {"type": "audio/pcm", "rate": 1000},
-     {"type": "audio/pcm", "rate": "fast"}, {"type": "audio/pcmu", "rate": 16000}, "audio/pcm;rate=0", 42],
+     {"type": "audio/pcm", "rate": "fast"}, {"type": "audio/pcmu", "rate": 16000}, "audio/pcm;rate=0", 42,
+     # Not a number of Hz (int(inf) raises OverflowError: it must be a ValueError here too).
+     {"type": "audio/pcm", "rate": float("inf")}, {"type": "audio/pcm", "rate": float("-inf")},
+     {"type": "audio/pcm", "rate": float("nan")}, {"type": "audio/pcm", "rate": 16000.5},
+     {"type": "audio/pcm", "rate": 10 ** 5000}, "audio/pcm;rate=" + "9" * 5000],
 )
 def test_parse_audio_format_rejects(fmt):
     with pytest.raises(ValueError):
         parse_audio_format(fmt)
+
+
+@pytest.mark.parametrize("fmt", [{"type": "audio/pcm", "rate": 44101}, {"type": "audio/pcm", "rate": 8001},
+                                 {"type": "audio/pcm", "rate": 47999}, "audio/pcm;rate=16001"])
+def test_rates_the_resampler_cannot_take_are_refused_naming_what_is_accepted(fmt):
+    with pytest.raises(ValueError, match="multiple of 8, 10 or 25"):
+        parse_audio_format(fmt)
+
+
+def test_every_accepted_pcm_rate_builds_a_resampler():
+    # The rule the error message states is exactly what the resampler takes.
+    ok = [r for r in range(8000, 48001) if r % 8 == 0 or r % 10 == 0 or r % 25 == 0]
+    assert [r for r in range(8000, 48001) if resampling_phases(r, 16000) <= 2048] == ok
+    for rate in (8000, 11025, 22050, 44100, 47975, 16000.0):
+        assert parse_audio_format({"type": "audio/pcm", "rate": rate}).sample_rate == rate
+    Resampler(47975, 16000)  # the largest table accepted: 640 phases
 
 
 def test_decode_input_audio_formats():

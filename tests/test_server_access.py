@@ -202,6 +202,10 @@ def test_disconnect_mid_turn_frees_the_slot(engine):
             s = engine.stats()
             assert (s["live_turns"], s["sessions"], srv.app.state.admission.active) == (0, 0, 0)
             assert engine.cancels_total >= 1
+            # The answer the disconnect cut is counted, with its own reason.
+            m = srv.app.state.metrics
+            assert (m.responses_total.get("cancelled"), m.cancels_total.get("client_disconnected")) == (1, 1)
+            assert m.audio_out_seconds.get() > 0
     finally:
         engine.answer_words = 8
 

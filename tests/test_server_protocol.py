@@ -40,6 +40,10 @@ def error_of(obj=None, raw=None) -> p.ProtocolError:
     ('{"type": "no.such.event", "event_id": "e9"}', "unknown_event_type"),
     ('{"type": "conversation.item.delete", "item_id": "x"}', "unsupported_event"),
     (b"\xff\xfe", "invalid_json"),
+    ('{"type": "session.update", "session": {"seed": ' + "1" * 4301 + "}}", "invalid_json"),  # int limit
+    ('{"type": "session.update", "session": {"temperature": NaN}}', "invalid_json"),
+    ('{"type": "session.update", "session": {"temperature": -Infinity}}', "invalid_json"),
+    ("[" * 100_000 + "]" * 100_000, "invalid_json"),
 ])
 def test_malformed_messages_get_their_codes(raw, code):
     err = error_of(raw=raw)

@@ -27,9 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ready(port: int):
+def ready(port: int, key: str | None = None):
+    """/health/ready's status and body (its details need the metrics key on a keyed server)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/health/ready", headers=headers)
+        with urllib.request.urlopen(request, timeout=2) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -50,7 +53,7 @@ def serving(*args: str, env: dict | None = None):
         deadline = time.time() + 120
         status = None
         while time.time() < deadline and proc.poll() is None:
-            status, run.body = ready(run.port)
+            status, run.body = ready(run.port, (env or {}).get("OMNI2_METRICS_KEYS"))
             if status == 200:
                 break
             time.sleep(0.2)
@@ -68,7 +71,7 @@ def serving(*args: str, env: dict | None = None):
 
 def test_omni2_serve_tiny_comes_up_answers_and_stops():
     with serving("--model", "tiny", "--max-sessions", "2", "--max-steps", "24",
-                 env={"OMNI2_API_KEYS": "k1", "OMNI2_IDLE_TIMEOUT_S": "60"}) as run:
+                 env={"OMNI2_API_KEYS": "k1", "OMNI2_METRICS_KEYS": "ops", "OMNI2_IDLE_TIMEOUT_S": "60"}) as run:
         body = run.body
         assert body["model"] == "tiny" and body["max_sessions"] == 2 and body["fallback"] is False
 
