@@ -17,7 +17,7 @@ from omni2.model.snac_layout import frames_from_steps, sanitize_frames
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine, EngineFull
 from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
-from omni2.streaming.slots import Slot, make_room
+from omni2.streaming.slots import Slot, TurnRecord, make_room
 
 
 def question(seed, seconds=0.6):
@@ -271,7 +271,7 @@ def test_make_room_drops_oldest_turns_and_rerotates_keys(tiny_model):
     cache = KVCache.allocate(cfg, rows=2, max_len=40)
     with torch.inference_mode():
         lm(x, cache, None, torch.arange(30)[None].expand(2, 30), span=30)
-        slot = Slot(0, session="s", ctx=30, turn_starts=[0, 12, 22])
+        slot = Slot(0, session="s", ctx=30, records=[TurnRecord(0), TurnRecord(12), TurnRecord(22)])
         dropped = make_room(cache, slot, need=20, limit=40, rope_cos=lm.rope_cos, rope_sin=lm.rope_sin)
         assert dropped == 12 and slot.ctx == 18 and slot.turn_starts == [0, 10]
         fresh = KVCache.allocate(cfg, rows=2, max_len=40)
