@@ -6,6 +6,11 @@ answer names the session and what the turn carried, so tests can check that ever
 got its own answer. Cancel is honoured at the next tick; submitting past `slots` live turns
 raises EngineFull; a turn with no input or an undecodable image raises ValueError. A held
 (speculative) turn stays silent until released.
+
+Context: `context[sid]` lists (turn id, label) of what the model would remember, in order
+(context-only turns at once, answered turns with their answer, out-of-band ones never;
+`forget` removes them), and `prompts` what each answered turn's prompt held (context + its
+own question), so tests can check that a deleted item is gone from the next prompt.
 """
 from __future__ import annotations
 
@@ -50,6 +55,10 @@ class FakeEngine:
         self.cancels_total = 0
         self.submitted: list[TurnRequest] = []
         self.step_seconds: list[float] = []
+        self.context: dict[str, list[tuple[int, str]]] = {}
+        self.prompts: list[list[str]] = []
+        self.forgotten: list[tuple[str, int, str]] = []
+        self._after_finish: dict[int, list[str]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> "FakeEngine":
@@ -70,6 +79,7 @@ class FakeEngine:
         sid = f"s{next(self._ids)}"
         with self._lock:
             self._sessions[sid] = None
+            self.context[sid] = []
         return sid
 
     def close_session(self, sid: str) -> None:
@@ -79,7 +89,7 @@ class FakeEngine:
             turn.cancel()
 
     def submit(self, request: TurnRequest) -> Turn:
-        if request.audio_16k is None and not request.text and request.image is None:
+        if request.audio_16k is None and request.text is None and request.image is None:
             raise ValueError("a turn needs audio, text or an image")
         if request.audio_16k is not None and request.audio_16k.size == 0:
             raise ValueError("empty audio")
@@ -92,6 +102,13 @@ class FakeEngine:
         with self._lock:
             if request.session_id not in self._sessions:
                 raise ValueError(f"unknown session {request.session_id}")
+            if not request.answer:  # context only: remembered at once, nothing said
+                turn = Turn(request)
+                self.submitted.append(request)
+                self.context[request.session_id].append((turn.id, self.label(request)))
+                turn._emit(TurnDone(reason="completed", frames_generated=0, frames_emitted=0, text="",
+                                    stats={"steps": 0, "prompt_positions": 3, "context_start": 0}))
+                return turn
             old = self._sessions[request.session_id]
             if old is not None and not old.done:
                 old.cancel()  # barge-in: the new turn replaces the live one
@@ -102,9 +119,35 @@ class FakeEngine:
             self._sessions[request.session_id] = turn
             self._live[turn] = {"step": 0, "words": self._answer(request), "text": [], "phase": 0.0}
             self.submitted.append(request)
+            context = [label for _, label in self.context[request.session_id]]
+            self.prompts.append(context + [self.label(request)])
         return turn
 
-    def _answer(self, request: TurnRequest) -> list[str]:
+    def forget(self, sid: str, turn_id: int, part: str = "all") -> None:
+        """As the real engine orders it: a live turn is forgotten once it has ended."""
+        with self._lock:
+            self.forgotten.append((sid, turn_id, part))
+            if any(t.id == turn_id for t in self._live):
+                self._after_finish.setdefault(turn_id, []).append(part)
+                return
+            self._forget(sid, turn_id, part)
+
+    def _forget(self, sid: str, turn_id: int, part: str) -> None:
+        kept = []
+        for tid, label in self.context.get(sid, []):
+            if tid == turn_id and part != "all":
+                question, _, answer = label.partition(" -> ")
+                label = answer if part == "prompt" else question
+                kept.append((tid, label))
+            elif tid != turn_id:
+                kept.append((tid, label))
+        self.context[sid] = kept
+
+    @staticmethod
+    def label(request: TurnRequest) -> str:
+        """What a turn puts in the context: user:<what it carried>, or role:text."""
+        if request.role != "user":
+            return f"{request.role}:" + "_".join(request.text.split())
         what = []
         if request.audio_16k is not None:
             what.append(f"{request.audio_16k.size / 16000:.1f}s-audio")
@@ -112,7 +155,10 @@ class FakeEngine:
             what.append("text=" + "_".join(request.text.split()))
         if request.image is not None:
             what.append("image")
-        words = [f"answer-for-{request.session_id}", "about", "+".join(what)]
+        return "user:" + ("+".join(what) or "nothing")
+
+    def _answer(self, request: TurnRequest) -> list[str]:
+        words = [f"answer-for-{request.session_id}", "about", self.label(request)[len("user:"):]]
         filler = ["the", "sky", "is", "blue", "today", "and", "tomorrow", "again"]
         while len(words) < self.answer_words:
             words.append(filler[len(words) % len(filler)])
@@ -165,6 +211,12 @@ class FakeEngine:
     def _finish(self, turn: Turn, st: dict, reason: str) -> None:
         with self._lock:
             self._live.pop(turn, None)
+            if turn.request.keep:
+                answer = "_".join("".join(st["text"]).split())
+                self.context[turn.request.session_id].append(
+                    (turn.id, f"{self.label(turn.request)} -> assistant:{answer}"))
+            for part in self._after_finish.pop(turn.id, []):
+                self._forget(turn.request.session_id, turn.id, part)
         turn._emit(TurnDone(reason=reason, frames_generated=st["step"], frames_emitted=st["step"],
                             text="".join(st["text"]),
                             stats={"steps": st["step"], "prompt_positions": 10, "context_start": 0}))
