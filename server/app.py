@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError
 from .session import RealtimeSession, is_engine_full
+from .session_config import EXTENSIONS_FIELD
 from .settings import ServerSettings
 
 log = logging.getLogger("omni2.server")
@@ -121,14 +122,15 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
     try:
         await ws.accept(subprotocol=subprotocol)
         metrics.sessions_total.inc()
+        extensions = ws.query_params.get(EXTENSIONS_FIELD, "").lower() in ("1", "true", "yes", "on")
         await _run_session(ws, settings, host, metrics, detector_factory,
-                           beta=wants_beta_names(headers, offered))
+                           beta=wants_beta_names(headers, offered), extensions=extensions)
     finally:
         admission.release()
 
 
 async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost, metrics: Metrics,
-                       detector_factory: DetectorFactory, beta: bool) -> None:
+                       detector_factory: DetectorFactory, beta: bool, extensions: bool = False) -> None:
     outbox = Outbox(settings.outbound_queue_events, settings.send_stall_timeout_s, beta_names=beta)
     reader = asyncio.current_task()
     close_reason: dict = {}
@@ -139,7 +141,8 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
 
     session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
                               model_name=host.model_name, detector_factory=detector_factory,
-                              on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")))
+                              on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")),
+                              extensions=extensions)
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
     try:
         try:

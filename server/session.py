@@ -70,13 +70,13 @@ class RealtimeSession(ItemEvents):
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
                  on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
-                 model_fallback: bool = False):
+                 model_fallback: bool = False, extensions: bool = False):
         self.id = ev.new_id("sess")
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.outbox = outbox
-        self.cfg = SessionConfig.default(settings, model_name)
+        self.cfg = dataclasses.replace(SessionConfig.default(settings, model_name), extensions=extensions)
         self.model_fallback = model_fallback      # the built-in tiny stand-in: its answers are noise
         self._detector_factory = detector_factory
         self._on_fatal = on_fatal
@@ -424,7 +424,7 @@ class RealtimeSession(ItemEvents):
         self.metrics.truncations_total.inc()
         log.info("session %s: context full, %d positions (%d turns) forgotten", self.id,
                  e.dropped_positions, e.dropped_turns)
-        if not self.closed:
+        if not self.closed and self.cfg.extensions:  # an omni2 extension event: opt-in
             await self.outbox.put(ev.context_truncated(gone, e.dropped_positions))
 
     async def _drive(self, run: ResponseRun) -> None:

@@ -17,6 +17,9 @@ from .protocol import ProtocolError, check_modalities, field_of
 from .settings import ServerSettings
 
 
+# The session field (and query parameter of /v1/realtime) that turns omni2's extension events on.
+EXTENSIONS_FIELD = "omni2_extensions"
+
 # Output is always 24 kHz PCM16 (the codec's rate) or 8 kHz G.711; input may be any PCM rate
 # streaming.audio accepts (16 kHz microphones need no resampling on the client).
 PCM16_24K = AudioFormat("pcm16", REALTIME_SAMPLE_RATE)
@@ -109,6 +112,9 @@ class SessionConfig:
     top_k: int = 1
     top_p: float = 1.0
     seed: Optional[int] = None
+    # omni2 extension events (conversation.context.truncated) go out only to clients that ask:
+    # strict GA clients validate every event against the API's own list.
+    extensions: bool = False
 
     @classmethod
     def default(cls, settings: ServerSettings, model: str) -> "SessionConfig":
@@ -186,6 +192,9 @@ class SessionConfig:
         seed = field_of(patch, "seed", int, "session.seed")
         if seed is not None:
             changes["seed"] = seed
+        extensions = field_of(patch, EXTENSIONS_FIELD, bool, f"session.{EXTENSIONS_FIELD}")
+        if extensions is not None:
+            changes["extensions"] = extensions
         if patch.get("tools"):
             notes.append("tools are ignored: the model cannot call functions.")
         if a_in.get("transcription") or patch.get("input_audio_transcription"):
@@ -223,4 +232,5 @@ class SessionConfig:
             "top_k": self.top_k,
             "top_p": self.top_p,
             "seed": self.seed,
+            **({EXTENSIONS_FIELD: True} if self.extensions else {}),
         }

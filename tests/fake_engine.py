@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.streaming.messages import AudioChunk, TextDelta, Turn, TurnDone, TurnRequest
+from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 
 try:
     from omni2.streaming.engine import EngineFull
@@ -36,7 +36,7 @@ SAMPLE_RATE = 24000
 class FakeEngine:
     def __init__(self, slots: int = 4, tick_s: float = 0.05, words_every: int = 2,
                  answer_words: int = 8, tone_hz: float = 440.0, chunk_s: float | None = None,
-                 noise: bool = False):
+                 noise: bool = False, context_turns: Optional[int] = None):
         self.slots = slots
         self.tick_s = tick_s
         self.words_every = words_every
@@ -44,6 +44,7 @@ class FakeEngine:
         self.tone_hz = tone_hz
         self.chunk_s = chunk_s or tick_s   # audio per chunk (> tick_s: faster than real time)
         self.noise = noise                 # white noise: incompressible on the wire
+        self.context_turns = context_turns  # window: a new answer drops older turns beyond it
         self._rng = np.random.default_rng(0)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -119,8 +120,12 @@ class FakeEngine:
             self._sessions[request.session_id] = turn
             self._live[turn] = {"step": 0, "words": self._answer(request), "text": [], "phase": 0.0}
             self.submitted.append(request)
-            context = [label for _, label in self.context[request.session_id]]
-            self.prompts.append(context + [self.label(request)])
+            context = self.context[request.session_id]
+            dropped = len(context) - self.context_turns + 1 if self.context_turns is not None else 0
+            if dropped > 0:
+                del context[:dropped]
+                turn._emit(ContextTruncated(dropped_positions=10 * dropped, dropped_turns=dropped))
+            self.prompts.append([label for _, label in context] + [self.label(request)])
         return turn
 
     def forget(self, sid: str, turn_id: int, part: str = "all") -> None:

@@ -107,7 +107,8 @@ function send(type, fields = {}) {
 
 function configureSession() {
   const rate = app.mic ? app.mic.rate : app.ctx.sampleRate;
-  send("session.update", { session: { type: "realtime", audio: { input: {
+  // omni2_extensions: this page also wants omni2's own events (context.truncated)
+  send("session.update", { session: { type: "realtime", omni2_extensions: true, audio: { input: {
     format: { type: "audio/pcm", rate },
     turn_detection: app.mode === "vad" ? { type: "server_vad" } : null,
   } } } });
