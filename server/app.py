@@ -27,6 +27,7 @@ from .protocol import ProtocolError
 from .session import RealtimeSession, is_engine_full
 from .session_config import EXTENSIONS_FIELD
 from .settings import ServerSettings
+from .transcription import Transcriber
 
 log = logging.getLogger("omni2.server")
 
@@ -45,6 +46,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
                                                 settings.turn_audio_tail_ms)
     metrics = Metrics()
     admission = Admission(settings.max_sessions)
+    transcriber = Transcriber(settings.transcription_model, settings.transcription_threads)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
     app.state.admission = admission
 
@@ -71,7 +73,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def realtime(ws: WebSocket):
-        await serve_connection(ws, settings, host, metrics, admission, detector_factory)
+        await serve_connection(ws, settings, host, metrics, admission, detector_factory, transcriber)
 
     app.add_api_websocket_route("/v1/realtime", realtime)
     app.add_api_websocket_route("/realtime", realtime)
@@ -100,7 +102,7 @@ async def _refuse_after_upgrade(ws: WebSocket, subprotocol: Optional[str], code:
 
 async def serve_connection(ws: WebSocket, settings: ServerSettings, host: EngineHost,
                            metrics: Metrics, admission: Admission,
-                           detector_factory: DetectorFactory) -> None:
+                           detector_factory: DetectorFactory, transcriber: Optional[Transcriber] = None) -> None:
     offered = list(ws.scope.get("subprotocols") or [])
     headers = {k.lower(): v for k, v in ws.headers.items()}
     refusal = check_access(settings, headers, offered)
@@ -123,14 +125,15 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
         await ws.accept(subprotocol=subprotocol)
         metrics.sessions_total.inc()
         extensions = ws.query_params.get(EXTENSIONS_FIELD, "").lower() in ("1", "true", "yes", "on")
-        await _run_session(ws, settings, host, metrics, detector_factory,
+        await _run_session(ws, settings, host, metrics, detector_factory, transcriber,
                            beta=wants_beta_names(headers, offered), extensions=extensions)
     finally:
         admission.release()
 
 
 async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost, metrics: Metrics,
-                       detector_factory: DetectorFactory, beta: bool, extensions: bool = False) -> None:
+                       detector_factory: DetectorFactory, transcriber: Optional[Transcriber], beta: bool,
+                       extensions: bool = False) -> None:
     outbox = Outbox(settings.outbound_queue_events, settings.send_stall_timeout_s, beta_names=beta)
     reader = asyncio.current_task()
     close_reason: dict = {}
@@ -142,7 +145,7 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
     session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
                               model_name=host.model_name, detector_factory=detector_factory,
                               on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")),
-                              extensions=extensions)
+                              extensions=extensions, transcriber=transcriber)
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
     try:
         try:

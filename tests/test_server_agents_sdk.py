@@ -87,3 +87,7 @@ def test_agents_sdk_spoken_turn_and_interruption_without_errors():
     assert len(engine.submitted) >= 2
     roles = [item.role for item in history if item.type == "message"]
     assert roles.count("user") == 2 and roles.count("assistant") == 2, roles
+    # the SDK's default input transcription, served by the offline recognizer
+    heard = [part.transcript or "" for item in history if item.type == "message" and item.role == "user"
+             for part in item.content if part.type == "input_audio"]
+    assert "weather" in heard[0].lower() and "something else" in heard[1].lower(), heard
