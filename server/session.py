@@ -32,6 +32,7 @@ from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnReque
 from . import events as ev
 from . import protocol as p
 from .conversation import Conversation, Item, Pending
+from .idle_timeout import IdleTimeout
 from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
                           SpeechResumed, SpeechStarted, SpeechStopped)
 from .metrics import Metrics
@@ -95,6 +96,7 @@ class RealtimeSession(ItemEvents):
         self._spec: Optional[Speculation] = None
         self._pause_frame: Optional[bytes] = None  # latest camera frame when the speech paused
         self._paused = False
+        self._idle = IdleTimeout()
         self._drains: set[asyncio.Task] = set()
         self.closed = False
 
@@ -200,6 +202,7 @@ class RealtimeSession(ItemEvents):
         self._drop_speculation()
         if (cfg.input_format, cfg.turn_detection) != (self.input.fmt, self.input.turn_detection):
             await asyncio.to_thread(self.input.configure, cfg.input_format, cfg.turn_detection)
+            self._idle.arm(self.input.samples_total)
         self.cfg = cfg
         updated = ev.session_updated(self._wire(cfg))
         if notes:
@@ -231,6 +234,7 @@ class RealtimeSession(ItemEvents):
                     if command:  # the command is consumed here: it is not a question
                         await self.outbox.put(ev.speech_stopped(h.sample * 1000 // RATE, item_id))
             elif isinstance(h, SpeechStarted):
+                self._idle.disarm()
                 self._speech_item = ev.new_id("item")
                 td = self.cfg.turn_detection
                 # Plain VAD: any speech interrupts (OpenAI interrupt_response); a duplex
@@ -260,6 +264,23 @@ class RealtimeSession(ItemEvents):
                     "input_audio_buffer_full", f"Input audio buffer is full "
                     f"({self.settings.max_turn_audio_s:g} s); {h.dropped_samples / RATE:.2f} s dropped. "
                     "Commit or clear it.", "audio", e.event_id))
+        await self._check_idle()
+
+    async def _check_idle(self) -> None:
+        """idle_timeout_ms of quiet: say so, commit the quiet as the user's turn, answer it."""
+        td = self.cfg.turn_detection
+        if td is None or self.busy or self._paused:
+            return
+        since = self._idle.due(self.input.samples_total, td.idle_timeout_ms)
+        if since is None:
+            return
+        item_id = ev.new_id("item")
+        await self.outbox.put(ev.timeout_triggered(since * 1000 // RATE, self.input.samples_total * 1000 // RATE,
+                                                   item_id))
+        audio = self.input.commit()
+        await self._commit(audio if audio.size >= RATE // 10 else np.zeros(RATE // 10, np.float32), item_id)
+        if td.create_response:
+            await self._start_response(time.perf_counter())
 
     async def _audio_commit(self, e: p.AudioCommit) -> None:
         if self.input.buffered_ms < self.settings.min_commit_ms:
@@ -363,6 +384,7 @@ class RealtimeSession(ItemEvents):
         request = self._request(pend.audio, pend.image, pend.texts, max_tokens)
         try:
             turn = await self._submit(request)
+            self._idle.disarm()
         except Exception as exc:
             refusal = engine_refusal(exc)
             if refusal is None:
@@ -463,6 +485,7 @@ class RealtimeSession(ItemEvents):
             if done is None or "context_start" not in done.stats:
                 self.conversation.never_taken(run.turn.id)  # the engine never took this turn in
             await run.close(done, error)
+            self._idle.arm_after(run, self.input.samples_total)
         except SlowReader as exc:
             run.turn.cancel()
             if self._on_fatal is not None:

@@ -50,35 +50,41 @@ def parse_format(value, param: str, output: bool) -> AudioFormat:
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """server_vad parameters (OpenAI names)."""
+    """server_vad parameters (OpenAI names). semantic_vad is served by the same detector: its
+    eagerness picks the silence window (settings.semantic_silence_ms), there is no semantic
+    model deciding whether the user is done."""
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    idle_timeout_ms: Optional[int] = None
+    type: str = "server_vad"
+    eagerness: Optional[str] = None              # semantic_vad: low | medium | high | auto
 
     def to_wire(self) -> dict:
-        return {"type": "server_vad", "threshold": self.threshold,
-                "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms,
-                "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+        common = {"create_response": self.create_response, "interrupt_response": self.interrupt_response}
+        if self.type == "semantic_vad":
+            return {"type": "semantic_vad", "eagerness": self.eagerness, **common}
+        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms, **common,
+                "idle_timeout_ms": self.idle_timeout_ms}
+
+
+EAGERNESS = ("low", "medium", "high", "auto")
 
 
 def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
-                         defaults: TurnDetection) -> Optional[TurnDetection]:
+                         defaults: TurnDetection, semantic_silence_ms: dict[str, int]) -> Optional[TurnDetection]:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ProtocolError("invalid_type", f"'{param}' must be an object or null.", param)
     kind = field_of(value, "type", str, f"{param}.type", default="server_vad")
-    if kind == "semantic_vad":
-        # No semantic model here: take it as server_vad with its defaults, and say so.
-        kind = "server_vad"
-    if kind != "server_vad":
+    if kind not in ("server_vad", "semantic_vad"):
         raise ProtocolError("invalid_value", f"Unsupported turn detection '{kind}' "
-                            "(server_vad, or null to turn it off).", f"{param}.type")
+                            "(server_vad, semantic_vad, or null to turn it off).", f"{param}.type")
     base = current or defaults
     threshold = field_of(value, "threshold", float, f"{param}.threshold", default=base.threshold)
     if not 0.0 < threshold < 1.0:
@@ -88,6 +94,13 @@ def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
                       default=base.prefix_padding_ms)
     silence = field_of(value, "silence_duration_ms", int, f"{param}.silence_duration_ms",
                        default=base.silence_duration_ms)
+    eagerness = None
+    if kind == "semantic_vad":
+        eagerness = field_of(value, "eagerness", str, f"{param}.eagerness", default="auto")
+        if eagerness not in EAGERNESS:
+            raise ProtocolError("invalid_value", f"eagerness must be one of {', '.join(EAGERNESS)}.",
+                                f"{param}.eagerness")
+        silence = semantic_silence_ms[eagerness]
     if not 0 <= prefix <= 5000 or not 0 <= silence <= 10000:
         raise ProtocolError("invalid_value", "prefix_padding_ms must be 0..5000 and "
                             "silence_duration_ms 0..10000.", f"{param}.silence_duration_ms")
@@ -95,7 +108,10 @@ def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
                       default=base.create_response)
     interrupt = field_of(value, "interrupt_response", bool, f"{param}.interrupt_response",
                          default=base.interrupt_response)
-    return TurnDetection(threshold, prefix, silence, create, interrupt)
+    idle = field_of(value, "idle_timeout_ms", int, f"{param}.idle_timeout_ms")
+    if idle is not None and not 1000 <= idle <= 3_600_000:
+        raise ProtocolError("invalid_value", "idle_timeout_ms must be 1000..3600000.", f"{param}.idle_timeout_ms")
+    return TurnDetection(threshold, prefix, silence, create, interrupt, idle, kind, eagerness)
 
 
 def parse_transcription(value, param: str) -> Optional[dict]:
@@ -165,9 +181,12 @@ class SessionConfig:
             in_ga = "turn_detection" in a_in
             value = a_in["turn_detection"] if in_ga else patch["turn_detection"]
             param = "session.audio.input.turn_detection" if in_ga else "session.turn_detection"
-            if isinstance(value, dict) and value.get("type") == "semantic_vad":
-                notes.append("semantic_vad is served as server_vad (no semantic turn model).")
-            changes["turn_detection"] = parse_turn_detection(value, param, self.turn_detection, defaults)
+            changes["turn_detection"] = parse_turn_detection(value, param, self.turn_detection, defaults,
+                                                             settings.semantic_silence_ms)
+            td = changes["turn_detection"]
+            if td is not None and td.type == "semantic_vad":
+                notes.append(f"semantic_vad: the end of a turn is {td.silence_duration_ms} ms of silence "
+                             f"(eagerness {td.eagerness}); there is no semantic turn model.")
 
         voice = a_out.get("voice", patch.get("voice"))
         if voice is not None:

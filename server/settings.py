@@ -68,6 +68,10 @@ class ServerSettings:
     vad_threshold: float = 0.5
     vad_silence_ms: int = 500
     vad_prefix_padding_ms: int = 300
+    # semantic_vad has no semantic model here: its eagerness picks the VAD's silence window.
+    semantic_low_ms: int = 1000
+    semantic_medium_ms: int = 600       # also "auto"
+    semantic_high_ms: int = 300
     # The model hears a VAD turn up to this far into its closing quiet (not the whole
     # silence_duration_ms); once that audio exists the question is encoded and prefilled
     # speculatively, so silence_ms - tail of the wait overlaps the work. Off: answer only
@@ -123,6 +127,12 @@ class ServerSettings:
     def replace(self, **changes) -> "ServerSettings":
         """A copy with `changes` applied; None values are ignored (unset CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def semantic_silence_ms(self) -> dict[str, int]:
+        """semantic_vad eagerness -> the server VAD's silence_duration_ms."""
+        return {"low": self.semantic_low_ms, "medium": self.semantic_medium_ms,
+                "auto": self.semantic_medium_ms, "high": self.semantic_high_ms}
 
     @property
     def auth_enabled(self) -> bool:
