@@ -36,6 +36,7 @@ from .idle_timeout import IdleTimeout
 from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
                           SpeechResumed, SpeechStarted, SpeechStopped)
 from .metrics import Metrics
+from .out_of_band import OutOfBand
 from .outbox import Outbox, SlowReader
 from .response import ResponseRun
 from .session_config import SessionConfig
@@ -64,11 +65,11 @@ def same_question(a: TurnRequest, b: TurnRequest) -> bool:
     audio_a, audio_b = a.audio_16k, b.audio_16k
     same_audio = (audio_a is None and audio_b is None) or (
         audio_a is not None and audio_b is not None and np.array_equal(audio_a, audio_b))
-    return same_audio and (a.session_id, a.image, a.text, a.sampling, a.max_steps) == (
-        b.session_id, b.image, b.text, b.sampling, b.max_steps)
+    return same_audio and (a.session_id, a.image, a.text, a.sampling, a.max_steps, a.keep) == (
+        b.session_id, b.image, b.text, b.sampling, b.max_steps, b.keep)
 
 
-class RealtimeSession(ItemEvents):
+class RealtimeSession(ItemEvents, OutOfBand):
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
                  on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
@@ -332,8 +333,8 @@ class RealtimeSession(ItemEvents):
                                   f"has an active response in progress: {self.run.id}. Wait until the "
                                   "response is finished before creating a new one.")
         if e.out_of_band:
-            raise p.ProtocolError("invalid_value", "Out-of-band responses (conversation 'none', "
-                                  "response.input) are not supported yet.", "response.conversation")
+            await self._respond_out_of_band(e)
+            return
         pend = self.conversation.peek_pending()
         if pend.image is None and self._frame is not None and pend.audio:
             # the camera frame goes with a spoken question only: Mini-Omni2 has no layout for
@@ -374,14 +375,24 @@ class RealtimeSession(ItemEvents):
 
     async def _start_response(self, started_at: float, max_tokens: Optional[int] = None,
                               modalities: Optional[list[str]] = None, metadata: Optional[dict] = None) -> None:
+        await self._end_live_answer()
+        item_ids, pend = self.conversation.take_pending()
+        request = self._request(pend.audio, pend.image, pend.texts, max_tokens)
+        run = await self._launch(request, started_at, modalities, metadata)
+        self.conversation.add(Item(run.item_id, "assistant", run=run, part="answer"))
+        self.conversation.carry(run.turn.id, item_ids, "prompt")
+        self.conversation.carry(run.turn.id, [run.item_id], "answer")
+
+    async def _end_live_answer(self) -> None:
         if self.run is not None and not self.run.finished:
             await self.run.cancel("turn_detected")
         if self._run_task is not None and not self._run_task.done():
             # The interrupted answer closes first, so its response.done precedes the next one.
             await asyncio.wait({self._run_task}, timeout=CANCEL_WAIT_S)
-        cfg = self.cfg
-        item_ids, pend = self.conversation.take_pending()
-        request = self._request(pend.audio, pend.image, pend.texts, max_tokens)
+
+    async def _launch(self, request: TurnRequest, started_at: float, modalities: Optional[list[str]] = None,
+                      metadata: Optional[dict] = None, in_conversation: bool = True) -> ResponseRun:
+        """Submit the question and open its response (in_conversation False: out-of-band)."""
         try:
             turn = await self._submit(request)
             self._idle.disarm()
@@ -390,22 +401,24 @@ class RealtimeSession(ItemEvents):
             if refusal is None:
                 raise
             raise refusal from None
+        cfg = self.cfg
         if modalities is not None:
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
+        own_context = request.session_id == self.engine_session
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
-                          previous_item_id=self.conversation.last_id, started_at=started_at,
-                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking,
-                          on_truncated=self._on_truncated, metadata=metadata)
+                          previous_item_id=self.conversation.last_id if in_conversation else None,
+                          started_at=started_at, on_audio=self.input.note_output,
+                          on_speaking=self.input.note_speaking,
+                          on_truncated=self._on_truncated if own_context else None, metadata=metadata,
+                          in_conversation=in_conversation)
         self.run = run
-        self.conversation.add(Item(run.item_id, "assistant", run=run, part="answer"))
-        self.conversation.carry(turn.id, item_ids, "prompt")
-        self.conversation.carry(turn.id, [run.item_id], "answer")
         try:
             await run.open()
         except BaseException:
             turn.cancel()
             raise
         self._run_task = asyncio.create_task(self._drive(run), name=f"response {run.id}")
+        return run
 
     def _request(self, audio: list[np.ndarray], image: Optional[bytes], texts: list[str],
                  max_tokens: Optional[int] = None) -> TurnRequest:
@@ -490,3 +503,6 @@ class RealtimeSession(ItemEvents):
             run.turn.cancel()
             if self._on_fatal is not None:
                 await self._on_fatal(str(exc))
+        finally:
+            if run.turn.request.session_id != self.engine_session:  # an out-of-band context
+                self.engine.close_session(run.turn.request.session_id)  # quick: no thread needed

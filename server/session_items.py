@@ -124,14 +124,17 @@ class ItemEvents:
         self.conversation.carry(turn.id, item_ids, part)
         self._track(turn)
 
-    def _track(self, turn) -> None:
-        """Read a turn nobody relays (context only, a discarded speculation) to its end."""
-        task = asyncio.create_task(self._drain(turn))
+    def _track(self, turn, own_context: bool = True) -> None:
+        """Read a turn nobody relays (context only, a discarded speculation) to its end; what
+        it says about the context matters only for the session's own engine context."""
+        task = asyncio.create_task(self._drain(turn, own_context))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
-    async def _drain(self, turn) -> None:
+    async def _drain(self, turn, own_context: bool = True) -> None:
         async for event in turn:
+            if not own_context:
+                continue
             if isinstance(event, ContextTruncated):
                 await self._on_truncated(event)
             elif isinstance(event, TurnDone) and "context_start" not in event.stats:
