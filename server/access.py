@@ -2,7 +2,7 @@
 
 Keys come as `Authorization: Bearer <key>` (SDKs, scripts) or, for browsers that cannot set
 WebSocket headers, as the subprotocol `openai-insecure-api-key.<key>` the OpenAI API
-accepts. The Origin check protects browsers from other sites driving the server with the
+accepts; an ephemeral client secret is accepted wherever a key is. The Origin check protects browsers from other sites driving the server with the
 user's network position; clients that send no Origin (SDKs, curl) are not browsers and pass.
 """
 from __future__ import annotations
@@ -50,8 +50,9 @@ def key_matches(key: Optional[str], keys: tuple[str, ...]) -> bool:
 
 
 def check_access(settings: ServerSettings, headers: Mapping[str, str],
-                 subprotocols: Iterable[str]) -> Optional[Refusal]:
-    """None when the connection may proceed, else why not."""
+                 subprotocols: Iterable[str], secret_ok: bool = False) -> Optional[Refusal]:
+    """None when the connection may proceed, else why not. `secret_ok`: the key presented is
+    a live client secret (server/client_secrets.py), as good as an API key."""
     origin = headers.get("origin")
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         return Refusal(403, "origin_not_allowed", f"Origin {origin!r} is not allowed.")
@@ -60,7 +61,7 @@ def check_access(settings: ServerSettings, headers: Mapping[str, str],
         if key is None:
             return Refusal(401, "missing_api_key", "An API key is required: send "
                            "'Authorization: Bearer <key>'.")
-        if not key_matches(key, settings.api_keys):
+        if not (secret_ok or key_matches(key, settings.api_keys)):
             return Refusal(401, "invalid_api_key", "Incorrect API key provided.")
     return None
 

@@ -74,13 +74,15 @@ class RealtimeSession(ItemEvents, OutOfBand):
                  model_name: str, detector_factory: DetectorFactory,
                  on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
                  model_fallback: bool = False, extensions: bool = False,
-                 transcriber: Optional[Transcriber] = None):
+                 transcriber: Optional[Transcriber] = None, initial_session: Optional[dict] = None):
         self.id = ev.new_id("sess")
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.outbox = outbox
         self.cfg = dataclasses.replace(SessionConfig.default(settings, model_name), extensions=extensions)
+        if initial_session:  # a client secret's session configuration (validated when minted)
+            self.cfg, _ = self.cfg.apply(initial_session, settings)
         self.model_fallback = model_fallback      # the built-in tiny stand-in: its answers are noise
         self._detector_factory = detector_factory
         self._transcriber = transcriber

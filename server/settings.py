@@ -39,6 +39,7 @@ class ServerSettings:
     # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
+    max_client_secrets: int = 10000     # live ephemeral keys (POST /v1/realtime/client_secrets)
 
     # --- per-connection limits -----------------------------------------------------------
     max_message_bytes: int = 1 << 20    # one client event (JSON text), 1 MiB
