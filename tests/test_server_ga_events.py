@@ -143,3 +143,42 @@ def test_the_session_object_with_omni2_fields_parses_as_the_sdks_models(server):
     parsed = RealtimeSessionCreateRequest.model_validate(session)
     assert parsed.audio.output.format.type == "audio/pcm"
     assert json.loads(parsed.model_dump_json())["type"] == "realtime"
+
+
+def ga_event_names(union) -> list[str]:
+    import typing
+
+    members = typing.get_args(typing.get_args(union)[0])
+    return [typing.get_args(m.model_fields["type"].annotation)[0] for m in members]
+
+
+def readme_rows() -> list[tuple[set, list[str]]]:
+    """server/README.md's table rows: (event names of the first cell, the row's cells). A
+    cell's `.suffix` continues the name before it; `prefix.*` covers a family."""
+    import re
+    from pathlib import Path
+
+    rows = []
+    for line in (Path(__file__).parents[1] / "server" / "README.md").read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names, last = set(), ""
+        for token in re.findall(r"`([^`]+)`", cells[0]):
+            name = last.rsplit(".", 1)[0] + token if token.startswith(".") else token
+            names.add(name)
+            last = name
+        rows.append((names, cells))
+    return rows
+
+
+def test_the_readme_says_what_omni2_does_with_every_ga_event():
+    from openai.types.realtime import realtime_client_event, realtime_server_event
+
+    rows = readme_rows()
+    for union in (realtime_client_event.RealtimeClientEvent, realtime_server_event.RealtimeServerEvent):
+        for name in ga_event_names(union):
+            found = [cells for names, cells in rows
+                     if name in names or any(n.endswith(".*") and name.startswith(n[:-1]) for n in names)]
+            assert found, f"server/README.md has no row for {name}"
+            assert found[0][1] in ("yes", "no", "beta clients"), (name, found[0][1])
