@@ -25,8 +25,9 @@ from .input_audio import DetectorFactory, detector_factory_for
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError, field_of
-from .session import RealtimeSession, is_engine_full
+from .session import RealtimeSession
 from .session_config import EXTENSIONS_FIELD, SessionConfig
+from .session_items import is_engine_full
 from .settings import ServerSettings
 from .transcription import Transcriber
 
