@@ -148,8 +148,7 @@ class ItemEvents:
         item = self._existing(e.item_id)
         if item.run is not None and not item.run.finished:
             await item.run.cancel("client_cancelled")
-        if item.pending is not None:
-            self._drop_speculation()  # it may hold this item's content
+        self._drop_speculation()  # a held question was prefilled on top of the item (or holds it)
         _, edit = self.conversation.delete(e.item_id)
         if edit is not None:
             self.engine.forget(self.engine_session, *edit)
