@@ -19,6 +19,7 @@ from typing import AsyncIterator, Optional
 
 import numpy as np
 
+from . import events as ev
 from .input_audio import RATE
 
 
@@ -85,8 +86,6 @@ class Transcriber:
 async def transcribe_item(transcriber: Transcriber, audio_16k: np.ndarray, config: dict, item_id: str,
                           put, on_text) -> None:
     """Send one item's transcription events (`put`) and hand the transcript to `on_text`."""
-    from . import events as ev
-
     parts: list[str] = []
     try:
         async for text in transcriber.stream(audio_16k, config.get("language"), config.get("prompt")):
