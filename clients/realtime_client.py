@@ -262,16 +262,19 @@ class RealtimeClient:
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
         answer = Answer()
         server_starts = vad and audio is not None
-        # The server names our event_id in the error that refuses this response.create.
+        # The server names our event_id in the error that refuses this response.create, or
+        # the commit of our question (too short: response.create alone would answer from
+        # the conversation without it).
         create_id = None if server_starts else f"evt_create_{time.monotonic_ns()}"
+        commit_id = f"evt_commit_{time.monotonic_ns()}"
         # Listen while speaking: with VAD the answer can start before the file's tail is sent,
         # and event times must be taken when the events arrive.
-        collector = asyncio.create_task(self.collect(answer, timeout, on_event, create_id))
+        collector = asyncio.create_task(self.collect(answer, timeout, on_event, create_id, commit_id))
         try:
             if audio is not None:
                 await self.send_audio(audio, rate, pace)
                 if not vad:
-                    await self.send("input_audio_buffer.commit")
+                    await self.send("input_audio_buffer.commit", event_id=commit_id)
             if not server_starts:
                 answer.asked_at = time.monotonic()
                 await self.send("response.create", event_id=create_id)
@@ -283,9 +286,10 @@ class RealtimeClient:
         return await collector
 
     async def collect(self, answer: Answer, timeout: float, on_event=None,
-                      create_id: Optional[str] = None) -> Answer:
+                      create_id: Optional[str] = None, commit_id: Optional[str] = None) -> Answer:
         """Events until response.done, or until an error that refuses the answer before it
-        starts: one naming `create_id` (our response.create), or, when the server starts the
+        starts: one naming `create_id` (our response.create) or `commit_id` (the commit of
+        our spoken question), or, when the server starts the
         answer itself (VAD, `create_id` None), any error between speech_stopped and
         response.created. Then `answer.refusal` is that error and no response.done will come."""
         from websockets.exceptions import ConnectionClosed
@@ -326,7 +330,8 @@ class RealtimeClient:
             elif kind == "error":
                 err = event.get("error", {})
                 answer.errors.append(f"{err.get('code')}: {err.get('message')}")
-                if not started and (err.get("event_id") == create_id if create_id else stopped):
+                ours = err.get("event_id") is not None and err.get("event_id") in (create_id, commit_id)
+                if not started and (ours if create_id else stopped):
                     answer.status, answer.refusal = "refused", err
             if on_event is not None:
                 on_event(event, answer)

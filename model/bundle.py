@@ -18,7 +18,8 @@ from PIL import Image
 from . import checkpoint as ck
 from .audio_encoder import AudioEncoder, whisper_frames
 from .lm import OmniLM
-from .prompt import Prompt, audio_question, image_audio_question, text_question
+from .prompt import (Prompt, assistant_text, audio_question, context_text, image_audio_question,
+                     text_question)
 from .snac_codec import SNAC_REPO, load_snac
 from .tokenizer import TextTokenizer
 from .vision import VisionEncoder
@@ -52,9 +53,10 @@ class OmniModel:
         typed one. Encoders run in fp32 like the release; adapters in the LM's dtype."""
         lm = self.lm
         if audio_16k is None:
-            if image is not None or not text:
+            if image is not None or text is None:
                 raise ValueError("a question needs speech (optionally with an image) or text")
-            prompt = text_question(self.tokenizer.encode(text))
+            # "" is the minimal question (input_t eot answer_t): answer from the context alone
+            prompt = text_question(self.tokenizer.encode(text) if text else [])
             return prompt, lm.embed(prompt.ids.to(self.device))
         audio_16k = np.asarray(audio_16k, dtype=np.float32)
         if audio_16k.ndim != 1 or audio_16k.size == 0:
@@ -67,6 +69,17 @@ class OmniModel:
             pixels = self.vision_encoder.encode(image)  # [50, clip_dim]
             feats.insert(0, (lm.vision_adapter(pixels.to(self.device, self.dtype))[None].expand(2, -1, -1), prompt.image_start))
         return prompt, lm.embed(prompt.ids.to(self.device), tuple(feats))
+
+
+    @torch.inference_mode()
+    def encode_text(self, role: str, text: str) -> tuple[Prompt, torch.Tensor]:
+        """(prompt, embeds) of text that joins the context without being answered: what the
+        assistant said (`role` "assistant") or a system message ("system")."""
+        layouts = {"assistant": assistant_text, "system": context_text}
+        if role not in layouts:
+            raise ValueError(f"no text layout for role {role!r}")
+        prompt = layouts[role](self.tokenizer.encode(text) if text else [])
+        return prompt, self.lm.embed(prompt.ids.to(self.device))
 
 
 def load_model(source: str | os.PathLike, snac: Optional[str] = SNAC_REPO, device: str = "cpu",

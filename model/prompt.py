@@ -76,6 +76,24 @@ def text_question(text_ids: list[int]) -> Prompt:
     return Prompt(ids=ids, meta={"layout": "text"})
 
 
+def context_text(text_ids: list[int]) -> Prompt:
+    """Text the model reads but does not answer (a system message): the typed question's
+    layout without the answer marker, `input_t ... eot` (length n + 2)."""
+    n = len(text_ids)
+    text = [tk.INPUT_T] + list(text_ids) + [tk.EOT]
+    rows = (_audio_rows([tk.PAD_A] * (n + 1), tk.PAD_A), text)
+    return Prompt(ids=_stack([rows, rows]), meta={"layout": "context"})
+
+
+def assistant_text(text_ids: list[int]) -> Prompt:
+    """Words the assistant said, given as text (a client-created assistant item): the steps
+    of a text-only answer, `ids ... eot` on the text stream, pad on every audio stream
+    (length n + 1). It follows a question's answer marker like a generated answer does."""
+    n = len(text_ids)
+    rows = (_audio_rows([tk.PAD_A] * n, tk.PAD_A), list(text_ids) + [tk.EOT])
+    return Prompt(ids=_stack([rows, rows]), meta={"layout": "assistant"})
+
+
 def step_ids(audio_tokens: torch.Tensor, text_token: torch.Tensor) -> torch.Tensor:
     """Ids fed back after a step, [B, 2, 8]: row 0 gets the 7 sampled audio tokens, row 1
     gets pad_a on every layer; both get the same text token.

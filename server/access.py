@@ -2,7 +2,7 @@
 
 Keys come as `Authorization: Bearer <key>` (SDKs, scripts) or, for browsers that cannot set
 WebSocket headers, as the subprotocol `openai-insecure-api-key.<key>` the OpenAI API
-accepts. The Origin check protects browsers from other sites driving the server with the
+accepts; an ephemeral client secret is accepted wherever a key is. The Origin check protects browsers from other sites driving the server with the
 user's network position; clients that send no Origin (SDKs, curl) are not browsers and pass.
 With keys and no allowlist, only the server's own pages (Origin host = Host header) pass.
 /metrics and /health/ready's details are for operators: on a server with keys they need a
@@ -78,8 +78,9 @@ def origin_allowed(settings: ServerSettings, origin: str, host: str) -> bool:
 
 
 def check_access(settings: ServerSettings, headers: Mapping[str, str],
-                 subprotocols: Iterable[str]) -> Optional[Refusal]:
-    """None when the connection may proceed, else why not."""
+                 subprotocols: Iterable[str], secret_ok: bool = False) -> Optional[Refusal]:
+    """None when the connection may proceed, else why not. `secret_ok`: the key presented is
+    a live client secret (server/client_secrets.py), as good as an API key."""
     origin = headers.get("origin")
     if origin is not None and not origin_allowed(settings, origin, headers.get("host", "")):
         return Refusal(403, "origin_not_allowed", f"Origin {origin[:200]!r} is not allowed (see "
@@ -89,7 +90,7 @@ def check_access(settings: ServerSettings, headers: Mapping[str, str],
         if key is None:
             return Refusal(401, "missing_api_key", "An API key is required: send "
                            "'Authorization: Bearer <key>'.")
-        if not key_matches(key, settings.api_keys):
+        if not (secret_ok or key_matches(key, settings.api_keys)):
             return Refusal(401, "invalid_api_key", "Incorrect API key provided.")
     return None
 

@@ -18,16 +18,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import events as ev
-from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, wants_beta_names
+from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names
+from .client_secrets import ClientSecrets
 from .engine_host import EngineHost
 from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
 from .limits import ConnectionLimiter
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
-from .protocol import ProtocolError
-from .session import RealtimeSession, is_engine_full
+from .protocol import ProtocolError, field_of
+from .session import RealtimeSession
+from .session_config import EXTENSIONS_FIELD, SessionConfig
+from .session_items import is_engine_full
 from .settings import ServerSettings
+from .transcription import Transcriber
 
 log = logging.getLogger("omni2.server")
 
@@ -46,7 +50,10 @@ def create_app(settings: ServerSettings, host: EngineHost,
                                                 settings.turn_audio_tail_ms)
     metrics = Metrics()
     admission = Admission(settings.max_sessions)
+    transcriber = Transcriber(settings.transcription_model, settings.transcription_threads)
+    client_secrets = ClientSecrets(settings.max_client_secrets)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
+    app.state.client_secrets = client_secrets
     app.state.admission = admission
     app.state.connections = ConnectionLimiter(settings, metrics)  # used by serve.uvicorn_config
 
@@ -80,8 +87,32 @@ def create_app(settings: ServerSettings, host: EngineHost,
         text = metrics.render(host.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.post("/v1/realtime/client_secrets")
+    @app.post("/realtime/client_secrets")
+    async def create_client_secret(request: Request):
+        """An ephemeral key for browsers and apps (see server/client_secrets.py)."""
+        refusal = check_access(settings, {k.lower(): v for k, v in request.headers.items()}, ())
+        if refusal is not None:
+            return error_response(refusal.status, refusal.code, refusal.message)
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(400, "invalid_json", "The request body is not valid JSON.")
+        try:
+            if not isinstance(body, dict):
+                raise ProtocolError("invalid_type", "The request body must be a JSON object.")
+            session = field_of(body, "session", dict, "session", default={"type": "realtime"})
+            cfg, _ = SessionConfig.default(settings, host.model_name).apply(session, settings)
+            value, expires_at = client_secrets.mint(body.get("expires_after"), session)
+        except ProtocolError as err:
+            return error_response(503 if err.type == "server_error" else 400, err.code, err.message,
+                                  err.type, err.param)
+        return {"value": value, "expires_at": expires_at,
+                "session": {**cfg.to_wire(ev.new_id("sess")), "expires_at": expires_at}}
+
     async def realtime(ws: WebSocket):
-        await serve_connection(ws, settings, host, metrics, admission, detector_factory)
+        await serve_connection(ws, settings, host, metrics, admission, detector_factory, transcriber,
+                               client_secrets)
 
     app.add_api_websocket_route("/v1/realtime", realtime)
     app.add_api_websocket_route("/realtime", realtime)
@@ -93,10 +124,16 @@ def create_app(settings: ServerSettings, host: EngineHost,
     return app
 
 
+def error_response(status: int, code: str, message: str, type_: str = "invalid_request_error",
+                   param: Optional[str] = None) -> JSONResponse:
+    """An HTTP error in the API's shape."""
+    return JSONResponse({"error": {"type": type_, "code": code, "message": message, "param": param}},
+                        status_code=status)
+
+
 async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:
-    body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
     try:
-        await ws.send_denial_response(JSONResponse(body, status_code=status))
+        await ws.send_denial_response(error_response(status, code, message))
     except RuntimeError:  # server without the denial extension: plain 403
         await ws.close(code=CLOSE_POLICY, reason=message[:120])
 
@@ -110,10 +147,13 @@ async def _refuse_after_upgrade(ws: WebSocket, subprotocol: Optional[str], code:
 
 async def serve_connection(ws: WebSocket, settings: ServerSettings, host: EngineHost,
                            metrics: Metrics, admission: Admission,
-                           detector_factory: DetectorFactory) -> None:
+                           detector_factory: DetectorFactory, transcriber: Optional[Transcriber] = None,
+                           client_secrets: Optional[ClientSecrets] = None) -> None:
     offered = list(ws.scope.get("subprotocols") or [])
     headers = {k.lower(): v for k, v in ws.headers.items()}
-    refusal = check_access(settings, headers, offered)
+    key = presented_key(headers, offered, settings.allow_key_in_subprotocol)
+    secret_session = client_secrets.session_of(key) if client_secrets is not None else None
+    refusal = check_access(settings, headers, offered, secret_ok=secret_session is not None)
     if refusal is not None:
         metrics.refused_total.inc(label=refusal.code)
         await _refuse_before_upgrade(ws, refusal.status, refusal.code, refusal.message)
@@ -132,14 +172,17 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
     try:
         await ws.accept(subprotocol=subprotocol)
         metrics.sessions_total.inc()
-        await _run_session(ws, settings, host, metrics, detector_factory,
-                           beta=wants_beta_names(headers, offered))
+        extensions = ws.query_params.get(EXTENSIONS_FIELD, "").lower() in ("1", "true", "yes", "on")
+        await _run_session(ws, settings, host, metrics, detector_factory, transcriber,
+                           beta=wants_beta_names(headers, offered), extensions=extensions,
+                           initial_session=secret_session)
     finally:
         admission.release()
 
 
 async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost, metrics: Metrics,
-                       detector_factory: DetectorFactory, beta: bool) -> None:
+                       detector_factory: DetectorFactory, transcriber: Optional[Transcriber], beta: bool,
+                       extensions: bool = False, initial_session: Optional[dict] = None) -> None:
     outbox = Outbox(settings.outbound_queue_events, settings.send_stall_timeout_s, beta_names=beta)
     reader = asyncio.current_task()
     close_reason: dict = {}
@@ -150,7 +193,8 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
 
     session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
                               model_name=host.model_name, detector_factory=detector_factory,
-                              on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")))
+                              on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")),
+                              extensions=extensions, transcriber=transcriber, initial_session=initial_session)
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
     try:
         try:

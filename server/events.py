@@ -55,9 +55,15 @@ def audio_cleared() -> dict:
     return event("input_audio_buffer.cleared")
 
 
+def timeout_triggered(audio_start_ms: int, audio_end_ms: int, item_id: str) -> dict:
+    return event("input_audio_buffer.timeout_triggered", audio_start_ms=audio_start_ms,
+                 audio_end_ms=audio_end_ms, item_id=item_id)
+
+
 # ---- conversation items ----------------------------------------------------------------------
-def user_item(item_id: str, content: list[dict]) -> dict:
-    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
+def user_item(item_id: str, content: list[dict], role: str = "user") -> dict:
+    """A message the client added (role user, or assistant / system)."""
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": role,
             "status": "completed", "content": content}
 
 
@@ -74,6 +80,31 @@ def item_done(item: dict, previous_item_id: Optional[str]) -> dict:
     return event("conversation.item.done", previous_item_id=previous_item_id, item=item)
 
 
+def item_retrieved(item: dict) -> dict:
+    return event("conversation.item.retrieved", item=item)
+
+
+def item_deleted(item_id: str) -> dict:
+    return event("conversation.item.deleted", item_id=item_id)
+
+
+def transcription_delta(item_id: str, content_index: int, delta: str) -> dict:
+    return event("conversation.item.input_audio_transcription.delta", item_id=item_id,
+                 content_index=content_index, delta=delta)
+
+
+def transcription_completed(item_id: str, content_index: int, transcript: str, seconds: float) -> dict:
+    return event("conversation.item.input_audio_transcription.completed", item_id=item_id,
+                 content_index=content_index, transcript=transcript,
+                 usage={"type": "duration", "seconds": round(seconds, 3)})
+
+
+def transcription_failed(item_id: str, content_index: int, message: str) -> dict:
+    return event("conversation.item.input_audio_transcription.failed", item_id=item_id,
+                 content_index=content_index, error={"type": "server_error", "code": "transcription_failed",
+                                                     "message": message, "param": None})
+
+
 def context_truncated(item_ids: list[str], dropped_positions: int) -> dict:
     """omni2 extension: these items left the model's context window (they stay in the
     conversation the client sees; the model no longer remembers them)."""
@@ -88,13 +119,15 @@ def item_truncated(item_id: str, content_index: int, audio_end_ms: int) -> dict:
 # ---- responses -------------------------------------------------------------------------------
 def response_object(response_id: str, status: str, output: list[dict], modalities: list[str],
                     output_format: dict, voice: str, max_output_tokens,
-                    status_details: Optional[dict] = None, usage: Optional[dict] = None) -> dict:
+                    status_details: Optional[dict] = None, usage: Optional[dict] = None,
+                    metadata: Optional[dict] = None, in_conversation: bool = True) -> dict:
     return {
         "id": response_id, "object": "realtime.response", "status": status,
-        "status_details": status_details, "output": output, "conversation_id": "conv_default",
+        "status_details": status_details, "output": output,
+        "conversation_id": "conv_default" if in_conversation else None,
         "output_modalities": modalities, "max_output_tokens": max_output_tokens,
         "audio": {"output": {"format": output_format, "voice": voice}},
-        "usage": usage, "metadata": None,
+        "usage": usage, "metadata": metadata,
     }
 
 

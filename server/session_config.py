@@ -17,6 +17,9 @@ from .protocol import ProtocolError, check_modalities, field_of
 from .settings import ServerSettings
 
 
+# The session field (and query parameter of /v1/realtime) that turns omni2's extension events on.
+EXTENSIONS_FIELD = "omni2_extensions"
+
 # Output is always 24 kHz PCM16 (the codec's rate) or 8 kHz G.711; input may be any PCM rate
 # streaming.audio accepts (16 kHz microphones need no resampling on the client).
 PCM16_24K = AudioFormat("pcm16", REALTIME_SAMPLE_RATE)
@@ -47,35 +50,41 @@ def parse_format(value, param: str, output: bool) -> AudioFormat:
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """server_vad parameters (OpenAI names)."""
+    """server_vad parameters (OpenAI names). semantic_vad is served by the same detector: its
+    eagerness picks the silence window (settings.semantic_silence_ms), there is no semantic
+    model deciding whether the user is done."""
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    idle_timeout_ms: Optional[int] = None
+    type: str = "server_vad"
+    eagerness: Optional[str] = None              # semantic_vad: low | medium | high | auto
 
     def to_wire(self) -> dict:
-        return {"type": "server_vad", "threshold": self.threshold,
-                "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms,
-                "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+        common = {"create_response": self.create_response, "interrupt_response": self.interrupt_response}
+        if self.type == "semantic_vad":
+            return {"type": "semantic_vad", "eagerness": self.eagerness, **common}
+        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms, **common,
+                "idle_timeout_ms": self.idle_timeout_ms}
+
+
+EAGERNESS = ("low", "medium", "high", "auto")
 
 
 def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
-                         defaults: TurnDetection) -> Optional[TurnDetection]:
+                         defaults: TurnDetection, semantic_silence_ms: dict[str, int]) -> Optional[TurnDetection]:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ProtocolError("invalid_type", f"'{param}' must be an object or null.", param)
     kind = field_of(value, "type", str, f"{param}.type", default="server_vad")
-    if kind == "semantic_vad":
-        # No semantic model here: take it as server_vad with its defaults, and say so.
-        kind = "server_vad"
-    if kind != "server_vad":
+    if kind not in ("server_vad", "semantic_vad"):
         raise ProtocolError("invalid_value", f"Unsupported turn detection '{kind}' "
-                            "(server_vad, or null to turn it off).", f"{param}.type")
+                            "(server_vad, semantic_vad, or null to turn it off).", f"{param}.type")
     base = current or defaults
     threshold = field_of(value, "threshold", float, f"{param}.threshold", default=base.threshold)
     if not 0.0 < threshold < 1.0:
@@ -85,6 +94,13 @@ def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
                       default=base.prefix_padding_ms)
     silence = field_of(value, "silence_duration_ms", int, f"{param}.silence_duration_ms",
                        default=base.silence_duration_ms)
+    eagerness = None
+    if kind == "semantic_vad":
+        eagerness = field_of(value, "eagerness", str, f"{param}.eagerness", default="auto")
+        if eagerness not in EAGERNESS:
+            raise ProtocolError("invalid_value", f"eagerness must be one of {', '.join(EAGERNESS)}.",
+                                f"{param}.eagerness")
+        silence = semantic_silence_ms[eagerness]
     if not 0 <= prefix <= 5000 or not 0 <= silence <= 10000:
         raise ProtocolError("invalid_value", "prefix_padding_ms must be 0..5000 and "
                             "silence_duration_ms 0..10000.", f"{param}.silence_duration_ms")
@@ -92,7 +108,25 @@ def parse_turn_detection(value, param: str, current: Optional[TurnDetection],
                       default=base.create_response)
     interrupt = field_of(value, "interrupt_response", bool, f"{param}.interrupt_response",
                          default=base.interrupt_response)
-    return TurnDetection(threshold, prefix, silence, create, interrupt)
+    idle = field_of(value, "idle_timeout_ms", int, f"{param}.idle_timeout_ms")
+    if idle is not None and not 1000 <= idle <= 3_600_000:
+        raise ProtocolError("invalid_value", "idle_timeout_ms must be 1000..3600000.", f"{param}.idle_timeout_ms")
+    return TurnDetection(threshold, prefix, silence, create, interrupt, idle, kind, eagerness)
+
+
+def parse_transcription(value, param: str) -> Optional[dict]:
+    """audio.input.transcription: null (off) or {model, language, prompt}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_type", f"'{param}' must be an object or null.", param)
+    out = {}
+    for key in ("model", "language", "prompt"):
+        v = field_of(value, key, str, f"{param}.{key}")
+        if v is not None:
+            out[key] = v
+    out.setdefault("model", "whisper-1")
+    return out
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,10 @@ class SessionConfig:
     top_k: int = 1
     top_p: float = 1.0
     seed: Optional[int] = None
+    # omni2 extension events (conversation.context.truncated) go out only to clients that ask:
+    # strict GA clients validate every event against the API's own list.
+    extensions: bool = False
+    transcription: Optional[dict] = None         # {model, language, prompt}: input transcription on
 
     @classmethod
     def default(cls, settings: ServerSettings, model: str) -> "SessionConfig":
@@ -143,9 +181,12 @@ class SessionConfig:
             in_ga = "turn_detection" in a_in
             value = a_in["turn_detection"] if in_ga else patch["turn_detection"]
             param = "session.audio.input.turn_detection" if in_ga else "session.turn_detection"
-            if isinstance(value, dict) and value.get("type") == "semantic_vad":
-                notes.append("semantic_vad is served as server_vad (no semantic turn model).")
-            changes["turn_detection"] = parse_turn_detection(value, param, self.turn_detection, defaults)
+            changes["turn_detection"] = parse_turn_detection(value, param, self.turn_detection, defaults,
+                                                             settings.semantic_silence_ms)
+            td = changes["turn_detection"]
+            if td is not None and td.type == "semantic_vad":
+                notes.append(f"semantic_vad: the end of a turn is {td.silence_duration_ms} ms of silence "
+                             f"(eagerness {td.eagerness}); there is no semantic turn model.")
 
         voice = a_out.get("voice", patch.get("voice"))
         if voice is not None:
@@ -186,10 +227,19 @@ class SessionConfig:
         seed = field_of(patch, "seed", int, "session.seed")
         if seed is not None:
             changes["seed"] = seed
+        extensions = field_of(patch, EXTENSIONS_FIELD, bool, f"session.{EXTENSIONS_FIELD}")
+        if extensions is not None:
+            changes["extensions"] = extensions
         if patch.get("tools"):
             notes.append("tools are ignored: the model cannot call functions.")
-        if a_in.get("transcription") or patch.get("input_audio_transcription"):
-            notes.append("input audio transcription is not offered; user items carry no transcript.")
+        if "transcription" in a_in or "input_audio_transcription" in patch:
+            in_ga = "transcription" in a_in
+            value = a_in["transcription"] if in_ga else patch["input_audio_transcription"]
+            param = "session.audio.input.transcription" if in_ga else "session.input_audio_transcription"
+            changes["transcription"] = parse_transcription(value, param)
+            if changes["transcription"]:
+                notes.append("input transcription runs on the server's own offline recognizer "
+                             "(whisper, CTranslate2); the model name is only echoed.")
         return dataclasses.replace(self, **changes), notes
 
     def to_wire(self, session_id: str) -> dict:
@@ -212,7 +262,7 @@ class SessionConfig:
             "audio": {
                 "input": {
                     "format": format_to_wire(self.input_format),
-                    "transcription": None,
+                    "transcription": self.transcription,
                     "noise_reduction": None,
                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
                 },
@@ -223,4 +273,5 @@ class SessionConfig:
             "top_k": self.top_k,
             "top_p": self.top_p,
             "seed": self.seed,
+            **({EXTENSIONS_FIELD: True} if self.extensions else {}),
         }

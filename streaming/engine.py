@@ -32,8 +32,9 @@ from . import huge_pages
 from .config import EngineConfig
 from .cpu_malloc import keep_large_allocations
 from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
-from .messages import STOPPED_REASONS, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
-from .slots import DECODE, HELD, IDLE, IDLE_IDS, PREFILL, Slot, feed_ids, make_room
+from .messages import STOPPED_REASONS, ContextTruncated, Forget, TextDelta, Turn, TurnDone, TurnRequest
+from .slots import (DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids, forget,
+                    make_room)
 from .vocoder import Vocoder
 
 
@@ -109,6 +110,7 @@ class Engine:
             t.join(timeout=10)
         self.vocoder.stop()
         orphans = [s.turn for s in self.slots if s.turn is not None] + [t for t, _ in self._ready]
+        orphans += [t for s in self.slots for t, _ in s.waiting]
         while True:
             try:
                 t = self._prep.get_nowait()
@@ -117,7 +119,7 @@ class Engine:
             if t is not None:
                 orphans.append(t)
         for turn in orphans:
-            if not turn.done:
+            if isinstance(turn, Turn) and not turn.done:
                 turn._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text="",
                                     error="engine stopped"))
 
@@ -136,7 +138,7 @@ class Engine:
             sid = f"sess_{next(self._session_ids)}"
             free[0].session = sid
             free[0].ctx = 0
-            free[0].turn_starts = []
+            free[0].records = []
             self._sessions[sid] = free[0]
             self.counters["sessions_opened"] += 1
         return sid
@@ -151,24 +153,14 @@ class Engine:
         slot.closing = True
         self._wake.set()
 
-    def truncate_answer(self, session_id: str, turn: Turn, steps: int) -> None:
-        """From the session's next turn on, the model remembers only the first `steps` decode
-        steps of `turn`'s answer (what the user heard: `snac_layout.steps_heard`). Applied at
-        a step boundary once `turn` is over (cancel it first to stop it now), and only while
-        it is still the conversation's last turn: a later turn has already read the whole
-        answer, so then nothing changes. Must come before the next turn is submitted."""
-        with self._lock:
-            slot = self._sessions.get(session_id)
-            if slot is None:
-                return
-            slot.pending_cut = (turn, steps)
-        self._wake.set()
-
     def submit(self, request: TurnRequest) -> Turn:
         """Queue a question; returns its Turn at once. A session's live turn is cancelled
-        first (one answer at a time per conversation)."""
-        if request.audio_16k is None and not request.text:
-            raise ValueError("a turn needs speech (audio_16k) or text")
+        first (one answer at a time per conversation); a turn with answer=False (context
+        only) waits for it instead."""
+        if request.audio_16k is None and request.text is None:
+            raise ValueError("a turn needs speech (audio_16k) or text ('' asks from the context alone)")
+        if request.role != "user" and (request.answer or request.audio_16k is not None or request.image):
+            raise ValueError(f"a {request.role} turn is text that joins the context (answer=False)")
         with self._lock:
             slot = self._sessions.get(request.session_id)
             if slot is None:
@@ -176,12 +168,24 @@ class Engine:
             if self._queued >= self.config.max_queued_turns:
                 raise EngineFull(f"{self._queued} turns already waiting")
             self._queued += 1
-        if slot.turn is not None:
+        if slot.turn is not None and request.answer:
             slot.turn.cancel()
         turn = Turn(request)
         turn._poke = self._wake.set
         self._prep.put(turn)
         return turn
+
+    def forget(self, session_id: str, turn_id: int, part: str = "all", keep_steps: int = 0) -> None:
+        """Remove a past turn (or its "prompt" / "answer") from the session's context, in
+        order with the turns submitted before and after (see messages.Forget). A live turn
+        is cancelled first by its owner; an unknown turn id is ignored. part "answer" with
+        keep_steps: keep the answer's first decode steps (what the user heard of it:
+        snac_layout.steps_heard), forget the rest."""
+        if part not in FORGET_PARTS:
+            raise ValueError(f"part must be one of {FORGET_PARTS}, got {part!r}")
+        if keep_steps and part != "answer":
+            raise ValueError("keep_steps applies to part='answer' only")
+        self._prep.put(Forget(session_id, turn_id, part, keep_steps))
 
     def stats(self) -> dict:
         with self._lock:
@@ -209,6 +213,10 @@ class Engine:
             turn = self._prep.get()
             if turn is None:
                 return
+            if isinstance(turn, Forget):  # no encoding; keeps its place in the order
+                self._ready.append((turn, None))
+                self._wake.set()
+                continue
             if turn.cancel_requested:
                 self._finish_unstarted(turn, "cancelled")
                 continue
@@ -226,6 +234,8 @@ class Engine:
             self._wake.set()
 
     def _encode(self, req: TurnRequest):
+        if req.role != "user":
+            return self.model.encode_text(req.role, req.text)  # ids only: no encoder runs
         if not self._cpu:
             return self.model.encode_question(req.audio_16k, image=req.image, text=req.text)
         # all cores for the encoders, on a thread whose OpenMP team ends with the job
@@ -247,7 +257,7 @@ class Engine:
             while not self._stop.is_set():
                 try:
                     busy = self._schedule()
-                    prefill = next((s for s in self.slots if s.phase == PREFILL), None)
+                    prefill = next((s for s in self.slots if s.phase in (PREFILL, REBUILD)), None)
                     if prefill is not None:
                         self._prefill_chunk(prefill)
                     speaking = [s for s in self.slots if s.phase == DECODE]
@@ -263,6 +273,8 @@ class Engine:
     def _fail_live_turns(self) -> None:
         self.counters["errors"] += 1
         for s in self.slots:
+            if s.phase == REBUILD:  # keep what was re-prefilled; the rest of the context is lost
+                s.end_rebuild()
             if s.phase == IDLE:
                 continue
             turn = s.turn
@@ -275,7 +287,7 @@ class Engine:
                                     error="internal engine error"))
 
     def _schedule(self) -> bool:
-        """Admit prepared turns and apply cancels/closes at this step boundary."""
+        """Admit prepared turns and apply cancels/closes/edits at this step boundary."""
         busy = False
         for s in self.slots:
             if s.turn is not None and s.turn.cancel_requested:
@@ -283,27 +295,64 @@ class Engine:
             elif s.phase == HELD and not s.turn.held:  # released: speak now
                 busy = True
                 self._start_decode(s, *s.first)
-            if s.pending_cut is not None and s.turn is not s.pending_cut[0]:  # its turn is over
-                with self._lock:
-                    cut, s.pending_cut = s.pending_cut, None
-                s.cut_answer(*cut)
             if s.closing and s.phase == IDLE:
                 with self._lock:
                     s.release()
                     s.closing = False
+                self._drop_waiting(s)
         while self._ready:
-            turn, embeds = self._ready.popleft()
+            item, embeds = self._ready.popleft()
             busy = True
             with self._lock:
-                self._queued -= 1
-                slot = self._sessions.get(turn.request.session_id)
-            if slot is None or turn.cancel_requested:
-                turn._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text=""))
-                continue
-            if slot.phase != IDLE:  # a newer question replaces the live answer
-                self._finish(slot, "cancelled")
-            self._admit(slot, turn, embeds)
+                slot = self._sessions.get(item.session_id if isinstance(item, Forget) else item.request.session_id)
+            if slot is not None:
+                slot.waiting.append((item, embeds))
+            elif isinstance(item, Turn):
+                self._dequeued()
+                item._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text=""))
+        for s in self.slots:
+            if s.waiting and self._advance(s):
+                busy = True
         return busy
+
+    def _advance(self, slot: Slot) -> bool:
+        """Start what waits for this slot, in order, as far as the slot allows: a question
+        replaces the live answer (barge-in); context-only turns and edits wait for it."""
+        started = False
+        while slot.waiting:
+            item, embeds = slot.waiting[0]
+            if isinstance(item, Turn) and item.cancel_requested:
+                slot.waiting.popleft()
+                self._dequeued()
+                item._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text=""))
+                continue
+            if slot.turn is not None and slot.turn.request.answer and any(
+                    isinstance(t, Turn) and t.request.answer for t, _ in slot.waiting):
+                self._finish(slot, "cancelled")  # a newer question replaces the live answer
+            if slot.phase != IDLE:
+                return started
+            slot.waiting.popleft()
+            started = True
+            if isinstance(item, Forget):
+                replay = forget(slot, item.turn_id, item.part, self.model.lm.embed, self.device, item.keep_steps)
+                if replay is not None:
+                    slot.begin_rebuild(replay)
+                continue
+            self._dequeued()
+            self._admit(slot, item, embeds)
+        return started
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _drop_waiting(self, slot: Slot) -> None:
+        """The slot's session closed: what waited for it never runs."""
+        while slot.waiting:
+            item, _ = slot.waiting.popleft()
+            if isinstance(item, Turn):
+                self._dequeued()
+                item._emit(TurnDone(reason="cancelled", frames_generated=0, frames_emitted=0, text=""))
 
     def _admit(self, slot: Slot, turn: Turn, embeds: torch.Tensor) -> None:
         T = int(embeds.shape[1])
@@ -311,8 +360,8 @@ class Engine:
         try:
             if T >= self.context_len:
                 raise ValueError(f"question of {T} positions does not fit the {self.context_len}-position context")
-            want = min(req.max_steps or self.config.max_steps, self.config.max_steps)
-            turns_before = len(slot.turn_starts)
+            want = min(req.max_steps or self.config.max_steps, self.config.max_steps) if req.answer else 0
+            turns_before = len(slot.records)
             dropped = make_room(self.cache, slot, T + want, self.context_len, self.model.lm.rope_cos, self.model.lm.rope_sin)
             max_steps = max_steps_for(self.context_len, slot.ctx + T, want)
         except ValueError as exc:
@@ -321,7 +370,7 @@ class Engine:
             return
         if dropped:
             turn._emit(ContextTruncated(dropped_positions=dropped,
-                                        dropped_turns=turns_before - len(slot.turn_starts)))
+                                        dropped_turns=turns_before - len(slot.records)))
         i = slot.index
         sp = req.sampling
         self._greedy[i] = sp.greedy
@@ -342,7 +391,13 @@ class Engine:
         hidden = lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)
         slot.prefilled = b
         slot.written = slot.start + b
-        if b == slot.prompt_len:  # step 0 comes from the prompt's last position
+        if b == slot.prompt_len and slot.phase == REBUILD:
+            slot.prefill_s += time.perf_counter() - t0
+            slot.end_rebuild()
+        elif b == slot.prompt_len and not slot.turn.request.answer:  # context only: nothing to say
+            slot.prefill_s += time.perf_counter() - t0
+            self._finish(slot, "completed")
+        elif b == slot.prompt_len:  # step 0 comes from the prompt's last position
             last = hidden[:, -1:]
             audio, text = self._sample(last, [slot])
             slot.embeds = None
@@ -381,6 +436,7 @@ class Engine:
         self.counters["steps"] += 1
         for s in speaking:
             s.written = s.position + 1
+            s.records[-1].fed.append(s.next_ids)  # what this step wrote, to replay it elsewhere
             self._update(s, audio[s.index], text[s.index])
         self.step_seconds.append(time.perf_counter() - t0)
         self.step_sessions.append(len(speaking))
@@ -473,7 +529,7 @@ class Engine:
         if reason == "error":
             self.counters["errors"] += 1
         slot.prefill_s = 0.0
-        if turn.held:  # an unused speculation: its question never happened
+        if turn.held or not turn.request.keep:  # an unused speculation, an out-of-band answer
             slot.forget_turn()
         else:
             slot.end_turn()

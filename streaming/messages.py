@@ -44,6 +44,26 @@ class TurnRequest:
     # Speculative turn: encode and prefill now, but say nothing until `Turn.release()`;
     # cancelled before release, it leaves no trace in the session's context.
     hold: bool = False
+    # False: the prompt only joins the session's context (nothing is said; TurnDone right
+    # after its prefill). Such a turn waits for a live answer instead of replacing it.
+    answer: bool = True
+    # Whose words `text` is: "user" (a question: speech, image, text; text "" is the minimal
+    # question), or, with answer=False, "assistant" (what it said) or "system".
+    role: str = "user"
+    # False: out-of-band answer, forgotten once done (the context is as if it never came).
+    keep: bool = True
+
+
+@dataclass(frozen=True)
+class Forget:
+    """Remove a past turn, or part of it, from the session's context: part "all", "prompt"
+    (the question) or "answer" (what was said). Later turns are re-prefilled where they now
+    sit, so the next answer sees the context as if the removed part had never been there."""
+
+    session_id: str
+    turn_id: int
+    part: str = "all"
+    keep_steps: int = 0   # part "answer": its first decode steps stay (what the user heard)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ step loop reads it to build each batched step without asking the device anything
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,7 +20,35 @@ from omni2.model.snac_layout import FrameAssembler
 from .messages import Turn
 
 # HELD: a speculative turn whose prompt is prefilled and step 0 sampled, waiting for release.
-IDLE, PREFILL, HELD, DECODE = "idle", "prefill", "held", "decode"
+# REBUILD: re-prefilling the turns that followed a forgotten one (no turn is live).
+IDLE, PREFILL, HELD, DECODE, REBUILD = "idle", "prefill", "held", "decode", "rebuild"
+FORGET_PARTS = ("all", "prompt", "answer")
+
+
+@dataclass
+class TurnRecord:
+    """One past turn of the context, kept so it can be replayed at another position: its
+    prompt embeddings [2, T, C] (on the device) and the ids fed at each decode step."""
+
+    start: int                                   # cache position of its first token
+    turn_id: int = 0
+    prompt: Optional[torch.Tensor] = None        # None: no prompt positions (forgotten)
+    fed: list = field(default_factory=list)      # [2][8] global ids per written answer step
+
+    @property
+    def prompt_len(self) -> int:
+        return 0 if self.prompt is None else int(self.prompt.shape[1])
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + len(self.fed)
+
+    def embeds(self, embed: Callable[[torch.Tensor], torch.Tensor], device) -> list[torch.Tensor]:
+        parts = [] if self.prompt is None else [self.prompt]
+        if self.fed:
+            ids = torch.tensor(self.fed, device=device)  # [n, 2, 8]
+            parts.append(embed(ids.permute(1, 2, 0)))
+        return parts
 
 
 @dataclass
@@ -27,11 +56,11 @@ class Slot:
     index: int
     session: Optional[str] = None
     ctx: int = 0  # positions of context held in the cache rows
-    turn_starts: list[int] = field(default_factory=list)  # where each past turn began
+    records: list[TurnRecord] = field(default_factory=list)  # the context's turns, in order
     phase: str = IDLE
     turn: Optional[Turn] = None
     # current turn
-    embeds: Optional[torch.Tensor] = None  # [2, T, C] prompt embeddings, dropped after prefill
+    embeds: Optional[torch.Tensor] = None  # [2, T, C] being prefilled (the turn's record keeps them)
     prompt_len: int = 0
     prefilled: int = 0
     start: int = 0  # cache position of the prompt's first token
@@ -50,10 +79,12 @@ class Slot:
     prefill_s: float = 0.0
     decode_started_at: float = 0.0
     closing: bool = False  # session closed while a turn was live: release at the next boundary
-    # the last turn that ended into the context, and where its answer's positions begin
-    last_turn: Optional[Turn] = None
-    answer_start: int = 0
-    pending_cut: Optional[tuple[Turn, int]] = None  # (turn, answer steps to keep), see cut_answer
+    # turns and Forget edits that wait for this slot (a live answer, a rebuild), in order
+    waiting: collections.deque = field(default_factory=collections.deque)
+
+    @property
+    def turn_starts(self) -> list[int]:
+        return [r.start for r in self.records]
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -66,7 +97,7 @@ class Slot:
         it is rewritten before anything reads it)."""
         if self.phase == DECODE:
             return self.start + self.prompt_len + self.step - 1
-        if self.phase in (PREFILL, HELD):
+        if self.phase in (PREFILL, HELD, REBUILD):
             return self.written
         return self.ctx
 
@@ -78,7 +109,7 @@ class Slot:
         self.prefilled = 0
         self.start = self.ctx
         self.written = self.ctx
-        self.turn_starts.append(self.ctx)
+        self.records.append(TurnRecord(self.ctx, turn.id, embeds))
         self.step = 0
         self.max_steps = max_steps
         self.rules = EndRules()
@@ -93,9 +124,14 @@ class Slot:
 
     def end_turn(self) -> None:
         """Keep what the cache holds of this turn as context; forget the turn's state."""
+        rec = self.records[-1] if self.records else None
+        if self.phase == PREFILL and rec is not None and rec.start == self.start:
+            # cut short: only part of its prompt is in the cache
+            rec.prompt = rec.prompt[:, : self.written - self.start] if self.written > self.start else None
+            if rec.length == 0:
+                self.records.pop()
         if self.phase != IDLE:
             self.ctx = self.written
-            self.last_turn, self.answer_start = self.turn, self.start + self.prompt_len
         self.phase = IDLE
         self.turn = None
         self.embeds = None
@@ -105,30 +141,70 @@ class Slot:
     def forget_turn(self) -> None:
         """Drop the current turn from the context entirely (a speculation that was not used):
         the positions it wrote become free again."""
-        last = (self.last_turn, self.answer_start)
         if self.phase != IDLE:
             self.written = self.start
-            if self.turn_starts and self.turn_starts[-1] == self.start:
-                self.turn_starts.pop()
+            if self.records and self.records[-1].start == self.start:
+                self.records.pop()
         self.end_turn()
-        self.last_turn, self.answer_start = last
-
-    def cut_answer(self, turn: Turn, steps: int) -> bool:
-        """Keep only the first `steps` answer positions of `turn` in the context (the part the
-        user heard), if `turn` is over and is still this conversation's last turn; returns
-        whether it did. Both rows of a step share its position, so a step is kept or dropped
-        whole: its 7 audio tokens and its text token."""
-        if self.phase != IDLE or turn is not self.last_turn:
-            return False
-        self.ctx = min(self.ctx, self.answer_start + max(0, steps))
-        return True
 
     def release(self) -> None:
         self.end_turn()
         self.session = None
         self.ctx = 0
-        self.turn_starts = []
-        self.last_turn, self.pending_cut = None, None
+        self.records = []
+
+    def begin_rebuild(self, embeds: torch.Tensor) -> None:
+        """Re-prefill `embeds` at ctx.. (the turns after a forgotten one), chunk by chunk."""
+        self.phase = REBUILD
+        self.embeds = embeds
+        self.prompt_len = int(embeds.shape[1])
+        self.prefilled = 0
+        self.start = self.written = self.ctx
+
+    def end_rebuild(self) -> None:
+        """Done (or given up): the context is what has been re-prefilled; turns that did not
+        make it back in are gone."""
+        self.ctx = self.written
+        self.records = [r for r in self.records if r.start + r.length <= self.ctx]
+        self.phase = IDLE
+        self.embeds = None
+
+
+def forget(slot: Slot, turn_id: int, part: str, embed: Callable[[torch.Tensor], torch.Tensor],
+           device, keep_steps: int = 0) -> Optional[torch.Tensor]:
+    """Remove `part` of the slot's past turn `turn_id` from its context (the slot is idle).
+
+    The cache stays valid up to the first position that changes, so ctx moves back there;
+    returns the embeddings of everything after it (the turn's kept part, then every later
+    turn, at their new positions) to re-prefill, or None when nothing follows. An unknown
+    turn (never admitted, or already dropped by make_room) is a no-op. part "answer" keeps
+    the answer's first `keep_steps` decode steps (a truncate: what the user heard).
+    """
+    i = next((k for k, r in enumerate(slot.records) if r.turn_id == turn_id), None)
+    if i is None:
+        return None
+    rec = slot.records[i]
+    if part == "answer" and keep_steps >= len(rec.fed):
+        return None  # all of it stays
+    changed = rec.start if part in ("all", "prompt") else rec.start + rec.prompt_len + keep_steps
+    if part in ("all", "prompt"):
+        rec.prompt = None
+    if part in ("all", "answer"):
+        rec.fed = rec.fed[:keep_steps] if part == "answer" else []
+    if rec.length == 0:
+        del slot.records[i]
+    replay, pos = [], rec.start
+    for r in slot.records[i:]:
+        pieces = r.embeds(embed, device)
+        if r is rec and part == "answer":
+            pieces = []  # its prompt and kept steps are still where they were
+        elif r is rec and rec.prompt is not None:
+            pieces = pieces[1:]  # its prompt is still where it was
+        replay += pieces
+        r.start = pos
+        pos += r.length
+    slot.ctx = changed
+    return torch.cat(replay, dim=1) if replay else None
 
 
 def make_room(cache: KVCache, slot: Slot, need: int, limit: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> int:
@@ -155,7 +231,9 @@ def make_room(cache: KVCache, slot: Slot, need: int, limit: int, rope_cos: torch
             k = cache.k[:, r, :, drop : drop + keep]
             cache.k[:, r, :, :keep] = apply_rope(k, cos, sin)
             cache.v[:, r, :, :keep] = cache.v[:, r, :, drop : drop + keep].clone()
-    slot.turn_starts = [s - drop for s in slot.turn_starts if s >= drop]
+    slot.records = [r for r in slot.records if r.start >= drop]
+    for r in slot.records:
+        r.start -= drop
     slot.ctx = keep
     return drop
 

@@ -6,6 +6,11 @@ answer names the session and what the turn carried, so tests can check that ever
 got its own answer. Cancel is honoured at the next tick; submitting past `slots` live turns
 raises EngineFull; a turn with no input or an undecodable image raises ValueError. A held
 (speculative) turn stays silent until released.
+
+Context: `context[sid]` lists (turn id, label) of what the model would remember, in order
+(context-only turns at once, answered turns with their answer, out-of-band ones never;
+`forget` removes them), and `prompts` what each answered turn's prompt held (context + its
+own question), so tests can check that a deleted item is gone from the next prompt.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.streaming.messages import AudioChunk, TextDelta, Turn, TurnDone, TurnRequest
+from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 
 try:
     from omni2.streaming.engine import EngineFull
@@ -31,7 +36,7 @@ SAMPLE_RATE = 24000
 class FakeEngine:
     def __init__(self, slots: int = 4, tick_s: float = 0.05, words_every: int = 2,
                  answer_words: int = 8, tone_hz: float = 440.0, chunk_s: float | None = None,
-                 noise: bool = False):
+                 noise: bool = False, context_turns: Optional[int] = None):
         self.slots = slots
         self.tick_s = tick_s
         self.words_every = words_every
@@ -39,6 +44,7 @@ class FakeEngine:
         self.tone_hz = tone_hz
         self.chunk_s = chunk_s or tick_s   # audio per chunk (> tick_s: faster than real time)
         self.noise = noise                 # white noise: incompressible on the wire
+        self.context_turns = context_turns  # window: a new answer drops older turns beyond it
         self._rng = np.random.default_rng(0)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -49,8 +55,12 @@ class FakeEngine:
         self.steps_total = 0
         self.cancels_total = 0
         self.submitted: list[TurnRequest] = []
-        self.truncations: list[tuple[str, Turn, int]] = []
         self.step_seconds: list[float] = []
+        self.context: dict[str, list[tuple[int, str]]] = {}
+        self.prompts: list[list[str]] = []
+        self.forgotten: list[tuple[str, int, str]] = []
+        self.truncations: list[tuple[str, int, int]] = []  # (session, turn id, steps kept)
+        self._after_finish: dict[int, list[str]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> "FakeEngine":
@@ -71,6 +81,7 @@ class FakeEngine:
         sid = f"s{next(self._ids)}"
         with self._lock:
             self._sessions[sid] = None
+            self.context[sid] = []
         return sid
 
     def close_session(self, sid: str) -> None:
@@ -80,7 +91,7 @@ class FakeEngine:
             turn.cancel()
 
     def submit(self, request: TurnRequest) -> Turn:
-        if request.audio_16k is None and not request.text and request.image is None:
+        if request.audio_16k is None and request.text is None and request.image is None:
             raise ValueError("a turn needs audio, text or an image")
         if request.audio_16k is not None and request.audio_16k.size == 0:
             raise ValueError("empty audio")
@@ -93,6 +104,13 @@ class FakeEngine:
         with self._lock:
             if request.session_id not in self._sessions:
                 raise ValueError(f"unknown session {request.session_id}")
+            if not request.answer:  # context only: remembered at once, nothing said
+                turn = Turn(request)
+                self.submitted.append(request)
+                self.context[request.session_id].append((turn.id, self.label(request)))
+                turn._emit(TurnDone(reason="completed", frames_generated=0, frames_emitted=0, text="",
+                                    stats={"steps": 0, "prompt_positions": 3, "context_start": 0}))
+                return turn
             old = self._sessions[request.session_id]
             if old is not None and not old.done:
                 old.cancel()  # barge-in: the new turn replaces the live one
@@ -103,13 +121,43 @@ class FakeEngine:
             self._sessions[request.session_id] = turn
             self._live[turn] = {"step": 0, "words": self._answer(request), "text": [], "phase": 0.0}
             self.submitted.append(request)
+            context = self.context[request.session_id]
+            dropped = len(context) - self.context_turns + 1 if self.context_turns is not None else 0
+            if dropped > 0:
+                del context[:dropped]
+                turn._emit(ContextTruncated(dropped_positions=10 * dropped, dropped_turns=dropped))
+            self.prompts.append([label for _, label in context] + [self.label(request)])
         return turn
 
-    def truncate_answer(self, sid: str, turn: Turn, steps: int) -> None:
-        """Recorded (session, turn, steps) for tests: the fake keeps no context."""
-        self.truncations.append((sid, turn, steps))
+    def forget(self, sid: str, turn_id: int, part: str = "all", keep_steps: int = 0) -> None:
+        """As the real engine orders it: a live turn is forgotten once it has ended. A cut
+        answer (keep_steps) is only recorded in `truncations`: the fake keeps whole labels."""
+        if keep_steps:
+            self.truncations.append((sid, turn_id, keep_steps))
+            return
+        with self._lock:
+            self.forgotten.append((sid, turn_id, part))
+            if any(t.id == turn_id for t in self._live):
+                self._after_finish.setdefault(turn_id, []).append(part)
+                return
+            self._forget(sid, turn_id, part)
 
-    def _answer(self, request: TurnRequest) -> list[str]:
+    def _forget(self, sid: str, turn_id: int, part: str) -> None:
+        kept = []
+        for tid, label in self.context.get(sid, []):
+            if tid == turn_id and part != "all":
+                question, _, answer = label.partition(" -> ")
+                label = answer if part == "prompt" else question
+                kept.append((tid, label))
+            elif tid != turn_id:
+                kept.append((tid, label))
+        self.context[sid] = kept
+
+    @staticmethod
+    def label(request: TurnRequest) -> str:
+        """What a turn puts in the context: user:<what it carried>, or role:text."""
+        if request.role != "user":
+            return f"{request.role}:" + "_".join(request.text.split())
         what = []
         if request.audio_16k is not None:
             what.append(f"{request.audio_16k.size / 16000:.1f}s-audio")
@@ -117,7 +165,10 @@ class FakeEngine:
             what.append("text=" + "_".join(request.text.split()))
         if request.image is not None:
             what.append("image")
-        words = [f"answer-for-{request.session_id}", "about", "+".join(what)]
+        return "user:" + ("+".join(what) or "nothing")
+
+    def _answer(self, request: TurnRequest) -> list[str]:
+        words = [f"answer-for-{request.session_id}", "about", self.label(request)[len("user:"):]]
         filler = ["the", "sky", "is", "blue", "today", "and", "tomorrow", "again"]
         while len(words) < self.answer_words:
             words.append(filler[len(words) % len(filler)])
@@ -170,6 +221,12 @@ class FakeEngine:
     def _finish(self, turn: Turn, st: dict, reason: str) -> None:
         with self._lock:
             self._live.pop(turn, None)
+            if turn.request.keep:
+                answer = "_".join("".join(st["text"]).split())
+                self.context[turn.request.session_id].append(
+                    (turn.id, f"{self.label(turn.request)} -> assistant:{answer}"))
+            for part in self._after_finish.pop(turn.id, []):
+                self._forget(turn.request.session_id, turn.id, part)
         turn._emit(TurnDone(reason=reason, frames_generated=st["step"], frames_emitted=st["step"],
                             text="".join(st["text"]),
                             stats={"steps": st["step"], "prompt_positions": 10, "context_start": 0}))

@@ -77,6 +77,19 @@ def running_server(engine, host: Optional[EngineHost] = None, detector_factory=N
 
 
 @contextlib.contextmanager
+def fake_engine_server(max_sessions: int = 4, settings: Optional[dict] = None, **engine):
+    """(FakeEngine(**engine), its running server): the engine's recordings stay readable."""
+    from fake_engine import FakeEngine
+
+    eng = FakeEngine(**{"slots": max_sessions, **engine}).start()
+    try:
+        with running_server(eng, max_sessions=max_sessions, **(settings or {})) as srv:
+            yield eng, srv
+    finally:
+        eng.stop()
+
+
+@contextlib.contextmanager
 def tiny_engine(max_sessions: int = 4, **config):
     """A started, warmed-up engine on the built-in tiny model (EngineConfig `config`)."""
     from omni2.streaming.engine import Engine, EngineConfig

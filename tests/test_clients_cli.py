@@ -190,7 +190,7 @@ def test_loadtest_with_server_vad_times_from_speech_end(server, tmp_path):
 
 # ---- issue 13: a refused question, URLs, why an answer is incomplete, bench help ----------------
 def test_chat_stops_at_the_error_that_refuses_the_question(server, tmp_path, capsys):
-    short = tmp_path / "short.wav"   # 43 ms: too short to commit, so response.create has no input
+    short = tmp_path / "short.wav"   # 43 ms: too short to commit, so the question is refused
     short.write_bytes(wav_bytes(np.zeros(int(16000 * 0.043), np.float32), rate=16000))
     out = tmp_path / "answer.wav"
     args = parse(["chat", "--url", server.ws, "--audio", str(short), "--out", str(out), "--fast",
@@ -199,8 +199,8 @@ def test_chat_stops_at_the_error_that_refuses_the_question(server, tmp_path, cap
     assert chat.main(args) == 1
     assert time.monotonic() - start < 10, "waited for a response.done that never comes"
     err = capsys.readouterr().err
-    assert "no_input: Nothing to answer" in err, err
-    assert "refused the question (no_input)" in err and "nothing written" in err, err
+    assert "input_audio_buffer_commit_empty: Error committing" in err, err
+    assert "refused the question (input_audio_buffer_commit_empty)" in err and "nothing written" in err, err
     assert not out.exists()
 
 

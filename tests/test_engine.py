@@ -17,7 +17,7 @@ from omni2.model.snac_layout import frames_from_steps, sanitize_frames
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine, EngineFull
 from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
-from omni2.streaming.slots import Slot, make_room
+from omni2.streaming.slots import Slot, TurnRecord, make_room
 
 from cpu_marks import not_under_isa_emulation  # noqa: E402
 
@@ -187,15 +187,15 @@ def test_multi_turn_context_turn_two_sees_turn_one(engine, tiny_model):
 
 
 def test_a_truncated_answer_leaves_only_its_heard_steps_in_the_context(engine, tiny_model):
-    """truncate_answer: the next turn's prompt starts right after the kept steps, and the model
-    reads exactly prompt 1, the kept steps, prompt 2. A cut of a turn a later one has read
-    changes nothing; a live answer is cut once its cancel has stopped it."""
+    """forget(..., "answer", keep_steps): the next turn's prompt starts right after the kept
+    steps, and the model reads exactly prompt 1, the kept steps, prompt 2. A live answer's cut
+    waits for its cancel; a cut that keeps every step changes nothing."""
     lm = tiny_model.lm
     sid = engine.open_session()
     q1, q2 = question(22), question(23)
     t1 = engine.submit(TurnRequest(session_id=sid, audio_16k=q1, max_steps=12))
     d1 = collect(t1)[0]
-    engine.truncate_answer(sid, t1, 5)
+    engine.forget(sid, t1.id, "answer", keep_steps=5)
     d2 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=q2, max_steps=12)))[0]
     p1, e1 = tiny_model.encode_question(q1)
     _, e2 = tiny_model.encode_question(q2)
@@ -204,17 +204,20 @@ def test_a_truncated_answer_leaves_only_its_heard_steps_in_the_context(engine, t
     with torch.inference_mode():
         seq = torch.cat([e1, lm.embed(torch.stack(fed, dim=2)), e2], dim=1)
     assert d2.stats["audio_ids"] == _greedy_continue(lm, seq, 12)
-    # turn 2 read all of turn 1's kept context: cutting turn 1 again now changes nothing
     end2 = d2.stats["context_start"] + d2.stats["prompt_positions"] + 11
-    engine.truncate_answer(sid, t1, 1)
     t3 = engine.submit(TurnRequest(session_id=sid, audio_16k=question(24), max_steps=400))
     assert next(e for e in t3.events(timeout=120) if isinstance(e, AudioChunk)) is not None
-    engine.truncate_answer(sid, t3, 3)  # a live answer: kept pending until its cancel ends it
+    engine.forget(sid, t3.id, "answer", keep_steps=3)  # a live answer: waits until its cancel ends it
     t3.cancel()
     d3 = collect(t3)[0]
     assert d3.reason == "cancelled" and d3.stats["context_start"] == end2
-    d4 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=question(25), max_steps=4)))[0]
-    assert d4.stats["context_start"] == end2 + d3.stats["prompt_positions"] + 3
+    t4 = engine.submit(TurnRequest(session_id=sid, audio_16k=question(25), max_steps=4))
+    d4 = collect(t4)[0]
+    start4 = end2 + d3.stats["prompt_positions"] + 3
+    assert d4.stats["context_start"] == start4
+    engine.forget(sid, t4.id, "answer", keep_steps=99)  # keeps every step: nothing changes
+    d5 = collect(engine.submit(TurnRequest(session_id=sid, audio_16k=question(26), max_steps=4)))[0]
+    assert d5.stats["context_start"] == start4 + d4.stats["prompt_positions"] + 3
 
 
 def test_steps_heard_keeps_only_steps_of_fully_played_frames():
@@ -319,7 +322,7 @@ def test_make_room_drops_oldest_turns_and_rerotates_keys(tiny_model):
     cache = KVCache.allocate(cfg, rows=2, max_len=40)
     with torch.inference_mode():
         lm(x, cache, None, torch.arange(30)[None].expand(2, 30), span=30)
-        slot = Slot(0, session="s", ctx=30, turn_starts=[0, 12, 22])
+        slot = Slot(0, session="s", ctx=30, records=[TurnRecord(0), TurnRecord(12), TurnRecord(22)])
         dropped = make_room(cache, slot, need=20, limit=40, rope_cos=lm.rope_cos, rope_sin=lm.rope_sin)
         assert dropped == 12 and slot.ctx == 18 and slot.turn_starts == [0, 10]
         fresh = KVCache.allocate(cfg, rows=2, max_len=40)

@@ -203,7 +203,9 @@ def test_a_truncated_answer_leaves_the_models_context_at_what_was_heard(engine, 
         while slot.ctx == full and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert truncated["audio_end_ms"] == 1000
-        assert slot.ctx == slot.answer_start + steps_heard(24000) < full
+        answer = slot.records[-1]
+        assert slot.ctx == answer.start + answer.prompt_len + steps_heard(24000) < full
+        assert len(answer.fed) == steps_heard(24000)
         kept = slot.ctx
         await c.send_text("and then?")
         await c.send("response.create")

@@ -38,7 +38,8 @@ def error_of(obj=None, raw=None) -> p.ProtocolError:
     ('{"event_id": "e1"}', "missing_required_parameter"),
     ('{"type": 7}', "invalid_type"),
     ('{"type": "no.such.event", "event_id": "e9"}', "unknown_event_type"),
-    ('{"type": "conversation.item.delete", "item_id": "x"}', "unsupported_event"),
+    ('{"type": "output_audio_buffer.clear"}', "unsupported_event"),
+    ('{"type": "conversation.item.delete"}', "missing_required_parameter"),
     (b"\xff\xfe", "invalid_json"),
     ('{"type": "session.update", "session": {"seed": ' + "1" * 4301 + "}}", "invalid_json"),  # int limit
     ('{"type": "session.update", "session": {"temperature": NaN}}', "invalid_json"),
@@ -83,7 +84,8 @@ def test_item_create_with_text_audio_and_image():
 
 @pytest.mark.parametrize("item,code,param", [
     ({"type": "message", "role": "assistant", "content": [{"type": "input_text", "text": "x"}]},
-     "invalid_value", "item.role"),
+     "invalid_value", "item.content[0].type"),
+    ({"type": "message", "role": "developer", "content": []}, "invalid_value", "item.role"),
     ({"type": "function_call", "role": "user", "content": []}, "unsupported_item_type", "item.type"),
     ({"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]},
      "invalid_type", "item.content[0].text"),
@@ -115,7 +117,23 @@ def test_response_create_options():
     e = parse({"type": "response.create", "response": {"max_output_tokens": 64, "modalities": ["text", "audio"]}})
     assert (e.max_output_tokens, e.output_modalities) == (64, ["audio"])
     assert error_of({"type": "response.create", "response": {"max_output_tokens": 0}}).param == "response.max_output_tokens"
-    assert error_of({"type": "response.create", "response": {"conversation": "none"}}).code == "invalid_value"
+    assert error_of({"type": "response.create", "response": {"conversation": "other"}}).code == "invalid_value"
+    e = parse({"type": "response.create", "response": {"conversation": "none", "metadata": {"k": "v"}, "input": [
+        {"type": "item_reference", "id": "item_1"},
+        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "be brief"}]}]}})
+    assert e.out_of_band and e.metadata == {"k": "v"}
+    assert [(i.role, i.reference, i.text) for i in e.input] == [("reference", "item_1", ""), ("system", None, "be brief")]
+    assert error_of({"type": "response.create", "response": {"metadata": {"k": 1}}}).param == "response.metadata.k"
+
+
+def test_assistant_and_system_items_are_text():
+    e = parse({"type": "conversation.item.create", "previous_item_id": "root", "item": {
+        "type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Hi."}, {"type": "output_audio", "transcript": "How can I help?"}]}})
+    assert (e.item.role, e.item.text, e.previous_item_id) == ("assistant", "Hi.\nHow can I help?", "root")
+    e = parse({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be brief."}]}})
+    assert (e.item.role, e.item.text) == ("system", "Be brief.")
 
 
 def test_truncate_needs_non_negative_values():

@@ -297,7 +297,8 @@ BAD_INPUTS = [
      "invalid_image", "image"),
     (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (1536 << 10), "event_id": "b9"}),
      "message_too_large", None),
-    (json.dumps({"type": "response.create"}), "no_input", None),
+    (json.dumps({"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "b10"}),
+     "item_not_found", "item_id"),
     (b"\x00\x01binary", "invalid_json", None),
 ]
 

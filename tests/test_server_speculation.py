@@ -152,7 +152,7 @@ def test_a_full_context_window_names_the_items_it_forgot():
     """Three typed turns in a 90-position window: the third pushes the first out, and the
     client hears which items (the first question and its answer) the model no longer sees."""
     async def main(srv):
-        c = await Client.connect(srv.ws)
+        c = await Client.connect(srv.ws + "?omni2_extensions=1")  # the event is an extension
         assert (await c.recv())["type"] == "session.created"
         await c.send("session.update", session={"type": "realtime",
                                                 "audio": {"input": {"turn_detection": None}}})

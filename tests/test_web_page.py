@@ -365,7 +365,7 @@ def test_typed_question_is_answered(browser, server):
 
 
 @requires_browser
-def test_api_key_is_sent_as_subprotocol(browser, engine):
+def test_api_key_is_traded_for_a_client_secret_sent_as_subprotocol(browser, engine):
     from selenium.webdriver.common.by import By
 
     srv = web_server(engine, api_keys=("sekret-key",))
@@ -386,6 +386,7 @@ def test_api_key_is_sent_as_subprotocol(browser, engine):
         browser.find_element(By.ID, "connect").click()
         wait_for(browser, lambda s: s["events"].get("session.updated"), 10, "session with the right key")
         assert browser.find_element(By.ID, "state").text == "connected"
+        assert stats(browser)["clientSecret"], "the page sent the long-lived key, not a client secret"
     finally:
         srv.stop()
 

@@ -22,6 +22,7 @@ const ui = {
 const app = {
   ws: null, ctx: null, mic: null, player: null, ready: false, mode: "vad",
   pttHeld: false, pttSentMs: 0, response: null,      // {id, itemId, live}
+  minting: false,                                     // trading the API key for a client secret
   muted: new Set(),                                   // answers cut off: late audio is dropped
   camera: { stream: null, timer: null, facing: "user", busy: false },
   bubbles: new Map(),                                 // item_id -> element
@@ -32,6 +33,7 @@ const app = {
 const stats = {
   audioChunksSent: 0, audioDeltas: 0, scheduledMs: 0, framesSent: 0, lastFrame: null,
   truncates: 0, cancels: 0, events: {}, errors: [], inputRate: null, statuses: [],
+  clientSecret: false,
 };
 window.omni2 = { app, stats };
 
@@ -53,14 +55,29 @@ function setState(state, label) {
   ui.stop.disabled = !on;
 }
 
-function connect() {
+async function connect() {
+  if (app.minting) return;                           // a client secret is on its way
   if (app.ws) { disconnect(); return; }
   app.ctx = app.ctx || createContext();
   app.ctx.resume();                                  // inside the click: allowed to start
   app.player = app.player || new Player(app.ctx, () => setSpeaking(false));
   const protocols = ["realtime"];
   const key = ui.key.value.trim();
-  if (key) protocols.push(KEY_SUBPROTOCOL + key);    // browsers cannot send Authorization
+  if (key) {
+    setState("connecting");
+    app.minting = true;
+    let secret;
+    try {
+      secret = await clientSecret(key);
+    } catch (e) {
+      systemNote(e.message);
+      setState("error", "disconnected");
+      return;
+    } finally {
+      app.minting = false;
+    }
+    protocols.push(KEY_SUBPROTOCOL + secret);        // browsers cannot send Authorization
+  }
   let ws;
   try {
     ws = new WebSocket(ui.url.value.trim(), protocols);
@@ -92,6 +109,36 @@ function connect() {
   ws.onerror = () => { if (!app.ready) app.closeInfo = app.closeInfo || "Cannot reach the server (or the API key was refused)."; };
 }
 
+// The WebSocket carries an ephemeral client secret, never the long-lived key: the key is
+// traded for one (POST /v1/realtime/client_secrets, 60 s to connect). A key that is already
+// a secret ("ek_...", e.g. handed out by your backend) is used as it is; a server that mints
+// none (or another host this page may not fetch from) gets the key itself, as before.
+async function clientSecret(key) {
+  if (key.startsWith("ek_")) return key;
+  let resp;
+  try {
+    resp = await fetch(secretsUrl(ui.url.value.trim()), {
+      method: "POST",
+      headers: { "Authorization": `Bearer ${key}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ expires_after: { anchor: "created_at", seconds: 60 }, session: { type: "realtime" } }),
+    });
+  } catch (e) {
+    return key;
+  }
+  if (resp.status === 401 || resp.status === 403) throw new Error("The server refused the API key.");
+  if (!resp.ok) return key;
+  stats.clientSecret = true;
+  return (await resp.json()).value;
+}
+
+function secretsUrl(wsUrl) {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = url.pathname.replace(/\/+$/, "") + "/client_secrets";
+  url.search = "";
+  return url.toString();
+}
+
 function disconnect() {
   const ws = app.ws;
   if (!ws) return;
@@ -107,7 +154,8 @@ function send(type, fields = {}) {
 
 function configureSession() {
   const rate = app.mic ? app.mic.rate : app.ctx.sampleRate;
-  send("session.update", { session: { type: "realtime", audio: { input: {
+  // omni2_extensions: this page also wants omni2's own events (context.truncated)
+  send("session.update", { session: { type: "realtime", omni2_extensions: true, audio: { input: {
     format: { type: "audio/pcm", rate },
     turn_detection: app.mode === "vad" ? { type: "server_vad" } : null,
   } } } });
