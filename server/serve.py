@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"close sessions idle this many seconds (default {d.idle_timeout_s:g})")
     parser.add_argument("--max-steps", type=int, default=None,
                         help=f"decode steps per answer at most (default {d.max_steps})")
+    parser.add_argument("--output-lead", type=float, default=None, dest="output_lead_s",
+                        help=f"seconds of answer audio sent ahead of playback at most "
+                             f"(default {d.output_lead_s:g}; 0: as generated)")
     parser.add_argument("--interrupt", choices=("vad", "barge_in", "command"), default=None,
                         dest="interrupt_mode",
                         help="what stops an answer: any speech (vad, default), echo-cancelled "
@@ -67,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
-              "warmup", "log_level", "interrupt_mode")
+              "warmup", "log_level", "interrupt_mode", "output_lead_s")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases"):
         value = getattr(args, name, None)

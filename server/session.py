@@ -428,6 +428,7 @@ class RealtimeSession:
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
                           previous_item_id=self._last_item, started_at=started_at,
+                          output_lead_s=self.settings.output_lead_s,
                           on_audio=self.input.note_output, on_speaking=self.input.note_speaking,
                           on_truncated=self._on_truncated)
         self.run = run
