@@ -47,6 +47,7 @@ KNOWN_EVENTS = {"session.update", "input_audio_buffer.append", "input_audio_buff
                 "response.cancel", "conversation.item.truncate", "input_image_buffer.append"}
 MAX_ITEMS_TRACKED = 256        # items remembered for truncate / previous_item_id checks
 CANCEL_WAIT_S = 10.0           # how long a new answer waits for the interrupted one to close
+TURN_RETRY_S = 0.05            # a turn refused for lack of headroom asks again this often
 
 
 def is_engine_full(exc: BaseException) -> bool:
@@ -421,8 +422,9 @@ class RealtimeSession:
         except Exception as exc:
             if not is_engine_full(exc):
                 raise
-            raise p.ProtocolError("server_busy", "All model slots are busy; try again shortly.",
-                                  type=p.SERVER_ERROR) from None
+            retry = getattr(exc, "retry_after_s", None)
+            raise p.ProtocolError("server_busy", f"The model has no room for another answer now ({exc}); "
+                                  f"try again in {retry or 1:g} s.", type=p.SERVER_ERROR) from None
         if modalities is not None:
             import dataclasses
             cfg = dataclasses.replace(cfg, output_modalities=tuple(modalities))
@@ -463,7 +465,16 @@ class RealtimeSession:
                 self.metrics.speculations_total.inc(label="used")
                 return spec.turn
             self._discard(spec)
-        return await asyncio.to_thread(self.engine.submit, request)
+        # Refused for lack of step time (answers playing keep their frames), the turn waits
+        # briefly for headroom (an answer ending) before the client is told to retry.
+        deadline = time.monotonic() + self.settings.turn_admission_wait_s
+        while True:
+            try:
+                return await asyncio.to_thread(self.engine.submit, request)
+            except Exception as exc:
+                if getattr(exc, "retry_after_s", None) is None or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(TURN_RETRY_S)
 
     # ---- speculation ----------------------------------------------------------------------------
     async def _speculate(self, audio: np.ndarray) -> None:

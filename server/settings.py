@@ -56,6 +56,9 @@ class ServerSettings:
     image_min_interval_s: float = 1.0   # camera frames closer than this are dropped
     min_commit_ms: int = 100            # shorter manual commits are refused, like the API
     open_session_wait_s: float = 2.0    # wait for a just-released engine slot at connect
+    # A turn refused for lack of step-time headroom (streaming/admission.py) waits this long for
+    # an answer to end before the client gets server_busy with a retry hint.
+    turn_admission_wait_s: float = 1.0
 
     # --- response defaults ----------------------------------------------------------------
     max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)
