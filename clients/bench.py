@@ -1,4 +1,4 @@
-"""`omni2 bench {model,kernels,engine,server,interrupt}`: benchmarks that print figures.
+"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt}`: benchmarks that print figures.
 
 Each compares against a baseline measured in the same run; speed goals live here, never in
 tests. Machines are noisy: every figure is a median of --repeats runs.
@@ -24,6 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--repeats", type=int, default=3)
     eng.add_argument("--text-share", type=float, default=None,
                      help="share of a whole answer's steps that write text (default 0.3, see bench_engine.py)")
+    arr = sub.add_parser("arrivals", help="turns arriving at random: underruns, first audio, rate held")
+    arr.add_argument("--model", choices=["tiny", "real"], default="tiny")
+    arr.add_argument("--device", default="cpu")
+    arr.add_argument("--sessions", default="8,16")
+    arr.add_argument("--arrivals", choices=["poisson"], default="poisson")
+    arr.add_argument("--rate", type=float, default=1.0, help="turns/s (with --search: the first rate tried)")
+    arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
+    arr.add_argument("--bisections", type=int, default=3)
+    arr.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
+    arr.add_argument("--answer-s", type=float, default=4.0, help="seconds of speech per answer")
+    arr.add_argument("--question-s", type=float, default=2.0)
+    arr.add_argument("--jitter-ms", type=float, default=200.0, help="client playback buffer")
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
@@ -42,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--device", default="auto")
     itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
     itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
-    for q in (eng, mod, ker, srv, itr):
+    for q in (eng, arr, mod, ker, srv, itr):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
 
@@ -68,6 +80,14 @@ def _run(args: argparse.Namespace) -> dict:
                                   sessions=tuple(int(s) for s in args.sessions.split(",")),
                                   steps=args.steps, repeats=args.repeats, prepack=args.prepack,
                                   text_share=args.text_share)
+    elif args.bench == "arrivals":
+        from omni2.streaming.bench_arrivals import run_arrivals_bench
+
+        result = run_arrivals_bench(size=args.model, device=args.device,
+                                    sessions=tuple(int(s) for s in args.sessions.split(",")), rate=args.rate,
+                                    search=args.search, duration_s=args.duration, answer_s=args.answer_s,
+                                    question_s=args.question_s, jitter_ms=args.jitter_ms,
+                                    bisections=args.bisections)
     elif args.bench == "model":
         from omni2.streaming.bench_model import run_model_bench
 

@@ -5,8 +5,10 @@ so the step loop keeps real time only while a step takes less than a frame. Free
 nothing about that: a slot costs memory, an answer costs step time. The policy:
 
   * It keeps the recent decode steps (time, answers decoding) and predicts the step time with
-    `n` answers from the steps with the most answers in the window, scaled linearly when `n`
-    is more (a step's cost grows at most in proportion to its rows: its fixed part does not
+    `n` answers from the median of the steps with the most answers in the window (a median:
+    a step that met an encoder or another process on a shared CPU is a spike to bound by the
+    prefill share, not lost capacity; steps over budget half the time are), scaled linearly
+    when `n` is more (a step's cost grows at most in proportion to its rows: its fixed part does not
     grow, so the linear guess is an upper bound, and it is exact for the part that scales).
   * A new answer is admitted while that prediction with it stays within `share` of the frame
     (the rest of the frame is left to prefill chunks and the encoders); else it is refused,
@@ -41,7 +43,7 @@ class Decision:
 
 class StepHeadroom:
     def __init__(self, share: float = 0.8, frame_s: float = FRAME_S, window: int = 32,
-                 quantile: float = 0.9, retry_after_s: float = 1.0) -> None:
+                 quantile: float = 0.5, retry_after_s: float = 1.0) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
         self.budget_s = share * frame_s

