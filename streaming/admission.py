@@ -4,12 +4,12 @@ One decode step gives every live answer one 2048-sample frame (85.3 ms of speech
 so the step loop keeps real time only while a step takes less than a frame. Free slots say
 nothing about that: a slot costs memory, an answer costs step time. The policy:
 
-  * It keeps the recent decode steps (time, answers decoding) and predicts the step time with
-    `n` answers from the median of the steps with the most answers in the window (a median:
-    a step that met an encoder or another process on a shared CPU is a spike to bound by the
-    prefill share, not lost capacity; steps over budget half the time are), scaled linearly
-    when `n` is more (a step's cost grows at most in proportion to its rows: its fixed part does not
-    grow, so the linear guess is an upper bound, and it is exact for the part that scales).
+  * It keeps the recent decode steps (time t_i, answers n_i) and predicts the step time with
+    `n` answers as the median over them of t_i * max(1, n / n_i): each step scaled linearly to
+    `n` answers when it had fewer (a step's fixed part does not grow with its rows, so this
+    over-estimates, safely), taken as is when it had as many or more. A median, because a step
+    that met an encoder or another process on a shared CPU is a spike for a bounded prefill
+    share to handle, not lost capacity; steps over budget half the time are.
   * A new answer is admitted while that prediction with it stays within `share` of the frame
     (the rest of the frame is left to prefill chunks and the encoders); else it is refused,
     with a retry hint, and the answers already playing go on untouched.
@@ -61,10 +61,8 @@ class StepHeadroom:
         steps = list(self._steps)  # (a copy: the step thread appends while callers read)
         if not steps:
             return None
-        most = max(n for _, n in steps)
-        times = sorted(t for t, n in steps if n == most)
-        at_most = times[min(len(times) - 1, int(self.quantile * len(times)))]
-        return at_most * max(1.0, answers / most)
+        guesses = sorted(t * max(1.0, answers / n) for t, n in steps)
+        return guesses[min(len(guesses) - 1, int(self.quantile * len(guesses)))]
 
     def decide(self, live: int, after: int) -> Decision:
         """May the live answers go from `live` to `after`?"""

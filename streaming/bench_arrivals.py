@@ -18,6 +18,7 @@ then bisects between the last held and the first failed rate.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -52,6 +53,7 @@ class ArrivalRun:
     ttfa_p90_ms: float
     ttfa_p99_ms: float
     mean_live: float            # answers per decode step, on average
+    load_avg: float = 0.0       # the machine's 1-minute load average at the end (shared machines)
 
     @property
     def ttfa_target_met(self) -> bool:
@@ -157,7 +159,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                       barge_ins=barge_ins, underruns=sum(under), answers_with_underruns=sum(1 for u in under if u),
                       step_p50_ms=q(step_s, 50), step_p99_ms=q(step_s, 99), ttfa_p50_ms=q(ttfa, 50),
                       ttfa_p90_ms=q(ttfa, 90), ttfa_p99_ms=q(ttfa, 99),
-                      mean_live=statistics.fmean(step_n) if step_n else 0.0)
+                      mean_live=statistics.fmean(step_n) if step_n else 0.0, load_avg=os.getloadavg()[0])
 
 
 def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0, out=print) -> tuple[float, list]:
@@ -185,14 +187,14 @@ def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0,
 
 
 HEADER = (f"{'sessions':>8} {'rate/s':>7} {'turns':>6} {'refused':>7} {'barge-in':>8} {'underruns':>9} "
-          f"{'/answer':>7} {'step p50':>8} {'p99 ms':>7} {'ttfa p50':>8} {'p90':>6} {'p99 ms':>7} {'live':>5}  held")
+          f"{'/answer':>7} {'step p50':>8} {'p99 ms':>7} {'ttfa p50':>8} {'p90':>6} {'p99 ms':>7} {'live':>5} {'load':>5}  held")
 
 
 def _row(r: ArrivalRun) -> str:
     per = r.underruns / max(1, r.turns)
     return (f"{r.sessions:>8} {r.rate:>7.2f} {r.turns:>6} {r.refused:>7} {r.barge_ins:>8} {r.underruns:>9} "
             f"{per:>7.2f} {r.step_p50_ms:>8.1f} {r.step_p99_ms:>7.1f} {r.ttfa_p50_ms:>8.0f} {r.ttfa_p90_ms:>6.0f} "
-            f"{r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f}  {'yes' if r.held else 'no'}"
+            f"{r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f} {r.load_avg:>5.1f}  {'yes' if r.held else 'no'}"
             f"{'' if r.ttfa_target_met or not r.turns else ' (first audio p99 > 2x p50)'}")
 
 
