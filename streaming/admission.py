@@ -4,7 +4,9 @@ One decode step gives every live answer one 2048-sample frame (85.3 ms of speech
 so the step loop keeps real time only while a step takes less than a frame. Free slots say
 nothing about that: a slot costs memory, an answer costs step time. The policy:
 
-  * It keeps the recent decode steps (time t_i, answers n_i) and predicts the step time with
+  * It keeps the decode steps of the last `window_s` seconds (at least `min_steps` of them:
+    a count alone spans 0.2 s of a fast model, less than one encoder run) with their time
+    t_i and answers n_i, and predicts the step time with
     `n` answers as the median over them of t_i * max(1, n / n_i): each step scaled linearly to
     `n` answers when it had fewer (a step's fixed part does not grow with its rows, so this
     over-estimates, safely), taken as is when it had as many or more. A median, because a step
@@ -42,19 +44,26 @@ class Decision:
 
 
 class StepHeadroom:
-    def __init__(self, share: float = 0.8, frame_s: float = FRAME_S, window: int = 32,
-                 quantile: float = 0.5, retry_after_s: float = 1.0) -> None:
+    def __init__(self, share: float = 0.8, frame_s: float = FRAME_S, window_s: float = 2.0,
+                 min_steps: int = 16, quantile: float = 0.5, retry_after_s: float = 1.0) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
         self.budget_s = share * frame_s
         self.quantile = quantile
         self.retry_after_s = retry_after_s
-        self._steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=window)
+        self.window_s, self.min_steps = window_s, min_steps
+        self._at: collections.deque[float] = collections.deque()
+        self._steps: collections.deque[tuple[float, int]] = collections.deque()
 
-    def observe(self, step_s: float, answers: int) -> None:
-        """One decode step took `step_s` with `answers` answers in it."""
-        if answers > 0:
-            self._steps.append((step_s, answers))
+    def observe(self, step_s: float, answers: int, at: float) -> None:
+        """One decode step, ended at time `at` (seconds), took `step_s` with `answers` answers."""
+        if answers <= 0:
+            return
+        self._steps.append((step_s, answers))
+        self._at.append(at)
+        while len(self._at) > self.min_steps and at - self._at[0] > self.window_s:
+            self._at.popleft()
+            self._steps.popleft()
 
     def predict(self, answers: int) -> Optional[float]:
         """Step time with `answers` answers; None before any step was measured."""

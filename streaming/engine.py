@@ -416,11 +416,11 @@ class Engine:
         for s in speaking:
             s.written = s.position + 1
             self._update(s, audio[s.index], text[s.index])
-        dt = time.perf_counter() - t0
-        self.step_seconds.append(dt)
+        end = time.perf_counter()
+        self.step_seconds.append(end - t0)
         self.step_sessions.append(len(speaking))
         if self.headroom is not None:
-            self.headroom.observe(dt, len(speaking))
+            self.headroom.observe(end - t0, len(speaking), end)
 
     def _eager_forward(self, ids, pos, k, v, span: int) -> torch.Tensor:
         """One decode step for cache rows 0..len(ids)-1, in order (k/v are views of them)."""

@@ -18,7 +18,7 @@ from omni2.streaming.messages import TurnDone, TurnRequest
 def test_nothing_measured_admits_and_the_only_answer_always_goes():
     h = StepHeadroom(share=0.8)
     assert h.decide(live=5, after=6).admit                   # nothing known yet
-    h.observe(0.5, 1)                                        # far over budget with one answer
+    h.observe(0.5, 1, at=0.0)                                # far over budget with one answer
     assert h.decide(live=0, after=1).admit                   # refusing the only answer helps no one
     assert h.decide(live=3, after=3).admit                   # a replacement adds no load
     assert not h.decide(live=1, after=2).admit
@@ -26,10 +26,10 @@ def test_nothing_measured_admits_and_the_only_answer_always_goes():
 
 
 def test_prediction_scales_the_busiest_steps_and_refuses_past_the_budget():
-    h = StepHeadroom(share=0.8, window=32, retry_after_s=2.0)
-    for _ in range(20):
-        h.observe(0.030, 2)                                  # 15 ms an answer
-        h.observe(0.010, 1)
+    h = StepHeadroom(share=0.8, retry_after_s=2.0)
+    for i in range(20):
+        h.observe(0.030, 2, at=0.04 * i)                     # 15 ms an answer
+        h.observe(0.010, 1, at=0.04 * i + 0.01)
     assert h.predict(2) == pytest.approx(0.030)
     assert h.predict(4) == pytest.approx(0.060)              # linear from the busiest steps
     assert h.decide(live=3, after=4).admit                   # 60 ms <= 68 ms
@@ -41,16 +41,24 @@ def test_prediction_scales_the_busiest_steps_and_refuses_past_the_budget():
 
 
 def test_spikes_do_not_refuse_steps_over_budget_half_the_time_do_and_old_steps_age_out():
-    h = StepHeadroom(share=0.8, window=10)
+    h = StepHeadroom(share=0.8, window_s=1.0, min_steps=4)
+    clock = iter(0.1 * i for i in range(100))
     for t in [0.02] * 8 + [0.5, 0.5]:                        # two steps met an encoder
-        h.observe(t, 3)
+        h.observe(t, 3, at=next(clock))
     assert h.decide(live=3, after=4).admit
-    for t in [0.02] * 4 + [0.09] * 6:                        # most steps miss the budget
-        h.observe(t, 3)
+    for t in [0.02] * 4 + [0.09] * 6:                        # most steps of the last second miss the budget
+        h.observe(t, 3, at=next(clock))
     assert not h.decide(live=3, after=4).admit and h.overloaded(live=3)
-    for _ in range(10):
-        h.observe(0.02, 3)
+    for _ in range(11):                                      # a second later they have aged out
+        h.observe(0.02, 3, at=next(clock))
     assert h.decide(live=3, after=4).admit
+
+
+def test_a_few_steps_are_kept_however_old():
+    h = StepHeadroom(share=0.8, window_s=1.0, min_steps=3)
+    for at in (0.0, 10.0, 20.0):
+        h.observe(0.2, 2, at=at)
+    assert h.predict(2) == pytest.approx(0.2)
 
 
 class SlowStepEngine(Engine):
