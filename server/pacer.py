@@ -62,6 +62,7 @@ class AudioPacer(Generic[Item]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._timer: asyncio.Task | None = None
+        self._error: Exception | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -86,21 +87,28 @@ class AudioPacer(Generic[Item]):
         await self._send(item)
 
     async def _run(self) -> None:
-        while self._held:
-            item, seconds = self._held[0]
-            wait = self.playout.due_at(seconds) - self.clock()
-            if wait > 0 and self.playout.ahead(self.clock()) > 0:
-                await asyncio.sleep(wait)
-                continue
-            # kept at the head while it is sent, so a push meanwhile queues behind it
-            await self._emit(item, seconds)
-            if self._held and self._held[0][0] is item:
-                self._held.popleft()
-        self._idle.set()
+        try:
+            while self._held:
+                item, seconds = self._held[0]
+                wait = self.playout.due_at(seconds) - self.clock()
+                if wait > 0 and self.playout.ahead(self.clock()) > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                # kept at the head while it is sent, so a push meanwhile queues behind it
+                await self._emit(item, seconds)
+                if self._held and self._held[0][0] is item:
+                    self._held.popleft()
+        except Exception as exc:  # e.g. SlowReader: the answer's driver hears it in drained()
+            self._error = exc
+            self._held.clear()
+        finally:
+            self._idle.set()
 
     async def drained(self) -> None:
-        """Wait until every held item was sent (or dropped)."""
+        """Wait until every held item was sent (or dropped); raises what failed a send."""
         await self._idle.wait()
+        if self._error is not None:
+            raise self._error
 
     def drop(self) -> list[tuple[Item, float]]:
         """Forget the held items (never sent); returns them with their seconds."""

@@ -109,3 +109,27 @@ def test_a_cancel_after_generation_ended_drops_the_audio_not_yet_sent():
     generated = WORDS * CHUNK_S  # the fake wrote it all by 0.6 s, before the cancel
     # what had played (1 s) plus at most the lead was sent; the rest never left
     assert 1.0 <= received <= 1.0 + LEAD_S + MARGIN_S < generated - 1.0, (received, generated)
+
+
+def test_a_send_that_fails_while_paced_reaches_the_answer_not_a_hang():
+    from omni2.server.outbox import SlowReader
+    from omni2.server.pacer import AudioPacer
+
+    async def main():
+        sent = []
+
+        async def send(item):
+            if item == "c":
+                raise SlowReader("gone")
+            sent.append(item)
+
+        pacer = AudioPacer(0.05, send)
+        for item in "abcd":
+            await pacer.push(item, 0.04)
+        try:
+            await asyncio.wait_for(pacer.drained(), 2)
+        except SlowReader:
+            return sent
+        raise AssertionError("no SlowReader")
+
+    assert asyncio.run(main()) == ["a", "b"]
