@@ -13,7 +13,11 @@ def test_search_doubles_then_bisects_to_the_largest_rate_held():
     tried = []
     held, runs = search_rates(lambda r: tried.append(r) or _run(r, 3.1), start=1.0, bisections=3, out=lambda s: None)
     assert tried == [1.0, 2.0, 4.0, 3.0, 3.5, 3.25] and held == 3.0
-    assert not _run(1, 2).__class__(**{**_run(1, 2).__dict__, "ttfa_p99_ms": 250}).held  # first audio tail
+    slow_tail = _run(1, 2).__class__(**{**_run(1, 2).__dict__, "ttfa_p99_ms": 250})
+    assert not slow_tail.held and slow_tail.kept_deadlines                    # first audio judged apart
+    held, _ = search_rates(lambda r: _run(r, 3.1).__class__(**{**_run(r, 3.1).__dict__, "ttfa_p99_ms": 250}),
+                           start=1.0, bisections=1, out=lambda s: None, holds=lambda r: r.kept_deadlines)
+    assert held == 3.0
 
 
 def test_a_short_open_loop_run_on_the_tiny_model(tiny_model):
