@@ -75,42 +75,46 @@ class SlowStepEngine(Engine):
         return super()._eager_forward(*args)
 
 
-def test_the_engine_past_capacity_keeps_admitted_answers_on_time_and_refuses_the_rest(tiny_model):
-    # 25 ms an answer (+ the tiny step's own 5-30 ms on a busy shared CPU) against 0.8 x 85.3 =
-    # 68 ms: two fit, a third does not
-    cfg = EngineConfig(max_sessions=8, max_steps=400, step_budget_share=0.8, busy_retry_after_s=0.5)
+def _drive_past_capacity(model, share: float):
+    """Eight sessions ask one by one, 0.3 s apart, on a step costing 25 ms an answer (+ the tiny
+    step's own 5-30 ms on a busy shared CPU); returns (answers admitted, refusals, steps)."""
+    cfg = EngineConfig(max_sessions=8, max_steps=400, step_budget_share=share, busy_retry_after_s=0.5)
     audio = (0.1 * np.random.RandomState(0).randn(8000)).astype(np.float32)
-    with SlowStepEngine(tiny_model, cfg) as eng:
-        sids = [eng.open_session() for _ in range(8)]
+    with SlowStepEngine(model, cfg) as eng:
         admitted, refused = [], 0
-        t_end = time.monotonic() + 8
-        for sid in sids:   # the turns arrive one by one, as the earlier ones play
-            while time.monotonic() < t_end:
+        for sid in [eng.open_session() for _ in range(8)]:
+            for _ in range(3):   # a refused turn asks again twice, as a client told to retry
                 try:
                     admitted.append(eng.submit(TurnRequest(session_id=sid, audio_16k=audio, max_steps=400)))
                     break
                 except EngineBusy as exc:
                     assert exc.retry_after_s == 0.5
                     refused += 1
-                    if len(admitted) >= 3:
-                        break
                     time.sleep(0.1)
-            else:
-                break
             time.sleep(0.3)   # steps with the answers admitted so far are measured meanwhile
-        n = len(admitted)
         for turn in admitted:
             turn.cancel()
         for turn in admitted:
             list(turn.events(timeout=30))
-        steps = [(t, k) for t, k in zip(eng.step_seconds, eng.step_sessions)]
-    assert 1 <= n <= 2, n                    # the third and later were refused, not slowed
-    assert refused >= 8 - n and eng.stats()["refused_busy_total"] == refused
-    # Every step within a frame but for a few that met a new question's encoder or another
-    # process on these two shared cores (a prefill/encoder share of the step is not bounded yet).
-    times = sorted(t for t, _ in steps)
-    assert max(k for _, k in steps) == n and times[int(0.9 * len(times))] < FRAME_S, times[-10:]
-    assert times[len(times) // 2] < cfg.step_budget_share * FRAME_S
+        assert eng.stats()["refused_busy_total"] == refused
+        return len(admitted), refused, list(zip(eng.step_seconds, eng.step_sessions))
+
+
+def test_the_engine_past_capacity_keeps_admitted_answers_on_time_and_refuses_the_rest(tiny_model):
+    # 0.8 x 85.3 = 68 ms a step: two answers (50 ms + the step) fit, a third does not
+    n, refused, steps = _drive_past_capacity(tiny_model, share=0.8)
+    assert 1 <= n <= 2 and refused >= 3 * (8 - n), (n, refused)   # the rest refused, not slowed
+    full = sorted(t for t, k in steps if k == n)
+    # the admitted answers' steps keep the budget (the median: a few meet a new question's
+    # encoder or another process on these two shared cores; the prefill share is not bounded yet)
+    assert max(k for _, k in steps) == n and full[len(full) // 2] < 0.8 * FRAME_S, full[-10:]
+
+
+def test_without_headroom_admission_every_answer_misses_its_frames(tiny_model):
+    n, refused, steps = _drive_past_capacity(tiny_model, share=0)
+    assert (n, refused) == (8, 0)
+    full = sorted(t for t, k in steps if k == 8)
+    assert full and full[len(full) // 2] > FRAME_S                 # 8 x 25 ms: everyone degraded
 
 
 # ---- the server: a turn refused for headroom waits briefly, then server_busy; new sessions 1013 --
