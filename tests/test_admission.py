@@ -12,7 +12,7 @@ import pytest
 from omni2.streaming.admission import FRAME_S, Decision, StepHeadroom
 from omni2.streaming.config import EngineConfig
 from omni2.streaming.engine import Engine, EngineBusy
-from omni2.streaming.messages import TurnDone, TurnRequest
+from omni2.streaming.messages import TurnRequest
 
 
 def test_nothing_measured_admits_and_the_only_answer_always_goes():
