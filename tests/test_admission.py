@@ -31,7 +31,7 @@ def test_prediction_scales_the_busiest_steps_and_refuses_past_the_budget():
         h.observe(0.030, 2, at=0.04 * i)                     # 15 ms an answer
         h.observe(0.010, 1, at=0.04 * i + 0.01)
     assert h.predict(2) == pytest.approx(0.030)
-    assert h.predict(4) == pytest.approx(0.060)              # linear from the busiest steps
+    assert h.predict(4) == pytest.approx(0.060)              # each step scaled linearly to 4 answers
     assert h.decide(live=3, after=4).admit                   # 60 ms <= 68 ms
     refused = h.decide(live=4, after=5)                      # 75 ms > 68 ms
     assert not refused.admit and refused.retry_after_s == 2.0
