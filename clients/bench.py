@@ -1,4 +1,4 @@
-"""`omni2 bench {model,kernels,engine,server,interrupt}`: benchmarks that print figures.
+"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt}`: benchmarks that print figures.
 
 Each compares against a baseline measured in the same run; speed goals live here, never in
 tests. Machines are noisy: every figure is a median of --repeats runs.
@@ -24,6 +24,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--repeats", type=int, default=3)
     eng.add_argument("--text-share", type=float, default=None,
                      help="share of a whole answer's steps that write text (default 0.3, see bench_engine.py)")
+    arr = sub.add_parser("arrivals", help="turns arriving at random: underruns, first audio, rate held")
+    arr.add_argument("--model", choices=["tiny", "real"], default="tiny")
+    arr.add_argument("--device", default="cpu")
+    arr.add_argument("--sessions", default="8,16")
+    arr.add_argument("--arrivals", choices=["poisson"], default="poisson")
+    arr.add_argument("--rate", type=float, default=1.0, help="turns/s (with --search: the first rate tried)")
+    arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
+    arr.add_argument("--bisections", type=int, default=3)
+    arr.add_argument("--no-ttfa-target", action="store_false", dest="ttfa_target",
+                     help="held = 0 underruns and 0 refused (first audio p99 <= 2x p50 not required)")
+    arr.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
+    arr.add_argument("--answer-s", type=float, default=4.0, help="seconds of speech per answer")
+    arr.add_argument("--question-s", type=float, default=2.0)
+    arr.add_argument("--jitter-ms", type=float, default=200.0, help="client playback buffer")
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
@@ -46,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     itr.add_argument("--mode", default="command", choices=["command", "barge_in"])
     itr.add_argument("--sessions", type=int, default=1, help="controllers at once, paced to real time")
     itr.add_argument("--playback", action="store_true", help="the answer is generated before the user speaks")
-    for q in (eng, mod, ker, srv, itr):
+    for q in (eng, arr, mod, ker, srv, itr):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
 
@@ -72,6 +86,14 @@ def _run(args: argparse.Namespace) -> dict:
                                   sessions=tuple(int(s) for s in args.sessions.split(",")),
                                   steps=args.steps, repeats=args.repeats, prepack=args.prepack,
                                   text_share=args.text_share)
+    elif args.bench == "arrivals":
+        from omni2.streaming.bench_arrivals import run_arrivals_bench
+
+        result = run_arrivals_bench(size=args.model, device=args.device,
+                                    sessions=tuple(int(s) for s in args.sessions.split(",")), rate=args.rate,
+                                    search=args.search, duration_s=args.duration, answer_s=args.answer_s,
+                                    question_s=args.question_s, jitter_ms=args.jitter_ms,
+                                    bisections=args.bisections, ttfa_target=args.ttfa_target)
     elif args.bench == "model":
         from omni2.streaming.bench_model import run_model_bench
 

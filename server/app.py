@@ -164,6 +164,13 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
         msg = "The model is still loading." if host.state == "loading" else f"The model failed to load: {host.error}"
         await _refuse_after_upgrade(ws, subprotocol, "model_not_ready", msg + " Try again later.")
         return
+    overloaded = getattr(host.engine, "overloaded", None)
+    if overloaded is not None and overloaded():
+        # the answers playing already use the whole step budget: a new session would only wait
+        metrics.refused_total.inc(label="server_busy")
+        await _refuse_after_upgrade(ws, subprotocol, "server_busy", "The model is at its real-time "
+                                    "capacity. Try again in a few seconds.")
+        return
     if not admission.try_acquire():
         metrics.refused_total.inc(label="server_busy")
         await _refuse_after_upgrade(ws, subprotocol, "server_busy", f"The server is at its limit of "

@@ -225,7 +225,10 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
     servers = []
     try:
         engine.warmup()
-        settings = ServerSettings(max_sessions=sessions, max_steps=max_steps, log_level="warning")
+        # unpaced (output_lead_s=0): this measures what the socket path costs per frame; paced,
+        # delivery is capped at playback speed by design
+        settings = ServerSettings(max_sessions=sessions, max_steps=max_steps, log_level="warning",
+                                  output_lead_s=0)
         questions = _questions(sessions, tail_s, settings.turn_audio_tail_ms)
         info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype)}
         urls = {}

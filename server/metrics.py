@@ -130,6 +130,8 @@ class Metrics:
         self.queue_depth = Gauge(p + "engine_queue_depth", "Turns waiting for a slot")
         self.engine_cancels = Gauge(p + "engine_cancels", "Cancels seen by the engine since start")
         self.engine_errors = Gauge(p + "engine_errors", "Turn errors in the engine since start")
+        self.engine_refused_busy = Gauge(p + "engine_refused_busy", "Turns refused for lack of step-time "
+                                         "headroom since start")
         self.ready = Gauge(p + "ready", "1 when the model is loaded and warmed up")
         self._steps_seen = 0
 
@@ -140,6 +142,7 @@ class Metrics:
         self.queue_depth.set(stats.get("queued_turns", 0))
         self.engine_cancels.set(stats.get("cancels_total", 0))
         self.engine_errors.set(stats.get("errors_total", 0))
+        self.engine_refused_busy.set(stats.get("refused_busy_total", 0))
         total = int(stats.get("steps_total", 0))
         recent = list(stats.get("step_seconds", ()))
         new = max(0, min(total - self._steps_seen, len(recent)))

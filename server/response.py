@@ -3,8 +3,10 @@
 A `ResponseRun` sends the opening events, relays the engine's audio and text as deltas while
 the turn lives, and always closes with the *.done events and `response.done` carrying the
 status the API uses: completed, cancelled (turn_detected / client_cancelled), incomplete
-(max_output_tokens) or failed. After a cancel no further audio is sent, and audio already
-queued for the socket is withdrawn.
+(max_output_tokens) or failed. Audio leaves at playback pace, at most `output_lead_s` ahead
+(server/pacer.py), so the answer stays live (cancellable) until its last audio is sent; after a
+cancel no further audio is sent, audio still held by the pacer is forgotten and audio already
+queued for the socket is withdrawn: what was sent is what the client can have played.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Tu
 from . import events as ev
 from .metrics import Metrics
 from .outbox import Outbox
+from .pacer import AudioPacer
 from .session_config import SessionConfig, format_to_wire
 
 AUDIO_CODES_PER_FRAME = N_AUDIO_LAYERS   # SNAC codes per frame
@@ -36,7 +39,7 @@ _FINAL = {
 
 class ResponseRun:
     def __init__(self, *, turn: Turn, cfg: SessionConfig, outbox: Outbox, metrics: Metrics,
-                 previous_item_id: Optional[str], started_at: float,
+                 previous_item_id: Optional[str], started_at: float, output_lead_s: float = 0.0,
                  on_audio: Optional[Callable[[np.ndarray], None]] = None,
                  on_speaking: Optional[Callable[[bool], None]] = None,
                  on_truncated: Optional[Callable[[ContextTruncated], Awaitable[None]]] = None,
@@ -54,10 +57,13 @@ class ResponseRun:
         self.transcript: list[str] = []
         self.samples_sent = 0                 # output samples at the wire rate
         self.first_audio_at: Optional[float] = None
+        self.generated_at: Optional[float] = None  # the engine's TurnDone arrived
         self.finished = False
         self.item_status = "in_progress"
         self.metadata = metadata              # the client's, echoed in response.created / .done
         self.in_conversation = in_conversation  # False: out-of-band, no conversation.item.* events
+        # (delta event, its 24 kHz pcm for the listener, wire samples)
+        self._pacer: AudioPacer[tuple[dict, np.ndarray, int]] = AudioPacer(output_lead_s, self._emit_audio)
         # The duplex listener hears what we play (echo reference) and when an answer runs.
         self._on_audio = on_audio or (lambda pcm: None)
         self._on_speaking = on_speaking or (lambda speaking: None)
@@ -115,6 +121,7 @@ class ResponseRun:
         """Forward the turn's events until its TurnDone; returns it."""
         async for event in self.turn:
             if isinstance(event, TurnDone):
+                self.generated_at = time.perf_counter()
                 return event
             if isinstance(event, ContextTruncated):  # the session's context, not this answer
                 if self._on_truncated is not None:
@@ -134,19 +141,29 @@ class ResponseRun:
         raise RuntimeError("engine turn ended without TurnDone")  # contract breach
 
     async def _send_audio(self, pcm: np.ndarray, final: bool = False) -> None:
-        x = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if x.size:
-            self._on_audio(x)
+        """Encode a chunk and hand it to the pacer (sent now, or when playback needs it)."""
+        x24 = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        x = x24
         if self._resampler is not None:
-            x = self._resampler.flush() if final else self._resampler.process(x)
+            x = self._resampler.flush() if final else self._resampler.process(x24)
         if x.size == 0:
+            if x24.size:
+                self._on_audio(x24)
             return
         data = encode_output_audio(x, self.cfg.output_format)
+        delta = ev.audio_delta(self.id, self.item_id, base64.b64encode(data).decode())
+        await self._pacer.push((delta, x24, x.size), x.size / self._rate)
+
+    async def _emit_audio(self, item: tuple[dict, np.ndarray, int]) -> None:
+        """The pacer let a chunk go: from here on the client may play it."""
+        delta, x24, n = item
+        if x24.size:
+            self._on_audio(x24)  # the listener's echo reference and audible window follow what is sent
         if self.first_audio_at is None:
             self.first_audio_at = time.perf_counter()
             self.metrics.ttfa.observe(self.first_audio_at - self.started_at)
-        self.samples_sent += x.size
-        await self.outbox.put(ev.audio_delta(self.id, self.item_id, base64.b64encode(data).decode()))
+        self.samples_sent += n
+        await self.outbox.put(delta)
 
     async def cancel(self, reason: str) -> None:
         """Stop the answer now: engine stops at its next step, queued audio is withdrawn."""
@@ -154,15 +171,17 @@ class ResponseRun:
             return
         self.cancel_reason = reason
         self.turn.cancel()
+        self._pacer.drop()  # never sent: nothing to subtract
         for dropped in await self.outbox.drop_audio(self.id):
             nbytes = len(base64.b64decode(dropped["delta"]))
             self.samples_sent -= nbytes // self._sample_bytes
 
     async def close(self, done: Optional[TurnDone], error: Optional[str] = None) -> str:
-        """Send the closing events; returns the response status."""
-        self._on_speaking(False)
+        """Send the closing events once the paced audio is out; returns the response status."""
         if self.audio_out and self._resampler is not None and self.cancel_reason is None:
             await self._send_audio(np.zeros(0, np.float32), final=True)
+        await self._pacer.drained()  # a cancel meanwhile drops the rest and ends the wait
+        self._on_speaking(False)
         if self.cancel_reason is not None:
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
         elif done is None or done.reason in ("error", "cancelled"):
@@ -226,5 +245,5 @@ class ResponseRun:
             m.cancels_total.inc(label=self.cancel_reason)
         seconds = self.samples_sent / self._rate
         m.audio_out_seconds.inc(seconds)
-        if status == "completed" and seconds > 0:
-            m.rtf.observe((time.perf_counter() - self.started_at) / seconds)
+        if status == "completed" and seconds > 0:  # generation time, not the paced sending
+            m.rtf.observe(((self.generated_at or time.perf_counter()) - self.started_at) / seconds)

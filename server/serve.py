@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{d.max_connections_per_client}; behind a proxy every client has its IP)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help=f"decode steps per answer at most (default {d.max_steps})")
+    parser.add_argument("--output-lead", type=float, default=None, dest="output_lead_s",
+                        help=f"seconds of answer audio sent ahead of playback at most "
+                             f"(default {d.output_lead_s:g}; 0: as generated)")
     parser.add_argument("--interrupt", choices=("vad", "barge_in", "command"), default=None,
                         dest="interrupt_mode",
                         help="what stops an answer: any speech (vad, default), echo-cancelled "
@@ -85,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
               "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s", "handshake_timeout_s",
-              "max_connections", "max_connections_per_client")
+              "max_connections", "max_connections_per_client", "output_lead_s", "cpu_prepack", "speculative_turns",
+              "transcription_model")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases", "metrics_keys"):
         value = getattr(args, name, None)

@@ -56,6 +56,7 @@ KNOWN_EVENTS = {"session.update", "input_audio_buffer.append", "input_audio_buff
 MAX_ITEMS_TRACKED = 256        # items remembered for truncate / previous_item_id checks
 CANCEL_WAIT_S = 10.0           # how long a new answer waits for the interrupted one to close
 FRAME_MS = SAMPLES_PER_FRAME * 1000 // SNAC_RATE  # a truncate this close to the end heard it all
+TURN_RETRY_S = 0.05            # a turn refused for lack of headroom asks again this often
 
 
 @dataclass
@@ -300,7 +301,7 @@ class RealtimeSession(ItemEvents, OutOfBand):
             item_id = ev.new_id("item")
             await self.outbox.put(ev.speech_started(at_ms, item_id))
         if not run.finished:
-            await run.cancel("turn_detected")
+            await self._end_live_answer()
         await self._truncate(run, min(h.played_ms, run.audio_ms))
         if command:  # the command is consumed here: it is not a question
             await self.outbox.put(ev.speech_stopped(at_ms, item_id))
@@ -415,7 +416,9 @@ class RealtimeSession(ItemEvents, OutOfBand):
             raise p.ProtocolError("invalid_value", "content_index must be 0 (one audio part per item).",
                                   "content_index")
         run = record.run
-        if not run.finished:
+        if not run.finished and run is self.run:
+            await self._end_live_answer("client_cancelled")
+        elif not run.finished:  # (an out-of-band answer: its own task closes it)
             await run.cancel("client_cancelled")
         if e.audio_end_ms > run.audio_ms:
             raise p.ProtocolError("invalid_value", f"audio_end_ms {e.audio_end_ms} is beyond the "
@@ -432,11 +435,12 @@ class RealtimeSession(ItemEvents, OutOfBand):
         self.conversation.carry(run.turn.id, item_ids, "prompt")
         self.conversation.carry(run.turn.id, [run.item_id], "answer")
 
-    async def _end_live_answer(self) -> None:
+    async def _end_live_answer(self, reason: str = "turn_detected") -> None:
+        """Cancel the live answer, if any, and wait until it has closed: its response.done goes
+        out before whatever follows (the next answer, a conversation.item.truncated)."""
         if self.run is not None and not self.run.finished:
-            await self.run.cancel("turn_detected")
+            await self.run.cancel(reason)
         if self._run_task is not None and not self._run_task.done():
-            # The interrupted answer closes first, so its response.done precedes the next one.
             await asyncio.wait({self._run_task}, timeout=CANCEL_WAIT_S)
 
     async def _launch(self, request: TurnRequest, started_at: float, modalities: Optional[list[str]] = None,
@@ -456,8 +460,8 @@ class RealtimeSession(ItemEvents, OutOfBand):
         own_context = request.session_id == self.engine_session
         run = ResponseRun(turn=turn, cfg=cfg, outbox=self.outbox, metrics=self.metrics,
                           previous_item_id=self.conversation.last_id if in_conversation else None,
-                          started_at=started_at, on_audio=self.input.note_output,
-                          on_speaking=self.input.note_speaking,
+                          started_at=started_at, output_lead_s=self.settings.output_lead_s,
+                          on_audio=self.input.note_output, on_speaking=self.input.note_speaking,
                           on_truncated=self._on_truncated if own_context else None, metadata=metadata,
                           in_conversation=in_conversation)
         self.run = run
@@ -491,7 +495,16 @@ class RealtimeSession(ItemEvents, OutOfBand):
                 self.metrics.speculations_total.inc(label="used")
                 return spec.turn
             self._discard(spec)
-        return await asyncio.to_thread(self.engine.submit, request)
+        # Refused for lack of step time (answers playing keep their frames), the turn waits
+        # briefly for headroom (an answer ending) before the client is told to retry.
+        deadline = time.monotonic() + self.settings.turn_admission_wait_s
+        while True:
+            try:
+                return await asyncio.to_thread(self.engine.submit, request)
+            except Exception as exc:
+                if getattr(exc, "retry_after_s", None) is None or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(TURN_RETRY_S)
 
     # ---- speculation ----------------------------------------------------------------------------
     async def _speculate(self, audio: np.ndarray) -> None:

@@ -69,9 +69,16 @@ class ServerSettings:
     image_min_interval_s: float = 1.0   # camera frames closer than this are dropped
     min_commit_ms: int = 100            # shorter manual commits are refused, like the API
     open_session_wait_s: float = 2.0    # wait for a just-released engine slot at connect
+    # A turn refused for lack of step-time headroom (streaming/admission.py) waits this long for
+    # an answer to end before the client gets server_busy with a retry hint.
+    turn_admission_wait_s: float = 1.0
 
     # --- response defaults ----------------------------------------------------------------
     max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)
+    # Audio leaves at most this far ahead of its playback at the client (server/pacer.py), so
+    # a cancel or truncate drops what was not sent and the server knows what was heard; the
+    # first output_lead_s of an answer go at once. 0: send as generated (no pacing).
+    output_lead_s: float = 1.0
     voice: str = "default"              # Mini-Omni2 has one voice; any name is echoed
     # Who may stop an answer: "vad" (any speech, OpenAI server_vad semantics), "barge_in"
     # (duplex listener: echo-cancelled speech of barge_in length), "command" (duplex
@@ -132,6 +139,8 @@ class ServerSettings:
             problems.append("hard_message_bytes must be >= max_message_bytes")
         if self.interrupt_mode not in ("vad", "barge_in", "command"):
             problems.append(f"interrupt_mode must be vad, barge_in or command, got {self.interrupt_mode!r}")
+        if self.output_lead_s < 0:
+            problems.append(f"output_lead_s must be >= 0, got {self.output_lead_s}")
         if self.turn_audio_tail_ms < 0:
             problems.append(f"turn_audio_tail_ms must be >= 0, got {self.turn_audio_tail_ms}")
         if not 0.0 < self.vad_threshold < 1.0:

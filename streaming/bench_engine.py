@@ -174,7 +174,8 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
                encode_once: bool = False, speech: bool = True, text_steps: int | None = None) -> EngineRun:
     steps = max(steps, sessions + 8)  # long enough for steps with every session speaking
     cfg = EngineConfig(max_sessions=max(sessions, 1), max_steps=steps, record_tokens=True, prefill_chunk=prefill_chunk,
-                       max_queued_turns=max(sessions, EngineConfig.max_queued_turns))  # all submitted at once
+                       max_queued_turns=max(sessions, EngineConfig.max_queued_turns),  # all submitted at once
+                       step_budget_share=0)  # throughput past real time is measured too
     if encode_once:
         model = _EncodedOnce(model, audio, speech)
     with (Engine(model, cfg) if text_steps is None else _TextStepsEngine(model, cfg, text_steps)) as eng:

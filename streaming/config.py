@@ -38,6 +38,13 @@ class EngineConfig:
     # runs single-threaded: it holds no OpenMP team that would slow every decode step (a
     # 2-thread SNAC on short-lived threads measured the same: 58.1 vs 57.2 steps/s, 8 sessions).
     threads: int = 0
+    # Admission on measured headroom (streaming/admission.py): a new answer is refused while
+    # the predicted decode step with it would take more than this share of the 85.3 ms frame
+    # (the rest is left to prefill and encoders); answers playing are never slowed for it.
+    # 0: slots only (benchmarks that measure throughput past real time).
+    step_budget_share: float = 0.8
+    # Refused turns are told to try again after this long.
+    busy_retry_after_s: float = 1.0
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
     record_tokens: bool = False
 
@@ -46,5 +53,7 @@ class EngineConfig:
             raise ValueError("max_sessions must be >= 1")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: the process default)")
+        if not 0 <= self.step_budget_share <= 1:
+            raise ValueError("step_budget_share must be in [0, 1] (0: no headroom check)")
         if self.prefill_chunk < 1 or self.audio_group_frames < 1 or self.max_steps < 1:
             raise ValueError("prefill_chunk, audio_group_frames and max_steps must be >= 1")

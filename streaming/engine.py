@@ -29,6 +29,7 @@ from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
 from . import huge_pages
+from .admission import Decision, StepHeadroom
 from .config import EngineConfig
 from .cpu_malloc import keep_large_allocations
 from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
@@ -40,6 +41,17 @@ from .vocoder import Vocoder
 
 class EngineFull(RuntimeError):
     """No slot (or queue space) for another session/turn right now: try again later."""
+
+    retry_after_s: Optional[float] = None
+
+
+class EngineBusy(EngineFull):
+    """No step-time headroom for another answer (streaming/admission.py): try again later."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason())
+        self.decision = decision
+        self.retry_after_s = decision.retry_after_s
 
 
 class Engine:
@@ -88,6 +100,8 @@ class Engine:
         self.step_sessions: collections.deque = collections.deque(maxlen=w)  # speaking slots per step
         self.ttfa_seconds: collections.deque = collections.deque(maxlen=w)
         self.counters = collections.Counter()
+        self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s)
+                         if config.step_budget_share > 0 else None)
         self._forward = self._eager_forward
         if config.compile:
             self._forward = torch.compile(self._eager_forward, mode=config.compile, dynamic=False)
@@ -167,6 +181,13 @@ class Engine:
                 raise ValueError(f"unknown session {request.session_id!r}")
             if self._queued >= self.config.max_queued_turns:
                 raise EngineFull(f"{self._queued} turns already waiting")
+            if self.headroom is not None and request.answer:  # (context-only turns speak no frames)
+                live = self._live_answers()
+                replaces = slot.turn is not None and slot.phase != IDLE
+                decision = self.headroom.decide(live, live if replaces else live + 1)
+                if not decision.admit:
+                    self.counters["refused_busy"] += 1
+                    raise EngineBusy(decision)
             self._queued += 1
         if slot.turn is not None and request.answer:
             slot.turn.cancel()
@@ -187,6 +208,18 @@ class Engine:
             raise ValueError("keep_steps applies to part='answer' only")
         self._prep.put(Forget(session_id, turn_id, part, keep_steps))
 
+    def _live_answers(self) -> int:
+        """Answers speaking, prefilling, held, or waiting to be (caller holds the lock)."""
+        return sum(s.phase != IDLE for s in self.slots) + self._queued
+
+    def overloaded(self) -> bool:
+        """The answers live now already miss the step budget: new sessions are turned away."""
+        if self.headroom is None:
+            return False
+        with self._lock:
+            live = self._live_answers()
+        return self.headroom.overloaded(live)
+
     def stats(self) -> dict:
         with self._lock:
             live = [s for s in self.slots if s.phase != IDLE]
@@ -201,6 +234,7 @@ class Engine:
                 "cancels_total": self.counters["cancels"],
                 "errors_total": self.counters["errors"],
                 "turns_total": self.counters["turns"],
+                "refused_busy_total": self.counters["refused_busy"],
             }
 
     @property
@@ -438,8 +472,11 @@ class Engine:
             s.written = s.position + 1
             s.records[-1].fed.append(s.next_ids)  # what this step wrote, to replay it elsewhere
             self._update(s, audio[s.index], text[s.index])
-        self.step_seconds.append(time.perf_counter() - t0)
+        end = time.perf_counter()
+        self.step_seconds.append(end - t0)
         self.step_sessions.append(len(speaking))
+        if self.headroom is not None:
+            self.headroom.observe(end - t0, len(speaking), end)
 
     def _eager_forward(self, ids, pos, k, v, span: int) -> torch.Tensor:
         """One decode step for cache rows 0..len(ids)-1, in order (k/v are views of them)."""

@@ -236,10 +236,11 @@ def test_messages_past_the_hard_cap_close_the_socket(engine):
 
 
 def test_a_client_that_stops_reading_is_closed_not_buffered():
-    # 10 s of noise (it does not compress) per 50 ms tick: the socket backs up within seconds.
+    # 10 s of noise (it does not compress) per 50 ms tick, sent unpaced: the socket backs up
+    # within seconds (paced, the same happens at playback pace, only later).
     engine = FakeEngine(slots=2, chunk_s=10.0, answer_words=400, noise=True).start()
     try:
-        with running_server(engine, outbound_queue_events=8, send_stall_timeout_s=0.5) as srv:
+        with running_server(engine, outbound_queue_events=8, send_stall_timeout_s=0.5, output_lead_s=0) as srv:
             async def main():
                 c = await Client.connect(srv.ws, max_queue=4)
                 await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})

@@ -132,7 +132,9 @@ def test_barge_in_mode_cancels_and_answers_the_new_question(engine):
 # ---- the answer is fully generated, still playing ------------------------------------------------
 @pytest.fixture
 def fast_engine():
-    """Writes an 8 s answer in ~1.6 s: the user speaks while it plays, after it was generated."""
+    """Writes an 8 s answer in ~1.6 s: the user speaks while it plays, after it was generated.
+    Unpaced (output_lead_s=0) its response.done has gone out by then, as happens for the last
+    output_lead_s of every paced answer; paced, the answer is still live (see the paced test)."""
     eng = FakeEngine(slots=2, answer_words=80, words_every=1, tick_s=0.02, chunk_s=0.1).start()
     yield eng
     eng.stop()
@@ -159,12 +161,30 @@ def check_playback_stop(events: list[dict], engine: FakeEngine) -> dict:
 @requires_speech
 def test_stop_omni_while_a_generated_answer_still_plays_stops_it(fast_engine):
     recognizer_or_skip()
-    with running_server(fast_engine, interrupt_mode="command") as srv:
+    with running_server(fast_engine, interrupt_mode="command", output_lead_s=0) as srv:
         events = asyncio.run(asyncio.wait_for(talk_over_the_answer(srv.ws, "stop omni", after_s=2.5), 60))
     check_playback_stop(events, fast_engine)
     t = types(events)
     assert t.index("conversation.item.truncated") < t.index("input_audio_buffer.speech_stopped"), t
     assert t.count("response.created") == 1 and "input_audio_buffer.committed" not in t, t  # not a question
+
+
+@requires_speech
+def test_stop_omni_while_a_paced_answer_is_still_being_sent_drops_the_rest(fast_engine):
+    """Paced (1 s lead), the generated answer is still live while it plays: the command cancels
+    it, the item is cut to what had played, and the audio never sent never reaches the client."""
+    recognizer_or_skip()
+    with running_server(fast_engine, interrupt_mode="command", output_lead_s=1.0) as srv:
+        events = asyncio.run(asyncio.wait_for(talk_over_the_answer(srv.ws, "stop omni", after_s=2.5), 60))
+    t = types(events)
+    done = events[t.index("response.done")]
+    assert done["response"]["status_details"]["reason"] == "turn_detected", done
+    assert t.index("input_audio_buffer.speech_started") < t.index("response.done") < t.index(
+        "conversation.item.truncated"), t
+    audio_ms = sum(len(e["delta"]) for e in events if e["type"] == "response.output_audio.delta") * 3 // 4 // 48
+    truncated = events[t.index("conversation.item.truncated")]
+    assert 1500 <= truncated["audio_end_ms"] <= audio_ms < 8000 - 2000, (truncated, audio_ms)
+    assert audio_ms - truncated["audio_end_ms"] <= 1000 + 400, (truncated, audio_ms)  # at most the lead unheard
 
 
 @requires_speech
@@ -180,7 +200,7 @@ def test_other_talk_while_a_generated_answer_plays_is_ignored_in_command_mode(fa
 
 @requires_speech
 def test_barge_in_while_a_generated_answer_plays_stops_it_and_answers(fast_engine):
-    with running_server(fast_engine, interrupt_mode="barge_in") as srv:
+    with running_server(fast_engine, interrupt_mode="barge_in", output_lead_s=0) as srv:
         events = asyncio.run(asyncio.wait_for(
             talk_over_the_answer(srv.ws, "what is the weather like tomorrow", after_s=2.5, tail_s=3.0), 60))
     check_playback_stop(events, fast_engine)

@@ -186,3 +186,24 @@ def test_server_bench_smoke():
     for way in ("speculation", "no_speculation"):
         assert r[way]["ws_frames_per_s"] > 0, way
         assert r[way]["first_audio_after_speech_stopped_s"]["p50"] is not None, way
+
+
+def test_every_serve_option_reaches_the_settings():
+    """Each `omni2 serve` flag lands in ServerSettings (--no-prepack, --no-speculation and
+    --transcription-model were parsed and then dropped)."""
+    import argparse
+
+    from omni2.server.serve import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = settings_from_args(parser.parse_args([
+        "--no-prepack", "--no-speculation", "--no-warmup", "--transcription-model", "/models/ct2",
+        "--output-lead", "0.5", "--max-connections", "7", "--input-stall-timeout", "3", "--dtype", "fp32"]))
+    assert (s.cpu_prepack, s.speculative_turns, s.warmup) == (False, False, False)
+    assert (s.transcription_model, s.output_lead_s, s.max_connections) == ("/models/ct2", 0.5, 7)
+    assert (s.input_stall_timeout_s, s.dtype) == (3.0, "fp32")
+    # and every option's destination is a settings field
+    fields = set(type(s).__dataclass_fields__)
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert dests <= fields, dests - fields

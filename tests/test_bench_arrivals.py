@@ -1,0 +1,28 @@
+"""`omni2 bench arrivals`: the open-loop run on the tiny model (a short one) and the rate search."""
+from omni2.streaming.bench_arrivals import ArrivalRun, arrival_run, search_rates
+
+
+def _run(rate, held_up_to):
+    ok = rate <= held_up_to
+    return ArrivalRun(sessions=2, rate=rate, duration_s=1, turns=5, refused=0, barge_ins=0,
+                      underruns=0 if ok else 3, answers_with_underruns=0 if ok else 1, step_p50_ms=1,
+                      step_p99_ms=2, ttfa_p50_ms=100, ttfa_p90_ms=150, ttfa_p99_ms=190, mean_live=1)
+
+
+def test_search_doubles_then_bisects_to_the_largest_rate_held():
+    tried = []
+    held, runs = search_rates(lambda r: tried.append(r) or _run(r, 3.1), start=1.0, bisections=3, out=lambda s: None)
+    assert tried == [1.0, 2.0, 4.0, 3.0, 3.5, 3.25] and held == 3.0
+    slow_tail = _run(1, 2).__class__(**{**_run(1, 2).__dict__, "ttfa_p99_ms": 250})
+    assert not slow_tail.held and slow_tail.kept_deadlines                    # first audio judged apart
+    held, _ = search_rates(lambda r: _run(r, 3.1).__class__(**{**_run(r, 3.1).__dict__, "ttfa_p99_ms": 250}),
+                           start=1.0, bisections=1, out=lambda s: None, holds=lambda r: r.kept_deadlines)
+    assert held == 3.0
+
+
+def test_a_short_open_loop_run_on_the_tiny_model(tiny_model):
+    r = arrival_run(tiny_model, sessions=2, rate=4.0, duration_s=1.5, answer_s=1.0, question_s=0.5)
+    assert r.turns + r.refused >= 1 and r.turns >= 1
+    assert r.step_p50_ms > 0 and r.step_p99_ms >= r.step_p50_ms
+    assert 0 < r.ttfa_p50_ms <= r.ttfa_p90_ms <= r.ttfa_p99_ms
+    assert r.underruns >= 0 and r.mean_live >= 1
