@@ -8,6 +8,8 @@ uvicorn's own HTTP and WebSocket protocols with three additions (`guarded_protoc
 
 * at most `max_connections` open connections in all and `max_connections_per_client` per
   client IP; past either, the connection gets `503` and is closed before anything is parsed;
+* at most `max_request_head_bytes` received while no request is being answered (the request
+  line and headers: uvicorn's parser, llhttp, has no limit of its own): past it, `431` and close;
 * a request deadline of `handshake_timeout_s`, armed when the connection opens and again after
   each answer on a keep-alive connection: unless an answer is being written, the connection
   is closed when it fires. A WebSocket upgrade disarms it (the session's own idle and stall
@@ -28,6 +30,8 @@ from .settings import ServerSettings
 
 SERVICE_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
                        b"content-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n")
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                  b"content-length: 23\r\nconnection: close\r\n\r\nrequest head too large\n")
 
 
 class ConnectionLimiter:
@@ -37,6 +41,7 @@ class ConnectionLimiter:
         self.limit = settings.max_connections
         self.per_client = settings.max_connections_per_client
         self.handshake_timeout_s = settings.handshake_timeout_s
+        self.max_head_bytes = settings.max_request_head_bytes
         self.metrics = metrics or Metrics()
         self._open: dict[int, str] = {}          # id(transport) -> client address
         self._by_client: dict[str, int] = {}
@@ -80,26 +85,37 @@ def guarded_protocols(limiter: ConnectionLimiter, http_base: type, ws_base: type
 
     class GuardedHTTP(http_base):
         _deadline: Optional[asyncio.TimerHandle] = None
-        _refused = False
+        _closing = False     # refused: nothing more is read
+        _head = 0            # bytes received since the last answer (or the connection opened)
 
         def connection_made(self, transport):
             super().connection_made(transport)
             if limiter.admit(transport) is not None:
-                self._refused = True
-                transport.write(SERVICE_UNAVAILABLE)
-                transport.close()
+                self._refuse(SERVICE_UNAVAILABLE)
                 return
             self._arm()
 
         def connection_lost(self, exc):
             self._disarm()
-            if not self._refused:
-                limiter.release(self.transport)
+            limiter.release(self.transport)  # (a no-op for a connection never counted)
             super().connection_lost(exc)
 
         def data_received(self, data):
-            if not self._refused:
-                super().data_received(data)
+            if self._closing:
+                return
+            if not self._answering():
+                self._head += len(data)
+                if self._head > limiter.max_head_bytes:
+                    limiter.refused("request_head_too_large")
+                    self._refuse(HEAD_TOO_LARGE)
+                    return
+            super().data_received(data)
+
+        def _refuse(self, answer: bytes):
+            self._closing = True
+            self._disarm()
+            self.transport.write(answer)
+            self.transport.close()
 
         def handle_websocket_upgrade(self, *args):
             self._disarm()  # the WebSocket protocol owns the connection (and its count) now
@@ -110,8 +126,13 @@ def guarded_protocols(limiter: ConnectionLimiter, http_base: type, ws_base: type
             if not self.transport.is_closing():
                 self._arm()  # the next request on this keep-alive connection gets the same time
 
+        def _answering(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is not None and not cycle.response_complete
+
         def _arm(self):
             self._disarm()
+            self._head = 0
             self._deadline = self.loop.call_later(limiter.handshake_timeout_s, self._expire)
 
         def _disarm(self):
@@ -123,8 +144,7 @@ def guarded_protocols(limiter: ConnectionLimiter, http_base: type, ws_base: type
             self._deadline = None
             if self.transport.is_closing():
                 return
-            cycle = getattr(self, "cycle", None)
-            if cycle is not None and not cycle.response_complete:
+            if self._answering():
                 self._arm()  # the app is still answering: its own work, not the client's stall
                 return
             limiter.refused("handshake_timeout")

@@ -51,6 +51,7 @@ class ServerSettings:
     max_connections: int = 256          # open TCP connections in all; beyond: 503 and close
     max_connections_per_client: int = 32  # per client IP (0 = no cap; behind a proxy all share one)
     handshake_timeout_s: float = 10.0   # connection open -> request headers complete, else closed
+    max_request_head_bytes: int = 64 << 10  # request line + headers (uvicorn's parser has no cap)
 
     # --- per-connection limits -----------------------------------------------------------
     max_message_bytes: int = 1 << 20    # one client event (JSON text), 1 MiB
@@ -125,7 +126,7 @@ class ServerSettings:
             problems.append(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         object.__setattr__(self, "compile", "" if mode == "off" else mode)
         for name in ("max_sessions", "max_message_bytes", "outbound_queue_events", "max_steps",
-                     "max_image_bytes", "max_image_pixels", "max_pending_texts"):
+                     "max_image_bytes", "max_image_pixels", "max_pending_texts", "max_request_head_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_connections", "max_connections_per_client"):

@@ -121,3 +121,19 @@ def test_websocket_sessions_count_against_the_total_cap_until_they_close(engine)
 
         asyncio.run(asyncio.wait_for(main(), 30))
         assert srv.app.state.metrics.connections_refused.get("too_many_connections") == 1
+
+
+def test_a_request_head_past_its_cap_is_refused(engine):
+    with running_server(engine, max_request_head_bytes=4096, handshake_timeout_s=30) as srv:
+        s = raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for i in range(20):  # 20 KB of headers, no end: uvicorn's parser alone takes megabytes
+                s.sendall(b"X-Pad-%d: " % i + b"a" * 1000 + b"\r\n")
+        except OSError:
+            pass  # closed while we were still sending
+        waited, answer = closed_after(s)
+        assert answer.startswith(b"HTTP/1.1 431") and waited < 2.0, answer
+        assert srv.app.state.metrics.connections_refused.get("request_head_too_large") == 1
+        # Ordinary requests and sessions are far below it.
+        s = raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert closed_after(s)[1].startswith(b"HTTP/1.1 200")
