@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from omni2.streaming.cpu_malloc import heap_stats
+
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, wants_beta_names
 from .engine_host import EngineHost
@@ -77,6 +79,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
                                            "message": refusal.message}}, status_code=refusal.status)
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
+        metrics.absorb_memory(resident_bytes(), heap_stats())
         text = metrics.render(host.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -91,6 +94,15 @@ def create_app(settings: ServerSettings, host: EngineHost,
 
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="web")
     return app
+
+
+def resident_bytes() -> Optional[int]:
+    """VmRSS of this process (Linux), for the memory bound in server/README.md."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:
