@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--device", default="auto")
     itr = sub.add_parser("interrupt", help="'stop omni' detector: precision, recall, false stops, latency")
     itr.add_argument("--quick", action="store_true", help="a smaller set (for a smoke run)")
-    soak = sub.add_parser("soak", help="server RSS over minutes of steady load: flat after warm-up?")
+    soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
     soak.add_argument("--sessions", type=int, default=16, help="clients talking at once")
     soak.add_argument("--minutes", type=float, default=10.0, help="how long they talk")
     soak.add_argument("--warmup-min", type=float, default=None,
