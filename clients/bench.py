@@ -1,4 +1,4 @@
-"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt}`: benchmarks that print figures.
+"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt,soak}`: benchmarks that print figures.
 
 Each compares against a baseline measured in the same run; speed goals live here, never in
 tests. Machines are noisy: every figure is a median of --repeats runs.
@@ -60,7 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     itr.add_argument("--mode", default="command", choices=["command", "barge_in"])
     itr.add_argument("--sessions", type=int, default=1, help="controllers at once, paced to real time")
     itr.add_argument("--playback", action="store_true", help="the answer is generated before the user speaks")
-    for q in (eng, arr, mod, ker, srv, itr):
+    soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
+    soak.add_argument("--sessions", type=int, default=16, help="clients talking at once")
+    soak.add_argument("--minutes", type=float, default=10.0, help="how long they talk")
+    soak.add_argument("--warmup-min", type=float, default=None,
+                      help="minutes not judged for growth (default: a quarter of the run, at most 2)")
+    soak.add_argument("--model", default="tiny", help="omni2 serve --model")
+    soak.add_argument("--max-steps", type=int, default=64, help="decode steps per answer")
+    soak.add_argument("--turns-per-session", type=int, default=8, help="turns before a client reconnects")
+    soak.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples")
+    soak.add_argument("serve_args", nargs="*", metavar="-- SERVE_FLAGS",
+                      help="more omni2 serve flags, after --")
+    for q in (eng, arr, mod, ker, srv, itr, soak):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
 
@@ -106,6 +117,10 @@ def _run(args: argparse.Namespace) -> dict:
         result = run_kernel_bench(rows=tuple(int(r) for r in args.rows.split(",")), layers=args.layers,
                                   repeats=args.repeats, heads=args.heads,
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    elif args.bench == "soak":
+        from omni2.clients.soak import main_args
+
+        result = main_args(args)
     elif args.bench == "server":
         from omni2.server.bench import run_server_bench
 

@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from omni2.streaming.cpu_malloc import heap_stats
+
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names
 from .client_secrets import ClientSecrets
@@ -84,6 +86,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
                                            "message": refusal.message}}, status_code=refusal.status)
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
+        metrics.absorb_memory(resident_bytes(), heap_stats())
         text = metrics.render(host.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -129,6 +132,15 @@ def error_response(status: int, code: str, message: str, type_: str = "invalid_r
     """An HTTP error in the API's shape."""
     return JSONResponse({"error": {"type": type_, "code": code, "message": message, "param": param}},
                         status_code=status)
+
+
+def resident_bytes() -> Optional[int]:
+    """VmRSS of this process (Linux), for the memory bound in server/README.md."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:

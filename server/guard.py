@@ -79,14 +79,13 @@ class SessionClock:
     def wait_s(self, session) -> float:
         """Seconds to wait for the next client message before looking again."""
         now = self._now()
-        due = [self.last_event + self.idle_s]
+        # While an answer is live the idle deadline waits for its end, which is not a message:
+        # look again every POLL_S (not in a tight loop once the deadline has passed).
+        due = [now + POLL_S] if session.responding else [self.last_event + self.idle_s]
         stall = self._stall_at(session)
         if stall is not None:
             due.append(stall)
-        wait = min(due) - now
-        if session.responding:
-            wait = min(max(wait, 0.0), POLL_S)  # the answer's end is not a message: look again
-        return max(wait, 0.01)
+        return max(min(due) - now, 0.01)
 
     def due(self, session) -> Optional[str]:
         now = self._now()

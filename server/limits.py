@@ -4,7 +4,7 @@ before they say what they want.
 uvicorn accepts every TCP connection and waits for a request as long as the peer likes: a
 connection that sends nothing, half a request line, or headers without the closing blank
 line is never closed, and nothing caps how many one address holds. So `omni2 serve` runs
-uvicorn's own HTTP and WebSocket protocols with three additions (`guarded_protocols`):
+uvicorn's own HTTP and WebSocket protocols with these additions (`guarded_protocols`):
 
 * at most `max_connections` open connections in all and `max_connections_per_client` per
   client IP; past either, the connection gets `503` and is closed before anything is parsed;

@@ -133,6 +133,9 @@ class Metrics:
         self.engine_refused_busy = Gauge(p + "engine_refused_busy", "Turns refused for lack of step-time "
                                          "headroom since start")
         self.ready = Gauge(p + "ready", "1 when the model is loaded and warmed up")
+        self.resident_bytes = Gauge(p + "process_resident_bytes", "Resident memory of the server process")
+        self.heap_in_use = Gauge(p + "heap_in_use_bytes", "C heap in use (glibc mallinfo2, all arenas)")
+        self.heap_free = Gauge(p + "heap_free_bytes", "C heap free but held (returned by the periodic trim)")
         self._steps_seen = 0
 
     def absorb_engine(self, stats: dict) -> None:
@@ -149,6 +152,13 @@ class Metrics:
         for v in recent[len(recent) - new:]:
             self.step_seconds.observe(float(v))
         self._steps_seen = max(self._steps_seen, total)
+
+    def absorb_memory(self, resident: Optional[int], heap: Optional[dict]) -> None:
+        if resident is not None:
+            self.resident_bytes.set(resident)
+        if heap is not None:
+            self.heap_in_use.set(heap["in_use"])
+            self.heap_free.set(heap["free"])
 
     def render(self, engine_stats: Optional[dict] = None) -> str:
         if engine_stats is not None:

@@ -110,6 +110,8 @@ def load_engine(settings: ServerSettings):
         log.warning("Its answers are noise. Pass --model DIR or make the checkpoint available.")
         log.warning("=" * 72)
     engine = Engine(runtime, EngineConfig(max_sessions=settings.max_sessions, max_steps=settings.max_steps,
+                                          malloc_arena_max=settings.malloc_arena_max,
+                                          malloc_trim_interval_s=settings.malloc_trim_interval_s,
                                           compile=settings.compile))
     engine.start()
     if settings.warmup:
@@ -203,10 +205,15 @@ def main(args: argparse.Namespace) -> int:
     try:  # a device or precision this machine cannot run: one line now, not a failed /health/ready later
         from omni2.streaming.runtime import pick_device, pick_dtype
 
-        pick_dtype(settings.dtype, pick_device(settings.device))
+        device = pick_device(settings.device)
+        pick_dtype(settings.dtype, device)
     except (RuntimeError, ValueError) as exc:
         print(f"omni2 serve: {exc}", file=sys.stderr)
         return 2
+    if str(device).split(":")[0] == "cpu":  # bound the heap's arenas before loading makes them (cpu_malloc)
+        from omni2.streaming.cpu_malloc import keep_large_allocations
+
+        keep_large_allocations(settings.malloc_arena_max)
     try:  # an explicit --model that is not there: one line now, not a failed /health/ready later
         check_model(settings.model)
     except RuntimeError as exc:

@@ -115,6 +115,11 @@ class ServerSettings:
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     warmup: bool = True                 # one short turn before /health/ready says 200
+    # CPU: what the C heap may keep (streaming/cpu_malloc.py, measured by `omni2 bench soak`):
+    # at most this many malloc arenas (0: glibc's 8 per core), and free pages returned to the
+    # kernel this often (0: never).
+    malloc_arena_max: int = 2
+    malloc_trim_interval_s: float = 10.0
     metrics_window: int = 4096          # engine step samples read per scrape at most
 
     def __post_init__(self) -> None:
@@ -129,7 +134,7 @@ class ServerSettings:
                      "max_image_bytes", "max_image_pixels", "max_pending_texts", "max_request_head_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_connections", "max_connections_per_client"):
+        for name in ("max_connections", "max_connections_per_client", "malloc_arena_max", "malloc_trim_interval_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s",

@@ -47,6 +47,11 @@ class EngineConfig:
     busy_retry_after_s: float = 1.0
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
     record_tokens: bool = False
+    # CPU only (streaming/cpu_malloc.py): the heap keeps SNAC's freed buffers for reuse; these
+    # bound what it keeps. At most this many malloc arenas (0: glibc's 8 per core), and free
+    # heap pages handed back to the kernel this often (0: never). Measured in `omni2 bench soak`.
+    malloc_arena_max: int = 2
+    malloc_trim_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -55,5 +60,7 @@ class EngineConfig:
             raise ValueError("threads must be >= 0 (0: the process default)")
         if not 0 <= self.step_budget_share <= 1:
             raise ValueError("step_budget_share must be in [0, 1] (0: no headroom check)")
+        if self.malloc_arena_max < 0 or self.malloc_trim_interval_s < 0:
+            raise ValueError("malloc_arena_max and malloc_trim_interval_s must be >= 0 (0: off)")
         if self.prefill_chunk < 1 or self.audio_group_frames < 1 or self.max_steps < 1:
             raise ValueError("prefill_chunk, audio_group_frames and max_steps must be >= 1")

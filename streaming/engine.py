@@ -31,7 +31,7 @@ from omni2.model.sampling import sample
 from . import huge_pages
 from .admission import Decision, StepHeadroom
 from .config import EngineConfig
-from .cpu_malloc import keep_large_allocations
+from .cpu_malloc import keep_large_allocations, release_free_memory
 from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
 from .messages import STOPPED_REASONS, ContextTruncated, Forget, TextDelta, Turn, TurnDone, TurnRequest
 from .slots import (DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids, forget,
@@ -68,7 +68,8 @@ class Engine:
         # thread does not keep an OpenMP team that would slow the step thread's down.
         self._cpu = torch.device(self.device).type == "cpu"
         if self._cpu:
-            keep_large_allocations()  # SNAC's big buffers reused, not mapped afresh (cpu_malloc)
+            # SNAC's big buffers reused, not mapped afresh; arenas bounded (cpu_malloc)
+            keep_large_allocations(config.malloc_arena_max)
         self.threads = config.threads or DEFAULT_THREADS
         allocate = lambda: KVCache.allocate(lm.cfg, rows=2 * config.max_sessions,  # noqa: E731
                                             max_len=max_len + 1, device=self.device, dtype=model.dtype,
@@ -109,7 +110,10 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Engine":
         self.vocoder.start()
-        for name, target in (("omni2-prep", self._prep_loop), ("omni2-step", self._step_loop)):
+        loops = [("omni2-prep", self._prep_loop), ("omni2-step", self._step_loop)]
+        if self._cpu and self.config.malloc_trim_interval_s > 0:
+            loops.append(("omni2-trim", self._trim_loop))
+        for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -266,6 +270,11 @@ class Engine:
                 continue
             self._ready.append((turn, embeds))
             self._wake.set()
+
+    def _trim_loop(self) -> None:
+        """The heap's free pages back to the kernel now and then (cpu_malloc: bounded memory)."""
+        while not self._stop.wait(self.config.malloc_trim_interval_s):
+            release_free_memory()
 
     def _encode(self, req: TurnRequest):
         if req.role != "user":

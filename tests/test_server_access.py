@@ -79,7 +79,8 @@ def test_health_ready_and_metrics(engine):
         for needle in ('omni2_responses_total{status="completed"} 1', "omni2_sessions_total 1",
                        'omni2_errors_total{code="unknown_event_type"} 1', "omni2_ready 1",
                        "omni2_time_to_first_audio_seconds_count 1", "omni2_engine_step_seconds_count",
-                       "omni2_engine_free_slots 4", "omni2_response_real_time_factor_count 1"):
+                       "omni2_engine_free_slots 4", "omni2_response_real_time_factor_count 1",
+                       "omni2_process_resident_bytes", "omni2_connections_open"):
             assert needle in text, needle
 
 
