@@ -1,4 +1,4 @@
-"""Every CPU fast path asks streaming/cpu_features.py, and where a feature is missing the
+"""Every CPU fast path asks streaming/cpu/features.py, and where a feature is missing the
 fallback runs and gives the same answers. The missing features are emulated here with
 OMNI2_CPU_DISABLE (the same check the runtime makes), so these run on every machine; the
 whole suite is also run with torch's own switches (ATEN_CPU_CAPABILITY=avx2
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
-from omni2.streaming import cpu_features, decode_attention, few_rows, huge_pages, native, prepack
-from omni2.streaming.decode_attention import DecodeAttention
-from omni2.streaming.runtime import UnsupportedDtype, load_runtime, pick_dtype
-from omni2.streaming.screened_argmax import ScreenedArgmax, fast_bf16, screen_heads_
+from omni2.streaming.cpu import decode_attention, features as cpu_features, few_rows, huge_pages, native, prepack
+from omni2.streaming.cpu.decode_attention import DecodeAttention
+from omni2.streaming.engine.runtime import UnsupportedDtype, load_runtime, pick_dtype
+from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, fast_bf16, screen_heads_
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The few_rows fp32 kernel (streaming/few_rows.c): right sums, batch-independent rows, and a
+"""The few_rows fp32 kernel (streaming/cpu/few_rows.c): right sums, batch-independent rows, and a
 build that falls back cleanly where it cannot happen."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni2.streaming import few_rows, prepack
+from omni2.streaming.cpu import few_rows, prepack
 
 from cpu_marks import needs  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_a_rows_result_does_not_depend_on_the_batch(kernel):
 
 @needs_kernel
 def test_threads_do_not_change_the_result(kernel):
-    from omni2.streaming.cpu_threads import in_fresh_thread
+    from omni2.streaming.cpu.threads import in_fresh_thread
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(500, 96, generator=g), torch.randn(6, 96, generator=g)
@@ -226,7 +226,7 @@ def test_every_c_kernel_ships_with_the_package_and_a_missing_one_is_a_clean_fall
     import tomllib
     from pathlib import Path
 
-    from omni2.streaming import native
+    from omni2.streaming.cpu import native
 
     root = Path(__file__).resolve().parents[1]
     with open(root / "pyproject.toml", "rb") as f:

@@ -1,4 +1,4 @@
-"""CPU weight prepacking (streaming/prepack.py): faster kernels, the same tokens.
+"""CPU weight prepacking (streaming/cpu/prepack.py): faster kernels, the same tokens.
 
 The packed model is a separate load of the tiny checkpoint (prepacking is in place); the
 reference is `generate` on the shared, unpacked `tiny_model`.
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache
-from omni2.streaming import decode_attention, few_rows, prepack
-from omni2.streaming.decode_attention import DecodeAttention
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine
-from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming.screened_argmax import fast_bf16
+from omni2.streaming.cpu import decode_attention, few_rows, prepack
+from omni2.streaming.cpu.decode_attention import DecodeAttention
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.messages import TurnDone, TurnRequest
+from omni2.streaming.cpu.screened_argmax import fast_bf16
 
 from cpu_marks import needs  # noqa: E402
 

@@ -40,7 +40,7 @@ class UnsupportedDtype(ValueError):
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """fp32 on CPU (reference-exact, and what every CPU runs), bf16 on GPU unless asked
-    otherwise. bf16 on a CPU only where oneDNN runs it natively (cpu_features.py)."""
+    otherwise. bf16 on a CPU only where oneDNN runs it natively (cpu/features.py)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -48,7 +48,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}") from None
     if picked == torch.bfloat16 and device == "cpu":
-        from . import cpu_features
+        from ..cpu import features as cpu_features
 
         reason = cpu_features.missing("bf16")
         if reason is not None:
@@ -101,7 +101,7 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
                  snac: Optional[str] = None, prepack: bool = False) -> OmniModel:
     """Load the model to serve. Returns an OmniModel with `is_fallback` set.
 
-    prepack: on a CPU, lay the LM's weights out for oneDNN once (streaming/prepack.py):
+    prepack: on a CPU, lay the LM's weights out for oneDNN once (streaming/cpu/prepack.py):
     faster decode steps, the same tokens; off, the model is exactly as loaded."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -120,7 +120,7 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
         bundle = load_model(model, snac=snac or SNAC_REPO, device=dev, dtype=dt)
     bundle.is_fallback = fallback
     if prepack:
-        from .prepack import prepack_
+        from ..cpu.prepack import prepack_
 
         prepack_(bundle.lm)
     return bundle

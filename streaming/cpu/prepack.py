@@ -24,7 +24,7 @@ rows), so tokens match the plain model's rather than its bits (tested; checked i
 
 `prepack_(lm)` changes the model in place (a runtime transform: a prepacked model is not
 saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind. What it takes
-depends on the CPU (cpu_features.py): without AVX-512 (or a C compiler) no few_rows kernel,
+depends on the CPU (cpu/features.py): without AVX-512 (or a C compiler) no few_rows kernel,
 no fused decode attention, no int8 screen; without native bf16 no bf16 screen of the fp32
 heads, and a bf16 model is not packed at all (oneDNN refuses to pack bf16 for such a CPU;
 the runtime refuses `--dtype bf16` there in the first place). fp32 packing itself runs on
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from omni2.model import tokens as tk
 
-from . import cpu_features
+from . import features as cpu_features
 
 log = logging.getLogger("omni2.prepack")
 
