@@ -221,7 +221,7 @@ def test_a_non_finite_row_gets_a_nan_scale_and_int8_products_need_vnni(kernel):
 
 
 def test_every_c_kernel_ships_with_the_package_and_a_missing_one_is_a_clean_fallback(tmp_path):
-    """pyproject's package data lists each C file of streaming/ (a wheel install needs them);
+    """pyproject's package data lists each C file under streaming/ (a wheel install needs them);
     a C file missing all the same makes the kernel unavailable, not an error."""
     import tomllib
     from pathlib import Path
@@ -230,7 +230,10 @@ def test_every_c_kernel_ships_with_the_package_and_a_missing_one_is_a_clean_fall
 
     root = Path(__file__).resolve().parents[1]
     with open(root / "pyproject.toml", "rb") as f:
-        shipped = tomllib.load(f)["tool"]["setuptools"]["package-data"]["omni2.streaming"]
-    assert sorted(shipped) == sorted(p.name for p in (root / "streaming").glob("*.c"))
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    shipped = {f"streaming/{package.removeprefix('omni2.streaming').strip('.').replace('.', '/')}/{name}".replace("//", "/")
+               for package, names in data.items() if package.startswith("omni2.streaming") for name in names}
+    c_files = {p.relative_to(root).as_posix() for p in (root / "streaming").rglob("*.c")}
+    assert c_files and shipped == c_files
     with pytest.raises(native.Unavailable, match="not installed"):
         native.build(tmp_path / "gone.c", tmp_path, native.BASE_CFLAGS)

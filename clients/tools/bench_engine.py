@@ -212,12 +212,12 @@ def packed_copy(model: OmniModel) -> OmniModel | None:
     """The model with a prepacked copy of its LM (modules copied, weights shared), so that the
     baseline keeps the weights as loaded while the engine runs packed, in the same process;
     None where prepacking does not apply (GPU, fp16, no oneDNN)."""
-    from omni2.streaming.cpu.prepack import prepack_
+    from omni2.streaming.cpu.accelerate import accelerate_
 
     lm = model.lm
     shared = {id(t): t for t in (*lm.parameters(), *lm.buffers())}
     packed = copy.deepcopy(lm, memo=shared)
-    return replace(model, lm=packed) if prepack_(packed) else None
+    return replace(model, lm=packed) if accelerate_(packed) else None
 
 
 def _paired(first, second, flip: bool):

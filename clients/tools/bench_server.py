@@ -194,11 +194,11 @@ def _bench_runtime(model: str, device: str):
     if model != "real":
         return load_runtime(model=model, device=device, prepack=True)
     from omni2.clients.tools.bench_engine import random_model
-    from omni2.streaming.cpu.prepack import prepack_
+    from omni2.streaming.cpu.accelerate import accelerate_
 
     dev = pick_device(device)
     runtime = random_model("real", pick_dtype("auto", dev), str(dev))
-    prepack_(runtime.lm)
+    accelerate_(runtime.lm)
     return runtime
 
 

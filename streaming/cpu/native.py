@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..paths import cache_root
 from . import features as cpu_features
 
 BASE_CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
@@ -54,8 +55,6 @@ def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
         reason = cpu_features.missing(feature)
         if reason is not None:
             raise Unavailable(reason)
-    from ..engine.runtime import cache_root
-
     lib = build(source, cache_root() / "kernels", cflags)
     try:
         return ctypes.CDLL(str(lib))
