@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from omni2.streaming.audio import decode_input_audio, resample
-from omni2.streaming.engine.messages import ContextTruncated, TurnDone, TurnRequest
+from omni2.streaming.engine.messages import ContextTruncated, EngineFull, TurnDone, TurnRequest
 
 from . import events as ev
 from . import protocol as p
@@ -24,8 +24,8 @@ from .input_audio import RATE
 
 
 def is_engine_full(exc: BaseException) -> bool:
-    """EngineFull from the real engine or a stand-in (matched by name, no import of torch)."""
-    return any(cls.__name__ == "EngineFull" for cls in type(exc).__mro__)
+    """The engine has no room for it now (EngineFull, or EngineBusy for lack of headroom)."""
+    return isinstance(exc, EngineFull)
 
 
 def engine_refusal(exc: Exception) -> Optional[p.ProtocolError]:

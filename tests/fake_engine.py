@@ -22,13 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.streaming.engine.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
-
-try:
-    from omni2.streaming.engine.engine import EngineFull
-except ImportError:  # the real engine is not written yet
-    class EngineFull(RuntimeError):
-        """No slot can take this turn."""
+from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineFull, TextDelta, Turn, TurnDone,
+                                             TurnRequest)
 
 SAMPLE_RATE = 24000
 

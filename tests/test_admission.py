@@ -11,7 +11,7 @@ import pytest
 
 from omni2.streaming.engine.admission import FRAME_S, Decision, StepHeadroom
 from omni2.streaming.engine.config import EngineConfig
-from omni2.streaming.engine.engine import Engine, EngineBusy
+from omni2.streaming.engine.engine import Engine, EngineBusy, EngineFull
 from omni2.streaming.engine.messages import TurnRequest
 
 
@@ -175,3 +175,13 @@ def test_the_server_refuses_turns_and_sessions_without_headroom_and_says_when_to
             asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         engine.inner.stop()
+
+
+def test_the_server_knows_a_refusal_by_its_type_not_its_name():
+    from omni2.server.session_items import engine_refusal, is_engine_full
+
+    busy = EngineBusy(Decision(admit=False, predicted_step_s=0.1, budget_s=0.068, retry_after_s=0.5))
+    assert is_engine_full(busy) and is_engine_full(EngineFull("no slot"))
+    assert "try again in 0.5 s" in engine_refusal(busy).message
+    EngineFullByName = type("EngineFull", (RuntimeError,), {})  # a look-alike is not a refusal
+    assert not is_engine_full(EngineFullByName()) and engine_refusal(EngineFullByName()) is None

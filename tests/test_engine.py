@@ -377,7 +377,7 @@ def test_off_the_cpu_decode_steps_attend_to_a_bucketed_span_with_the_same_tokens
     ref = reference(tiny_model, question(51), 20)
     spans = []
     with Engine(tiny_model, EngineConfig(max_sessions=2, record_tokens=True, compile_span_bucket=64)) as eng:
-        eng._cpu = False
+        eng.host.bucket_span = True  # as a GPU host does
         forward = eng._forward
         eng._forward = lambda ids, pos, k, v, span: spans.append((int(pos.max()), span)) or forward(ids, pos, k, v, span)
         sid = eng.open_session()

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
-from omni2.model.lm import KVCache
+from omni2.model.lm import KVCache, OmniLM
 from omni2.streaming.cpu import decode_attention, few_rows, prepack
 from omni2.streaming.cpu.accelerate import accelerate_
+from omni2.streaming.cpu.lm import AcceleratedLM
 from omni2.streaming.cpu.decode_attention import DecodeAttention
 from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.engine.engine import Engine
@@ -55,12 +56,15 @@ def packed_pair(request, tiny_checkpoint):
     plain = load_model(tiny_checkpoint, snac=None, dtype=dtype)
     packed = load_model(tiny_checkpoint, dtype=dtype)
     assert accelerate_(packed.lm) and not accelerate_(packed.lm)  # once only
+    # what runs is the class's: an AcceleratedLM, no instance attribute hiding one of its methods
+    assert type(packed.lm) is AcceleratedLM and type(plain.lm) is OmniLM
+    assert not [name for name in vars(packed.lm) if callable(getattr(AcceleratedLM, name, None))]
     # fp32 greedy heads are screened through bf16 where the CPU has a fast bf16 kernel
     assert getattr(packed.lm, "screened_heads", False) == (dtype == torch.float32 and fast_bf16())
     # decode steps take the few_rows kernel where it builds (bf16: up to two sessions)
     fc = packed.lm.transformer.h[0].mlp.fc_1
     assert (fc.few_packed is not None) == (few_rows.kernel() is not None)
-    assert (packed.lm.text_logits.few_packed is not None) == (dtype == torch.bfloat16 and few_rows.kernel() is not None)
+    assert (packed.lm.packed_text.few_packed is not None) == (dtype == torch.bfloat16 and few_rows.kernel() is not None)
     # and fp32 decode steps attend through the fused kernel where it builds
     fused = isinstance(packed.lm.transformer.h[0].attn, DecodeAttention)
     assert fused == (dtype == torch.float32 and decode_attention.kernel() is not None)
@@ -126,4 +130,4 @@ def test_few_rows_off_keeps_the_library_kernels_and_the_bf16_screen(tiny_checkpo
     assert accelerate_(model.lm, few_rows=False)
     assert model.lm.transformer.h[0].mlp.fc_1.few_packed is None
     if getattr(model.lm, "screened_heads", False):
-        assert model.lm.text_argmax.int8 is None and model.lm.audio_argmax.int8 is None
+        assert model.lm.screened_text.int8 is None and model.lm.screened_audio.int8 is None

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from omni2.model import tokens as tk
 
 from . import features as cpu_features
+from .lm import AcceleratedLM
 
 log = logging.getLogger("omni2.prepack")
 
@@ -102,16 +103,6 @@ class PackedLinear(nn.Module):
                 f"few_rows={self.few_packed is not None}")
 
 
-class _AudioHead:
-    """Packed stand-in for OmniLM.audio_logits: [..., 7, 4160] from the audio head slice."""
-
-    def __init__(self, linear: PackedLinear) -> None:
-        self.linear = linear
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).unflatten(-1, (tk.N_AUDIO_LAYERS, tk.PADDED_AUDIO_VOCAB))
-
-
 def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     """Pack the transformer blocks' and the split heads' weights in place; returns whether it
     did (CPU, fp32/bf16, oneDNN present, not done before).
@@ -151,10 +142,8 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
         head_kernel = kernel if weight.dtype == torch.bfloat16 else None
         text = PackedLinear(weight[tk.TEXT_SLICE].contiguous(), None, plain, head_kernel)
         audio = PackedLinear(weight[tk.PADDED_TEXT_VOCAB:].contiguous(), None, plain, head_kernel)
-    # Instance attributes win over the class's methods: the engine and `generate` call
-    # lm.text_logits / lm.audio_logits and get the packed heads. lm_head itself stays for
-    # the full-vocabulary `logits()`.
-    object.__setattr__(lm, "text_logits", text)
-    object.__setattr__(lm, "audio_logits", _AudioHead(audio))
-    object.__setattr__(lm, "prepacked", True)
+    # lm.text_logits / lm.audio_logits (the engine's and `generate`'s) read the packed heads
+    # (lm.py); lm_head itself stays for the full-vocabulary `logits()`.
+    lm = AcceleratedLM.of(lm)
+    lm.packed_text, lm.packed_audio = text, audio
     return True

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import features as cpu_features, prepack
+from .lm import AcceleratedLM
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -238,8 +239,6 @@ def screen_heads_(lm, int8="auto") -> bool:
     with torch.no_grad():
         text = ScreenedArgmax(weight[tk.TEXT_SLICE], int8=int8)
         audio = ScreenedArgmax(weight[tk.PADDED_TEXT_VOCAB :], groups=tk.N_AUDIO_LAYERS, int8=int8, vnni=False)
-    # instance attributes win over OmniLM's methods
-    object.__setattr__(lm, "text_argmax", text)
-    object.__setattr__(lm, "audio_argmax", audio)
-    object.__setattr__(lm, "screened_heads", True)
+    lm = AcceleratedLM.of(lm)  # its text_argmax / audio_argmax read these (lm.py)
+    lm.screened_text, lm.screened_audio = text, audio
     return True

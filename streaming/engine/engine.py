@@ -28,34 +28,19 @@ from omni2.model.generate import max_steps_for
 from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
-from ..cpu import huge_pages
-from .admission import Decision, StepHeadroom
+from .admission import StepHeadroom
 from .config import EngineConfig
-from ..cpu.malloc import keep_large_allocations, release_free_memory
-from ..cpu.threads import DEFAULT_THREADS, in_fresh_thread, use_threads
-from .messages import STOPPED_REASONS, ContextTruncated, Forget, TextDelta, Turn, TurnDone, TurnRequest
+from .host import HostPolicy
+from .messages import (STOPPED_REASONS, ContextTruncated, EngineBusy, EngineFull, Forget, TextDelta, Turn, TurnDone,
+                       TurnRequest)
 from .slots import (DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids, forget,
                     make_room)
 from .vocoder import Vocoder
 
 
-class EngineFull(RuntimeError):
-    """No slot (or queue space) for another session/turn right now: try again later."""
-
-    retry_after_s: Optional[float] = None
-
-
-class EngineBusy(EngineFull):
-    """No step-time headroom for another answer (streaming/engine/admission.py): try again later."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(decision.reason())
-        self.decision = decision
-        self.retry_after_s = decision.retry_after_s
-
-
 class Engine:
-    def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig(),
+                 host: Optional[HostPolicy] = None) -> None:
         self.model = model
         self.config = config
         lm = model.lm
@@ -64,17 +49,10 @@ class Engine:
         # One position past the context limit is scratch: rows with nothing to say write there
         # when a slot's context is exactly full, so no real position is ever scribbled on.
         self.context_len = max_len
-        # CPU: allocated (zero-filled in parallel) on a short-lived thread, so the caller's
-        # thread does not keep an OpenMP team that would slow the step thread's down.
-        self._cpu = torch.device(self.device).type == "cpu"
-        if self._cpu:
-            # SNAC's big buffers reused, not mapped afresh; arenas bounded (cpu_malloc)
-            keep_large_allocations(config.malloc_arena_max)
-        self.threads = config.threads or DEFAULT_THREADS
-        allocate = lambda: KVCache.allocate(lm.cfg, rows=2 * config.max_sessions,  # noqa: E731
-                                            max_len=max_len + 1, device=self.device, dtype=model.dtype,
-                                            zeros=huge_pages.zeros if self._cpu else torch.zeros)
-        self.cache = in_fresh_thread(allocate, threads=self.threads) if self._cpu else allocate()
+        # threads, the cache's memory, encoder calls: what the device under it asks for (host.py)
+        self.host = host if host is not None else host_policy(self.device, config)
+        self.cache = self.host.allocate_cache(lambda zeros: KVCache.allocate(
+            lm.cfg, rows=2 * config.max_sessions, max_len=max_len + 1, device=self.device, dtype=model.dtype, zeros=zeros))
         self.slots = [Slot(i) for i in range(config.max_sessions)]
         self._sessions: dict[str, Slot] = {}
         self._session_ids = itertools.count(1)
@@ -85,9 +63,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        # CPU threading policy (see cpu_threads): the step thread is the one OpenMP team.
         self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio,
-                               threads=1 if self._cpu else None)
+                               threads=self.host.vocoder_threads)
         self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
         # sampling parameters per slot, on the device, updated when a turn is admitted
         n = config.max_sessions
@@ -111,8 +88,9 @@ class Engine:
     def start(self) -> "Engine":
         self.vocoder.start()
         loops = [("omni2-prep", self._prep_loop), ("omni2-step", self._step_loop)]
-        if self._cpu and self.config.malloc_trim_interval_s > 0:
-            loops.append(("omni2-trim", self._trim_loop))
+        job = self.host.housekeeping()
+        if job is not None:
+            loops.append(("omni2-trim", lambda: self._housekeeping_loop(*job)))
         for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -271,19 +249,15 @@ class Engine:
             self._ready.append((turn, embeds))
             self._wake.set()
 
-    def _trim_loop(self) -> None:
-        """The heap's free pages back to the kernel now and then (cpu_malloc: bounded memory)."""
-        while not self._stop.wait(self.config.malloc_trim_interval_s):
-            release_free_memory()
+    def _housekeeping_loop(self, interval_s: float, job) -> None:
+        """The host's periodic job (a CPU: the heap's free pages back to the kernel)."""
+        while not self._stop.wait(interval_s):
+            job()
 
     def _encode(self, req: TurnRequest):
         if req.role != "user":
             return self.model.encode_text(req.role, req.text)  # ids only: no encoder runs
-        if not self._cpu:
-            return self.model.encode_question(req.audio_16k, image=req.image, text=req.text)
-        # all cores for the encoders, on a thread whose OpenMP team ends with the job
-        return in_fresh_thread(self.model.encode_question, req.audio_16k, image=req.image, text=req.text,
-                               threads=self.threads, name="omni2-encode")
+        return self.host.encode(self.model.encode_question, req.audio_16k, image=req.image, text=req.text)
 
     def _finish_unstarted(self, turn: Turn, reason: str, error: Optional[str] = None) -> None:
         with self._lock:
@@ -294,8 +268,7 @@ class Engine:
 
     # ---- step thread -------------------------------------------------------------------------
     def _step_loop(self) -> None:
-        if self._cpu:
-            use_threads(self.threads)
+        self.host.enter_step_thread()
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
@@ -469,7 +442,7 @@ class Engine:
             ids.extend(s.next_ids if s.index in live else IDLE_IDS)
             pos.extend((p, p))
         span = max(pos) + 1
-        if self.config.compile or not self._cpu:  # the span to a bucket: few shapes to compile,
+        if self.config.compile or self.host.bucket_span:  # the span to a bucket: few shapes to compile,
             b = self.config.compile_span_bucket    # and cuDNN's attention plans are reused (config)
             span = min(-(-span // b) * b, self.cache.max_len)
         ids_t = torch.tensor(ids, device=self.device)[:, :, None]  # [2hi, 8, 1]
@@ -598,6 +571,15 @@ class Engine:
                 pass
         finally:
             self.close_session(sid)
+
+
+def host_policy(device, config: EngineConfig) -> HostPolicy:
+    """A CPU's policy on a CPU (streaming/cpu/policy.py), else the GPU's: nothing to arrange."""
+    if torch.device(device).type != "cpu":
+        return HostPolicy()
+    from ..cpu.policy import CpuPolicy
+
+    return CpuPolicy(config.threads, config.malloc_arena_max, config.malloc_trim_interval_s)
 
 
 def slot_frames(steps: int) -> int:

@@ -104,6 +104,23 @@ class TurnDone:
 # Reasons after which the answer's unsent audio and text are dropped, not flushed.
 STOPPED_REASONS = frozenset({"cancelled", "interrupted"})
 
+
+class EngineFull(RuntimeError):
+    """No slot (or queue space) for another session/turn right now: try again later. (Here,
+    not in engine.py, so that the server recognises it without importing torch.)"""
+
+    retry_after_s: Optional[float] = None
+
+
+class EngineBusy(EngineFull):
+    """No step-time headroom for another answer (streaming/engine/admission.py): try again
+    later. decision: the admission.Decision that refused it."""
+
+    def __init__(self, decision) -> None:
+        super().__init__(decision.reason())
+        self.decision = decision
+        self.retry_after_s = decision.retry_after_s
+
 TurnEvent = Union[AudioChunk, TextDelta, ContextTruncated, TurnDone]
 
 _turn_ids = itertools.count(1)
