@@ -378,8 +378,8 @@ def test_off_the_cpu_decode_steps_attend_to_a_bucketed_span_with_the_same_tokens
     spans = []
     with Engine(tiny_model, EngineConfig(max_sessions=2, record_tokens=True, compile_span_bucket=64)) as eng:
         eng.host.bucket_span = True  # as a GPU host does
-        forward = eng._forward
-        eng._forward = lambda ids, pos, k, v, span: spans.append((int(pos.max()), span)) or forward(ids, pos, k, v, span)
+        forward = eng.executor.forward
+        eng.executor.forward = lambda ids, pos, k, v, span: spans.append((int(pos.max()), span)) or forward(ids, pos, k, v, span)
         sid = eng.open_session()
         done = collect(eng.submit(TurnRequest(session_id=sid, audio_16k=question(51), max_steps=20)))[0]
     assert done.stats["audio_ids"] == ref.audio_tokens and done.stats["text_ids"] == ref.text_tokens

@@ -25,34 +25,31 @@ import torch
 from omni2.model import tokens as tk
 from omni2.model.bundle import OmniModel
 from omni2.model.generate import max_steps_for
-from omni2.model.lm import KVCache
-from omni2.model.sampling import sample
 
 from .admission import StepHeadroom
 from .config import EngineConfig
+from .executor import ModelExecutor
 from .host import HostPolicy
 from .messages import (STOPPED_REASONS, ContextTruncated, EngineBusy, EngineFull, Forget, TextDelta, Turn, TurnDone,
                        TurnRequest)
-from .slots import (DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids, forget,
-                    make_room)
+from .slots import DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids
 from .vocoder import Vocoder
 
 
 class Engine:
-    def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig(),
-                 host: Optional[HostPolicy] = None) -> None:
-        self.model = model
+    """The scheduler: sessions, admission, cancels, prefill chunks, decode steps, end rules. The
+    model's side of each step is the executor's (executor.py); by default a ModelExecutor of
+    `model` on the device's host policy (host.py)."""
+
+    def __init__(self, model: Optional[OmniModel], config: EngineConfig = EngineConfig(),
+                 host: Optional[HostPolicy] = None, executor=None) -> None:
+        if executor is None:
+            executor = ModelExecutor(model, config, host if host is not None else host_policy(model.device, config))
+        self.executor = executor
+        self.model = executor.model
         self.config = config
-        lm = model.lm
-        self.device = model.device
-        max_len = min(config.max_context or lm.cfg.block_size, lm.cfg.block_size)
-        # One position past the context limit is scratch: rows with nothing to say write there
-        # when a slot's context is exactly full, so no real position is ever scribbled on.
-        self.context_len = max_len
-        # threads, the cache's memory, encoder calls: what the device under it asks for (host.py)
-        self.host = host if host is not None else host_policy(self.device, config)
-        self.cache = self.host.allocate_cache(lambda zeros: KVCache.allocate(
-            lm.cfg, rows=2 * config.max_sessions, max_len=max_len + 1, device=self.device, dtype=model.dtype, zeros=zeros))
+        self.host = executor.host
+        self.context_len = executor.context_len
         self.slots = [Slot(i) for i in range(config.max_sessions)]
         self._sessions: dict[str, Slot] = {}
         self._session_ids = itertools.count(1)
@@ -63,15 +60,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.vocoder = Vocoder(model.snac, config.audio_group_frames, on_first_audio=self._first_audio,
+        self.vocoder = Vocoder(executor.snac, config.audio_group_frames, on_first_audio=self._first_audio,
                                threads=self.host.vocoder_threads)
-        self._gen = torch.Generator(device=self.device).manual_seed(config.seed)
-        # sampling parameters per slot, on the device, updated when a turn is admitted
-        n = config.max_sessions
-        self._temperature = torch.zeros(n, device=self.device)
-        self._top_k = torch.ones(n, dtype=torch.long, device=self.device)
-        self._top_p = torch.ones(n, device=self.device)
-        self._greedy = [True] * n
         # counters / recent timings (read by stats(); appended by the step thread)
         w = config.timing_window
         self.step_seconds: collections.deque = collections.deque(maxlen=w)
@@ -80,9 +70,10 @@ class Engine:
         self.counters = collections.Counter()
         self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s)
                          if config.step_budget_share > 0 else None)
-        self._forward = self._eager_forward
-        if config.compile:
-            self._forward = torch.compile(self._eager_forward, mode=config.compile, dynamic=False)
+
+    @property
+    def cache(self):
+        return self.executor.cache
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -236,9 +227,8 @@ class Engine:
             if turn.cancel_requested:
                 self._finish_unstarted(turn, "cancelled")
                 continue
-            req = turn.request
             try:
-                _, embeds = self._encode(req)
+                embeds = self.executor.encode(turn.request)
             except ValueError as exc:
                 self._finish_unstarted(turn, "error", str(exc))
                 continue
@@ -253,11 +243,6 @@ class Engine:
         """The host's periodic job (a CPU: the heap's free pages back to the kernel)."""
         while not self._stop.wait(interval_s):
             job()
-
-    def _encode(self, req: TurnRequest):
-        if req.role != "user":
-            return self.model.encode_text(req.role, req.text)  # ids only: no encoder runs
-        return self.host.encode(self.model.encode_question, req.audio_16k, image=req.image, text=req.text)
 
     def _finish_unstarted(self, turn: Turn, reason: str, error: Optional[str] = None) -> None:
         with self._lock:
@@ -350,7 +335,7 @@ class Engine:
             slot.waiting.popleft()
             started = True
             if isinstance(item, Forget):
-                replay = forget(slot, item.turn_id, item.part, self.model.lm.embed, self.device, item.keep_steps)
+                replay = self.executor.forget(slot, item.turn_id, item.part, item.keep_steps)
                 if replay is not None:
                     slot.begin_rebuild(replay)
                 continue
@@ -378,7 +363,7 @@ class Engine:
                 raise ValueError(f"question of {T} positions does not fit the {self.context_len}-position context")
             want = min(req.max_steps or self.config.max_steps, self.config.max_steps) if req.answer else 0
             turns_before = len(slot.records)
-            dropped = make_room(self.cache, slot, T + want, self.context_len, self.model.lm.rope_cos, self.model.lm.rope_sin)
+            dropped = self.executor.make_room(slot, T + want)
             max_steps = max_steps_for(self.context_len, slot.ctx + T, want)
         except ValueError as exc:
             self.counters["errors"] += 1
@@ -387,24 +372,16 @@ class Engine:
         if dropped:
             turn._emit(ContextTruncated(dropped_positions=dropped,
                                         dropped_turns=turns_before - len(slot.records)))
-        i = slot.index
-        sp = req.sampling
-        self._greedy[i] = sp.greedy
-        self._temperature[i] = sp.temperature
-        self._top_k[i] = sp.top_k
-        self._top_p[i] = sp.top_p
-        slot.begin(turn, embeds, max_steps, self.model.tokenizer.incremental())
+        self.executor.set_sampling(slot.index, req.sampling)
+        slot.begin(turn, embeds, max_steps, self.executor.tokenizer.incremental())
         self.counters["turns"] += 1
         self.vocoder.open(turn)
 
     def _prefill_chunk(self, slot: Slot) -> None:
         t0 = time.perf_counter()
-        lm = self.model.lm
         a = slot.prefilled
         b = min(slot.prompt_len, a + self.config.prefill_chunk)
-        rows = torch.tensor(slot.rows, device=self.device)
-        pos = torch.arange(slot.start + a, slot.start + b, device=self.device)[None].expand(2, -1)
-        hidden = lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)
+        last = self.executor.prefill(slot, a, b)
         slot.prefilled = b
         slot.written = slot.start + b
         if b == slot.prompt_len and slot.phase == REBUILD:
@@ -414,8 +391,7 @@ class Engine:
             slot.prefill_s += time.perf_counter() - t0
             self._finish(slot, "completed")
         elif b == slot.prompt_len:  # step 0 comes from the prompt's last position
-            last = hidden[:, -1:]
-            audio, text = self._sample(last, [slot])
+            audio, text = self.executor.sample(last, [slot])
             slot.embeds = None
             slot.prefill_s += time.perf_counter() - t0
             if slot.turn.held:  # speculative: nothing is said before release()
@@ -444,11 +420,9 @@ class Engine:
         span = max(pos) + 1
         if self.config.compile or self.host.bucket_span:  # the span to a bucket: few shapes to compile,
             b = self.config.compile_span_bucket    # and cuDNN's attention plans are reused (config)
-            span = min(-(-span // b) * b, self.cache.max_len)
-        ids_t = torch.tensor(ids, device=self.device)[:, :, None]  # [2hi, 8, 1]
-        pos_t = torch.tensor(pos, device=self.device)[:, None]
-        hidden = self._forward(ids_t, pos_t, self.cache.k[:, : 2 * hi], self.cache.v[:, : 2 * hi], span)
-        audio, text = self._sample(hidden, self.slots[:hi])
+            span = min(-(-span // b) * b, self.context_len + 1)
+        hidden = self.executor.decode(ids, pos, span)
+        audio, text = self.executor.sample(hidden, self.slots[:hi])
         self.counters["steps"] += 1
         for s in speaking:
             s.written = s.position + 1
@@ -460,42 +434,12 @@ class Engine:
         if self.headroom is not None:
             self.headroom.observe(end - t0, len(speaking), end)
 
-    def _eager_forward(self, ids, pos, k, v, span: int) -> torch.Tensor:
-        """One decode step for cache rows 0..len(ids)-1, in order (k/v are views of them)."""
-        lm = self.model.lm
-        return lm(lm.embed(ids), KVCache(k, v), None, pos, span)
-
-    def _sample(self, hidden: torch.Tensor, slots: list[Slot]) -> tuple[list, list]:
-        """hidden [2n, 1, C] for slots' row pairs -> (audio [n][7], text [n]) as host lists.
-
-        The text head (152,000 rows, the largest matmul of a step) runs only for slots whose
-        text has not ended: after `eot` every text token is replaced by pad_t anyway."""
-        lm = self.model.lm
-        speak, write = hidden[0::2, 0], hidden[1::2, 0]
-        idx = [s.index for s in slots]
-        writing = [j for j, s in enumerate(slots) if not s.rules.text_ended]
-        if len(writing) < len(slots):
-            write = write[torch.tensor(writing, device=self.device)] if writing else write[:0]
-        if all(self._greedy[i] for i in idx):  # (a runtime may screen these: same ids)
-            audio, text = lm.audio_argmax(speak), lm.text_argmax(write)
-        else:
-            sel = torch.tensor(idx, device=self.device)
-            t, k, p = self._temperature[sel], self._top_k[sel], self._top_p[sel]
-            audio = sample(lm.audio_logits(speak), t, k, p, self._gen)  # [n, 7]
-            wsel = sel[torch.tensor(writing, dtype=torch.long, device=self.device)]
-            text = sample(lm.text_logits(write), self._temperature[wsel], self._top_k[wsel], self._top_p[wsel],
-                          self._gen)
-        text_ids = [tk.PAD_T] * len(slots)
-        for j, t in zip(writing, text.tolist()):  # the one device->host copy of the step (+ audio)
-            text_ids[j] = t
-        return audio.tolist(), text_ids
-
     def _update(self, slot: Slot, audio: list[int], text: int) -> None:
         stop, text = slot.rules.apply(slot.step, audio, text)
         if stop:
             self._finish(slot, "completed")
             return
-        if text in self.model.lm.cfg.interrupt_token_ids:  # the model heard "stop" itself
+        if text in self.executor.interrupt_ids:  # the model heard "stop" itself
             self._finish(slot, "interrupted")
             return
         slot.text_ids.append(text)
@@ -542,7 +486,7 @@ class Engine:
         }
         if self.config.record_tokens:
             stats.update(text_ids=list(slot.text_ids), audio_ids=list(slot.audio_ids))
-        text = self.model.tokenizer.decode_answer(slot.text_ids)
+        text = self.executor.tokenizer.decode_answer(slot.text_ids)
         if stopped:
             self.counters["cancels"] += 1
         if reason == "error":

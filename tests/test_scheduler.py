@@ -1,0 +1,184 @@
+"""The engine's scheduling rules with no model: a fake executor stands in for the model's side of
+each step (streaming/engine/executor.py) and says, per session, what the "model" answers.
+
+One test per rule: admission (slots, queue), cancel, barge-in, prefill chunks between decode
+steps, slot reuse and context kept across turns, and the three ends of an answer."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from omni2.model import tokens as tk
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.host import HostPolicy
+from omni2.streaming.engine.messages import EngineFull, TextDelta, TurnDone, TurnRequest
+
+INTERRUPT = 4242  # a text id the fake model's config lists as an interrupt token
+SAYING = 100      # what the fake model writes otherwise
+
+
+class FakeTokenizer:
+    def incremental(self):
+        return SimpleNamespace(push=lambda token: f"<{token}>", flush=lambda: "")
+
+    def decode_answer(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+class FakeExecutor:
+    """Prompts are as many positions as the question has samples; each session's answer ends
+    as `ends` says (step -> "eoa" | "interrupt"); every call is logged in order."""
+
+    def __init__(self, context_len: int = 4096) -> None:
+        self.model = SimpleNamespace(name="fake")
+        self.host = HostPolicy()
+        self.context_len = context_len
+        self.cache = None
+        self.snac = None  # tokens only: the vocoder passes the turn's end through
+        self.interrupt_ids = (INTERRUPT,)
+        self.tokenizer = FakeTokenizer()
+        self.ends: dict[str, tuple[int, str]] = {}  # session id -> (step, how)
+        self.log: list[tuple] = []
+
+    def encode(self, req: TurnRequest):
+        return torch.zeros(2, len(req.audio_16k), 1)
+
+    def set_sampling(self, index, sampling) -> None:
+        self.log.append(("sampling", index, sampling.temperature))
+
+    def make_room(self, slot, need: int) -> int:
+        return 0
+
+    def forget(self, slot, turn_id, part, keep_steps):
+        return None
+
+    def prefill(self, slot, a: int, b: int):
+        self.log.append(("prefill", slot.index, slot.start + a, slot.start + b))
+        return None
+
+    def decode(self, ids: list, pos: list, span: int):
+        self.log.append(("decode", len(ids) // 2))
+        return None
+
+    def sample(self, hidden, slots) -> tuple[list, list]:
+        audio, text = [], []
+        for s in slots:
+            step, how = self.ends.get(s.session, (None, None))
+            ending = s.turn is not None and s.step == step
+            a = [0] * tk.N_AUDIO_LAYERS
+            if ending and how == "eoa":
+                a[-1] = tk.EOA
+            audio.append(a)
+            text.append(INTERRUPT if ending and how == "interrupt" else SAYING)
+        return audio, text
+
+
+def question(positions: int) -> np.ndarray:
+    return np.zeros(positions, np.float32)
+
+
+def done_of(turn, timeout: float = 30) -> TurnDone:
+    return [ev for ev in turn.events(timeout=timeout) if isinstance(ev, TurnDone)][0]
+
+
+@pytest.fixture
+def fake():
+    return FakeExecutor()
+
+
+def engine(fake, **config) -> Engine:
+    config.setdefault("step_budget_share", 0)
+    return Engine(None, EngineConfig(**config), executor=fake)
+
+
+def test_admission_gives_each_session_a_slot_and_bounds_the_waiting_turns(fake):
+    eng = engine(fake, max_sessions=2, max_queued_turns=2)  # not started: submitted turns wait
+    a, b = eng.open_session(), eng.open_session()
+    with pytest.raises(EngineFull, match="slots"):
+        eng.open_session()
+    eng.submit(TurnRequest(session_id=a, audio_16k=question(3)))
+    eng.submit(TurnRequest(session_id=b, audio_16k=question(3)))
+    with pytest.raises(EngineFull, match="waiting"):
+        eng.submit(TurnRequest(session_id=a, audio_16k=question(3)))
+    assert eng.stats()["queued_turns"] == 2 and eng.stats()["free_slots"] == 0
+
+
+def test_a_cancel_ends_the_answer_at_a_step_boundary_and_the_session_answers_again(fake):
+    with engine(fake, max_sessions=1, max_steps=10_000) as eng:
+        sid = eng.open_session()
+        turn = eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=10_000))
+        events = turn.events(timeout=30)
+        assert isinstance(next(events), TextDelta)  # speaking
+        turn.cancel()
+        done = [ev for ev in events if isinstance(ev, TurnDone)][0]
+        assert done.reason == "cancelled" and 0 < done.stats["steps"] < 10_000
+        fake.ends[sid] = (2, "eoa")
+        assert done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3)))).reason == "completed"
+        assert eng.stats()["live_turns"] == 0 and eng.stats()["cancels_total"] == 1
+
+
+def test_a_new_question_replaces_the_live_answer(fake):
+    with engine(fake, max_sessions=1, max_steps=10_000) as eng:
+        sid = eng.open_session()
+        first = eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=10_000))
+        assert isinstance(next(first.events(timeout=30)), TextDelta)
+        fake.ends[sid] = (1, "eoa")
+        second = eng.submit(TurnRequest(session_id=sid, audio_16k=question(3)))
+        assert done_of(first).reason == "cancelled" and done_of(second).reason == "completed"
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_decode_steps_of_live_answers(fake):
+    with engine(fake, max_sessions=2, prefill_chunk=4, max_steps=10_000) as eng:
+        talking, asking = eng.open_session(), eng.open_session()
+        live = eng.submit(TurnRequest(session_id=talking, audio_16k=question(2), max_steps=10_000))
+        assert isinstance(next(live.events(timeout=30)), TextDelta)
+        fake.ends[asking] = (1, "eoa")
+        assert done_of(eng.submit(TurnRequest(session_id=asking, audio_16k=question(10)))).reason == "completed"
+        live.cancel()
+        done_of(live)
+    chunks = [i for i, e in enumerate(fake.log) if e[0] == "prefill" and e[1] == 1]
+    assert [fake.log[i][2:] for i in chunks] == [(0, 4), (4, 8), (8, 10)]  # prefill_chunk positions each
+    # one chunk a loop, and between two chunks the live answer took its decode step
+    assert all(("decode", 1) in fake.log[i + 1: j] for i, j in zip(chunks, chunks[1:]))
+
+
+def test_a_closed_sessions_slot_is_reused_and_a_session_keeps_its_context_across_turns(fake):
+    with engine(fake, max_sessions=1) as eng:
+        sid = eng.open_session()
+        fake.ends[sid] = (3, "eoa")
+        first = done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(5))))
+        done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(2))))
+        # the second prompt starts after the first turn's prompt and the steps it wrote
+        assert [e[2] for e in fake.log if e[0] == "prefill"] == [0, 5 + first.stats["steps"]]
+        eng.close_session(sid)  # the slot is let go at the next step boundary
+        deadline = time.monotonic() + 30
+        while eng.stats()["free_slots"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fake.log.clear()
+        again = eng.open_session()
+        assert again != sid
+        fake.ends[again] = (1, "eoa")
+        done_of(eng.submit(TurnRequest(session_id=again, audio_16k=question(4))))
+        assert [e[2:] for e in fake.log if e[0] == "prefill"] == [(0, 4)]  # a fresh context in slot 0
+
+
+@pytest.mark.parametrize("how, reason", [("eoa", "completed"), ("interrupt", "interrupted")])
+def test_an_answer_ends_when_the_model_says_so(fake, how, reason):
+    with engine(fake, max_sessions=1) as eng:
+        sid = eng.open_session()
+        fake.ends[sid] = (5, how)
+        done = done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=50)))
+    assert done.reason == reason and done.stats["steps"] == 5
+
+
+def test_an_answer_ends_at_its_max_steps_capped_by_the_engines(fake):
+    with engine(fake, max_sessions=1, max_steps=7) as eng:
+        sid = eng.open_session()
+        assert done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=9))).stats["steps"] == 7
+        done = done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=4)))
+    assert done.reason == "max_steps" and done.stats["steps"] == 4
