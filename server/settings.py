@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from omni2.streaming.engine.config import DEFAULT_MAX_STEPS
+
 ENV_PREFIX = "OMNI2_"
 COMPILE_MODES = ("off", "default", "reduce-overhead")   # torch.compile modes of the decode step
 
@@ -75,7 +77,7 @@ class ServerSettings:
     turn_admission_wait_s: float = 1.0
 
     # --- response defaults ----------------------------------------------------------------
-    max_steps: int = 1024               # decode steps per answer (cap on max_output_tokens)
+    max_steps: int = DEFAULT_MAX_STEPS               # decode steps per answer (cap on max_output_tokens)
     # Audio leaves at most this far ahead of its playback at the client (server/pacer.py), so
     # a cancel or truncate drops what was not sent and the server knows what was heard; the
     # first output_lead_s of an answer go at once. 0: send as generated (no pacing).

@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from omni2.clients.loadtest import count_underruns, percentile
+from omni2.model.snac_layout import SAMPLE_RATE
+from omni2.streaming.engine.admission import FRAME_S
 
 from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.cpu.threads import DEFAULT_THREADS, in_fresh_thread
 from omni2.streaming.engine.engine import Engine, EngineFull
 from omni2.streaming.engine.messages import AudioChunk, TurnDone, TurnRequest
 
-FRAME_S = 2048 / 24000
-SAMPLE_RATE = 24000
 
 
 @dataclass

@@ -27,13 +27,14 @@ from omni2.model.bundle import OmniModel
 from omni2.model.generate import EndRules
 from omni2.model.lm import KVCache
 
+from omni2.streaming.engine.admission import FRAME_S
 from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.cpu.threads import DEFAULT_THREADS, in_fresh_thread
 from omni2.streaming.engine.engine import Engine
 from omni2.streaming.engine.messages import TurnDone, TurnRequest
 from omni2.streaming.engine.slots import feed_ids
 
-FRAME_SECONDS = 2048 / 24000
+FRAME_SECONDS = FRAME_S
 REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
 # Share of a spoken answer's steps in which its text is still being written. Speech runs at
 # ~150 words a minute (2.5 words/s) and Qwen2's tokenizer spends ~1.3 tokens a word in

@@ -22,7 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-FRAME_SAMPLES = 2048          # one SNAC frame of speech at 24 kHz (85.3 ms)
+from omni2.model.snac_layout import SAMPLE_RATE, SAMPLES_PER_FRAME
+
 QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
              "how far is it to the station", "what colour is the car over there",
              "can you read the sign for me", "how many people are in the room",
@@ -46,7 +47,7 @@ def _questions(n: int, tail_s: float, turn_tail_ms: int):
         end_s = 0.3 + voiced.size / 16000
         # The VAD turn: prefix padding (300 ms = the lead) through turn_audio_tail_ms of quiet.
         turn = audio[: int((end_s + turn_tail_ms / 1000) * 16000)]
-        out.append((turn, resample(audio, 16000, 24000), end_s))
+        out.append((turn, resample(audio, 16000, SAMPLE_RATE), end_s))
     return out
 
 
@@ -107,7 +108,7 @@ def _raw_round(engine, questions, max_steps: int) -> dict:
     for sid in sids:
         engine.close_session(sid)
     wall = max(r["end"] for r in results) - t0
-    frames = sum(r["samples"] for r in results) / FRAME_SAMPLES
+    frames = sum(r["samples"] for r in results) / SAMPLES_PER_FRAME
     return {"frames": frames, "wall": wall, "ttfa": [r["ttfa"] for r in results]}
 
 
@@ -117,7 +118,7 @@ async def _ws_session(url: str, audio_24k: np.ndarray, voiced_end_s: float, vad:
     for the answer itself at the end of speech (isolates the server VAD's cost)."""
     import websockets
 
-    n = int(24000 * chunk_s)
+    n = int(SAMPLE_RATE * chunk_s)
     end_chunk = int(voiced_end_s / chunk_s) + 1
     async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
         json.loads(await ws.recv())  # session.created
@@ -266,7 +267,7 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
     }
     for name, rounds_of in ws_rounds.items():
         ws_fps = float(np.median([
-            sum(s["samples"] for s in rnd) / FRAME_SAMPLES / (max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd))
+            sum(s["samples"] for s in rnd) / SAMPLES_PER_FRAME / (max(s["end"] for s in rnd) - min(s["stopped"] for s in rnd))
             for rnd in rounds_of]))
         result[name] = {
             "ws_frames_per_s": ws_fps, "ws_over_raw": ws_fps / raw_fps,

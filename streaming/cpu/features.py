@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from ..settings import switches
+
 FEATURES = ("avx512", "vnni", "bf16", "amx", "cc", "huge_pages")
 # /proc/cpuinfo flags worth printing when a run has to be read
 RELEVANT_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
@@ -74,7 +76,7 @@ def cpu_flags() -> frozenset:
 
 def disabled() -> frozenset:
     """The feature names OMNI2_CPU_DISABLE takes away (read on every call: tests set it)."""
-    names = {n.strip().lower() for n in os.environ.get(DISABLE_VAR, "").split(",") if n.strip()}
+    names = {n.strip().lower() for n in switches().cpu_disable.split(",") if n.strip()}
     if "all" in names:
         return frozenset(FEATURES)
     unknown = names - set(FEATURES)
@@ -98,7 +100,7 @@ def missing(feature: str) -> Optional[str]:
         raise ValueError(f"unknown CPU feature {feature!r}; known: {', '.join(FEATURES)}")
     off = disabled()
     if feature in off:
-        return f"{feature} switched off ({DISABLE_VAR}={os.environ.get(DISABLE_VAR)})"
+        return f"{feature} switched off ({DISABLE_VAR}={switches().cpu_disable})"
     flags = cpu_flags()
     if feature == "avx512":
         if "avx512f" not in flags:

@@ -36,13 +36,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..settings import switches
 from . import features as cpu_features, huge_pages, native
 
 log = logging.getLogger("omni2.few_rows")
@@ -69,7 +69,7 @@ class FewRowsKernel:
         self._quantize.restype = None
         self._quantize.argtypes = [p, i64, i64, i64, p, p, p, p]
         # int8 x int8 products (u8s8_linear) need AVX512-VNNI; OMNI2_VNNI=0 turns them off
-        self.vnni = cpu_features.has("vnni") and os.environ.get("OMNI2_VNNI", "1") != "0"
+        self.vnni = cpu_features.has("vnni") and switches().vnni
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """[N, K] fp32, bf16 or int8 -> [ceil(N/48), K, 48], zero-padded: each block one run of

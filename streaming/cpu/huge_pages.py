@@ -22,10 +22,10 @@ import functools
 import logging
 import math
 import mmap
-import os
 
 import torch
 
+from ..settings import switches
 from . import features as cpu_features
 
 log = logging.getLogger("omni2.huge_pages")
@@ -36,7 +36,7 @@ HUGE_PAGE = 2 << 20  # (a tensor smaller than one stays in torch's allocator)
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether empty() maps huge pages here (logged once)."""
-    if os.environ.get("OMNI2_HUGE_PAGES", "1") == "0":
+    if not switches().huge_pages:
         log.info("huge pages for big CPU tensors: off (OMNI2_HUGE_PAGES=0)")
         return False
     if not hasattr(mmap, "MADV_HUGEPAGE"):

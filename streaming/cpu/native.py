@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..paths import cache_root
+from ..settings import switches
 from . import features as cpu_features
 
 BASE_CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
@@ -49,7 +50,7 @@ def build(source: Path, out_dir: Path, cflags: list[str]) -> Path:
 def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
     """`source` built into the cache and loaded. switch: the environment variable that turns
     it off (=0)."""
-    if os.environ.get(switch, "1") == "0":
+    if switches().off(switch):
         raise Unavailable(f"off ({switch}=0)")
     for feature in ("avx512", "cc"):
         reason = cpu_features.missing(feature)

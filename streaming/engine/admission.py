@@ -27,7 +27,9 @@ import collections
 from dataclasses import dataclass
 from typing import Optional
 
-FRAME_S = 2048 / 24000   # one decode step = one speech frame per live answer
+from omni2.model.snac_layout import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE   # one decode step = one speech frame per live answer
 
 
 @dataclass(frozen=True)

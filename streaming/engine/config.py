@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+# Decode steps of one answer unless it asks for fewer (one step = one 85.3 ms speech frame:
+# 87 s of speech); the engine's cap, a turn's default and the server's max_output_tokens cap.
+DEFAULT_MAX_STEPS = 1024
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -16,7 +20,7 @@ class EngineConfig:
     # Turns waiting for a slot/prefill; beyond this, submit() refuses (no unbounded buffering).
     max_queued_turns: int = 64
     # Default cap on decode steps of one answer (one step = one 85.3 ms speech frame).
-    max_steps: int = 1024
+    max_steps: int = DEFAULT_MAX_STEPS
     # Streaming SNAC: decode every `audio_group_frames` new frames (4 = 341 ms of speech).
     audio_group_frames: int = 4
     # Recent step/TTFA timings kept for stats and metrics.

@@ -26,7 +26,7 @@ from omni2.model import tokens as tk
 from omni2.model.bundle import OmniModel
 from omni2.model.generate import max_steps_for
 
-from .admission import StepHeadroom
+from .admission import FRAME_S, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
@@ -482,7 +482,7 @@ class Engine:
             "decode_s": decode_s,
             "steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
             # real-time factor: compute time per second of speech produced (< 1 keeps up)
-            "real_time_factor": (decode_s / (steps * 2048 / 24000)) if steps else 0.0,
+            "real_time_factor": (decode_s / (steps * FRAME_S)) if steps else 0.0,
         }
         if self.config.record_tokens:
             stats.update(text_ids=list(slot.text_ids), audio_ids=list(slot.audio_ids))

@@ -16,6 +16,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .config import DEFAULT_MAX_STEPS
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,7 +42,7 @@ class TurnRequest:
     image: Optional[bytes] = None
     text: Optional[str] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_steps: int = 1024
+    max_steps: int = DEFAULT_MAX_STEPS
     # Speculative turn: encode and prefill now, but say nothing until `Turn.release()`;
     # cancelled before release, it leaves no trace in the session's context.
     hold: bool = False

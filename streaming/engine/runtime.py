@@ -21,6 +21,7 @@ from omni2.model.errors import CheckpointError
 from omni2.model.snac_codec import SNAC_REPO
 
 from ..paths import cache_root
+from ..settings import switches
 
 log = logging.getLogger("omni2.runtime")
 
@@ -106,7 +107,7 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
     if model == "tiny":
         bundle = load_model(ensure_tiny_checkpoint(), snac=snac or SNAC_REPO, device=dev, dtype=dt)
     elif model == "auto":
-        source = os.environ.get("OMNI2_CHECKPOINT", HUB_REPO)
+        source = switches().checkpoint or HUB_REPO
         try:
             bundle = load_model(source, snac=snac or SNAC_REPO, device=dev, dtype=dt)
         except CheckpointError as exc:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..settings import switches
+
 SAMPLE_RATE = 16000
 
 
@@ -194,7 +196,7 @@ class Transcript:
 
 def resolve_model_path(model_path: str | None) -> str:
     tried = []
-    for candidate in (model_path, os.environ.get("OMNI2_COMMAND_MODEL")):
+    for candidate in (model_path, switches().command_model):
         if candidate:
             if (Path(candidate) / "model.bin").is_file():
                 return str(candidate)
