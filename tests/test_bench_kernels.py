@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni2.streaming.cpu import features as cpu_features, few_rows, prepack
+from omni2.streaming.cpu import features as cpu_features, few_rows
 from omni2.clients.tools.bench_kernels import body_shapes, run_kernel_bench
 from omni2.streaming.engine.runtime import UnsupportedDtype
-from omni2.streaming.cpu.screened_argmax import fast_bf16
+from omni2.streaming.cpu.features import fast_bf16
 
 from cpu_marks import needs  # noqa: E402
 
@@ -21,7 +21,7 @@ def test_body_shapes_are_the_released_blocks():
 def test_kernel_bench_prints_every_kernel_and_checks_the_screens():
     lines = []
     result = run_kernel_bench(rows=(2, 3), layers=1, head_rows=(1, 9), repeats=1, out=lines.append)
-    kinds = {"mkl"} | ({"onednn"} if prepack.available() else set()) | ({"few_rows"} if few_rows.kernel() else set())
+    kinds = {"mkl"} | ({"onednn"} if cpu_features.packed_linear() else set()) | ({"few_rows"} if few_rows.kernel() else set())
     assert set(result["body"]) == {2, 3}
     assert all(set(ms) == kinds and all(v > 0 for v in ms.values()) for ms in result["body"].values())
     # every screen that ran gave the fp32 argmax (the bench raises otherwise) and rechecked few rows
@@ -41,7 +41,7 @@ def test_kernel_bench_runs_the_body_in_bf16():
     lines = []
     result = run_kernel_bench(rows=(2,), layers=1, repeats=1, heads=False, dtype=torch.bfloat16, out=lines.append)
     assert result["dtype"] == "bf16" and abs(result["body_gb"] - 1.43 / 24 / 2) < 0.001  # half the fp32 bytes
-    kinds = {"mkl"} | ({"onednn"} if prepack.available() else set()) | ({"few_rows"} if few_rows.kernel() else set())
+    kinds = {"mkl"} | ({"onednn"} if cpu_features.packed_linear() else set()) | ({"few_rows"} if few_rows.kernel() else set())
     assert set(result["body"][2]) == kinds
     assert "bf16 matrices" in lines[1]
 

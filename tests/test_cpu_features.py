@@ -21,7 +21,8 @@ from omni2.streaming.cpu import decode_attention, features as cpu_features, few_
 from omni2.streaming.cpu.accelerate import accelerate_
 from omni2.streaming.cpu.decode_attention import DecodeAttention
 from omni2.streaming.engine.runtime import UnsupportedDtype, load_runtime, pick_dtype
-from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, fast_bf16, screen_heads_
+from omni2.streaming.cpu.features import fast_bf16
+from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, screen_heads_
 
 
 @pytest.fixture
@@ -156,3 +157,15 @@ def test_a_command_with_a_bf16_the_cpu_cannot_run_stops_at_start_with_one_line(c
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "bf16 switched off" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_isa_emulation_and_fast_bf16_are_read_in_one_place(monkeypatch):
+    """features.isa_emulated (the tests' skip under ATEN_CPU_CAPABILITY) and fast_bf16 (the
+    head screen's condition) are derived from the same answers as `missing`."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512f"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_features.isa_emulated() and "ATEN_CPU_CAPABILITY" in cpu_features.missing("avx512")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not cpu_features.isa_emulated() and cpu_features.missing("avx512") is None
+    monkeypatch.setattr(cpu_features, "packed_linear", lambda: False)
+    assert not cpu_features.fast_bf16()

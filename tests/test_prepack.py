@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache, OmniLM
-from omni2.streaming.cpu import decode_attention, few_rows, prepack
+from omni2.streaming.cpu import decode_attention, features as cpu_features, few_rows, prepack
 from omni2.streaming.cpu.accelerate import accelerate_
 from omni2.streaming.cpu.lm import AcceleratedLM
 from omni2.streaming.cpu.decode_attention import DecodeAttention
 from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.engine.engine import Engine
 from omni2.streaming.engine.messages import TurnDone, TurnRequest
-from omni2.streaming.cpu.screened_argmax import fast_bf16
+from omni2.streaming.cpu.features import fast_bf16
 
 from cpu_marks import needs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch has no oneDNN packed linear")
+pytestmark = pytest.mark.skipif(not cpu_features.packed_linear(), reason="this torch has no oneDNN packed linear")
 
 
 def question(seed, seconds=0.6):

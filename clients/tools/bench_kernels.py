@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from omni2.model import tokens as tk
 from omni2.model.config import PRESETS
 
-from omni2.streaming.cpu import features as cpu_features, prepack
+from omni2.streaming.cpu import features as cpu_features
 from omni2.streaming.cpu.few_rows import kernel as few_rows_kernel
 from omni2.streaming.engine.runtime import UnsupportedDtype
-from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, fast_bf16
+from omni2.streaming.cpu.screened_argmax import ScreenedArgmax
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -57,10 +57,10 @@ def run_kernel_bench(rows=(1, 2, 8, 16, 64, 256), layers: int = 24, head_rows=(1
     gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     out(f"# omni2 bench kernels: torch threads={torch.get_num_threads()}, few_rows "
-        f"{'built' if few else 'NOT available (see the log)'}, oneDNN {'yes' if prepack.available() else 'no'}")
+        f"{'built' if few else 'NOT available (see the log)'}, oneDNN {'yes' if cpu_features.packed_linear() else 'no'}")
     out(f"body: {layers} layers' {name} matrices ({gb:.2f} GB), ms for all of them (GB/s):")
     out(f"{'rows':>6} {'MKL F.linear':>16} {'oneDNN packed':>16} {'few_rows':>16}")
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 2) for w in weights] if prepack.available() else None
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 2) for w in weights] if cpu_features.packed_linear() else None
     packed = [few.pack(w) for w in weights] if few else None
     result = {"dtype": name, "body_gb": gb, "body": {}, "heads": {}}
     for m in rows:
@@ -92,9 +92,9 @@ def _head_bench(few, head_rows, repeats: int, g: torch.Generator, out) -> dict:
     for name, (weight, groups) in parts.items():
         weight = weight.contiguous()
         screens = {}
-        if fast_bf16():  # (screen_heads_ screens only there)
+        if cpu_features.fast_bf16():  # (screen_heads_ screens only there)
             screens["bf16"] = ScreenedArgmax(weight, groups)
-        if few and fast_bf16():
+        if few and cpu_features.fast_bf16():
             # as the runtime screens them: the text head's rows quantized too where the CPU can
             screens["int8"] = ScreenedArgmax(weight, groups, int8=few, vnni=name == "text")
         for r in head_rows:

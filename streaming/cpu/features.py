@@ -132,6 +132,22 @@ def has(feature: str) -> bool:
     return missing(feature) is None
 
 
+def packed_linear() -> bool:
+    """Whether this torch build has oneDNN's packed-linear ops (prepack.py packs for them)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_bf16() -> bool:
+    """Whether oneDNN's packed bf16 kernel runs here (`bf16` above, and the packed ops): where
+    it does not, a bf16 screen of the fp32 heads would cost more than it saves."""
+    return packed_linear() and has("bf16")
+
+
+def isa_emulated() -> bool:
+    """torch runs below what the CPU has (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU)."""
+    return "avx512f" in cpu_flags() and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def report() -> str:
     """The CPU, its relevant flags and each feature's verdict, for logs and CI output."""
     flags = cpu_flags()

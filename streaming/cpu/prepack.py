@@ -59,11 +59,6 @@ FEW_ROWS_MAX = 64
 BF16_FEW_ROWS_MAX = 4
 
 
-def available() -> bool:
-    """Whether this torch build has the oneDNN packed-linear ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed once. `few_rows` (a few_rows.FewRowsKernel) takes calls of
     up to FEW_ROWS_MAX rows (fp32) or BF16_FEW_ROWS_MAX (bf16: summed in fp32, the result
@@ -118,7 +113,7 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     packed, a bf16 and an int8 copy."""
     weight = lm.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
-            or not available() or getattr(lm, "prepacked", False)):
+            or not cpu_features.packed_linear() or getattr(lm, "prepacked", False)):
         return False
     if weight.dtype == torch.bfloat16 and (reason := cpu_features.missing("bf16")) is not None:
         log.warning("bf16 weights not prepacked (%s): torch's generic bf16 kernels, slowly; "

@@ -75,7 +75,7 @@ class Bf16Screen:
         low = weight.to(torch.bfloat16)
         # oneDNN's packed bf16 kernel where there is one (1.5x F.linear for few rows); torch's
         # generic bf16 kernel elsewhere (the same bits: the tests check both)
-        self._low = prepack.PackedLinear(low, None, plain_rows=0) if fast_bf16() else partial(F.linear, weight=low)
+        self._low = prepack.PackedLinear(low, None, plain_rows=0) if cpu_features.fast_bf16() else partial(F.linear, weight=low)
         self.terms = (error_bound_factor(weight.size(1)) * weight.double().norm(dim=1).float())[None]
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,11 +216,6 @@ class ScreenedArgmax:
         return full.view(R, G, Vg).argmax(-1)
 
 
-def fast_bf16() -> bool:
-    """Whether this CPU has oneDNN's packed bf16 kernel (cpu/features.py: AVX-512 or AVX-NE-CONVERT)."""
-    return prepack.available() and cpu_features.has("bf16")
-
-
 def screen_heads_(lm, int8="auto") -> bool:
     """Give an fp32 CPU model screened greedy heads (lm.text_argmax / lm.audio_argmax), in
     place; returns whether it did. A runtime transform, like prepacking.
@@ -229,7 +224,7 @@ def screen_heads_(lm, int8="auto") -> bool:
     from omni2.model import tokens as tk
 
     weight = lm.lm_head.weight
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not fast_bf16()
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_features.fast_bf16()
             or getattr(lm, "screened_heads", False)):
         return False  # (without a fast bf16 kernel the screen would cost more than it saves)
     if int8 == "auto":
