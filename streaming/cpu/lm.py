@@ -44,10 +44,9 @@ class AcceleratedLM(OmniLM):
             lm.screened_text = lm.screened_audio = None
         return lm
 
+    # each part, where it is filled in, replaces OmniLM's own computation of the same thing
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed_text is None:
-            return super().text_logits(hidden)
-        return self.packed_text(hidden)
+        return (self.packed_text or super().text_logits)(hidden)
 
     def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_audio is None:
@@ -55,11 +54,7 @@ class AcceleratedLM(OmniLM):
         return self.packed_audio(hidden).unflatten(-1, (tk.N_AUDIO_LAYERS, tk.PADDED_AUDIO_VOCAB))
 
     def text_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.screened_text is None:
-            return super().text_argmax(hidden)
-        return self.screened_text(hidden)
+        return (self.screened_text or super().text_argmax)(hidden)
 
     def audio_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.screened_audio is None:
-            return super().audio_argmax(hidden)
-        return self.screened_audio(hidden)
+        return (self.screened_audio or super().audio_argmax)(hidden)
