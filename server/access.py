@@ -132,3 +132,10 @@ class Admission:
     def release(self) -> None:
         with self._lock:
             self.active = max(0, self.active - 1)
+
+    # The app's interface (server.workers.RemoteAdmission has the same): a ticket or None.
+    async def enter(self):
+        return True if self.try_acquire() else None
+
+    def leave(self, ticket) -> None:
+        self.release()

@@ -82,7 +82,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not encode/prefill a question during its closing silence")
     parser.add_argument("--no-warmup", action="store_const", const=False, default=None, dest="warmup",
                         help="skip the warm-up turn before reporting ready")
+    parser.add_argument("--workers", type=workers_arg, default="auto",
+                        help="gateway processes around one engine process (server/README.md, Process "
+                             "model); 0 = everything in this process. auto (default): 0 on a CPU, one per "
+                             "core beyond two on a GPU (at most 16)")
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
+
+
+def workers_arg(value: str):
+    if value.strip().lower() == "auto":
+        return "auto"
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("--workers must be auto or >= 0")
+    return n
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -219,6 +232,15 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"omni2 serve: --model {exc}", file=sys.stderr)  # the error starts with the path
         return 1
+    workers = getattr(args, "workers", 0)
+    if workers == "auto":
+        from .workers.supervisor import default_workers
+
+        workers = default_workers(device)
+    if workers:  # the engine and the gateways in their own processes (server/workers)
+        from .workers.supervisor import serve_workers
+
+        return serve_workers(settings, workers)
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass

@@ -1,0 +1,167 @@
+"""Entry points of the engine and gateway processes (`python -m omni2.server.workers ...`).
+
+The supervisor passes the resolved settings as JSON in OMNI2_WORKER_SETTINGS (so each process
+serves exactly what the parent validated) and its own pid in OMNI2_SUPERVISOR_PID: each
+child asks the kernel to SIGTERM it when the supervisor dies, so no process outlives it.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Optional
+
+from ..settings import ServerSettings
+
+log = logging.getLogger("omni2.server")
+
+SETTINGS_ENV = "OMNI2_WORKER_SETTINGS"
+SUPERVISOR_ENV = "OMNI2_SUPERVISOR_PID"
+EXIT_MODEL_FAILED = 3           # the engine cannot load a model the operator named: do not restart
+EXIT_GATEWAY_FAILED = 70        # a gateway hit a fatal error (its sessions were closed with 1011)
+PR_SET_PDEATHSIG = 1
+
+
+def settings_to_env(settings: ServerSettings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def settings_from_env() -> ServerSettings:
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    return ServerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def die_with_supervisor() -> None:
+    """SIGTERM this process when its parent dies (Linux), and exit now if it already has."""
+    parent = int(os.environ.get(SUPERVISOR_ENV, "0") or 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's shutdown still ends us
+        pass
+    if parent and os.getppid() != parent:
+        sys.exit(0)
+
+
+def _logging(settings: ServerSettings, role: str) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [{role}]: %(message)s")
+
+
+# ---- the engine process -------------------------------------------------------------------------
+def run_engine(endpoint: str) -> int:
+    die_with_supervisor()
+    settings = settings_from_env()
+    _logging(settings, "engine")
+    from ..engine_host import EngineHost
+    from ..serve import load_engine
+    from .engine_service import EngineService
+
+    if settings.device in ("cpu", "auto"):
+        from omni2.streaming.runtime import pick_device
+
+        if pick_device(settings.device) == "cpu":  # bound the heap's arenas before loading makes them
+            from omni2.streaming.cpu_malloc import keep_large_allocations
+
+            keep_large_allocations(settings.malloc_arena_max)
+    failed = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def load():
+            try:
+                return load_engine(settings)
+            except Exception:
+                if settings.model != "auto":  # nothing to serve: the supervisor stops the server
+                    failed.set()
+                    loop.call_soon_threadsafe(stop.set)
+                raise
+
+        host = EngineHost.loading(load)
+        service = EngineService(host, endpoint, settings.max_sessions)
+        try:
+            await service.run(stop)
+        finally:
+            host.wait(0)
+            host.stop()
+
+    asyncio.run(main())
+    if failed.is_set():
+        return EXIT_MODEL_FAILED
+    return 0
+
+
+# ---- a gateway process --------------------------------------------------------------------------
+def run_gateway(endpoint: str, fd: int, worker: int) -> int:
+    die_with_supervisor()
+    settings = settings_from_env()
+    _logging(settings, f"gateway {worker}")
+    import torch
+    import uvicorn
+
+    # A gateway runs no model: its torch work (VAD) is tiny calls, and N gateways share the
+    # cores with the engine, so one thread each (no OpenMP team per process).
+    torch.set_num_threads(1)
+    from ..app import CLOSE_INTERNAL, create_app
+    from ..serve import uvicorn_config, web_client_dir
+    from .remote_engine import EngineLink, RemoteAdmission, RemoteHost
+
+    sock = socket.socket(fileno=fd)
+    app_ref: dict = {}
+
+    def load() -> dict:
+        app = app_ref.get("app")
+        if app is None:
+            return {}
+        return {"connections": app.state.connections.open, "local_sessions": admission.local}
+
+    link = EngineLink(endpoint, worker, load)
+    host = RemoteHost(link)
+    admission = RemoteAdmission(link)
+    app = create_app(settings, host, static_dir=web_client_dir(), admission=admission)
+    app_ref["app"] = app
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    fatal: dict = {}
+
+    def on_fatal(args: threading.ExceptHookArgs) -> None:
+        """An uncaught error on a thread of ours (the engine link above all): this gateway
+        cannot go on. Its sessions hear 1011, the supervisor starts a fresh one."""
+        log.critical("gateway %d failing: %s", worker, args.exc_value, exc_info=(args.exc_type, args.exc_value,
+                                                                                 args.exc_traceback))
+        fatal["error"] = str(args.exc_value)
+        app.state.close_all(CLOSE_INTERNAL, "gateway failure")
+        threading.Timer(1.0, lambda: setattr(server, "should_exit", True)).start()
+
+    threading.excepthook = on_fatal
+    link.start()
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.stop()
+    return EXIT_GATEWAY_FAILED if fatal else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m omni2.server.workers")
+    parser.add_argument("role", choices=("engine", "gateway"))
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--fd", type=int, default=-1)
+    parser.add_argument("--worker", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.role == "engine":
+        return run_engine(args.endpoint)
+    return run_gateway(args.endpoint, args.fd, args.worker)
