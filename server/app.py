@@ -54,7 +54,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
         detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases,
                                                 settings.turn_audio_tail_ms)
     metrics = Metrics()
-    admission = admission or Admission(settings.max_sessions)
+    admission = admission or Admission(settings.max_sessions, lambda: host.info.get("max_sessions"))
     live: set = set()             # close(code, reason) of every session open in this process
 
     def close_all(code: int, reason: str) -> None:

@@ -131,3 +131,20 @@ def test_a_lost_engine_ends_live_turns_and_tells_the_host(rig):
     assert not host.ready and host.state == "lost"
     with pytest.raises(wire.EngineLost):
         engine.open_session()
+
+
+def test_close_all_ends_every_session_with_1011_from_any_thread():
+    """What a gateway does when the engine is lost or the gateway itself fails."""
+    from server_harness import Client, fake_engine_server
+
+    with fake_engine_server(max_sessions=2) as (_, srv):
+        async def run():
+            clients = [await Client.connect(srv.ws) for _ in range(2)]
+            for c in clients:
+                assert (await c.recv())["type"] == "session.created"
+            threading.Thread(target=srv.app.state.close_all, args=(1011, "engine lost")).start()
+            for c in clients:
+                await asyncio.wait_for(c.conn.wait_closed(), 10)
+                assert c.conn.close_code == 1011 and c.conn.close_reason == "engine lost"
+
+        asyncio.run(run())

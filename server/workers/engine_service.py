@@ -45,12 +45,16 @@ class EngineService:
     def __init__(self, host, endpoint: str, limit: int) -> None:
         self.host = host                # server.engine_host.EngineHost (loads on its thread)
         self.endpoint = endpoint
-        self.limit = limit              # sessions admitted across all gateways
+        self._limit = limit             # sessions admitted across all gateways (0: as loaded)
         self.gateways: dict[bytes, Gateway] = {}
         self.boot = f"{os.getpid()}-{time.time_ns()}"
         self._tickets = itertools.count(1)
         self._sock: Optional[zmq.asyncio.Socket] = None
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def limit(self) -> int:
+        return self._limit or int(self.host.info.get("max_sessions") or 0)
 
     @property
     def admitted(self) -> int:
