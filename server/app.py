@@ -87,6 +87,8 @@ def create_app(settings: ServerSettings, host: EngineHost,
             return JSONResponse(body, status_code=503)
         if not details:
             return {"status": "ready"}
+        if hasattr(admission, "refresh"):  # a gateway: the engine process's figures of now
+            await admission.refresh()
         stats = host.stats() or {}
         body = {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
                 "sessions": admission.active, "max_sessions": admission.limit}
@@ -100,6 +102,8 @@ def create_app(settings: ServerSettings, host: EngineHost,
         if refusal is not None:
             return JSONResponse({"error": {"type": "invalid_request_error", "code": refusal.code,
                                            "message": refusal.message}}, status_code=refusal.status)
+        if host.ready and hasattr(admission, "refresh"):
+            await admission.refresh()
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
         metrics.max_sessions.set(admission.limit)

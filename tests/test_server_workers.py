@@ -83,12 +83,16 @@ def sessions_by_worker(s: Served) -> dict[str, int]:
 async def open_session(s: Served) -> tuple[Client, str]:
     """A session and the worker it landed on (the one whose count rose)."""
     before = sessions_by_worker(s)
+    await asyncio.sleep(0.3)
+    while before != (now := sessions_by_worker(s)):   # settled: no session still closing
+        before = now
+        await asyncio.sleep(0.3)
     c = await Client.connect(s.url)
     first = await c.recv()
     assert first["type"] == "session.created", first
     await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
     await c.until("session.updated")
-    deadline = time.monotonic() + 5   # (the load is the engine's last heartbeat: up to 0.25 s old)
+    deadline = time.monotonic() + 5
     while True:
         after = sessions_by_worker(s)
         risen = [w for w in after if after[w] > before.get(w, 0)]

@@ -125,6 +125,8 @@ class EngineService:
         try:
             if fn == "admit":
                 value = self._admit(gw)
+            elif fn == "status":
+                value = self.status()
             elif fn == "leave":
                 gw.tickets.discard(args["ticket"])
                 value = None

@@ -9,7 +9,8 @@ cancel and release are messages to the engine.
 One `EngineLink` thread per gateway owns the DEALER socket (ZeroMQ sockets are not
 thread-safe): callers queue what to send and wake it through a pipe; it sends a heartbeat
 with the gateway's load every HEARTBEAT_S and reads the engine's (state, capacity, stats).
-When the engine falls silent for PEER_TIMEOUT_S or comes back as a new boot, every call in
+When the engine's socket closes (its process died), it falls silent for PEER_TIMEOUT_S (hung)
+or it comes back as a new boot, every call in
 flight fails, every live turn ends with reason "error", and the host tells the app, which
 closes every session of this gateway with 1011.
 """
@@ -116,9 +117,12 @@ class EngineLink:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # The engine's end closing (its process died) is seen at once, not after PEER_TIMEOUT_S.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         last_hb = 0.0
         try:
@@ -145,6 +149,12 @@ class EngineLink:
                         self._handle(wire.unpack(frame))
                     except Exception:
                         log.exception("bad message from the engine")
+                if monitor in ready:
+                    try:
+                        while monitor.recv_multipart(zmq.NOBLOCK):
+                            self._lost("the engine process closed its socket")
+                    except zmq.Again:
+                        pass
                 now = time.monotonic()
                 if now - last_hb >= wire.HEARTBEAT_S:
                     last_hb = now
@@ -153,6 +163,8 @@ class EngineLink:
                 if self.alive and now - self._heard > wire.PEER_TIMEOUT_S:
                     self._lost(f"no word from the engine for {now - self._heard:.1f} s")
         finally:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             self._lost("gateway stopping")
 
@@ -347,6 +359,15 @@ class RemoteAdmission:
 
     def workers(self) -> dict:
         return dict(self.link.status.get("workers") or {})
+
+    async def refresh(self) -> None:
+        """Fresh figures for /health/ready and /metrics (heartbeats are up to HEARTBEAT_S old)."""
+        try:
+            status = await asyncio.wait_for(asyncio.wrap_future(self.link.call("status")), 2.0)
+        except Exception:
+            return
+        if self.link.alive and status.get("boot") == self.link.status.get("boot"):
+            self.link.status = status
 
     async def enter(self):
         try:

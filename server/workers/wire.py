@@ -19,7 +19,10 @@ from omni2.streaming.messages import (AudioChunk, ContextTruncated, SamplingPara
 # answered by ret/err), cancel / release (a turn; no answer). Engine -> gateway: hb (state,
 # capacity, engine stats), ret / err, ev (one event of a turn).
 HEARTBEAT_S = 0.25          # both sides say they live this often
-PEER_TIMEOUT_S = 2.0        # silence after which the other side counts as gone
+# Silence after which the other side counts as gone (hung or killed). Generous: on a loaded
+# host a busy process can miss a few beats; a gateway sees the engine's death at once anyway
+# (its socket closes), and the engine frees a dead gateway's slots after this long.
+PEER_TIMEOUT_S = 3.0
 
 
 class EngineFull(RuntimeError):
