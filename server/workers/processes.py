@@ -112,6 +112,10 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     # A gateway runs no model: its torch work (VAD) is tiny calls, and N gateways share the
     # cores with the engine, so one thread each (no OpenMP team per process).
     torch.set_num_threads(1)
+    if settings.interrupt_mode == "command":  # loaded now, so no session of this gateway pays for it
+        from omni2.streaming.interrupt import shared_recognizer
+
+        shared_recognizer()
     from ..app import CLOSE_INTERNAL, create_app
     from ..serve import uvicorn_config, web_client_dir
     from .remote_engine import EngineLink, RemoteAdmission, RemoteHost
