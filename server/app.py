@@ -21,6 +21,7 @@ from omni2.streaming.cpu_malloc import heap_stats
 
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names
+from .capacity import proc_bytes
 from .client_secrets import ClientSecrets
 from .engine_host import EngineHost
 from .guard import SessionClock
@@ -159,11 +160,7 @@ def error_response(status: int, code: str, message: str, type_: str = "invalid_r
 
 def resident_bytes() -> Optional[int]:
     """VmRSS of this process (Linux), for the memory bound in server/README.md."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:

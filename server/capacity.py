@@ -29,12 +29,17 @@ def session_bytes(cfg, dtype_bytes: int, context_len: Optional[int] = None) -> i
     return 2 * 2 * cfg.n_layer * cfg.n_query_groups * positions * cfg.head_size * dtype_bytes
 
 
-def available_ram() -> Optional[int]:
+def proc_bytes(path: str, key: str) -> Optional[int]:
+    """A `key: N kB` line of a /proc file (Linux), in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def available_ram() -> Optional[int]:
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def default_sessions(device: str, per_session: int, free: Optional[int] = None,
