@@ -127,7 +127,8 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
         app = app_ref.get("app")
         if app is None:
             return {}
-        return {"connections": app.state.connections.open, "local_sessions": admission.local}
+        return {"connections": app.state.connections.open, "max_connections": settings.max_connections,
+                "local_sessions": admission.local}
 
     link = EngineLink(endpoint, worker, load)
     host = RemoteHost(link)
