@@ -1,15 +1,12 @@
 """Entry points of the engine and gateway processes (`python -m omni2.server.workers ...`).
 
-The supervisor passes the resolved settings as JSON in OMNI2_WORKER_SETTINGS (so each process
-serves exactly what the parent validated) and its own pid in OMNI2_SUPERVISOR_PID: each
-child asks the kernel to SIGTERM it when the supervisor dies, so no process outlives it.
+Each child reads the settings the supervisor resolved (handoff.py) and asks the kernel to
+SIGTERM it when the supervisor dies, so no process outlives it.
 """
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -19,23 +16,11 @@ import threading
 from typing import Optional
 
 from ..settings import ServerSettings
+from .handoff import EXIT_GATEWAY_FAILED, EXIT_MODEL_FAILED, SUPERVISOR_ENV, settings_from_env
 
 log = logging.getLogger("omni2.server")
 
-SETTINGS_ENV = "OMNI2_WORKER_SETTINGS"
-SUPERVISOR_ENV = "OMNI2_SUPERVISOR_PID"
-EXIT_MODEL_FAILED = 3           # the engine cannot load a model the operator named: do not restart
-EXIT_GATEWAY_FAILED = 70        # a gateway hit a fatal error (its sessions were closed with 1011)
 PR_SET_PDEATHSIG = 1
-
-
-def settings_to_env(settings: ServerSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings))
-
-
-def settings_from_env() -> ServerSettings:
-    raw = json.loads(os.environ[SETTINGS_ENV])
-    return ServerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 def die_with_supervisor() -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..settings import ServerSettings
-from .processes import EXIT_MODEL_FAILED, SETTINGS_ENV, SUPERVISOR_ENV, settings_to_env
+from .handoff import EXIT_MODEL_FAILED, SETTINGS_ENV, SUPERVISOR_ENV, settings_to_env
 
 log = logging.getLogger("omni2.server")
 
