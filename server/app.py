@@ -193,7 +193,8 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
     subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
     if not host.ready:
         metrics.refused_total.inc(label="model_loading")
-        msg = "The model is still loading." if host.state == "loading" else f"The model failed to load: {host.error}"
+        msg = {"loading": "The model is still loading.",
+               "lost": "The model's process is restarting."}.get(host.state, f"The model failed to load: {host.error}")
         await _refuse_after_upgrade(ws, subprotocol, "model_not_ready", msg + " Try again later.")
         return
     overloaded = getattr(host.engine, "overloaded", None)
