@@ -148,3 +148,28 @@ def test_close_all_ends_every_session_with_1011_from_any_thread():
                 assert c.conn.close_code == 1011 and c.conn.close_reason == "engine lost"
 
         asyncio.run(run())
+
+
+def test_a_failing_gateway_closes_its_sessions_with_1011_and_stops():
+    """A gateway's uncaught thread error (processes.failing, its threading.excepthook)."""
+    from server_harness import Client, fake_engine_server
+
+    from omni2.server.workers.processes import failing
+
+    with fake_engine_server(max_sessions=2) as (_, srv):
+        async def run():
+            c = await Client.connect(srv.ws)
+            assert (await c.recv())["type"] == "session.created"
+            fatal: dict = {}
+            hook = failing(srv.app, srv.server, 1, fatal)
+            try:
+                raise RuntimeError("link thread broke")
+            except RuntimeError as exc:
+                hook(threading.ExceptHookArgs((RuntimeError, exc, exc.__traceback__, threading.current_thread())))
+            await asyncio.wait_for(c.conn.wait_closed(), 10)
+            assert c.conn.close_code == 1011 and c.conn.close_reason == "gateway failure"
+            assert fatal["error"] == "link thread broke"
+            await asyncio.sleep(1.5)
+            assert srv.server.should_exit
+
+        asyncio.run(run())

@@ -101,7 +101,7 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
         from omni2.streaming.interrupt import shared_recognizer
 
         shared_recognizer()
-    from ..app import CLOSE_INTERNAL, create_app
+    from ..app import create_app
     from ..serve import uvicorn_config, web_client_dir
     from .remote_engine import EngineLink, RemoteAdmission, RemoteHost
 
@@ -122,17 +122,7 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     app_ref["app"] = app
     server = uvicorn.Server(uvicorn_config(app, settings))
     fatal: dict = {}
-
-    def on_fatal(args: threading.ExceptHookArgs) -> None:
-        """An uncaught error on a thread of ours (the engine link above all): this gateway
-        cannot go on. Its sessions hear 1011, the supervisor starts a fresh one."""
-        log.critical("gateway %d failing: %s", worker, args.exc_value, exc_info=(args.exc_type, args.exc_value,
-                                                                                 args.exc_traceback))
-        fatal["error"] = str(args.exc_value)
-        app.state.close_all(CLOSE_INTERNAL, "gateway failure")
-        threading.Timer(1.0, lambda: setattr(server, "should_exit", True)).start()
-
-    threading.excepthook = on_fatal
+    threading.excepthook = failing(app, server, worker, fatal)
     link.start()
     try:
         server.run(sockets=[sock])
@@ -141,6 +131,22 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     finally:
         link.stop()
     return EXIT_GATEWAY_FAILED if fatal else 0
+
+
+def failing(app, server, worker: int, fatal: dict):
+    """The threading.excepthook of a gateway: an uncaught error on a thread of ours (the engine
+    link above all) means it cannot go on. Its sessions hear 1011 at once, the server stops a
+    second later (the close frames go out), and the supervisor starts a fresh gateway."""
+    from ..app import CLOSE_INTERNAL
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        log.critical("gateway %d failing: %s", worker, args.exc_value,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        fatal["error"] = str(args.exc_value)
+        app.state.close_all(CLOSE_INTERNAL, "gateway failure")
+        threading.Timer(1.0, lambda: setattr(server, "should_exit", True)).start()
+
+    return hook
 
 
 def main(argv: Optional[list[str]] = None) -> int:
