@@ -71,9 +71,13 @@ def served():
         s.wait_ready()
         yield s
     finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(10)
+        if s.proc.poll() is None:   # a test failed before the SIGTERM test: stop it cleanly
+            s.proc.terminate()
+            try:
+                s.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait(10)
 
 
 def sessions_by_worker(s: Served) -> dict[str, int]:
@@ -209,9 +213,13 @@ def test_killed_engine_closes_every_session_with_1011_and_comes_back(served):
 def test_sigterm_stops_every_process(served):
     children = served.children()
     assert len(children) == 3, children     # the engine and two gateways
+    args = open(f"/proc/{children[0]}/cmdline").read().split("\0")
+    ipc_dir = os.path.dirname(args[args.index("--endpoint") + 1][len("ipc://"):])
+    assert os.path.isdir(ipc_dir)
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(30) == 0
     deadline = time.time() + 5
     while any(os.path.exists(f"/proc/{p}") for p in children) and time.time() < deadline:
         time.sleep(0.1)
     assert not [p for p in children if os.path.exists(f"/proc/{p}")]
+    assert not os.path.exists(ipc_dir)      # the engine's socket directory is gone too
