@@ -209,8 +209,9 @@ class EngineService:
         gw = self.gateways.pop(ident, None)
         if gw is None:
             return
-        log.warning("gateway %s (pid %s) lost (%s): closing its %d engine session(s)",
-                    gw.name, gw.pid, why, len(gw.sessions))
+        log.log(logging.WARNING if gw.sessions else logging.INFO,
+                "gateway %s (pid %s) gone (%s): closing its %d engine session(s)",
+                gw.name, gw.pid, why, len(gw.sessions))
         for turn in list(gw.turns.values()):
             turn.cancel()
         if self.host.ready:

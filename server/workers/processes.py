@@ -60,8 +60,13 @@ def run_engine(endpoint: str) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if os.environ.get(SUPERVISOR_ENV):
+            # Ctrl-C reaches the whole process group: the supervisor stops the gateways first
+            # (their sessions close while the engine still answers), then this process.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            loop.add_signal_handler(signal.SIGINT, stop.set)
 
         def load():
             try:
