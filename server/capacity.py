@@ -60,7 +60,7 @@ def sessions_for(runtime, context_len: Optional[int] = None) -> tuple[int, str]:
     import torch
 
     device = str(runtime.device)
-    per = session_bytes(runtime.lm.cfg, torch.tensor([], dtype=runtime.dtype).element_size(), context_len)
+    per = session_bytes(runtime.lm.cfg, runtime.dtype.itemsize, context_len)
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(torch.device(device))
         return default_sessions(device, per, free, total)
