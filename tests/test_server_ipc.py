@@ -18,7 +18,7 @@ from omni2.server.session_items import is_engine_full  # noqa: E402
 from omni2.server.workers import wire  # noqa: E402
 from omni2.server.workers.engine_service import EngineService  # noqa: E402
 from omni2.server.workers.remote_engine import EngineLink, RemoteAdmission, RemoteEngine, RemoteHost  # noqa: E402
-from omni2.streaming.messages import AudioChunk, TurnDone, TurnRequest  # noqa: E402
+from omni2.streaming.engine.messages import AudioChunk, TurnDone, TurnRequest  # noqa: E402
 
 
 class ServiceThread:

@@ -49,10 +49,10 @@ def run_engine(endpoint: str) -> int:
     from .engine_service import EngineService
 
     if settings.device in ("cpu", "auto"):
-        from omni2.streaming.runtime import pick_device
+        from omni2.streaming.engine.runtime import pick_device
 
         if pick_device(settings.device) == "cpu":  # bound the heap's arenas before loading makes them
-            from omni2.streaming.cpu_malloc import keep_large_allocations
+            from omni2.streaming.cpu.malloc import keep_large_allocations
 
             keep_large_allocations(settings.malloc_arena_max)
     failed = threading.Event()
@@ -103,7 +103,7 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     # cores with the engine, so one thread each (no OpenMP team per process).
     torch.set_num_threads(1)
     if settings.interrupt_mode == "command":  # loaded now, so no session of this gateway pays for it
-        from omni2.streaming.interrupt import shared_recognizer
+        from omni2.streaming.listening.interrupt import shared_recognizer
 
         shared_recognizer()
     from ..app import create_app

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import zmq
 
-from omni2.streaming.messages import Turn, TurnDone, TurnRequest
+from omni2.streaming.engine.messages import Turn, TurnDone, TurnRequest
 
 from ..engine_host import EngineHost
 from . import wire

@@ -12,7 +12,7 @@ from typing import Optional
 import msgpack
 import numpy as np
 
-from omni2.streaming.messages import (AudioChunk, ContextTruncated, SamplingParams, TextDelta, TurnDone,
+from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, SamplingParams, TextDelta, TurnDone,
                                       TurnEvent, TurnRequest)
 
 # Gateway -> engine: hb (heartbeat with the gateway's load), call (a method of the Engine API,
