@@ -14,7 +14,7 @@ import hmac
 import threading
 from urllib.parse import urlsplit
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from .settings import ServerSettings
 
@@ -117,10 +117,21 @@ def wants_beta_names(headers: Mapping[str, str], subprotocols: Iterable[str]) ->
 class Admission:
     """Counts live sessions; refuses past `limit` so every admitted session gets a slot."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, sized: Callable[[], Optional[int]] = lambda: None):
+        """limit 0: what `sized()` says once the engine has loaded (server/capacity.py), or
+        capacity.CPU_SESSIONS for an engine that does not say."""
+        self._limit = limit
+        self._sized = sized
         self.active = 0
         self._lock = threading.Lock()
+
+    @property
+    def limit(self) -> int:
+        if self._limit:
+            return self._limit
+        from .capacity import CPU_SESSIONS
+
+        return int(self._sized() or CPU_SESSIONS)
 
     def try_acquire(self) -> bool:
         with self._lock:
@@ -132,3 +143,10 @@ class Admission:
     def release(self) -> None:
         with self._lock:
             self.active = max(0, self.active - 1)
+
+    # The app's interface (server.workers.RemoteAdmission has the same): a ticket or None.
+    async def enter(self):
+        return True if self.try_acquire() else None
+
+    def leave(self, ticket) -> None:
+        self.release()

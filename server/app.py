@@ -21,6 +21,7 @@ from omni2.streaming.cpu.malloc import heap_stats
 
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names
+from .capacity import proc_bytes
 from .client_secrets import ClientSecrets
 from .engine_host import EngineHost
 from .guard import SessionClock
@@ -39,24 +40,37 @@ log = logging.getLogger("omni2.server")
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011           # the engine (or this gateway) failed: the session cannot go on
 CLOSE_TRY_AGAIN = 1013
 WRITER_FLUSH_S = 2.0          # time given to send the last events before the socket closes
 
 
 def create_app(settings: ServerSettings, host: EngineHost,
                detector_factory: Optional[DetectorFactory] = None,
-               static_dir: Optional[Path] = None) -> FastAPI:
+               static_dir: Optional[Path] = None, admission=None) -> FastAPI:
+    """`admission`: server.workers' RemoteAdmission in a gateway (the engine process counts
+    sessions across all workers); by default this process counts its own."""
     app = FastAPI(title="omni2 realtime", docs_url=None, redoc_url=None, openapi_url=None)
     if detector_factory is None:
         detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases,
                                                 settings.turn_audio_tail_ms)
     metrics = Metrics()
-    admission = Admission(settings.max_sessions)
+    admission = admission or Admission(settings.max_sessions, lambda: host.info.get("max_sessions"))
+    live: set = set()             # close(code, reason) of every session open in this process
+
+    def close_all(code: int, reason: str) -> None:
+        """Close every session of this process (any thread): the engine was lost, or the
+        process is failing."""
+        for close in list(live):
+            close(code, reason)
+
+    host.on_lost(lambda: close_all(CLOSE_INTERNAL, "engine lost"))
     transcriber = Transcriber(settings.transcription_model, settings.transcription_threads)
     client_secrets = ClientSecrets(settings.max_client_secrets)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
     app.state.client_secrets = client_secrets
     app.state.admission = admission
+    app.state.close_all = close_all
     app.state.connections = ConnectionLimiter(settings, metrics)  # used by serve.uvicorn_config
 
     @app.get("/health")
@@ -74,9 +88,14 @@ def create_app(settings: ServerSettings, host: EngineHost,
             return JSONResponse(body, status_code=503)
         if not details:
             return {"status": "ready"}
+        if hasattr(admission, "refresh"):  # a gateway: the engine process's figures of now
+            await admission.refresh()
         stats = host.stats() or {}
-        return {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
+        body = {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
                 "sessions": admission.active, "max_sessions": admission.limit}
+        if hasattr(admission, "workers"):  # gateways: each worker's sessions (and pid, connections)
+            body["workers"] = admission.workers()
+        return body
 
     @app.get("/metrics")
     async def prometheus(request: Request):
@@ -84,8 +103,13 @@ def create_app(settings: ServerSettings, host: EngineHost,
         if refusal is not None:
             return JSONResponse({"error": {"type": "invalid_request_error", "code": refusal.code,
                                            "message": refusal.message}}, status_code=refusal.status)
+        if host.ready and hasattr(admission, "refresh"):
+            await admission.refresh()
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
+        metrics.max_sessions.set(admission.limit)
+        if hasattr(admission, "workers"):
+            metrics.absorb_workers(admission.workers())
         metrics.absorb_memory(resident_bytes(), heap_stats())
         text = metrics.render(host.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -115,7 +139,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
 
     async def realtime(ws: WebSocket):
         await serve_connection(ws, settings, host, metrics, admission, detector_factory, transcriber,
-                               client_secrets)
+                               client_secrets, live)
 
     app.add_api_websocket_route("/v1/realtime", realtime)
     app.add_api_websocket_route("/realtime", realtime)
@@ -136,11 +160,7 @@ def error_response(status: int, code: str, message: str, type_: str = "invalid_r
 
 def resident_bytes() -> Optional[int]:
     """VmRSS of this process (Linux), for the memory bound in server/README.md."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 async def _refuse_before_upgrade(ws: WebSocket, status: int, code: str, message: str) -> None:
@@ -160,7 +180,7 @@ async def _refuse_after_upgrade(ws: WebSocket, subprotocol: Optional[str], code:
 async def serve_connection(ws: WebSocket, settings: ServerSettings, host: EngineHost,
                            metrics: Metrics, admission: Admission,
                            detector_factory: DetectorFactory, transcriber: Optional[Transcriber] = None,
-                           client_secrets: Optional[ClientSecrets] = None) -> None:
+                           client_secrets: Optional[ClientSecrets] = None, live: Optional[set] = None) -> None:
     offered = list(ws.scope.get("subprotocols") or [])
     headers = {k.lower(): v for k, v in ws.headers.items()}
     key = presented_key(headers, offered, settings.allow_key_in_subprotocol)
@@ -173,7 +193,8 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
     subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
     if not host.ready:
         metrics.refused_total.inc(label="model_loading")
-        msg = "The model is still loading." if host.state == "loading" else f"The model failed to load: {host.error}"
+        msg = {"loading": "The model is still loading.",
+               "lost": "The model's process is restarting."}.get(host.state, f"The model failed to load: {host.error}")
         await _refuse_after_upgrade(ws, subprotocol, "model_not_ready", msg + " Try again later.")
         return
     overloaded = getattr(host.engine, "overloaded", None)
@@ -183,7 +204,8 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
         await _refuse_after_upgrade(ws, subprotocol, "server_busy", "The model is at its real-time "
                                     "capacity. Try again in a few seconds.")
         return
-    if not admission.try_acquire():
+    ticket = await admission.enter()
+    if ticket is None:
         metrics.refused_total.inc(label="server_busy")
         await _refuse_after_upgrade(ws, subprotocol, "server_busy", f"The server is at its limit of "
                                     f"{admission.limit} sessions. Try again later.")
@@ -194,14 +216,15 @@ async def serve_connection(ws: WebSocket, settings: ServerSettings, host: Engine
         extensions = ws.query_params.get(EXTENSIONS_FIELD, "").lower() in ("1", "true", "yes", "on")
         await _run_session(ws, settings, host, metrics, detector_factory, transcriber,
                            beta=wants_beta_names(headers, offered), extensions=extensions,
-                           initial_session=secret_session)
+                           initial_session=secret_session, live=live)
     finally:
-        admission.release()
+        admission.leave(ticket)
 
 
 async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost, metrics: Metrics,
                        detector_factory: DetectorFactory, transcriber: Optional[Transcriber], beta: bool,
-                       extensions: bool = False, initial_session: Optional[dict] = None) -> None:
+                       extensions: bool = False, initial_session: Optional[dict] = None,
+                       live: Optional[set] = None) -> None:
     outbox = Outbox(settings.outbound_queue_events, settings.send_stall_timeout_s, beta_names=beta)
     reader = asyncio.current_task()
     close_reason: dict = {}
@@ -210,11 +233,22 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
         close_reason.update(code=CLOSE_POLICY, reason=reason)
         reader.cancel()
 
+    loop = asyncio.get_running_loop()
+
+    def close(code: int, reason: str) -> None:  # from any thread (app.close_all)
+        def now() -> None:
+            if not close_reason:
+                close_reason.update(code=code, reason=reason)
+                reader.cancel()
+        loop.call_soon_threadsafe(now)
+
     session = RealtimeSession(engine=host.engine, settings=settings, metrics=metrics, outbox=outbox,
                               model_name=host.model_name, detector_factory=detector_factory,
                               on_fatal=on_fatal, model_fallback=bool(host.info.get("fallback")),
                               extensions=extensions, transcriber=transcriber, initial_session=initial_session)
     writer = asyncio.create_task(_write_loop(ws, outbox), name=f"writer {session.id}")
+    if live is not None:
+        live.add(close)
     try:
         try:
             await session.start()
@@ -257,6 +291,8 @@ async def _run_session(ws: WebSocket, settings: ServerSettings, host: EngineHost
     except WebSocketDisconnect:
         pass
     finally:
+        if live is not None:
+            live.discard(close)
         await session.close()
         await outbox.close()
         try:

@@ -79,6 +79,11 @@ class EngineHost:
             log.exception("engine.stats() failed")
             return None
 
+    def on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (any thread) if the engine is lost; returns the way to unregister.
+        An in-process engine is never lost apart from the process (server.workers' is)."""
+        return lambda: None
+
     def stop(self) -> None:
         if self.engine is not None:
             try:

@@ -67,6 +67,23 @@ class Gauge:
         yield f"{self.name} {_num(self.value)}"
 
 
+class GaugeSet:
+    """Gauges by one label (e.g. per worker process); the set is replaced at each scrape."""
+
+    def __init__(self, name: str, help_: str, label: str):
+        self.name, self.help, self.label = name, help_, label
+        self.values: dict[str, float] = {}
+
+    def replace(self, values: dict[str, float]) -> None:
+        self.values = {str(k): float(v) for k, v in values.items()}
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        for label, v in sorted(self.values.items()):
+            yield f"{self.name}{_labels({self.label: label})} {_num(v)}"
+
+
 class Histogram:
     def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
         self.name, self.help, self.buckets = name, help_, tuple(buckets)
@@ -100,6 +117,11 @@ class Metrics:
     def __init__(self) -> None:
         p = "omni2_"
         self.sessions_active = Gauge(p + "sessions_active", "WebSocket sessions open now")
+        self.max_sessions = Gauge(p + "max_sessions", "Sessions admitted at most (all workers)")
+        self.worker_sessions = GaugeSet(p + "worker_sessions", "Sessions open per gateway worker "
+                                        "(omni2 serve --workers)", "worker")
+        self.worker_connections = GaugeSet(p + "worker_connections", "TCP connections open per gateway "
+                                           "worker", "worker")
         self.sessions_total = Counter(p + "sessions_total", "Sessions accepted since start")
         self.refused_total = Counter(p + "sessions_refused_total", "Connections refused", "reason")
         self.connections_open = Gauge(p + "connections_open", "TCP connections open now (HTTP and WebSocket)")
@@ -153,6 +175,11 @@ class Metrics:
             self.step_seconds.observe(float(v))
         self._steps_seen = max(self._steps_seen, total)
 
+    def absorb_workers(self, workers: dict) -> None:
+        """Per-worker load as the engine process last heard it from each gateway."""
+        self.worker_sessions.replace({w: d.get("sessions", 0) for w, d in workers.items()})
+        self.worker_connections.replace({w: d.get("connections", 0) for w, d in workers.items()})
+
     def absorb_memory(self, resident: Optional[int], heap: Optional[dict]) -> None:
         if resident is not None:
             self.resident_bytes.set(resident)
@@ -165,6 +192,6 @@ class Metrics:
             self.absorb_engine(engine_stats)
         lines: list[str] = []
         for m in vars(self).values():  # every metric defined above, in that order
-            if isinstance(m, (Counter, Gauge, Histogram)):
+            if isinstance(m, (Counter, Gauge, GaugeSet, Histogram)):
                 lines.extend(m.render())
         return "\n".join(lines) + "\n"

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step (reduce-overhead = CUDA graphs; default off); "
                              "for GPUs: on a CPU the compiled real-size step measured 2.6x slower than eager")
     parser.add_argument("--max-sessions", type=int, default=None,
-                        help=f"concurrent sessions admitted (default {d.max_sessions})")
+                        help="concurrent sessions admitted (default 0: sized to the device: free GPU "
+                             "memory / KV cache per session, or 16 on a CPU; server/capacity.py)")
     parser.add_argument("--api-key", action="append", default=None, dest="api_keys",
                         help="require this Bearer key (repeatable; or OMNI2_API_KEYS=k1,k2)")
     parser.add_argument("--allowed-origin", action="append", default=None, dest="allowed_origins",
@@ -82,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not encode/prefill a question during its closing silence")
     parser.add_argument("--no-warmup", action="store_const", const=False, default=None, dest="warmup",
                         help="skip the warm-up turn before reporting ready")
+    parser.add_argument("--workers", default=None,
+                        help="gateway processes around one engine process (server/README.md, Process "
+                             "model); 0 = everything in this process. auto (default): 0 on a CPU, one per "
+                             "core beyond two on a GPU (at most 16)")
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
 
 
@@ -89,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
               "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s", "handshake_timeout_s",
               "max_connections", "max_connections_per_client", "output_lead_s", "cpu_prepack", "speculative_turns",
-              "transcription_model")
+              "transcription_model", "workers")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases", "metrics_keys"):
         value = getattr(args, name, None)
@@ -109,7 +114,13 @@ def load_engine(settings: ServerSettings):
         log.warning("NO Mini-Omni2 CHECKPOINT FOUND: serving the built-in TINY model.")
         log.warning("Its answers are noise. Pass --model DIR or make the checkpoint available.")
         log.warning("=" * 72)
-    engine = Engine(runtime, EngineConfig(max_sessions=settings.max_sessions, max_steps=settings.max_steps,
+    max_sessions, basis = settings.max_sessions, "--max-sessions"
+    if not max_sessions:
+        from .capacity import sessions_for
+
+        max_sessions, basis = sessions_for(runtime)
+    log.info("max sessions %d (%s)", max_sessions, basis)
+    engine = Engine(runtime, EngineConfig(max_sessions=max_sessions, max_steps=settings.max_steps,
                                           malloc_arena_max=settings.malloc_arena_max,
                                           malloc_trim_interval_s=settings.malloc_trim_interval_s,
                                           compile=settings.compile))
@@ -117,7 +128,7 @@ def load_engine(settings: ServerSettings):
     if settings.warmup:
         engine.warmup()
     info = {"model": runtime.name, "device": str(runtime.device), "dtype": str(runtime.dtype),
-            "fallback": bool(getattr(runtime, "is_fallback", False))}
+            "fallback": bool(getattr(runtime, "is_fallback", False)), "max_sessions": max_sessions}
     return engine, info
 
 
@@ -219,6 +230,16 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"omni2 serve: --model {exc}", file=sys.stderr)  # the error starts with the path
         return 1
+    if settings.workers == "auto":
+        from .workers.supervisor import default_workers
+
+        workers = default_workers(device)
+    else:
+        workers = int(settings.workers)
+    if workers:  # the engine and the gateways in their own processes (server/workers)
+        from .workers.supervisor import serve_workers
+
+        return serve_workers(settings, workers)
     try:  # fail fast on a taken port, before loading gigabytes of weights
         with socket.create_server((settings.host, settings.port)):
             pass

@@ -35,7 +35,10 @@ class ServerSettings:
     log_level: str = "info"
 
     # --- admission and access ------------------------------------------------------------
-    max_sessions: int = 16              # concurrent WebSocket sessions (= engine slots)
+    workers: str = "auto"               # gateway processes (`--workers`, server/workers): "auto" | N;
+                                        # 0 = one process (server/workers/supervisor.default_workers)
+    max_sessions: int = 0               # concurrent WebSocket sessions (= engine slots); 0: sized
+                                        # to the device when the model loads (server/capacity.py)
     api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
     # Browser pages allowed to open sessions (exact Origin match; "*" = any). Empty: any Origin
     # on a server without keys; only the server's own pages (Origin host = Host) with keys.
@@ -132,11 +135,13 @@ class ServerSettings:
         if mode not in COMPILE_MODES + ("",):
             problems.append(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         object.__setattr__(self, "compile", "" if mode == "off" else mode)
-        for name in ("max_sessions", "max_message_bytes", "outbound_queue_events", "max_steps",
+        if self.workers != "auto" and not (str(self.workers).isdigit()):
+            problems.append(f"workers must be auto or a count >= 0, got {self.workers!r}")
+        for name in ("max_message_bytes", "outbound_queue_events", "max_steps",
                      "max_image_bytes", "max_image_pixels", "max_pending_texts", "max_request_head_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_connections", "max_connections_per_client", "malloc_arena_max", "malloc_trim_interval_s"):
+        for name in ("max_sessions", "max_connections", "max_connections_per_client", "malloc_arena_max", "malloc_trim_interval_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("idle_timeout_s", "send_stall_timeout_s", "max_turn_audio_s", "input_stall_timeout_s",

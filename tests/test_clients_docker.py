@@ -182,8 +182,8 @@ def test_compose_reserves_a_gpu_and_mounts_the_data_volume():
     assert all(v != "" for v in yaml.safe_load(text)["services"][name]["environment"].values())
     # An empty OMNI2_CHECKPOINT would make the runtime look in the working directory.
     assert "OMNI2_CHECKPOINT" not in env
-    # No option the server does not have yet (workers: issue 15).
-    assert "OMNI2_WORKERS" not in env
+    # The multi-process server's gateway count (a settings field, as the check below wants).
+    assert "OMNI2_WORKERS" in env
     from omni2.server.settings import ServerSettings
 
     fields = {f.upper() for f in ServerSettings.__dataclass_fields__}

@@ -290,7 +290,7 @@ def test_settings_env_and_validation():
     with pytest.raises(SettingsError, match="OMNI2_MAX_SESSIONS"):
         settings_from_env({"OMNI2_MAX_SESSIONS": "many"})
     with pytest.raises(SettingsError, match="max_sessions"):
-        ServerSettings(max_sessions=0)
+        ServerSettings(max_sessions=-1)
     assert "k1" not in json.dumps(s.public())
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from .processes import main
+
+sys.exit(main())

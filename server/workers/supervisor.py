@@ -1,0 +1,190 @@
+"""The parent of `omni2 serve --workers N`: binds the port, runs the processes, restarts them.
+
+The parent binds the listening socket once and every gateway inherits it (uvicorn serves an
+inherited socket), so all gateways accept on the same port and the kernel spreads the
+connections. The engine process binds a ZeroMQ ipc endpoint in a private directory.
+
+Restarts: a gateway that exits is started again at once (backoff only if it keeps dying); its
+clients saw their connections end (1011 on a Python-level failure; a SIGKILL leaves the kernel
+to reset them: the clients see 1006) and the engine freed their slots when the gateway fell
+silent. An engine that exits is started again with exponential backoff; meanwhile every
+gateway closes its sessions with 1011 and answers /health/ready 503. SIGTERM / SIGINT stop
+every child (SIGTERM, then SIGKILL after a grace period) and leave none behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from ..settings import ServerSettings
+from .handoff import EXIT_MODEL_FAILED, SETTINGS_ENV, SUPERVISOR_ENV, settings_to_env
+
+log = logging.getLogger("omni2.server")
+
+ENGINE_BACKOFF_S = (1.0, 30.0)      # first and longest wait before restarting the engine
+GATEWAY_BACKOFF_S = (0.2, 10.0)
+STABLE_S = 60.0                     # a process up this long resets its backoff
+STOP_GRACE_S = 10.0                 # SIGTERM, then SIGKILL after this long
+POLL_S = 0.1
+
+
+def default_workers(device: str, cores: Optional[int] = None) -> int:
+    """Gateway processes for `--workers auto`.
+
+    On a CPU the model's decode step wants every core; gateway processes would take cores
+    from it and add a hop, and the GIL of one process is far from full at the sessions a
+    CPU can decode (issue 15: ~50 `vad` sessions per process): in-process (0). On a GPU the
+    engine process keeps two cores (step loop, vocoder and prep threads) and each other core
+    gets a gateway, up to 16."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(device).split(":")[0] != "cuda":
+        return 0
+    return max(1, min(16, cores - 2))
+
+
+@dataclass
+class Child:
+    role: str                       # "engine" | "gateway"
+    worker: int
+    proc: Optional[subprocess.Popen] = None
+    started: float = 0.0
+    restart_at: float = 0.0
+    backoff: float = 0.0
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, settings: ServerSettings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self._dir = tempfile.mkdtemp(prefix="omni2-")
+        self.endpoint = f"ipc://{self._dir}/engine"
+        self.sock: Optional[socket.socket] = None
+        self.engine = Child("engine", 0)
+        self.gateways = [Child("gateway", i + 1) for i in range(workers)]
+        self.stopping = False
+        self.model_failed = False
+        self._env = {**os.environ, SETTINGS_ENV: settings_to_env(settings), SUPERVISOR_ENV: str(os.getpid())}
+
+    def bind(self) -> None:
+        sock = socket.create_server((self.settings.host, self.settings.port), backlog=2048)
+        sock.set_inheritable(True)
+        self.sock = sock
+
+    # ---- processes -----------------------------------------------------------------------------
+    def _start(self, child: Child) -> None:
+        cmd = [sys.executable, "-m", "omni2.server.workers", child.role, "--endpoint", self.endpoint]
+        fds: tuple = ()
+        if child.role == "gateway":
+            cmd += ["--fd", str(self.sock.fileno()), "--worker", str(child.worker)]
+            fds = (self.sock.fileno(),)
+        child.proc = subprocess.Popen(cmd, env=self._env, pass_fds=fds)
+        child.started = time.monotonic()
+        log.info("%s %d started (pid %d)", child.role, child.worker, child.proc.pid)
+
+    def _check(self, child: Child, first_s: float, most_s: float) -> None:
+        now = time.monotonic()
+        if child.proc is None:
+            if now >= child.restart_at:
+                self._start(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            return
+        if child.role == "engine" and code == EXIT_MODEL_FAILED:
+            log.error("the engine could not load --model %s: stopping", self.settings.model)
+            self.model_failed = self.stopping = True
+            return
+        lived = now - child.started
+        child.backoff = first_s if lived > STABLE_S or not child.backoff else min(most_s, child.backoff * 2)
+        child.restart_at = now + (child.backoff if child.role == "engine" or child.restarts else 0.0)
+        child.restarts += 1
+        child.proc = None
+        what = f"signal {-code}" if code < 0 else f"exit code {code}"
+        log.error("%s %d (lived %.1f s) ended with %s: restarting in %.1f s", child.role, child.worker,
+                  lived, what, child.restart_at - now)
+
+    def children(self) -> list[Child]:
+        return [self.engine, *self.gateways]
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children() if c.proc is not None]
+
+    def run(self) -> int:
+        def stop(signum, frame) -> None:
+            self.stopping = True
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self.sock is None:
+                self.bind()
+            self._start(self.engine)
+            for g in self.gateways:
+                self._start(g)
+            log.info("omni2 serving on http://%s:%d with %d gateway worker(s) and one engine process",
+                     self.settings.host, self.settings.port, self.workers)
+            while not self.stopping:
+                self._check(self.engine, *ENGINE_BACKOFF_S)
+                for g in self.gateways:
+                    if not self.stopping:
+                        self._check(g, *GATEWAY_BACKOFF_S)
+                time.sleep(POLL_S)
+        finally:
+            self.shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return 1 if self.model_failed else 0
+
+    def shutdown(self) -> None:
+        """Every child gets SIGTERM (gateways first: they close their sessions while the
+        engine still answers), then SIGKILL after STOP_GRACE_S; then the port and the ipc
+        directory go."""
+        for group in (self.gateways, [self.engine]):
+            for child in group:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            self._wait(group, STOP_GRACE_S)
+        for child in self.children():
+            if child.proc is not None and child.proc.poll() is None:
+                log.warning("%s %d did not stop in time: killing it", child.role, child.worker)
+                child.proc.kill()
+                child.proc.wait(5)
+        if self.sock is not None:
+            self.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @staticmethod
+    def _wait(children: list[Child], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def serve_workers(settings: ServerSettings, workers: int) -> int:
+    """`omni2 serve --workers N` (N >= 1): returns the exit code."""
+    supervisor = Supervisor(settings, workers)
+    try:
+        supervisor.bind()
+    except OSError as exc:
+        print(f"omni2 serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        shutil.rmtree(supervisor._dir, ignore_errors=True)
+        return 1
+    code = supervisor.run()
+    if supervisor.model_failed:
+        print(f"omni2 serve: cannot serve --model {settings.model} (see the engine's log above)", file=sys.stderr)
+    return code
