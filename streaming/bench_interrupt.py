@@ -341,6 +341,7 @@ def run_interrupt_bench(
     printer=print,
     context_s: float | None = None,
     max_batch: int | None = None,
+    baseline: bool = False,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
@@ -354,6 +355,9 @@ def run_interrupt_bench(
     config = config or DuplexConfig()
     if mode != config.mode:
         config = replace(config, mode=mode)
+    if baseline:  # the schedule before batching: 8 s mel, one call per window, 200 ms hops throughout
+        context_s, max_batch = context_s or 8.0, max_batch or 1
+        config = replace(config, hop_idle_ms=config.hop_ms, charge_share=False)
     rcfg = config.command.recognizer
     if context_s is not None or max_batch is not None:  # e.g. the pre-batching setup: 8.0 and 1
         rcfg = replace(rcfg, context_s=context_s or rcfg.context_s, max_batch=max_batch or rcfg.max_batch)
@@ -408,7 +412,7 @@ def run_interrupt_bench(
     summary = summarize(results, from_start=barge_in)
     if recognizer is not None:
         summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
-    summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions,
+    summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
@@ -448,7 +452,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")

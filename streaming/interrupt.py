@@ -5,9 +5,16 @@ Why it is built this way (measured on espeak-ng voices, see bench_interrupt.py):
   me"... Conditioning the decoder on the command spelling (a `<|startofprev|>` prompt such
   as " Stop Omni.") turns almost all of those into the literal phrase, while ordinary
   sentences ("stop it now please", "stop on my way") still come out as themselves.
-- Whisper accepts a mel input shorter than its 30 s training window: an 8-10 s window
-  (1-3 s of speech plus zero padding) decodes a short command as well as 30 s does, at
-  ~1/10 of the encoder cost, which is what makes decoding every ~200 ms affordable.
+- Whisper accepts a mel input shorter than its 30 s training window: a 6 s input (up to
+  3 s of speech plus zero padding) decodes a short command as well as 30 s does, at ~1/6
+  of the encoder cost, which is what makes decoding every ~200 ms affordable. Shorter
+  inputs cost less still but lose confidence (4 s: "stop omni" in en-us at 150 wpm drops
+  from 0.86 to 0.33, under the threshold) and make whisper restart the sentence it just
+  finished ("Stop Omni. Stop Omni"), which `loop_cut` drops.
+- Sessions share one recognizer, and windows handed in while a call runs are decoded
+  together in the next call (one batch of features), so the number of model calls per
+  tick does not grow with the number of sessions; on a GPU (device "auto") a batch costs
+  about what one window does.
 - Recognizers spell the command many ways, so phrases are compared on a coarse phonetic
   key (vowels merged, voicing and m/n merged) with an edit-distance similarity, and only a
   match at the end of the window counts: the window ends "now", so a command the user
@@ -46,7 +53,7 @@ class RecognizerConfig:
     compute_type: str = "auto"  # "auto": int8 on CPU, int8_float16 on CUDA
     threads: int = 0          # 0: CTranslate2's default (all cores)
     workers: int = 1          # parallel decodes (sessions) the model serves at once
-    context_s: float = 4.0    # mel input length; audio sits at its start, zeros after
+    context_s: float = 6.0    # mel input length; audio sits at its start, zeros after
     max_batch: int = 16       # windows merged into one model call at most
 
     def resolved_device(self) -> tuple[str, str]:
@@ -267,6 +274,7 @@ class _Request:
     max_tokens: int
     results: list | None = None
     error: BaseException | None = None
+    share_s: float = 0.0   # this request's part of its call's time (by windows)
 
     @property
     def done(self) -> bool:
@@ -326,6 +334,7 @@ class WhisperRecognizer:
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
         self._running = 0           # model calls in flight (at most `workers`)
+        self._local = threading.local()
         self.stats = RecognizerStats()
 
     def _casefold_groups(self) -> dict[int, np.ndarray]:
@@ -394,7 +403,13 @@ class WhisperRecognizer:
                     self._cv.notify_all()
         if req.error is not None:
             raise req.error
+        self._local.share_s = req.share_s
         return req.results
+
+    def last_share_s(self) -> float:
+        """Compute time of this thread's last transcribe_batch: its windows' part of the
+        model call they shared (the rest was other sessions' work)."""
+        return getattr(self._local, "share_s", 0.0)
 
     def _take(self) -> list[_Request]:
         """The oldest queued requests, up to max_batch windows (at least one request)."""
@@ -412,9 +427,12 @@ class WhisperRecognizer:
         for prompt, reqs in groups.items():
             try:
                 windows = [w for r in reqs for w in r.windows]
+                t0 = time.perf_counter()
                 results = self.generate(windows, prompt, max(r.max_tokens for r in reqs))
+                per_window = (time.perf_counter() - t0) / len(windows)
                 i = 0
                 for r in reqs:
+                    r.share_s = per_window * len(r.windows)
                     # A window's greedy tokens up to its own cap are those of a call with that cap.
                     r.results = [self._transcript(x, r.max_tokens) for x in results[i : i + len(r.windows)]]
                     i += len(r.windows)
