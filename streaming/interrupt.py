@@ -267,11 +267,12 @@ def resolve_model_path(model_path: str | None) -> str:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     windows: list
     prompt: str | None
     max_tokens: int
+    urgent: bool = False
     results: list | None = None
     error: BaseException | None = None
     share_s: float = 0.0   # this request's part of its call's time (by windows)
@@ -381,9 +382,14 @@ class WhisperRecognizer:
         return self.transcribe_batch([audio], prompt, max_tokens)[0]
 
     def transcribe_batch(self, windows: list[np.ndarray], prompt: str | None = None,
-                         max_tokens: int = 24) -> list[Transcript]:
-        """Greedy transcripts of several windows (merged with other threads' windows)."""
-        req = _Request([np.asarray(w, dtype=np.float32) for w in windows], prompt, max_tokens)
+                         max_tokens: int = 24, urgent: bool = False) -> list[Transcript]:
+        """Greedy transcripts of several windows (merged with other threads' windows).
+
+        urgent: a decision waits on it (the user just paused): the next call takes the
+        urgent windows queued, without the routine ones, so that on a CPU (where a call
+        costs about its number of windows) it is not slowed by them.
+        """
+        req = _Request([np.asarray(w, dtype=np.float32) for w in windows], prompt, max_tokens, urgent)
         workers = max(1, self.config.workers)
         with self._cv:
             self._queue.append(req)
@@ -412,10 +418,16 @@ class WhisperRecognizer:
         return getattr(self._local, "share_s", 0.0)
 
     def _take(self) -> list[_Request]:
-        """The oldest queued requests, up to max_batch windows (at least one request)."""
+        """The oldest queued requests (urgent ones only, if any), up to max_batch windows
+        (at least one request)."""
+        urgent = any(r.urgent for r in self._queue)
         batch, n = [], 0
-        while self._queue and (not batch or n + len(self._queue[0].windows) <= self.config.max_batch):
-            req = self._queue.pop(0)
+        for req in list(self._queue):
+            if urgent and not req.urgent:
+                continue
+            if batch and n + len(req.windows) > self.config.max_batch:
+                break
+            self._queue.remove(req)
             batch.append(req)
             n += len(req.windows)
         return batch
@@ -516,13 +528,15 @@ class CommandDetector:
         """Transcript of `window`, the phrase match at its end (or None), and confidence."""
         return self.score_windows([window])[0]
 
-    def score_windows(self, windows: list[np.ndarray]) -> list[tuple[Transcript, PhraseMatch | None, float]]:
-        """`score` for several windows (e.g. different start points) in one model call."""
+    def score_windows(self, windows: list[np.ndarray],
+                      urgent: bool = False) -> list[tuple[Transcript, PhraseMatch | None, float]]:
+        """`score` for several windows (e.g. different start points) in one model call
+        (see WhisperRecognizer.transcribe_batch for `urgent`)."""
         out = []
         # ~3 tokens per second of speech: a tight cap stops repetition loops early.
         seconds = max(w.size for w in windows) / SAMPLE_RATE
         cap = min(self.config.max_tokens, 6 + int(4 * seconds))
-        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap):
+        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap, urgent=urgent):
             words = [w.text for w in transcript.words]
             words = words[: loop_cut(words)]
             found = self.matcher.match(words)
