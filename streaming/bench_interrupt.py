@@ -417,7 +417,11 @@ def run_interrupt_bench(
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
                    load_average=(load_before, os.getloadavg()[0] if load_before is not None else None))
+    summary["voices"] = "espeak-ng" if split == "tune" or not espeak.flite_available() else "espeak-ng + flite"
     _print_table(summary, printer)
+    if split == "test" and not espeak.flite_available():
+        printer("  note: flite is not installed, so the held-out split ran without its flite voices "
+                "(apt-get install flite)")
     return summary
 
 

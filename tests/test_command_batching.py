@@ -111,6 +111,27 @@ def test_sessions_windows_share_one_call_with_the_same_decisions(recognizer, win
 
 
 @requires_speech
+def test_urgent_windows_go_before_queued_hops(recognizer, windows, monkeypatch):
+    """A pause decode (a stop decision waits on it) is not batched behind routine hops."""
+    det = CommandDetector(CommandConfig(), recognizer=recognizer)
+    _held_first_call(recognizer, monkeypatch, waiting=3)
+    calls: list[list[bool]] = []
+    real_run = recognizer._run
+    monkeypatch.setattr(recognizer, "_run", lambda batch: (calls.append([r.urgent for r in batch]), real_run(batch))[1])
+    first = threading.Thread(target=det.score_windows, args=([windows[1]],))
+    first.start()
+    while not calls:
+        threading.Event().wait(0.002)
+    later = [threading.Thread(target=det.score_windows, args=([w],), kwargs={"urgent": u})
+             for w, u in ((windows[2], False), (windows[1], False), (windows[0], True))]
+    for t in later:
+        t.start()
+    for t in [first, *later]:
+        t.join(60)
+    assert calls == [[False], [True], [False, False]]
+
+
+@requires_speech
 def test_concurrent_controllers_merge_their_decodes(windows, monkeypatch):
     """Four sessions hearing speech at once: recognizer calls grow with ticks, not sessions."""
     pytest.importorskip("silero_vad", reason="silero-vad is not installed")
