@@ -10,8 +10,11 @@ answer starts and ends (`set_speaking`), and acts on what `feed_input` returns:
 
 Flow inside feed_input: microphone -> EchoCanceller (removes what the client is playing)
 -> SpeechDetector in 32 ms chunks -> while the assistant is audible and the user speaks,
-the CommandDetector decodes the latest window every `hop_ms`, and at once when a pause
-starts (the usual end of a command). In barge-in mode any speech of `barge_in_ms` stops.
+the CommandDetector decodes the latest window every `hop_ms` (every `hop_idle_ms` while
+the last decode showed no part of a phrase), and at once when a pause starts (the usual
+end of a command). In barge-in mode any speech of `barge_in_ms` stops. The recognizer is
+shared by the process's sessions: windows handed in together are decoded in one call, and
+pause decodes go before routine hops (see interrupt.WhisperRecognizer).
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
