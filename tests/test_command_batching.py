@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("faster_whisper", reason="faster-whisper is not installed")
 
-from omni2.streaming import espeak  # noqa: E402
 from omni2.streaming.interrupt import (  # noqa: E402
     CommandConfig,
     CommandDetector,
