@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("faster_whisper", reason="faster-whisper is not installed")
 
-from omni2.streaming.interrupt import (  # noqa: E402
+from omni2.streaming.listening.interrupt import (  # noqa: E402
     CommandConfig,
     CommandDetector,
     RecognizerConfig,
@@ -134,7 +134,7 @@ def test_urgent_windows_go_before_queued_hops(recognizer, windows, monkeypatch):
 def test_concurrent_controllers_merge_their_decodes(windows, monkeypatch):
     """Four sessions hearing speech at once: recognizer calls grow with ticks, not sessions."""
     pytest.importorskip("silero_vad", reason="silero-vad is not installed")
-    from omni2.streaming.duplex import DuplexConfig, DuplexController
+    from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
 
     rec = _recognizer(device="cpu")
     n = 4

@@ -1,6 +1,6 @@
 """Spoken-command detection ("stop omni") on short windows of live microphone audio.
 
-Why it is built this way (measured on espeak-ng voices, see bench_interrupt.py):
+Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_interrupt.py):
 - whisper tiny.en transcribes "stop omni" as "stop on me", "stop, I'm ready", "start by
   me"... Conditioning the decoder on the command spelling (a `<|startofprev|>` prompt such
   as " Stop Omni.") turns almost all of those into the literal phrase, while ordinary
