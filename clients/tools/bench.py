@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     itr.add_argument("--mode", default="command", choices=["command", "barge_in"])
     itr.add_argument("--sessions", type=int, default=1, help="controllers at once, paced to real time")
     itr.add_argument("--playback", action="store_true", help="the answer is generated before the user speaks")
+    itr.add_argument("--context-s", type=float, default=None,
+                     help="recognizer mel length in s (8.0 = the setup before batching; default 6.0)")
+    itr.add_argument("--baseline", action="store_true",
+                     help="the recognizer schedule before batching (8 s mel, one call per window, 200 ms hops), to compare")
+    itr.add_argument("--max-batch", type=int, default=None,
+                     help="windows per recognizer call at most (1 = no batching across sessions)")
     soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
     soak.add_argument("--sessions", type=int, default=16, help="clients talking at once")
     soak.add_argument("--minutes", type=float, default=10.0, help="how long they talk")
@@ -130,5 +136,6 @@ def _run(args: argparse.Namespace) -> dict:
         from omni2.clients.tools.bench_interrupt import run_interrupt_bench
 
         result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
-                                     sessions=args.sessions)
+                                     sessions=args.sessions, context_s=args.context_s, max_batch=args.max_batch,
+                                     baseline=args.baseline)
     return result

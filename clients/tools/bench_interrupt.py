@@ -12,8 +12,11 @@ controller handles them one after another, so its compute time (and any backlog 
 counts. Latency = moment the controller returns the Interrupt - moment the last sample of
 the spoken command arrived.
 
-Voices: `split="test"` (the default, what the report quotes) uses voices and sentences
-never used for tuning; `split="tune"` the ones the thresholds were chosen on.
+Voices: `split="tune"` is what thresholds are chosen on: every espeak-ng English voice
+with every voice variant except the held-out ones, at random speeds, pitches and word gaps.
+`split="test"` (the default, what the report quotes) is never tuned on: the held-out
+espeak variants and the voices of a second engine, flite (dropped with a note where flite
+is not installed), with sentences of their own.
 
 `playback=True`: the whole answer was generated before the user speaks (the engine writes
 2-10x faster than real time), so the controller hears the user while the answer only plays.
@@ -36,6 +39,23 @@ from omni2.streaming.listening.duplex import DuplexConfig, DuplexController, Int
 SR = 16000
 OUT_SR = 24000
 PACKET = 320  # 20 ms microphone packets
+
+# espeak-ng's English language voices (the mbrola ones need mbrola, not installed).
+ESPEAK_ENGLISH = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
+                  "en-029", "en-us-nyc"]
+# Variants no tuning ever hears (with the flite engine, the held-out split).
+HELD_OUT_VARIANTS = ("f3", "m5", "m2", "Andy", "f1", "Annie")
+FLITE_VOICES = ["flite:slt", "flite:rms", "flite:awb", "flite:kal16", "flite:kal"]
+
+
+def split_voices(split: str) -> list[str]:
+    """The voices of a split (see the module docstring); the two never share a variant."""
+    if split == "tune":
+        rest = [v for v in espeak.variants() if v not in HELD_OUT_VARIANTS]
+        return ESPEAK_ENGLISH + [f"{lang}+{var}" for lang in ESPEAK_ENGLISH for var in rest]
+    held = list(SPLITS["test"]["voices"])
+    return held + (FLITE_VOICES if espeak.flite_available() else [])
+
 
 SPLITS = {
     "tune": {
@@ -179,23 +199,33 @@ def build_set(split: str = "test", seed: int = 0, n_commands: int = 48, quick: b
     rng = random.Random(f"{split}-{seed}")
     voices = _Voices()
     spec = SPLITS[split]
-    names = spec["voices"]
+    names = split_voices(split)
+    if split == "tune":
+        rng.shuffle(names)  # hundreds of voice x variant pairs: each set draws a spread of them
+    elif quick:
+        # A quick run is a handful of clips: let it hear both engines.
+        names = names[:: max(1, len(names) // 4)]
     clips: list[Clip] = []
     conditions = ["clean", "echo", "clean", "echo", "noise", "background", "echo+noise", "echo"]
+
+    def style() -> tuple[int, int, int]:
+        return rng.choice([120, 140, 160, 180, 200, 220, 240]), rng.choice([10, 25, 40, 50, 65, 80, 90]), \
+            rng.choice([0, 0, 0, 2, 5, 10])
+
     for i in range(n_commands):
         voice = names[i % len(names)]
         text = COMMAND_TEXTS[(i // len(names)) % len(COMMAND_TEXTS)]
-        speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
-        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
+        speed, pitch, gap = style()
+        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, gap=gap, level_db=rng.uniform(-30, -18))
         cond = conditions[i % len(conditions)]
-        clips.append(_make_clip(f"cmd/{voice}/{speed}/{pitch}/{text}", True, cond, user, rng, voices,
+        clips.append(_make_clip(f"cmd/{voice}/{speed}/{pitch}/{gap}/{text}", True, cond, user, rng, voices,
                                 playback=playback))
     sentences = spec["sentences"][:4] if quick else spec["sentences"] * 2
     extra = 1 if quick else 8
     for i, text in enumerate(sentences):
         voice = names[(i + i // len(names)) % len(names)]
-        speed, pitch = rng.choice([130, 150, 170, 190, 210, 230]), rng.choice([25, 40, 50, 65, 80])
-        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, level_db=rng.uniform(-30, -18))
+        speed, pitch, gap = style()
+        user = espeak.speak(text, voice=voice, speed=speed, pitch=pitch, gap=gap, level_db=rng.uniform(-30, -18))
         cond = conditions[i % len(conditions)]
         clips.append(_make_clip(f"speech/{voice}/{speed}/{text}", False, cond, user, rng, voices, playback=playback))
     empty = np.zeros(0, np.float32)
@@ -309,6 +339,9 @@ def run_interrupt_bench(
     playback: bool = False,
     sessions: int = 1,
     printer=print,
+    context_s: float | None = None,
+    max_batch: int | None = None,
+    baseline: bool = False,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
@@ -322,6 +355,13 @@ def run_interrupt_bench(
     config = config or DuplexConfig()
     if mode != config.mode:
         config = replace(config, mode=mode)
+    if baseline:  # the schedule before batching: 8 s mel, one call per window, 200 ms hops throughout
+        context_s, max_batch = context_s or 8.0, max_batch or 1
+        config = replace(config, hop_idle_ms=config.hop_ms, charge_share=False)
+    rcfg = config.command.recognizer
+    if context_s is not None or max_batch is not None:  # e.g. the pre-batching setup: 8.0 and 1
+        rcfg = replace(rcfg, context_s=context_s or rcfg.context_s, max_batch=max_batch or rcfg.max_batch)
+        config = replace(config, command=replace(config.command, recognizer=rcfg))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     clips = build_set(split, seed, 4 if quick else n_commands, quick=quick, playback=playback)
@@ -335,6 +375,8 @@ def run_interrupt_bench(
     controllers = [DuplexController(config) for _ in range(sessions)]
     for controller in controllers:
         controller._tracing = verbose and sessions == 1
+    recognizer = controllers[0].detector.recognizer if controllers[0].detector is not None else None
+    before = replace(recognizer.stats) if recognizer is not None else None
     def report(clip: Clip, r: ClipResult, trace) -> None:
         ok = (r.interrupt is not None and (not clip.label or r.interrupt.at_sample >= clip.cmd_start)) == clip.label
         what = "-" if r.interrupt is None else f"{r.interrupt.kind} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
@@ -368,13 +410,45 @@ def run_interrupt_bench(
                 report(clip, r, None)
     audio_s = sum(c.mic.size for c in clips) / SR
     summary = summarize(results, from_start=barge_in)
-    summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions,
+    if recognizer is not None:
+        summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
+    summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
                    load_average=(load_before, os.getloadavg()[0] if load_before is not None else None))
+    summary["voices"] = "espeak-ng" if split == "tune" or not espeak.flite_available() else "espeak-ng + flite"
     _print_table(summary, printer)
+    if split == "test" and not espeak.flite_available():
+        printer("  note: flite is not installed, so the held-out split ran without its flite voices "
+                "(apt-get install flite)")
     return summary
+
+
+def recognizer_cost(recognizer, before, audio_s: float, sessions: int) -> dict:
+    """What the run asked of the recognizer, and its CPU cost per window (less noise-prone
+    than latency on a shared machine): process CPU time of a few calls on a fixed window,
+    alone (batch 1) and batched as `sessions` sessions would be."""
+    st = recognizer.stats
+    calls, windows = st.calls - before.calls, st.windows - before.windows
+    clip = espeak.speak("please stop omni", voice="en-us", level_db=-22.0)
+    window = np.concatenate([np.zeros(SR // 5, np.float32), clip, np.zeros(SR // 10, np.float32)])
+    prompt = " Stop Omni."
+    cpu = {}
+    for batch in sorted({1, max(1, sessions)}):
+        recognizer.generate([window] * batch, prompt, 12)  # warm
+        c0 = time.process_time()
+        for _ in range(5):
+            recognizer.generate([window] * batch, prompt, 12)
+        cpu[batch] = (time.process_time() - c0) / 5 / batch * 1000.0
+    return {
+        "calls": calls, "windows": windows,
+        "windows_per_call": round(windows / calls, 2) if calls else None,
+        # audio_s is the sum of every session's audio: this is per session-second.
+        "windows_per_session_s": round(windows / audio_s, 2) if audio_s else None,
+        "cpu_ms_per_window": {str(b): round(v, 1) for b, v in cpu.items()},
+        "context_s": recognizer.config.context_s, "device": recognizer.device,
+    }
 
 
 def _print_table(s: dict, printer) -> None:
@@ -382,7 +456,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")
@@ -395,6 +469,12 @@ def _print_table(s: dict, printer) -> None:
             f"   (where in the audio the decision fell)")
     printer(f"  decode time      p50 {fmt(s['decode_ms_p50'])}  p90 {fmt(s['decode_ms_p90'])}  "
             f"({s['decodes']} decodes; {s['cpu_count']} CPUs, load average {s['load_average'][0]} -> {s['load_average'][1]})")
+    rc = s.get("recognizer")
+    if rc:
+        cpu = ", ".join(f"batch {b}: {v} ms" for b, v in rc["cpu_ms_per_window"].items())
+        printer(f"  recognizer       {rc['windows']} windows in {rc['calls']} calls ({rc['windows_per_call']} per call), "
+                f"{rc['windows_per_session_s']} windows/s per session; CPU per window {cpu} "
+                f"({rc['context_s']} s mel, {rc['device']})")
     printer("  condition      commands detected  non-commands false-stops")
     for cond, c in s["by_condition"].items():
         printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}  {c['non_commands']:12d} {c['false_stops']:11d}")

@@ -1,14 +1,20 @@
-"""Speech and noise synthesis with espeak-ng + sox, for tests and the interrupt benchmark.
+"""Speech and noise synthesis with espeak-ng (or flite) + sox, for tests and the interrupt benchmark.
 
 Nothing here runs in the serving path. It lives in the package (not only under tests/)
 because `omni2 bench interrupt` generates its evaluation set at run time and must work
 from an installed wheel.
+
+Voices: espeak-ng names ("en-us", "en-gb-x-rp+f3": language voice + variant), or
+"flite:<voice>" (kal, kal16, awb, rms, slt) for the CMU flite engine, a second offline
+synthesiser with a different sound (Debian package `flite`); flite is optional.
 """
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 
@@ -22,6 +28,23 @@ class SynthUnavailable(RuntimeError):
 def missing_tools() -> list[str]:
     """Names of the command-line tools synthesis needs that are not on PATH."""
     return [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+
+
+def flite_available() -> bool:
+    return shutil.which("flite") is not None
+
+
+def variants() -> list[str]:
+    """espeak-ng voice variant names (usable as "<voice>+<variant>", e.g. "m3", "Andy")."""
+    if missing_tools():
+        return []
+    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    names = []
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 5 and parts[4].startswith("!v/"):
+            names.append(parts[4][3:])
+    return names
 
 
 def voices() -> list[str]:
@@ -41,20 +64,35 @@ def voices() -> list[str]:
 
 @functools.lru_cache(maxsize=512)
 def _speak_cached(
-    text: str, voice: str, speed: int, pitch: int, rate: int
+    text: str, voice: str, speed: int, pitch: int, rate: int, gap: int = 0
 ) -> bytes:
     absent = missing_tools()
     if absent:
         raise SynthUnavailable(f"speech synthesis needs {', '.join(absent)} (apt-get install espeak-ng sox)")
-    espeak = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-        capture_output=True,
-        check=True,
-    )
+    if voice.startswith("flite:"):
+        if not flite_available():
+            raise SynthUnavailable("flite voices need flite on PATH (apt-get install flite)")
+        # flite has no speed/pitch in words per minute / 0-99: map them onto its
+        # duration stretch and target F0 (espeak's 160 wpm, pitch 50 ~ flite's defaults).
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = os.path.join(tmp, "out.wav")
+            subprocess.run(
+                ["flite", "-voice", voice.split(":", 1)[1], "--setf", f"duration_stretch={160 / max(speed, 40):.3f}",
+                 "--setf", f"int_f0_target_mean={70 + 1.6 * pitch:.0f}", "-t", text, "-o", wav],
+                capture_output=True, check=True,
+            )
+            with open(wav, "rb") as f:
+                synth = f.read()
+    else:
+        synth = subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(gap), "--stdout", text],
+            capture_output=True,
+            check=True,
+        ).stdout
     sox = subprocess.run(
         ["sox", "-t", "wav", "-", "-t", "raw", "-r", str(rate), "-e", "floating-point",
          "-b", "32", "-c", "1", "-"],
-        input=espeak.stdout,
+        input=synth,
         capture_output=True,
         check=True,
     )
@@ -69,14 +107,17 @@ def speak(
     rate: int = SAMPLE_RATE,
     level_db: float | None = -20.0,
     trim: bool = True,
+    gap: int = 0,
 ) -> np.ndarray:
-    """`text` spoken by espeak-ng as float32 mono at `rate` Hz.
+    """`text` spoken by espeak-ng (or flite, voice "flite:<name>") as float32 mono at `rate` Hz.
 
-    speed is words per minute, pitch 0-99. level_db sets the RMS level of the speech part
-    in dBFS (None keeps espeak's level); trim drops espeak's leading/trailing silence so
-    callers control the timing exactly.
+    speed is words per minute, pitch 0-99, gap extra pause between words in 10 ms units
+    (espeak only). level_db sets the RMS level of the speech part in dBFS (None keeps the
+    synthesiser's level); trim drops leading/trailing silence so callers control the
+    timing exactly.
     """
-    audio = np.frombuffer(_speak_cached(text, voice, int(speed), int(pitch), int(rate)), dtype="<f4").copy()
+    audio = np.frombuffer(_speak_cached(text, voice, int(speed), int(pitch), int(rate), int(gap)),
+                          dtype="<f4").copy()
     if trim:
         audio = trim_silence(audio)
     if level_db is not None:

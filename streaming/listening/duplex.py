@@ -10,8 +10,11 @@ answer starts and ends (`set_speaking`), and acts on what `feed_input` returns:
 
 Flow inside feed_input: microphone -> EchoCanceller (removes what the client is playing)
 -> SpeechDetector in 32 ms chunks -> while the assistant is audible and the user speaks,
-the CommandDetector decodes the latest window every `hop_ms`, and at once when a pause
-starts (the usual end of a command). In barge-in mode any speech of `barge_in_ms` stops.
+the CommandDetector decodes the latest window every `hop_ms` (every `hop_idle_ms` while
+the last decode showed no part of a phrase), and at once when a pause starts (the usual
+end of a command). In barge-in mode any speech of `barge_in_ms` stops. The recognizer is
+shared by the process's sessions: windows handed in together are decoded in one call, and
+pause decodes go before routine hops (see interrupt.WhisperRecognizer).
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
@@ -70,11 +73,18 @@ class DuplexConfig:
     # Command mode: decoding schedule and window.
     command: CommandConfig = field(default_factory=CommandConfig)
     hop_ms: int = 200            # decode period while the user is speaking
+    # ... once the last decode ended with no part of a phrase: the whole phrase would have
+    # to be in the audio since, and a phrase takes longer than this to say.
+    hop_idle_ms: int = 400
     pause_prob: float = 0.5      # a chunk under this speech probability starts a pause
     pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
     pause_hop_ms: int = 96       # decode period in the first moments of a pause
     pause_follow_ms: int = 300   # how long into a pause decoding continues
     max_decode_share: float = 0.5    # decoding may take this share of real time on average
+    # True: a decode batched with other sessions costs only its part of the call (for a GPU,
+    # where a batch costs about one window); False: the wall time it waited, which keeps a
+    # CPU that cannot keep up from building a backlog (measured: p90 4.3 s with True).
+    charge_share: bool = False
     decode_bank_ms: int = 400        # ... with bursts up to this much compute
     hop_reserve_ms: int = 150        # compute kept for pause decodes when hops would eat it
     confirm_pause_ms: int = 64       # a matched command fires once the user pauses this long
@@ -317,7 +327,8 @@ class DuplexController:
         elif (0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
               and self._promising):
             trigger = "pause"        # the phrase was under way: its last word may now be done
-        elif not paused and since >= cfg.hop_ms * ms and self._pending is None:
+        elif (not paused and self._pending is None
+              and since >= (cfg.hop_ms if self._promising else max(cfg.hop_ms, cfg.hop_idle_ms)) * ms):
             trigger = "hop"
         else:
             trigger = None
@@ -327,11 +338,16 @@ class DuplexController:
             reserve = -1.0  # a pending stop is always checked, even when over budget
         if trigger is not None and self._credit > reserve:
             t0 = time.perf_counter()
-            self._decode(end, trigger)
+            decoded = self._decode(end, trigger)
             spent = time.perf_counter() - t0
+            share = getattr(getattr(self.detector, "recognizer", None), "last_share_s", None)
+            if decoded and cfg.charge_share and share is not None:
+                # Batched with other sessions' windows: this session pays its part of the call.
+                spent = min(spent, share())
             self._credit -= spent
-            self.decode_seconds.append(spent)
-            del self.decode_seconds[:-256]
+            if decoded:
+                self.decode_seconds.append(spent)
+                del self.decode_seconds[:-256]
         if self._pending is not None:
             phrase, confidence, text, _, confirmed = self._pending
             # A later window's confirmation counts unless the VAD clearly hears the user
@@ -380,15 +396,15 @@ class DuplexController:
             windows.append(fg)
         return windows
 
-    def _decode(self, end: int, trigger: str) -> None:
+    def _decode(self, end: int, trigger: str) -> bool:
         """Decode the current windows; a confident match becomes the pending command."""
         cfg = self.config
         if self._speech_run < cfg.min_window_ms * self._ms // 4:
-            return
+            return False
         windows = self._windows(end)
         self._last_decode = end
         self.decodes += 1
-        scored = self.detector.score_windows(windows)
+        scored = self.detector.score_windows(windows, urgent=trigger != "hop")
         transcript, found, confidence = max(scored, key=lambda r: r[2])
         if self.trace is not None:
             self.trace.append((end, " | ".join(t.text for t, _, _ in scored), round(confidence, 3), trigger))
@@ -409,6 +425,7 @@ class DuplexController:
         elif hit and (self._pending is None or confidence > self._pending[1]):
             at = end if self._pending is None else self._pending[3]
             self._pending = (found.phrase, confidence, transcript.text, at, False)
+        return True
 
     def _interrupt(self, kind, phrase, confidence, at, text) -> Interrupt:
         self._interrupted = True

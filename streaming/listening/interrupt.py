@@ -1,13 +1,20 @@
 """Spoken-command detection ("stop omni") on short windows of live microphone audio.
 
-Why it is built this way (measured on espeak-ng voices, see bench_interrupt.py):
+Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_interrupt.py):
 - whisper tiny.en transcribes "stop omni" as "stop on me", "stop, I'm ready", "start by
   me"... Conditioning the decoder on the command spelling (a `<|startofprev|>` prompt such
   as " Stop Omni.") turns almost all of those into the literal phrase, while ordinary
   sentences ("stop it now please", "stop on my way") still come out as themselves.
-- Whisper accepts a mel input shorter than its 30 s training window: an 8-10 s window
-  (1-3 s of speech plus zero padding) decodes a short command as well as 30 s does, at
-  ~1/10 of the encoder cost, which is what makes decoding every ~200 ms affordable.
+- Whisper accepts a mel input shorter than its 30 s training window: a 6 s input (up to
+  3 s of speech plus zero padding) decodes a short command as well as 30 s does, at ~1/6
+  of the encoder cost, which is what makes decoding every ~200 ms affordable. Shorter
+  inputs cost less still but lose confidence (4 s: "stop omni" in en-us at 150 wpm drops
+  from 0.86 to 0.33, under the threshold) and make whisper restart the sentence it just
+  finished ("Stop Omni. Stop Omni"), which `loop_cut` drops.
+- Sessions share one recognizer, and windows handed in while a call runs are decoded
+  together in the next call (one batch of features), so the number of model calls per
+  tick does not grow with the number of sessions; on a GPU (device "auto") a batch costs
+  about what one window does.
 - Recognizers spell the command many ways, so phrases are compared on a coarse phonetic
   key (vowels merged, voicing and m/n merged) with an edit-distance similarity, and only a
   match at the end of the window counts: the window ends "now", so a command the user
@@ -19,6 +26,7 @@ import functools
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +51,27 @@ class RecognizerConfig:
     """
 
     model_path: str | None = None
-    device: str = "cpu"
-    compute_type: str = "int8"
+    device: str = "auto"      # "auto": CUDA when CTranslate2 sees a GPU, else CPU
+    compute_type: str = "auto"  # "auto": int8 on CPU, int8_float16 on CUDA
     threads: int = 0          # 0: CTranslate2's default (all cores)
     workers: int = 1          # parallel decodes (sessions) the model serves at once
-    context_s: float = 8.0    # mel input length; audio sits at its start, zeros after
+    context_s: float = 6.0    # mel input length; audio sits at its start, zeros after
+    max_batch: int = 16       # windows merged into one model call at most
+
+    def resolved_device(self) -> tuple[str, str]:
+        """(device, compute_type) after "auto" is decided from the runtime."""
+        device = self.device
+        if device == "auto":
+            try:
+                import ctranslate2
+
+                device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+            except Exception:
+                device = "cpu"
+        compute = self.compute_type
+        if compute == "auto":
+            compute = "int8_float16" if device == "cuda" else "int8"
+        return device, compute
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,8 @@ class CommandConfig:
             raise ValueError("command phrases must be a non-empty list of non-empty strings")
         if not 0 < self.threshold <= 1 or not 0 < self.similarity <= 1:
             raise ValueError("command threshold and similarity must be in (0, 1]")
+        if not 0 < self.window_s < self.recognizer.context_s:
+            raise ValueError("command window_s must be positive and shorter than the recognizer's context_s")
 
     def decoder_prompt(self) -> str:
         if self.prompt is not None:
@@ -123,6 +149,25 @@ def similarity(a: str, b: str) -> float:
     if not ka or not kb:
         return 0.0
     return 1.0 - _edit_distance(ka, kb) / max(len(ka), len(kb))
+
+
+def loop_cut(words: list[str]) -> int:
+    """How many words to keep once whisper's repetition loop is dropped.
+
+    On short mel inputs whisper may restart the last sentence after finishing it ("Please
+    stop Omni. Please stop Omni"): words after a sentence end that only repeat that
+    sentence (once or more, the last copy possibly cut short) are not new speech.
+    """
+    norm = [re.sub(r"[^a-z0-9]", "", w.lower()) for w in words]
+    start = 0
+    for i, w in enumerate(words[:-1]):
+        if w.rstrip()[-1:] not in (".", "!", "?"):
+            continue
+        sentence, tail = norm[start : i + 1], norm[i + 1 :]
+        start = i + 1
+        if sentence and tail == (sentence * (len(tail) // len(sentence) + 1))[: len(tail)]:
+            return i + 1
+    return len(words)
 
 
 @dataclass(frozen=True)
@@ -224,11 +269,41 @@ def resolve_model_path(model_path: str | None) -> str:
     )
 
 
+@dataclass(eq=False)
+class _Request:
+    windows: list
+    prompt: str | None
+    max_tokens: int
+    urgent: bool = False
+    results: list | None = None
+    error: BaseException | None = None
+    share_s: float = 0.0   # this request's part of its call's time (by windows)
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None or self.error is not None
+
+
+@dataclass
+class RecognizerStats:
+    """What the recognizer did since it was created (process-wide, all sessions)."""
+
+    calls: int = 0          # model calls (one call decodes a batch of windows)
+    windows: int = 0        # windows decoded
+    seconds: float = 0.0    # wall time inside model calls
+    largest_batch: int = 0
+
+
 class WhisperRecognizer:
     """faster-whisper's CTranslate2 tiny.en, decoding short windows with a prompt.
 
-    One instance is shared by all sessions (`shared_recognizer`): CTranslate2 models are
-    thread-safe and `workers` decodes run concurrently.
+    One instance is shared by all sessions (`shared_recognizer`). Windows that sessions
+    hand in at about the same time are decoded in ONE model call (a batch of features):
+    whoever finds the model idle runs everything queued so far, the others wait for their
+    share. No delay is added to gather a batch; windows arriving while a call runs go
+    into the next call together, so under load the number of calls per tick stays ~1
+    whatever the number of sessions. Results do not depend on the batch (greedy decoding
+    of each window is independent; every window has the same mel length).
     """
 
     def __init__(self, config: RecognizerConfig = RecognizerConfig()):
@@ -241,8 +316,9 @@ class WhisperRecognizer:
         self.config = config
         self.model_path = resolve_model_path(config.model_path)
         self._ct2 = ctranslate2
+        self.device, self.compute_type = config.resolved_device()
         self.model = ctranslate2.models.Whisper(
-            self.model_path, device=config.device, compute_type=config.compute_type,
+            self.model_path, device=self.device, compute_type=self.compute_type,
             intra_threads=config.threads, inter_threads=config.workers,
         )
         self._features = FeatureExtractor(feature_size=self.model.n_mels)
@@ -258,6 +334,11 @@ class WhisperRecognizer:
         self._case_groups = self._casefold_groups()
         self._prompts: dict[str, list[int]] = {}
         self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._queue: list[_Request] = []
+        self._running = 0           # model calls in flight (at most `workers`)
+        self._local = threading.local()
+        self.stats = RecognizerStats()
 
     def _casefold_groups(self) -> dict[int, np.ndarray]:
         """token id -> ids spelling the same letters in any case (' Stop', ' stop', 'STOP').
@@ -303,17 +384,94 @@ class WhisperRecognizer:
         return self.transcribe_batch([audio], prompt, max_tokens)[0]
 
     def transcribe_batch(self, windows: list[np.ndarray], prompt: str | None = None,
-                         max_tokens: int = 24) -> list[Transcript]:
-        """Greedy transcripts of several windows in one model call."""
+                         max_tokens: int = 24, urgent: bool = False) -> list[Transcript]:
+        """Greedy transcripts of several windows (merged with other threads' windows).
+
+        urgent: a decision waits on it (the user just paused): the next call takes the
+        urgent windows queued, without the routine ones, so that on a CPU (where a call
+        costs about its number of windows) it is not slowed by them.
+        """
+        req = _Request([np.asarray(w, dtype=np.float32) for w in windows], prompt, max_tokens, urgent)
+        workers = max(1, self.config.workers)
+        with self._cv:
+            self._queue.append(req)
+        while True:
+            with self._cv:
+                while not req.done and self._running >= workers:
+                    self._cv.wait()
+                if req.done:
+                    break
+                batch = self._take()
+                self._running += 1
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    self._running -= 1
+                    self._cv.notify_all()
+        if req.error is not None:
+            raise req.error
+        self._local.share_s = req.share_s
+        return req.results
+
+    def last_share_s(self) -> float:
+        """Compute time of this thread's last transcribe_batch: its windows' part of the
+        model call they shared (the rest was other sessions' work)."""
+        return getattr(self._local, "share_s", 0.0)
+
+    def _take(self) -> list[_Request]:
+        """The oldest queued requests (urgent ones only, if any), up to max_batch windows
+        (at least one request)."""
+        urgent = any(r.urgent for r in self._queue)
+        batch, n = [], 0
+        for req in list(self._queue):
+            if urgent and not req.urgent:
+                continue
+            if batch and n + len(req.windows) > self.config.max_batch:
+                break
+            self._queue.remove(req)
+            batch.append(req)
+            n += len(req.windows)
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        groups: dict[str | None, list[_Request]] = {}
+        for req in batch:
+            groups.setdefault(req.prompt, []).append(req)
+        for prompt, reqs in groups.items():
+            try:
+                windows = [w for r in reqs for w in r.windows]
+                t0 = time.perf_counter()
+                results = self.generate(windows, prompt, max(r.max_tokens for r in reqs))
+                per_window = (time.perf_counter() - t0) / len(windows)
+                i = 0
+                for r in reqs:
+                    r.share_s = per_window * len(r.windows)
+                    # A window's greedy tokens up to its own cap are those of a call with that cap.
+                    r.results = [self._transcript(x, r.max_tokens) for x in results[i : i + len(r.windows)]]
+                    i += len(r.windows)
+            except BaseException as exc:  # every waiter gets the failure, nobody hangs
+                for r in reqs:
+                    r.error = exc
+
+    def generate(self, windows: list[np.ndarray], prompt: str | None, max_tokens: int):
+        """One model call on a batch of windows (raw CTranslate2 results)."""
+        t0 = time.perf_counter()
         feats = np.ascontiguousarray(np.stack([self.features(w) for w in windows]))
         results = self.model.generate(
             self._ct2.StorageView.from_array(feats), [self._prompt_ids(prompt)] * len(windows),
             beam_size=1, max_length=max_tokens, return_scores=True, return_logits_vocab=True,
         )
-        return [self._transcript(r) for r in results]
+        with self._lock:
+            st = self.stats
+            st.calls += 1
+            st.windows += len(windows)
+            st.seconds += time.perf_counter() - t0
+            st.largest_batch = max(st.largest_batch, len(windows))
+        return results
 
-    def _transcript(self, result) -> Transcript:
-        ids = [i for i in result.sequences_ids[0] if i < self._eot]
+    def _transcript(self, result, max_tokens: int | None = None) -> Transcript:
+        ids = [i for i in result.sequences_ids[0][:max_tokens] if i < self._eot]
         probs = []
         for step, token in zip(result.logits[0], ids):
             logits = np.asarray(step, dtype=np.float64)
@@ -372,14 +530,17 @@ class CommandDetector:
         """Transcript of `window`, the phrase match at its end (or None), and confidence."""
         return self.score_windows([window])[0]
 
-    def score_windows(self, windows: list[np.ndarray]) -> list[tuple[Transcript, PhraseMatch | None, float]]:
-        """`score` for several windows (e.g. different start points) in one model call."""
+    def score_windows(self, windows: list[np.ndarray],
+                      urgent: bool = False) -> list[tuple[Transcript, PhraseMatch | None, float]]:
+        """`score` for several windows (e.g. different start points) in one model call
+        (see WhisperRecognizer.transcribe_batch for `urgent`)."""
         out = []
         # ~3 tokens per second of speech: a tight cap stops repetition loops early.
         seconds = max(w.size for w in windows) / SAMPLE_RATE
         cap = min(self.config.max_tokens, 6 + int(4 * seconds))
-        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap):
+        for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap, urgent=urgent):
             words = [w.text for w in transcript.words]
+            words = words[: loop_cut(words)]
             found = self.matcher.match(words)
             if found is None or words[-1].endswith("-"):
                 # No phrase, or the recognizer marked the last word as cut off ("my-"):
