@@ -86,14 +86,16 @@ def test_turns_errors_and_cancel_cross_as_the_engine_raised_them(rig):
 
 
 def test_engine_busy_keeps_its_retry_hint():
-    class EngineFull(RuntimeError):
-        pass
+    from types import SimpleNamespace
 
-    class EngineBusy(EngineFull):
-        retry_after_s = 1.5
+    from omni2.streaming.engine.messages import EngineBusy, EngineFull
 
-    back = wire.error_from_wire(wire.error_to_wire(EngineBusy("no headroom")))
-    assert is_engine_full(back) and back.retry_after_s == 1.5 and "no headroom" in str(back)
+    decision = SimpleNamespace(reason=lambda: "no headroom", retry_after_s=1.5)
+    back = wire.error_from_wire(wire.error_to_wire(EngineBusy(decision)))
+    assert isinstance(back, EngineBusy) and is_engine_full(back)
+    assert back.retry_after_s == 1.5 and "no headroom" in str(back)
+    full = wire.error_from_wire(wire.error_to_wire(EngineFull("no slot")))
+    assert type(full) is EngineFull and is_engine_full(full)
 
 
 def test_admission_is_global_and_a_silent_gateway_gives_back_its_slots(rig, tmp_path):

@@ -2,8 +2,8 @@
 
 Every message is one ZeroMQ frame of msgpack: a map with an `op`. Audio and images travel as
 msgpack `bin` (the array's raw float32 bytes), never as JSON or base64. The engine's
-exceptions cross as a `kind` and come back out as stand-ins with the same class names
-(server/ matches EngineFull by name, so a gateway needs no torch-side import).
+exceptions cross as a `kind` and come back out as the same classes (streaming/engine/messages.py,
+which imports no torch), so server/ recognises a refusal in a gateway as in one process.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Optional
 import msgpack
 import numpy as np
 
-from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, SamplingParams, TextDelta, TurnDone,
-                                      TurnEvent, TurnRequest)
+from omni2.streaming.engine import messages
+from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineFull, SamplingParams, TextDelta,
+                                             TurnDone, TurnEvent, TurnRequest)
 
 # Gateway -> engine: hb (heartbeat with the gateway's load), call (a method of the Engine API,
 # answered by ret/err), cancel / release (a turn; no answer). Engine -> gateway: hb (state,
@@ -25,15 +26,13 @@ HEARTBEAT_S = 0.25          # both sides say they live this often
 PEER_TIMEOUT_S = 3.0
 
 
-class EngineFull(RuntimeError):
-    """Stand-in for streaming's EngineFull, raised by a gateway's RemoteEngine."""
+class EngineBusy(messages.EngineBusy):
+    """EngineBusy as a gateway re-raises it: the reason and the retry hint crossed, the
+    admission decision itself stayed in the engine process."""
 
-    retry_after_s: Optional[float] = None
-
-
-class EngineBusy(EngineFull):
     def __init__(self, message: str, retry_after_s: Optional[float]) -> None:
-        super().__init__(message)
+        RuntimeError.__init__(self, message)
+        self.decision = None
         self.retry_after_s = retry_after_s
 
 
@@ -109,8 +108,7 @@ def event_from_wire(d: dict) -> TurnEvent:
 
 def error_to_wire(exc: BaseException) -> dict:
     """An exception raised by the engine, as the gateway will re-raise it."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    kind = "busy" if "EngineBusy" in names else "full" if "EngineFull" in names else \
+    kind = "busy" if isinstance(exc, messages.EngineBusy) else "full" if isinstance(exc, EngineFull) else \
         "value" if isinstance(exc, ValueError) else "other"
     return {"kind": kind, "msg": str(exc), "retry": getattr(exc, "retry_after_s", None)}
 
