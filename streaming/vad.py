@@ -1,9 +1,15 @@
 """Streaming voice activity detection with silero-vad.
 
 The model comes from the `silero-vad` wheel, which carries its TorchScript file, so it
-works offline. silero-vad scores fixed 512-sample chunks at 16 kHz (32 ms) and keeps its
-recurrent state and 64-sample context inside the scripted module, so every
-SpeechDetector owns one module instance: sessions must never share recurrent state.
+works offline. silero-vad scores fixed 512-sample chunks at 16 kHz (32 ms) with a recurrent
+state and a 64-sample context per stream. The scripted module would keep them inside itself
+(one module per stream); here every SpeechDetector keeps its own `SileroStream` (state and
+context) and one process-wide network scores them: `score_streams` runs the chunks of many
+streams as one batch per 32 ms step (one call for every session a server process holds),
+with the same per-stream results as the module's own forward (tests/test_vad_batch.py).
+
+A detector scores its own audio with `push`, or in two halves around a batched call:
+`take_chunks` (audio -> whole chunks), `score_streams`, `consume` (probabilities -> events).
 
 Events follow the OpenAI Realtime server-VAD semantics the server exposes:
 `speech_started.sample` is the onset minus `prefix_padding_ms` (the start of the audio a
@@ -77,6 +83,60 @@ def load_silero():
     return model
 
 
+class SileroStream:
+    """One audio stream's silero-vad memory: recurrent state and the last 64 samples."""
+
+    __slots__ = ("state", "context")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        import torch
+
+        self.state = torch.zeros(2, 1, 128)
+        self.context = torch.zeros(1, CONTEXT)
+
+
+CONTEXT = 64   # samples of the previous chunk silero-vad sees before each 16 kHz chunk
+_shared = None
+
+
+def shared_silero():
+    """The 16 kHz silero network shared by every stream of this process (stateless: each
+    stream passes its own state)."""
+    global _shared
+    if _shared is None:
+        _shared = load_silero()._model
+    return _shared
+
+
+def score_streams(streams: list[SileroStream], chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """Speech probabilities of `chunks[i]` (k_i x 512 float32) for `streams[i]`, in order.
+
+    Step j scores the j-th chunk of every stream that has one, all in one batch, so a tick
+    of many sessions costs a few network calls instead of one per chunk per session.
+    """
+    import torch
+
+    model = shared_silero()
+    probs = [np.zeros(c.shape[0], dtype=np.float32) for c in chunks]
+    steps = max((c.shape[0] for c in chunks), default=0)
+    with torch.inference_mode():
+        for j in range(steps):
+            rows = [i for i, c in enumerate(chunks) if c.shape[0] > j]
+            audio = torch.from_numpy(np.stack([chunks[i][j] for i in rows]))
+            x = torch.cat([torch.cat([streams[i].context for i in rows]), audio], dim=1)
+            state = torch.cat([streams[i].state for i in rows], dim=1)
+            out, state = model(x, state)
+            out = out.reshape(-1).numpy()
+            for r, i in enumerate(rows):
+                streams[i].state = state[:, r : r + 1].clone()
+                streams[i].context = x[r : r + 1, -CONTEXT:].clone()
+                probs[i][j] = out[r]
+    return probs
+
+
 class SpeechDetector:
     """Turns a stream of 16 kHz float32 samples into speech start/stop events.
 
@@ -116,12 +176,13 @@ class SpeechDetector:
             if pause_ms < 0:
                 raise ValueError("VAD durations must be >= 0 ms")
             self.pause_samples = pause_ms * SAMPLE_RATE // 1000
-        self._model = load_silero()
+        shared_silero()  # loaded now (a missing wheel fails here, not at the first audio)
+        self.stream = SileroStream()
         self.reset()
 
     def reset(self) -> None:
         """Forget all audio: sample indices restart at 0, recurrent state cleared."""
-        self._model.reset_states()
+        self.stream.reset()
         self._pending = np.zeros(0, dtype=np.float32)
         self.samples_seen = 0          # samples scored so far (multiple of CHUNK)
         self.speech_prob_last = 0.0
@@ -147,24 +208,28 @@ class SpeechDetector:
 
         Any length is accepted; a tail shorter than one chunk waits for the next push.
         """
+        chunks = self.take_chunks(samples_16k)
+        if chunks.shape[0] == 0:
+            return []
+        return self.consume(score_streams([self.stream], [chunks])[0])
+
+    def take_chunks(self, samples_16k: np.ndarray) -> np.ndarray:
+        """The whole chunks (k x 512) the new audio completes; the tail waits for more."""
         x = np.asarray(samples_16k, dtype=np.float32).reshape(-1)
         if self._pending.size:
             x = np.concatenate([self._pending, x])
         n_full = (x.size // CHUNK) * CHUNK
         self._pending = x[n_full:].copy()
-        events: list[VadEvent] = []
-        if n_full == 0:
-            return events
-        import torch
+        return np.ascontiguousarray(x[:n_full]).reshape(-1, CHUNK)
 
-        chunks = torch.from_numpy(np.ascontiguousarray(x[:n_full])).view(-1, CHUNK)
-        with torch.inference_mode():
-            for chunk in chunks:
-                prob = float(self._model(chunk, SAMPLE_RATE))
-                start = self.samples_seen
-                self.samples_seen += CHUNK
-                self.speech_prob_last = prob
-                self._step(prob, start, events)
+    def consume(self, probs) -> list[VadEvent]:
+        """Events caused by the next chunks, given their speech probabilities in order."""
+        events: list[VadEvent] = []
+        for prob in probs:
+            start = self.samples_seen
+            self.samples_seen += CHUNK
+            self.speech_prob_last = float(prob)
+            self._step(float(prob), start, events)
         return events
 
     def _step(self, prob: float, start: int, events: list[VadEvent]) -> None:
