@@ -184,7 +184,9 @@ class DuplexController:
         """Forget the session's audio (sample indices restart at 0)."""
         self.vad.reset()
         self.echo.reset()
-        self._resampler = Resampler(OUTPUT_RATE, SAMPLE_RATE)
+        # The windowed-sinc filter (~2 ms of lag), not libsoxr (~22 ms): the echo reference
+        # sets the playout timeline, whose end says what the user has heard.
+        self._resampler = Resampler(OUTPUT_RATE, SAMPLE_RATE, backend="sinc")
         self._clean = np.zeros(0, dtype=np.float32)   # cleaned audio kept for windows
         self._clean_base = 0
         self._vad_pending = np.zeros(0, dtype=np.float32)
