@@ -350,7 +350,16 @@ class InputAudio:
         return out
 
     def commit(self) -> np.ndarray:
-        """Manual commit: everything buffered becomes one turn; the detector starts over."""
+        """Manual commit: everything buffered becomes one turn; the detector starts over.
+
+        The resampler's held-back tail (its filter delay, ~20-50 ms with libsoxr) is flushed
+        into the turn first, so the turn ends where the user's audio did. With VAD and no
+        speech under way it is left alone: the detector has not seen those samples.
+        """
+        if not self.vad or self.in_speech:
+            tail = self._resampler.flush()
+            if tail.size:
+                self._append(tail)
         audio = self._take_until(self._buf_start + self._buf_len)
         self._cut = None
         if self.vad and self.in_speech:
