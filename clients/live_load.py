@@ -70,6 +70,47 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
+def server_pid_for_port(port: int) -> Optional[int]:
+    """The process listening on 127.0.0.1/0.0.0.0 TCP `port` (its socket's owner, from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(cols[9])
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    owners = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    owners.append(int(name))
+                    break
+        except OSError:
+            continue
+    if not owners:
+        return None
+    # Worker processes share the listening socket: the oldest owner is the parent.
+    return min(owners, key=lambda pid: _start_time(pid))
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except OSError:
+        return 1 << 62
+
+
 def mic_audio() -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """(questions, stop phrase) at 24 kHz, spoken by espeak-ng; synthetic tones without it."""
     from omni2.streaming.espeak import missing_tools
@@ -127,6 +168,7 @@ class ProcResult:
     answers: list
     connected: int = 0
     refused: int = 0
+    capped: int = 0              # refused by the connection cap (HTTP 503 at the handshake)
     errors: list = None
     send_lag_ms: list = None     # how late each send left, sampled
     cpu_s: float = 0.0
@@ -141,6 +183,8 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
     except RealtimeError as exc:
         if exc.refused:
             out.refused += 1
+        elif exc.code == "http_503":   # the server's connection cap (server/limits.py)
+            out.capped += 1
         else:
             out.errors.append(f"session {index}: {exc}")
         return
@@ -222,8 +266,9 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
         await client.close()
 
 
-def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Optional[str], queue) -> None:
-    questions, stop = mic_audio()
+def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Optional[str], queue, ready) -> None:
+    questions, stop = mic_audio()   # (espeak: seconds) before the clock starts
+    ready.wait()
     out = ProcResult(answers=[], errors=[], send_lag_ms=[])
 
     async def main():
@@ -244,14 +289,17 @@ def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optio
     procs = max(1, min(procs, sessions or 1))
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
+    ready = ctx.Barrier(procs + 1)
     shares = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
     workers, first = [], 0
     for count in shares:
-        workers.append(ctx.Process(target=_proc_main, args=(first, count, url, plan, api_key, queue), daemon=True))
+        workers.append(ctx.Process(target=_proc_main, args=(first, count, url, plan, api_key, queue, ready),
+                                   daemon=True))
         first += count
-    started = time.monotonic()
     for w in workers:
         w.start()
+    ready.wait(timeout=300)   # every load process has its audio: the sessions start now
+    started = time.monotonic()
     measured = during() if during is not None else None
     results = [queue.get(timeout=plan.seconds + plan.ramp_s + 120) for _ in workers]
     for w in workers:
@@ -261,6 +309,7 @@ def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optio
         merged.answers += r["answers"]
         merged.connected += r["connected"]
         merged.refused += r["refused"]
+        merged.capped += r["capped"]
         merged.errors += r["errors"]
         merged.send_lag_ms += r["send_lag_ms"]
         merged.cpu_s += r["cpu_s"]
@@ -276,7 +325,8 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
     with_gaps = sum(1 for a in answered if a["gaps"])
     ms = (lambda x: None if x is None else round(1000 * x, 1))
     return {
-        "sessions_connected": r.connected, "refused": r.refused, "errors": len(r.errors),
+        "sessions_connected": r.connected, "refused": r.refused, "connection_capped": r.capped,
+        "errors": len(r.errors),
         "error_samples": r.errors[:3], "answers": len(answered), "answers_whole": len(whole),
         "answers_stopped_by_user": sum(1 for a in answered if a["stopped_by_user"]),
         "answers_failed": len(r.answers) - len(answered),

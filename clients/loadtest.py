@@ -9,12 +9,24 @@ its playback underruns are counted. Refusals (close 1013, server busy) are count
 from errors. Progress goes to stderr while it runs. The run is bounded: sessions and turns
 are capped, `--duration-limit` stops it, and only loopback servers are targeted unless
 `--allow-remote` is given.
+
+`--live SECONDS` runs the way people use a voice agent instead (clients/live_load.py): every
+session streams its microphone continuously at real time for that long (a quiet room between
+questions, a question every `--question-every` seconds after the last answer played, "stop
+omni" spoken over `--stop-share` of the answers), sessions spread over `--procs` load
+processes (so past 256 sessions). The table gives playback gaps (jitter buffer), first audio
+p50/p90/p95 and, when the server runs on this host (`--server-pid`, or found by its port),
+the server's CPU per session: its whole process tree's CPU at load minus idle, per session.
+A loopback load comes from one address: the server's per-client connection cap (32 by
+default) must be lifted for it: `omni2 serve --max-connections-per-client 0` (or
+OMNI2_MAX_CONNECTIONS_PER_CLIENT=0); sessions it refused are counted as "connection cap".
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -264,11 +276,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jitter-ms", type=float, default=JITTER_MS,
                         help=f"simulated client playback buffer for counting underruns (default {JITTER_MS:g})")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server")
+    live = parser.add_argument_group("live microphones (--live)")
+    live.add_argument("--live", type=float, default=None, metavar="SECONDS",
+                      help="every session streams its microphone continuously for SECONDS (real usage)")
+    live.add_argument("--procs", type=int, default=0,
+                      help="load processes the sessions are spread over (default: CPU count, at most 8); "
+                           f"up to {MAX_SESSIONS} sessions each")
+    live.add_argument("--question-every", type=float, default=3.0, metavar="S",
+                      help="quiet after an answer has played before the next question (0: never ask)")
+    live.add_argument("--stop-share", type=float, default=0.0,
+                      help='share of answers the user stops by saying "stop omni" while they play')
+    live.add_argument("--server-pid", type=int, default=None,
+                      help="the server's pid for CPU per session (default: the owner of --url's port, "
+                           "if on this host)")
 
 
 def check_args(args) -> Optional[str]:
-    if not 1 <= args.sessions <= MAX_SESSIONS:
-        return f"--sessions must be 1..{MAX_SESSIONS}"
+    live = getattr(args, "live", None) is not None
+    limit = MAX_SESSIONS * max(1, min(8, os.cpu_count() or 1) if not args.procs else args.procs) if live \
+        else MAX_SESSIONS
+    if not 1 <= args.sessions <= limit:
+        return f"--sessions must be 1..{limit}" + (" (more with --procs)" if live else "")
+    if live and (args.live <= 0 or args.question_every < 0 or not 0 <= args.stop_share <= 1 or args.procs < 0):
+        return "--live must be > 0, --question-every >= 0, --stop-share in 0..1, --procs >= 0"
     if not 1 <= args.turns <= MAX_TURNS:
         return f"--turns must be 1..{MAX_TURNS}"
     if args.duration_limit <= 0 or args.turn_timeout <= 0:
@@ -289,6 +319,8 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"omni2 loadtest: {problem}", file=sys.stderr)
         return 2
+    if getattr(args, "live", None) is not None:
+        return main_live(args)
     try:
         audio, rate = read_audio(args.audio) if args.audio else (default_question(), 24000)
     except (OSError, ValueError) as exc:
@@ -304,3 +336,65 @@ def main(args: argparse.Namespace) -> int:
     for t in [t for t in report.turns if not t.ok][:10]:
         print(f"turn {t.session}.{t.turn}: {t.status} {t.error or ''}", file=sys.stderr)
     return 0 if report.completed and not report.errors else 1
+
+
+def main_live(args: argparse.Namespace) -> int:
+    """--live: continuous microphones over several processes; server CPU per session."""
+    from urllib.parse import urlsplit
+
+    from .gateway_bench import cpu_window
+    from .live_load import LivePlan, run_live, server_pid_for_port
+
+    parts = urlsplit(args.url)
+    pid = args.server_pid
+    if pid is None and is_loopback(args.url):
+        pid = server_pid_for_port(parts.port or 80)
+    procs = args.procs or max(1, min(8, os.cpu_count() or 1))
+    plan = LivePlan(seconds=args.live, question_every_s=args.question_every or None, stop_share=args.stop_share,
+                    jitter_ms=args.jitter_ms, ramp_s=min(10.0, 1.0 + 0.02 * args.sessions),
+                    answer_timeout_s=args.turn_timeout)
+    idle = None
+    if pid is not None:
+        idle = cpu_window(pid, parts.port or 80, 0.0, 3.0)["cores"]
+    warm = plan.ramp_s + min(3.0, args.live / 4)
+    span = max(1.0, args.live - warm - 1.0)
+    during = (lambda: cpu_window(pid, parts.port or 80, warm, span)) if pid is not None else None
+    try:
+        s = run_live(args.url, args.sessions, procs, plan, api_key=args.api_key, during=during)
+    except KeyboardInterrupt:
+        return 130
+    d = s.pop("during")
+
+    def f(x, unit=""):
+        return "-" if x is None else f"{x:g}{unit}"
+
+    rows = [
+        ("sessions (live microphones)", f"{s['sessions_connected']} of {args.sessions} connected over {procs} "
+                                        f"load processes, {args.live:g} s each"),
+        ("refused (1013) / connection cap", f"{s['refused']} / {s['connection_capped']}"),
+        ("errors", f"{s['errors']}"),
+        ("answers (whole / stopped by user)", f"{s['answers']} ({s['answers_whole']} / {s['answers_stopped_by_user']})"),
+        ("answers failed or timed out", f"{s['answers_failed']}"),
+        ("answers with playback gaps", f"{s['answers_with_gaps']} ({f(s['answers_with_gaps_pct'], '%')}); "
+                                       f"{args.jitter_ms:g} ms jitter buffer"),
+        ("first audio p50 / p90 / p95", f"{f(s['ttfa_p50_ms'])} / {f(s['ttfa_p90_ms'])} / {f(s['ttfa_p95_ms'])} ms "
+                                        "(from speech_stopped)"),
+        ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
+                                        "generator's)"),
+    ]
+    if d is not None:
+        per = (d["cores"] - idle) / max(1, s["sessions_connected"])
+        rows += [("server CPU, whole process tree", f"{d['cores']:.3f} cores at load, {idle:.3f} idle (pid {pid})"),
+                 ("server CPU per session", f"{per:.4f} cores"),
+                 ("server event-loop lag p99", f"{f(d['lag_p99_ms'], ' ms')}")]
+    else:
+        rows.append(("server CPU per session", "- (server not on this host: pass --server-pid)"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if s["connection_capped"]:
+        print("note: the server refused connections at its per-client cap: run it with "
+              "--max-connections-per-client 0 (or OMNI2_MAX_CONNECTIONS_PER_CLIENT=0) for a loopback load",
+              file=sys.stderr)
+    for e in s["error_samples"]:
+        print(f"error: {e}", file=sys.stderr)
+    return 0 if s["sessions_connected"] and not s["errors"] else 1

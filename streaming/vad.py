@@ -92,48 +92,86 @@ class SileroStream:
         self.reset()
 
     def reset(self) -> None:
-        import torch
-
-        self.state = torch.zeros(2, 1, 128)
-        self.context = torch.zeros(1, CONTEXT)
+        self.state = np.zeros((2, 1, 128), dtype=np.float32)
+        self.context = np.zeros((1, CONTEXT), dtype=np.float32)
 
 
 CONTEXT = 64   # samples of the previous chunk silero-vad sees before each 16 kHz chunk
-_shared = None
 
 
-def shared_silero():
-    """The 16 kHz silero network shared by every stream of this process (stateless: each
-    stream passes its own state)."""
-    global _shared
-    if _shared is None:
-        _shared = load_silero()._model
-    return _shared
+class _TorchNet:
+    """The wheel's TorchScript network (its 16 kHz submodule, called with explicit state)."""
+
+    name = "torchscript"
+
+    def __init__(self):
+        self.model = load_silero()._model
+
+    def __call__(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            out, new = self.model(torch.from_numpy(x), torch.from_numpy(state))
+        return out.reshape(-1).numpy(), new.numpy()
 
 
-def score_streams(streams: list[SileroStream], chunks: list[np.ndarray]) -> list[np.ndarray]:
+class _OnnxNet:
+    """The wheel's ONNX export on onnxruntime: ~10x less overhead per call than TorchScript
+    for small batches (0.11 vs 1.06 ms for one chunk on the dev machine)."""
+
+    name = "onnxruntime"
+
+    def __init__(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1   # many small calls: threads cost more than they give
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        path = os.path.join(os.path.dirname(silero_model_path()), "silero_vad.onnx")
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def __call__(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, new = self.session.run(None, {"input": x, "state": state, "sr": self.sr})
+        return out.reshape(-1), new
+
+
+_nets: dict = {}
+
+
+def shared_silero(backend: str = "auto"):
+    """The silero network shared by every stream of this process (stateless: each stream
+    passes its own state). backend: "onnxruntime" when installed, else "torchscript"."""
+    if backend == "auto":
+        backend = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torchscript"
+    net = _nets.get(backend)
+    if net is None:
+        net = _nets[backend] = _OnnxNet() if backend == "onnxruntime" else _TorchNet()
+    return net
+
+
+def score_streams(streams: list[SileroStream], chunks: list[np.ndarray], backend: str = "auto") -> list[np.ndarray]:
     """Speech probabilities of `chunks[i]` (k_i x 512 float32) for `streams[i]`, in order.
 
     Step j scores the j-th chunk of every stream that has one, all in one batch, so a tick
     of many sessions costs a few network calls instead of one per chunk per session.
     """
-    import torch
-
-    model = shared_silero()
+    net = shared_silero(backend)
     probs = [np.zeros(c.shape[0], dtype=np.float32) for c in chunks]
     steps = max((c.shape[0] for c in chunks), default=0)
-    with torch.inference_mode():
-        for j in range(steps):
-            rows = [i for i, c in enumerate(chunks) if c.shape[0] > j]
-            audio = torch.from_numpy(np.stack([chunks[i][j] for i in rows]))
-            x = torch.cat([torch.cat([streams[i].context for i in rows]), audio], dim=1)
-            state = torch.cat([streams[i].state for i in rows], dim=1)
-            out, state = model(x, state)
-            out = out.reshape(-1).numpy()
-            for r, i in enumerate(rows):
-                streams[i].state = state[:, r : r + 1].clone()
-                streams[i].context = x[r : r + 1, -CONTEXT:].clone()
-                probs[i][j] = out[r]
+    for j in range(steps):
+        rows = [i for i, c in enumerate(chunks) if c.shape[0] > j]
+        x = np.empty((len(rows), CONTEXT + CHUNK), dtype=np.float32)
+        for r, i in enumerate(rows):
+            x[r, :CONTEXT] = streams[i].context[0]
+            x[r, CONTEXT:] = chunks[i][j]
+        state = np.concatenate([streams[i].state for i in rows], axis=1)
+        out, state = net(x, state)
+        for r, i in enumerate(rows):
+            streams[i].state = np.ascontiguousarray(state[:, r : r + 1])
+            streams[i].context = x[r : r + 1, -CONTEXT:].copy()
+            probs[i][j] = out[r]
     return probs
 
 

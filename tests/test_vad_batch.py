@@ -7,6 +7,8 @@ streams that have run out of audio.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -35,8 +37,13 @@ def streams_audio() -> list[np.ndarray]:
     return [a, b, c, d, e]
 
 
+BACKENDS = ["torchscript", pytest.param("onnxruntime", marks=pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed"))]
+
+
 @requires_speech
-def test_batched_scores_equal_the_module_per_stream():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_scores_equal_the_module_per_stream(backend):
     audio = streams_audio()
     want = [reference_probs(x) for x in audio]
     streams = [SileroStream() for _ in audio]
@@ -60,12 +67,12 @@ def test_batched_scores_equal_the_module_per_stream():
             pos[i] += k
         if not owners:
             break
-        for i, probs in zip(owners, score_streams(batch_streams, batch_chunks)):
+        for i, probs in zip(owners, score_streams(batch_streams, batch_chunks, backend)):
             got[i] += list(probs)
     for i in range(len(audio)):
         assert len(got[i]) == len(want[i])
-        # A batch sums in another order than one row: float32 rounding, carried by the
-        # recurrent state, moves a probability by ~1e-5 at most.
+        # A batch (and onnxruntime's kernels) sum in another order than the module: float32
+        # rounding, carried by the recurrent state, moves a probability by ~1e-5.
         np.testing.assert_allclose(got[i], want[i], atol=1e-4)
         assert [p >= 0.5 for p in got[i]] == [p >= 0.5 for p in want[i]]
     assert max(want[0]) > 0.9 and max(want[2]) < 0.5   # speech is scored as speech, noise not
