@@ -253,6 +253,12 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
                 out.answers.append(asdict(AnswerFigures("timeout", None, 0.0, 0)))  # no answer came
                 state.update(waiting=False, asked_at=None)
                 schedule_question(plan.question_every_s or 0.0)
+        if state["first"] is not None:   # an answer still playing when the run ended: its figures so far
+            asked, first = state["asked_at"], state["first"]
+            out.answers.append(asdict(AnswerFigures(
+                "open", None if asked is None or asked > first else first - asked,
+                sum(n for _, n in state["arrivals"]) / RATE,
+                count_underruns(state["arrivals"], plan.jitter_ms / 1000, RATE), state["user_stop"])))
         if receiver.done() and receiver.exception() is not None:
             out.errors.append(f"session {index}: {type(receiver.exception()).__name__}: {receiver.exception()}")
     except (RealtimeError, OSError, asyncio.TimeoutError) as exc:
@@ -319,9 +325,10 @@ def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optio
 
 
 def summarize(r: ProcResult, wall_s: float) -> dict:
-    answered = [a for a in r.answers if a["status"] in ("completed", "incomplete", "cancelled") and a["audio_s"] > 0]
+    answered = [a for a in r.answers
+                if a["status"] in ("completed", "incomplete", "cancelled", "open") and a["audio_s"] > 0]
     ttfa = [a["ttfa_s"] for a in answered if a["ttfa_s"] is not None]
-    whole = [a for a in answered if not a["stopped_by_user"] and a["status"] != "cancelled"]
+    whole = [a for a in answered if not a["stopped_by_user"] and a["status"] not in ("cancelled", "open")]
     with_gaps = sum(1 for a in answered if a["gaps"])
     ms = (lambda x: None if x is None else round(1000 * x, 1))
     return {
