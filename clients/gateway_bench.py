@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,9 @@ import urllib.request
 from typing import Optional
 
 from .live_load import LivePlan, process_tree_cpu, run_live
+from .soak import _free_port as free_port
+from .soak import _wait_ready as wait_ready
 
-READY_TIMEOUT_S = 180.0
 TTFA_P90_TARGET_MS = 300.0
 LAG_P99_TARGET_MS = 50.0
 
@@ -51,12 +51,6 @@ def accepts_workers(cmd: list[str]) -> bool:
     return "--workers" in out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(cmd: list[str], port: int, model: str, mode: str, workers: Optional[int],
                  max_sessions: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = cmd + ["--model", model, "--port", str(port), "--interrupt", mode,
@@ -66,19 +60,12 @@ def start_server(cmd: list[str], port: int, model: str, mode: str, workers: Opti
     if workers is not None:
         args += ["--workers", str(workers)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"omni2 serve was not ready within {READY_TIMEOUT_S:g} s")
+    try:
+        wait_ready(port, proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
