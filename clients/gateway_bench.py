@@ -27,10 +27,9 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Optional
 
-from .live_load import LivePlan, process_tree_cpu, run_live
+from .live_load import LivePlan, cpu_window, run_live
 from .soak import _free_port as free_port
 from .soak import _wait_ready as wait_ready
 
@@ -75,45 +74,6 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-
-def lag_buckets(port: int) -> dict[float, int]:
-    """Cumulative counts of omni2_event_loop_lag_seconds by upper bound (empty if absent)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("omni2_event_loop_lag_seconds_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float(le)] = int(float(line.rsplit(" ", 1)[1]))
-    return out
-
-
-def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[float]:
-    """Upper bound of the bucket holding the 99th percentile of the samples between two scrapes."""
-    if not after:
-        return None
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0) for b in bounds]
-    total = counts[-1]
-    if total <= 0:
-        return None
-    for b, c in zip(bounds, counts):
-        if c >= 0.99 * total:
-            return 1000.0 * b
-    return None
-
-
-def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
-    """Sleep `wait_s`, then the server tree's CPU (cores) and loop lag over the next `span_s`."""
-    time.sleep(wait_s)
-    lag0, cpu0, t0 = lag_buckets(port), process_tree_cpu(pid), time.monotonic()
-    time.sleep(span_s)
-    cpu1, t1, lag1 = process_tree_cpu(pid), time.monotonic(), lag_buckets(port)
-    return {"cores": (cpu1 - cpu0) / (t1 - t0), "lag_p99_ms": lag_p99_ms(lag0, lag1)}
 
 
 def measure(proc, port: int, sessions: int, procs: int, plan: LivePlan, warm_s: float, span_s: float) -> dict:

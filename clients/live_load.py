@@ -22,14 +22,16 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 
-from .loadtest import count_underruns, percentile
-from .realtime_client import RealtimeClient, RealtimeError, pcm16_bytes
+from .figures import count_underruns, percentile
+from .realtime_client import RealtimeClient, RealtimeError, is_loopback, pcm16_bytes
 
 RATE = 24000
 CHUNK_S = 0.1
@@ -111,15 +113,53 @@ def _start_time(pid: int) -> int:
         return 1 << 62
 
 
+def lag_buckets(port: int) -> dict[float, int]:
+    """Cumulative counts of omni2_event_loop_lag_seconds by upper bound (empty if absent)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("omni2_event_loop_lag_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[float]:
+    """Upper bound of the bucket holding the 99th percentile of the samples between two scrapes."""
+    if not after:
+        return None
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return None
+    for b, c in zip(bounds, counts):
+        if c >= 0.99 * total:
+            return 1000.0 * b
+    return None
+
+
+def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
+    """Sleep `wait_s`, then the server tree's CPU (cores) and loop lag over the next `span_s`."""
+    time.sleep(wait_s)
+    lag0, cpu0, t0 = lag_buckets(port), process_tree_cpu(pid), time.monotonic()
+    time.sleep(span_s)
+    cpu1, t1, lag1 = process_tree_cpu(pid), time.monotonic(), lag_buckets(port)
+    return {"cores": (cpu1 - cpu0) / (t1 - t0), "lag_p99_ms": lag_p99_ms(lag0, lag1)}
+
+
 def mic_audio() -> tuple[list[np.ndarray], Optional[np.ndarray]]:
-    """(questions, stop phrase) at 24 kHz, spoken by espeak-ng; synthetic tones without it."""
+    """(questions, stop phrase) at 24 kHz, spoken by espeak-ng."""
     from omni2.streaming.espeak import missing_tools
 
-    if missing_tools():
-        from .loadtest import default_question
-
-        quiet = np.zeros(int(1.2 * RATE), np.float32)
-        return [np.concatenate([default_question(), quiet])], None
+    missing = missing_tools()
+    if missing:  # the server's VAD must hear speech: a tone would not be cut into turns
+        raise RuntimeError(f"live microphones speak with {', '.join(missing)}: install it "
+                           "(apt-get install espeak-ng sox)")
     from omni2.streaming.espeak import resample, speak
 
     from .soak import questions
@@ -344,3 +384,62 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
         "generator_send_lag_p99_ms": round(percentile(r.send_lag_ms, 99) or 0.0, 1),
         "generator_cpu_s": round(r.cpu_s, 2), "wall_s": round(wall_s, 1),
     }
+
+
+def main_live(args) -> int:
+    """--live: continuous microphones over several processes; server CPU per session."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(args.url)
+    pid = args.server_pid
+    if pid is None and is_loopback(args.url):
+        pid = server_pid_for_port(parts.port or 80)
+    procs = args.procs or max(1, min(8, os.cpu_count() or 1))
+    plan = LivePlan(seconds=args.live, question_every_s=args.question_every or None, stop_share=args.stop_share,
+                    jitter_ms=args.jitter_ms, ramp_s=min(10.0, 1.0 + 0.02 * args.sessions),
+                    answer_timeout_s=args.turn_timeout)
+    idle = None
+    if pid is not None:
+        idle = cpu_window(pid, parts.port or 80, 0.0, 3.0)["cores"]
+    warm = plan.ramp_s + min(3.0, args.live / 4)
+    span = max(1.0, args.live - warm - 1.0)
+    during = (lambda: cpu_window(pid, parts.port or 80, warm, span)) if pid is not None else None
+    try:
+        s = run_live(args.url, args.sessions, procs, plan, api_key=args.api_key, during=during)
+    except KeyboardInterrupt:
+        return 130
+    d = s.pop("during")
+
+    def f(x, unit=""):
+        return "-" if x is None else f"{x:g}{unit}"
+
+    rows = [
+        ("sessions (live microphones)", f"{s['sessions_connected']} of {args.sessions} connected over {procs} "
+                                        f"load processes, {args.live:g} s each"),
+        ("refused (1013) / connection cap", f"{s['refused']} / {s['connection_capped']}"),
+        ("errors", f"{s['errors']}"),
+        ("answers (whole / stopped by user)", f"{s['answers']} ({s['answers_whole']} / {s['answers_stopped_by_user']})"),
+        ("answers failed or timed out", f"{s['answers_failed']}"),
+        ("answers with playback gaps", f"{s['answers_with_gaps']} ({f(s['answers_with_gaps_pct'], '%')}); "
+                                       f"{args.jitter_ms:g} ms jitter buffer"),
+        ("first audio p50 / p90 / p95", f"{f(s['ttfa_p50_ms'])} / {f(s['ttfa_p90_ms'])} / {f(s['ttfa_p95_ms'])} ms "
+                                        "(from speech_stopped)"),
+        ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
+                                        "generator's)"),
+    ]
+    if d is not None:
+        per = (d["cores"] - idle) / max(1, s["sessions_connected"])
+        rows += [("server CPU, whole process tree", f"{d['cores']:.3f} cores at load, {idle:.3f} idle (pid {pid})"),
+                 ("server CPU per session", f"{per:.4f} cores"),
+                 ("server event-loop lag p99", f"{f(d['lag_p99_ms'], ' ms')}")]
+    else:
+        rows.append(("server CPU per session", "- (server not on this host: pass --server-pid)"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if s["connection_capped"]:
+        print("note: the server refused connections at its per-client cap: run it with "
+              "--max-connections-per-client 0 (or OMNI2_MAX_CONNECTIONS_PER_CLIENT=0) for a loopback load",
+              file=sys.stderr)
+    for e in s["error_samples"]:
+        print(f"error: {e}", file=sys.stderr)
+    return 0 if s["sessions_connected"] and not s["errors"] else 1

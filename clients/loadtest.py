@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ from typing import Optional
 
 import numpy as np
 
-from .realtime_client import (OUTPUT_RATE, RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
+from .figures import count_underruns, percentile  # noqa: F401  (also this module's API)
+from .realtime_client import (RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
                               read_audio, realtime_url)
 
 MAX_SESSIONS = 256
@@ -93,36 +93,6 @@ class Report:
 
 def _ms(x: Optional[float]) -> Optional[float]:
     return None if x is None else x * 1000.0
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (no interpolation: a reported latency was really seen)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def count_underruns(arrivals: list[tuple[float, int]], jitter_s: float, rate: int = OUTPUT_RATE) -> int:
-    """Stalls a listener hears: playback starts once `jitter_s` of audio has arrived and then
-    plays in real time; when it needs audio that has not arrived while more is still coming,
-    that is one underrun, and it waits for the buffer to fill to `jitter_s` again.
-    `arrivals` are (arrival time, samples) of each audio delta, in order."""
-    underruns = 0
-    dry_at: Optional[float] = None        # while playing: when the buffered audio runs out
-    buffered = 0                          # while waiting: samples received since the stall
-    for at, samples in arrivals:
-        if dry_at is not None and at > dry_at:
-            underruns += 1
-            dry_at, buffered = None, 0
-        if dry_at is not None:
-            dry_at += samples / rate
-            continue
-        buffered += samples
-        if buffered >= jitter_s * rate:
-            dry_at = at + buffered / rate
-    return underruns
 
 
 class Progress:
@@ -320,6 +290,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"omni2 loadtest: {problem}", file=sys.stderr)
         return 2
     if getattr(args, "live", None) is not None:
+        from .live_load import main_live
+
         return main_live(args)
     try:
         audio, rate = read_audio(args.audio) if args.audio else (default_question(), 24000)
@@ -337,64 +309,3 @@ def main(args: argparse.Namespace) -> int:
         print(f"turn {t.session}.{t.turn}: {t.status} {t.error or ''}", file=sys.stderr)
     return 0 if report.completed and not report.errors else 1
 
-
-def main_live(args: argparse.Namespace) -> int:
-    """--live: continuous microphones over several processes; server CPU per session."""
-    from urllib.parse import urlsplit
-
-    from .gateway_bench import cpu_window
-    from .live_load import LivePlan, run_live, server_pid_for_port
-
-    parts = urlsplit(args.url)
-    pid = args.server_pid
-    if pid is None and is_loopback(args.url):
-        pid = server_pid_for_port(parts.port or 80)
-    procs = args.procs or max(1, min(8, os.cpu_count() or 1))
-    plan = LivePlan(seconds=args.live, question_every_s=args.question_every or None, stop_share=args.stop_share,
-                    jitter_ms=args.jitter_ms, ramp_s=min(10.0, 1.0 + 0.02 * args.sessions),
-                    answer_timeout_s=args.turn_timeout)
-    idle = None
-    if pid is not None:
-        idle = cpu_window(pid, parts.port or 80, 0.0, 3.0)["cores"]
-    warm = plan.ramp_s + min(3.0, args.live / 4)
-    span = max(1.0, args.live - warm - 1.0)
-    during = (lambda: cpu_window(pid, parts.port or 80, warm, span)) if pid is not None else None
-    try:
-        s = run_live(args.url, args.sessions, procs, plan, api_key=args.api_key, during=during)
-    except KeyboardInterrupt:
-        return 130
-    d = s.pop("during")
-
-    def f(x, unit=""):
-        return "-" if x is None else f"{x:g}{unit}"
-
-    rows = [
-        ("sessions (live microphones)", f"{s['sessions_connected']} of {args.sessions} connected over {procs} "
-                                        f"load processes, {args.live:g} s each"),
-        ("refused (1013) / connection cap", f"{s['refused']} / {s['connection_capped']}"),
-        ("errors", f"{s['errors']}"),
-        ("answers (whole / stopped by user)", f"{s['answers']} ({s['answers_whole']} / {s['answers_stopped_by_user']})"),
-        ("answers failed or timed out", f"{s['answers_failed']}"),
-        ("answers with playback gaps", f"{s['answers_with_gaps']} ({f(s['answers_with_gaps_pct'], '%')}); "
-                                       f"{args.jitter_ms:g} ms jitter buffer"),
-        ("first audio p50 / p90 / p95", f"{f(s['ttfa_p50_ms'])} / {f(s['ttfa_p90_ms'])} / {f(s['ttfa_p95_ms'])} ms "
-                                        "(from speech_stopped)"),
-        ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
-                                        "generator's)"),
-    ]
-    if d is not None:
-        per = (d["cores"] - idle) / max(1, s["sessions_connected"])
-        rows += [("server CPU, whole process tree", f"{d['cores']:.3f} cores at load, {idle:.3f} idle (pid {pid})"),
-                 ("server CPU per session", f"{per:.4f} cores"),
-                 ("server event-loop lag p99", f"{f(d['lag_p99_ms'], ' ms')}")]
-    else:
-        rows.append(("server CPU per session", "- (server not on this host: pass --server-pid)"))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    if s["connection_capped"]:
-        print("note: the server refused connections at its per-client cap: run it with "
-              "--max-connections-per-client 0 (or OMNI2_MAX_CONNECTIONS_PER_CLIENT=0) for a loopback load",
-              file=sys.stderr)
-    for e in s["error_samples"]:
-        print(f"error: {e}", file=sys.stderr)
-    return 0 if s["sessions_connected"] and not s["errors"] else 1

@@ -50,8 +50,8 @@ def test_process_tree_cpu_counts_children():
 def test_loop_lag_quantile_from_bucket_counts():
     before = {0.001: 10, 0.01: 10, 0.05: 10, float("inf"): 10}
     after = {0.001: 110, 0.01: 200, 0.05: 209, float("inf"): 210}
-    assert gateway_bench.lag_p99_ms(before, after) == 50.0          # 199 of 200 within 50 ms
-    assert gateway_bench.lag_p99_ms(after, after) is None
+    assert live_load.lag_p99_ms(before, after) == 50.0          # 199 of 200 within 50 ms
+    assert live_load.lag_p99_ms(after, after) is None
 
 
 def test_workers_flag_detected_from_help(tmp_path):
