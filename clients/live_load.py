@@ -154,15 +154,15 @@ def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
 
 def mic_audio() -> tuple[list[np.ndarray], Optional[np.ndarray]]:
     """(questions, stop phrase) at 24 kHz, spoken by espeak-ng."""
-    from omni2.streaming.espeak import missing_tools
+    from omni2.clients.tools.espeak import missing_tools
 
     missing = missing_tools()
     if missing:  # the server's VAD must hear speech: a tone would not be cut into turns
         raise RuntimeError(f"live microphones speak with {', '.join(missing)}: install it "
                            "(apt-get install espeak-ng sox)")
-    from omni2.streaming.espeak import resample, speak
+    from omni2.clients.tools.espeak import resample, speak
 
-    from .soak import questions
+    from .tools.soak import questions
 
     return questions(RATE), resample(speak(STOP_PHRASE, speed=160), 16000, RATE)
 

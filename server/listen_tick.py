@@ -106,7 +106,7 @@ BEHIND_S = 0.01
 def listen_pass(items: list) -> list:
     """[(InputAudio, bytes)] -> each one's events (or the exception it raised), with one
     batched VAD score for all."""
-    from omni2.streaming.vad import score_streams
+    from omni2.streaming.listening.vad import score_streams
 
     out: list = [None] * len(items)
     works = []

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from omni2.streaming.echo import EchoCanceller, EchoConfig
+from omni2.streaming.listening.echo import EchoCanceller, EchoConfig
 
 ROOM = np.array([0.6, 0.0, 0.25, -0.1, 0.05], dtype=np.float32)
 DELAY = 1900

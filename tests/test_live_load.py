@@ -19,7 +19,8 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 from fake_engine import FakeEngine  # noqa: E402
 from server_harness import running_server  # noqa: E402
 
-from omni2.clients import gateway_bench, live_load  # noqa: E402
+from omni2.clients import live_load
+from omni2.clients.tools import gateway_bench  # noqa: E402
 from omni2.clients.cli import build_parser  # noqa: E402
 from omni2.clients.loadtest import check_args  # noqa: E402
 from speech import requires_speech  # noqa: E402
@@ -110,7 +111,7 @@ def test_connection_cap_is_counted_not_an_error():
 def test_null_engine_is_served_by_omni2_serve():
     from omni2.server.serve import check_model, load_engine
     from omni2.server.settings import ServerSettings
-    from omni2.streaming.messages import TextDelta, TurnDone, TurnRequest
+    from omni2.streaming.engine.messages import TextDelta, TurnDone, TurnRequest
 
     check_model("null")
     engine, info = load_engine(ServerSettings(model="null", max_sessions=2))

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from omni2.streaming.vad import CHUNK, SpeechDetector, VadEvent  # noqa: E402
+from omni2.streaming.listening.vad import CHUNK, SpeechDetector, VadEvent  # noqa: E402
 from speech import noise, requires_speech, silence, utterance  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from omni2.streaming.vad import (CHUNK, SAMPLE_RATE, SileroStream, SpeechDetector, load_silero,  # noqa: E402
+from omni2.streaming.listening.vad import (CHUNK, SAMPLE_RATE, SileroStream, SpeechDetector, load_silero,  # noqa: E402
                                  score_streams)
 from speech import noise, requires_speech, silence, utterance  # noqa: E402
 

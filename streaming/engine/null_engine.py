@@ -26,9 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
+from omni2.streaming.engine.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 
-from omni2.streaming.engine import EngineFull
+from omni2.streaming.engine.engine import EngineFull
 
 SAMPLE_RATE = 24000
 

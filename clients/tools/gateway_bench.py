@@ -1,6 +1,6 @@
 """`omni2 bench gateway`: what one host's server costs per session, without the model.
 
-Starts `omni2 serve --model null` (streaming/null_engine.py: canned answers at a set rate,
+Starts `omni2 serve --model null` (streaming/engine/null_engine.py: canned answers at a set rate,
 no model time) as a child process, once per interrupt mode and worker count, and drives it
 with live sessions (clients/live_load.py: every session streams its microphone at real time)
 from separate load processes. Per run:
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Optional
 
-from .live_load import LivePlan, cpu_window, run_live
+from ..live_load import LivePlan, cpu_window, run_live
 from .soak import _free_port as free_port
 from .soak import _wait_ready as wait_ready
 
