@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     soak.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples")
     soak.add_argument("serve_args", nargs="*", metavar="-- SERVE_FLAGS",
                       help="more omni2 serve flags, after --")
-    gw = sub.add_parser("gateway", help="server CPU per session and sessions held, null engine (no model)")
+    gw = sub.add_parser("gateway", help="server CPU per session, sessions held (null engine)")
     gw.add_argument("--sessions", default="8", help="session counts to run, e.g. 8,32,100")
     gw.add_argument("--modes", default="vad,command", help="interrupt modes (omni2 serve --interrupt)")
     gw.add_argument("--workers", default="1,2", help="gateway worker counts (passed only if serve has --workers)")
