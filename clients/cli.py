@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("omni2.clients.loadtest", "open many concurrent sessions against a server"),
     "make-tiny": ("omni2.clients.tools.make_tiny", "write the synthetic tiny checkpoint (released layout)"),
     "generate": ("omni2.clients.tools.generate", "offline reference generation; prints token ids as JSON"),
-    "bench": ("omni2.clients.tools.bench", "benchmarks: model, kernels, engine, arrivals, server, interrupt, soak"),
+    "bench": ("omni2.clients.tools.bench", "benchmarks: model, kernels, engine, arrivals, server, interrupt, soak, gateway"),
 }
 
 

@@ -9,12 +9,23 @@ its playback underruns are counted. Refusals (close 1013, server busy) are count
 from errors. Progress goes to stderr while it runs. The run is bounded: sessions and turns
 are capped, `--duration-limit` stops it, and only loopback servers are targeted unless
 `--allow-remote` is given.
+
+`--live SECONDS` runs the way people use a voice agent instead (clients/live_load.py): every
+session streams its microphone continuously at real time for that long (a quiet room between
+questions, a question every `--question-every` seconds after the last answer played, "stop
+omni" spoken over `--stop-share` of the answers), sessions spread over `--procs` load
+processes (so past 256 sessions). The table gives playback gaps (jitter buffer), first audio
+p50/p90/p95 and, when the server runs on this host (`--server-pid`, or found by its port),
+the server's CPU per session: its whole process tree's CPU at load minus idle, per session.
+A loopback load comes from one address: the server's per-client connection cap (32 by
+default) must be lifted for it: `omni2 serve --max-connections-per-client 0` (or
+OMNI2_MAX_CONNECTIONS_PER_CLIENT=0); sessions it refused are counted as "connection cap".
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +33,8 @@ from typing import Optional
 
 import numpy as np
 
-from .realtime_client import (OUTPUT_RATE, RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
+from .figures import count_underruns, percentile  # noqa: F401  (also this module's API)
+from .realtime_client import (RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
                               read_audio, realtime_url)
 
 MAX_SESSIONS = 256
@@ -81,36 +93,6 @@ class Report:
 
 def _ms(x: Optional[float]) -> Optional[float]:
     return None if x is None else x * 1000.0
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (no interpolation: a reported latency was really seen)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def count_underruns(arrivals: list[tuple[float, int]], jitter_s: float, rate: int = OUTPUT_RATE) -> int:
-    """Stalls a listener hears: playback starts once `jitter_s` of audio has arrived and then
-    plays in real time; when it needs audio that has not arrived while more is still coming,
-    that is one underrun, and it waits for the buffer to fill to `jitter_s` again.
-    `arrivals` are (arrival time, samples) of each audio delta, in order."""
-    underruns = 0
-    dry_at: Optional[float] = None        # while playing: when the buffered audio runs out
-    buffered = 0                          # while waiting: samples received since the stall
-    for at, samples in arrivals:
-        if dry_at is not None and at > dry_at:
-            underruns += 1
-            dry_at, buffered = None, 0
-        if dry_at is not None:
-            dry_at += samples / rate
-            continue
-        buffered += samples
-        if buffered >= jitter_s * rate:
-            dry_at = at + buffered / rate
-    return underruns
 
 
 class Progress:
@@ -264,11 +246,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jitter-ms", type=float, default=JITTER_MS,
                         help=f"simulated client playback buffer for counting underruns (default {JITTER_MS:g})")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server")
+    live = parser.add_argument_group("live microphones (--live)")
+    live.add_argument("--live", type=float, default=None, metavar="SECONDS",
+                      help="every session streams its microphone continuously for SECONDS (real usage)")
+    live.add_argument("--procs", type=int, default=0,
+                      help="load processes the sessions are spread over (default: CPU count, at most 8); "
+                           f"up to {MAX_SESSIONS} sessions each")
+    live.add_argument("--question-every", type=float, default=3.0, metavar="S",
+                      help="quiet after an answer has played before the next question (0: never ask)")
+    live.add_argument("--stop-share", type=float, default=0.0,
+                      help='share of answers the user stops by saying "stop omni" while they play')
+    live.add_argument("--server-pid", type=int, default=None,
+                      help="the server's pid for CPU per session (default: the owner of --url's port, "
+                           "if on this host)")
 
 
 def check_args(args) -> Optional[str]:
-    if not 1 <= args.sessions <= MAX_SESSIONS:
-        return f"--sessions must be 1..{MAX_SESSIONS}"
+    live = getattr(args, "live", None) is not None
+    limit = MAX_SESSIONS * max(1, min(8, os.cpu_count() or 1) if not args.procs else args.procs) if live \
+        else MAX_SESSIONS
+    if not 1 <= args.sessions <= limit:
+        return f"--sessions must be 1..{limit}" + (" (more with --procs)" if live else "")
+    if live and (args.live <= 0 or args.question_every < 0 or not 0 <= args.stop_share <= 1 or args.procs < 0):
+        return "--live must be > 0, --question-every >= 0, --stop-share in 0..1, --procs >= 0"
     if not 1 <= args.turns <= MAX_TURNS:
         return f"--turns must be 1..{MAX_TURNS}"
     if args.duration_limit <= 0 or args.turn_timeout <= 0:
@@ -289,6 +289,10 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"omni2 loadtest: {problem}", file=sys.stderr)
         return 2
+    if getattr(args, "live", None) is not None:
+        from .live_load import main_live
+
+        return main_live(args)
     try:
         audio, rate = read_audio(args.audio) if args.audio else (default_question(), 24000)
     except (OSError, ValueError) as exc:
@@ -304,3 +308,4 @@ def main(args: argparse.Namespace) -> int:
     for t in [t for t in report.turns if not t.ok][:10]:
         print(f"turn {t.session}.{t.turn}: {t.status} {t.error or ''}", file=sys.stderr)
     return 0 if report.completed and not report.errors else 1
+

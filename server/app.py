@@ -27,6 +27,7 @@ from .engine_host import EngineHost
 from .guard import SessionClock
 from .input_audio import DetectorFactory, detector_factory_for
 from .limits import ConnectionLimiter
+from .loop_lag import LoopLag
 from .metrics import Metrics
 from .outbox import Outbox, SlowReader
 from .protocol import ProtocolError, field_of
@@ -55,6 +56,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
         detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases,
                                                 settings.turn_audio_tail_ms)
     metrics = Metrics()
+    loop_lag = LoopLag(metrics.loop_lag)
     admission = admission or Admission(settings.max_sessions, lambda: host.info.get("max_sessions"))
     live: set = set()             # close(code, reason) of every session open in this process
 
@@ -138,6 +140,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
                 "session": {**cfg.to_wire(ev.new_id("sess")), "expires_at": expires_at}}
 
     async def realtime(ws: WebSocket):
+        loop_lag.ensure_started()
         await serve_connection(ws, settings, host, metrics, admission, detector_factory, transcriber,
                                client_secrets, live)
 

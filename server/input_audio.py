@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -74,6 +74,15 @@ class Interrupted:
     sample: int                      # absolute index where the controller decided
     played_ms: int                   # answer audio the client had played by then
     audible: bool = True             # an answer was being generated or still playing then
+
+
+@dataclass
+class PushWork:
+    """One append between InputAudio.begin_push and end_push."""
+    samples: int                                  # 16 kHz samples the append brought
+    chunks: Optional[np.ndarray] = None           # VAD chunks to score (None: no VAD)
+    events: list = field(default_factory=list)    # what the append caused before the VAD
+    found: Optional[list] = None                  # events of a detector that scores itself
 
 
 InputEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | Overflow | Interrupted
@@ -210,25 +219,68 @@ class InputAudio:
 
     def push(self, data: bytes) -> list[InputEvent]:
         """Take one append's bytes; return what they caused, in order."""
+        work = self.begin_push(data)
+        probs = None
+        if work.chunks is not None and work.chunks.shape[0]:
+            from omni2.streaming.listening.vad import score_streams
+
+            probs = score_streams([self.vad_stream], [work.chunks])[0]
+        return self.end_push(work, probs)
+
+    @property
+    def may_decode(self) -> bool:
+        """The listener may run its command recognizer on the next audio (slow)."""
+        check = getattr(self._detector, "may_decode", None) if self.listener else None
+        return bool(check and check())
+
+    @property
+    def vad_stream(self):
+        """The detector's silero stream (state and context), for a batched score."""
+        return self._detector.vad.stream if self.listener else self._detector.stream
+
+    def begin_push(self, data: bytes) -> "PushWork":
+        """First half of push: decode, buffer, echo-cancel; the VAD chunks still to score
+        (`PushWork.chunks`, None without VAD). Then score them (vad.score_streams, batched
+        with other sessions' by server/listen_tick.py) and call end_push."""
         single_threaded()  # the VAD's torch work must not hold an OpenMP team (cpu_threads)
         self.pushed_at = time.monotonic()
         x = self.decode(data)
+        work = PushWork(x.size)
         if x.size == 0:
-            return []
-        events: list[InputEvent] = []
+            return work
         if not self.vad:
             room = self.max_samples - self._buf_len
             if x.size > room:
-                events.append(Overflow(int(x.size - max(room, 0))))
+                work.events.append(Overflow(int(x.size - max(room, 0))))
                 x = x[: max(room, 0)]
             self._append(x)
-            return events
+            return work
         self._append(x)
         if self.listener:
             self._apply_notes()
-            found = self._detector.feed_input(x)
+        if not hasattr(self._detector, "prepare_input" if self.listener else "take_chunks"):
+            # A detector that scores its own audio (no batch): its events now.
+            work.found = self._detector.feed_input(x) if self.listener else self._detector.push(x)
+            work.chunks = np.zeros((0, 512), np.float32)
+        elif self.listener:
+            work.chunks = self._detector.prepare_input(x)
         else:
-            found = self._detector.push(x)
+            work.chunks = self._detector.take_chunks(x)
+        return work
+
+    def end_push(self, work: "PushWork", probs) -> list[InputEvent]:
+        """Second half of push: the speech probabilities of `work.chunks` -> events."""
+        events = work.events
+        if work.chunks is None:
+            return events
+        if work.found is not None:
+            found = work.found
+        elif probs is None or work.chunks.shape[0] == 0:
+            found = []
+        elif self.listener:
+            found = self._detector.consume_input(work.chunks, probs)
+        else:
+            found = self._detector.consume(probs)
         for ev in found:
             if hasattr(ev, "at_sample"):  # a duplex Interrupt
                 events += self._on_interrupt(ev)
@@ -298,7 +350,16 @@ class InputAudio:
         return out
 
     def commit(self) -> np.ndarray:
-        """Manual commit: everything buffered becomes one turn; the detector starts over."""
+        """Manual commit: everything buffered becomes one turn; the detector starts over.
+
+        The resampler's held-back tail (its filter delay, ~20-50 ms with libsoxr) is flushed
+        into the turn first, so the turn ends where the user's audio did. With VAD and no
+        speech under way it is left alone: the detector has not seen those samples.
+        """
+        if not self.vad or self.in_speech:
+            tail = self._resampler.flush()
+            if tail.size:
+                self._append(tail)
         audio = self._take_until(self._buf_start + self._buf_len)
         self._cut = None
         if self.vad and self.in_speech:

@@ -154,6 +154,10 @@ class Metrics:
         self.engine_errors = Gauge(p + "engine_errors", "Turn errors in the engine since start")
         self.engine_refused_busy = Gauge(p + "engine_refused_busy", "Turns refused for lack of step-time "
                                          "headroom since start")
+        from .loop_lag import LAG_BUCKETS
+
+        self.loop_lag = Histogram(p + "event_loop_lag_seconds", "How late the event loop woke a "
+                                  "timer (server/loop_lag.py)", LAG_BUCKETS)
         self.ready = Gauge(p + "ready", "1 when the model is loaded and warmed up")
         self.resident_bytes = Gauge(p + "process_resident_bytes", "Resident memory of the server process")
         self.heap_in_use = Gauge(p + "heap_in_use_bytes", "C heap in use (glibc mallinfo2, all arenas)")

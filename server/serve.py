@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help=f"interface to bind (default {d.host})")
     parser.add_argument("--port", type=int, default=None, help=f"TCP port (default {d.port})")
     parser.add_argument("--model", default=None,
-                        help="auto (real checkpoint, else tiny with a warning) | tiny | checkpoint DIR")
+                        help="auto (real checkpoint, else tiny with a warning) | tiny | checkpoint DIR | "
+                             "null (no model: canned answers at a set rate, to measure the server itself)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=None, help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16")
     parser.add_argument("--snac", default=None, help="SNAC codec: hub repo id or local dir")
@@ -107,6 +108,8 @@ def load_engine(settings: ServerSettings):
     from omni2.streaming.engine.engine import Engine, EngineConfig
     from omni2.streaming.engine.runtime import load_runtime
 
+    if settings.model == "null":
+        return load_null_engine(settings)
     runtime = load_runtime(model=settings.model, device=settings.device, dtype=settings.dtype,
                            snac=settings.snac or None, prepack=settings.cpu_prepack and not settings.compile)
     if getattr(runtime, "is_fallback", False):
@@ -132,13 +135,30 @@ def load_engine(settings: ServerSettings):
     return engine, info
 
 
+def load_null_engine(settings: ServerSettings):
+    """The null engine (streaming/engine/null_engine.py): answers of NULL_ANSWER_S seconds of tone,
+    generated at twice real time like a GPU with headroom; no model, no device."""
+    from omni2.streaming.engine.null_engine import NullEngine
+
+    tick_s = 0.04
+    words = max(2, int(NULL_ANSWER_S / (2 * tick_s * 2)))    # a word every 2 ticks of 2x audio
+    slots = settings.max_sessions or NULL_MAX_SESSIONS      # 0 = sized to the device: here, none
+    engine = NullEngine(slots=slots, tick_s=tick_s, chunk_s=2 * tick_s, answer_words=words).start()
+    return engine, {"model": "null", "device": "cpu", "dtype": "none", "fallback": False,
+                    "max_sessions": slots}
+
+
+NULL_ANSWER_S = 4.0
+NULL_MAX_SESSIONS = 1024    # the null engine costs nothing a session: the server's own limits decide
+
+
 def check_model(model: str) -> None:
     """Raise CheckpointError now when an explicit --model cannot be what the loader will find.
 
     A local directory (or anything that is not a hub repo id) is checked in full before the
     server starts, so a typo costs one line on stderr. A hub id missing from the local cache is
     left to the loader to download; if that fails, main() stops the server."""
-    if model in ("auto", "tiny"):
+    if model in ("auto", "tiny", "null"):
         return
     from omni2.model.checkpoint import resolve_checkpoint
     from omni2.model.errors import CheckpointError

@@ -37,6 +37,7 @@ from .conversation import Conversation, Item, Pending
 from .idle_timeout import IdleTimeout
 from .input_audio import (RATE, DetectorFactory, InputAudio, Interrupted, Overflow, SpeechPaused,
                           SpeechResumed, SpeechStarted, SpeechStopped)
+from .listen_tick import listen_tick
 from .metrics import Metrics
 from .guard import internal_error
 from .out_of_band import OutOfBand
@@ -230,7 +231,7 @@ class RealtimeSession(ItemEvents, OutOfBand):
 
     async def _audio_append(self, e: p.AudioAppend) -> None:
         try:
-            happened = await asyncio.to_thread(self.input.push, e.audio)
+            happened = await listen_tick(self.settings.listen_tick_ms).push(self.input, e.audio)
         except ValueError as exc:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None

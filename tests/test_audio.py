@@ -10,6 +10,7 @@ import soundfile as sf
 from omni2.streaming.audio import (
     AudioFormat,
     Resampler,
+    soxr_available,
     alaw_decode,
     alaw_encode,
     alaw_to_int16,
@@ -217,8 +218,30 @@ def test_load_audio_file_missing(tmp_path):
 RATE_PAIRS = [(24000, 16000), (8000, 16000), (44100, 16000), (48000, 16000), (16000, 24000), (22050, 16000)]
 
 
+# Every response test runs on both backends: libsoxr (the default when installed) and the
+# windowed-sinc filter (the fallback).
+BACKENDS = ["sinc", pytest.param("soxr", marks=pytest.mark.skipif(not soxr_available(), reason="soxr not installed"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """resample()/Resampler() in this test use the given backend."""
+    import omni2.streaming.audio as audio
+
+    if request.param == "sinc":
+        monkeypatch.setattr(audio, "soxr_available", lambda: False)
+    return request.param
+
+
+def test_default_backend_is_soxr_when_installed():
+    from omni2.streaming.audio import SoxrResampler
+
+    assert isinstance(Resampler(24000, 16000), SoxrResampler) == soxr_available()
+    assert not isinstance(Resampler(24000, 16000, backend="sinc"), SoxrResampler)
+
+
 @pytest.mark.parametrize("sr_in,sr_out", RATE_PAIRS)
-def test_sine_keeps_frequency_and_amplitude(sr_in, sr_out):
+def test_sine_keeps_frequency_and_amplitude(sr_in, sr_out, backend):
     y = resample(tone(1000, sr_in, 1.0, amp=0.8), sr_in, sr_out)
     assert len(y) == sr_out
     spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
@@ -229,12 +252,12 @@ def test_sine_keeps_frequency_and_amplitude(sr_in, sr_out):
 
 @pytest.mark.parametrize("sr_in,sr_out,freq", [(24000, 16000, 10000), (24000, 16000, 8500), (48000, 16000, 12000),
                                                (44100, 16000, 9000)])
-def test_aliasing_attenuated(sr_in, sr_out, freq):
+def test_aliasing_attenuated(sr_in, sr_out, freq, backend):
     y = resample(tone(freq, sr_in), sr_in, sr_out)
     assert rms_db(interior(y)) < -60
 
 
-def test_upsampling_images_attenuated():
+def test_upsampling_images_attenuated(backend):
     # A 3 kHz tone at 8 kHz has its first image at 5 kHz once upsampled to 16 kHz.
     y = interior(resample(tone(3000, 8000), 8000, 16000))
     spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
@@ -243,13 +266,13 @@ def test_upsampling_images_attenuated():
     assert 20 * np.log10(image / spectrum.max()) < -60
 
 
-def test_passband_flat_for_speech():
+def test_passband_flat_for_speech(backend):
     for f in (100, 1000, 4000, 6000):
         assert abs(rms_db(interior(resample(tone(f, 24000), 24000, 16000)))) < 0.05
 
 
 @pytest.mark.parametrize("sr_in,sr_out", RATE_PAIRS + [(16000, 16000)])
-def test_streaming_equals_one_shot(sr_in, sr_out):
+def test_streaming_equals_one_shot(sr_in, sr_out, backend):
     rng = np.random.default_rng(sr_in + sr_out)
     x = rng.standard_normal(sr_in // 2).astype(np.float32)
     one_shot = resample(x, sr_in, sr_out)
@@ -268,7 +291,7 @@ def test_streaming_equals_one_shot(sr_in, sr_out):
         assert np.abs(streamed - one_shot).max() <= 1e-6
 
 
-def test_resampler_reusable_after_flush_and_handles_empty():
+def test_resampler_reusable_after_flush_and_handles_empty(backend):
     r = Resampler(24000, 16000)
     assert len(r.process(np.zeros(0))) == 0
     x = tone(440, 24000, 0.1)
@@ -278,7 +301,7 @@ def test_resampler_reusable_after_flush_and_handles_empty():
     assert len(resample(np.zeros(0), 24000, 16000)) == 0
 
 
-def test_resampler_rejects_bad_rates():
+def test_resampler_rejects_bad_rates(backend):
     with pytest.raises(ValueError):
         Resampler(0, 16000)
     with pytest.raises(ValueError, match="filter phases"):

@@ -297,7 +297,7 @@ def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
     own = argparse.ArgumentParser()
     add_arguments(own)
     bench = next(a for a in own._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(bench.choices) == {"model", "kernels", "engine", "arrivals", "server", "interrupt", "soak"}
+    assert set(bench.choices) == {"model", "kernels", "engine", "arrivals", "server", "interrupt", "soak", "gateway"}
     lines = text.splitlines()
     for action in bench._choices_actions:
         assert action.dest in SUBCOMMANDS["bench"][1], f"{action.dest} missing from omni2's bench help"

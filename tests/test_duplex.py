@@ -275,3 +275,23 @@ def test_interrupt_bench_playback_and_concurrent_modes(command_controller):
     assert s["sessions"] == 2 and s["playback"] and s["commands"] == 4 and s["non_commands"] >= 7
     assert s["recall"] >= 0.5 and s["false_stops"] <= 1
     assert "sessions=2  playback" in lines[0]
+
+
+def test_one_recognizer_per_process_however_it_is_asked_for():
+    """Sessions ask with their CommandConfig's recognizer config, the server at start with
+    none: both must get the one already loaded (each load is seconds of CPU)."""
+    import threading
+
+    from omni2.streaming.listening.interrupt import RecognizerConfig, shared_recognizer
+
+    try:
+        first = shared_recognizer()
+    except RecognizerUnavailable as exc:
+        pytest.skip(f"command recognizer unavailable: {exc}")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(shared_recognizer(RecognizerConfig()))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is first for r in got) and len(got) == 4

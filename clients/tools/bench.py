@@ -77,7 +77,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     soak.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples")
     soak.add_argument("serve_args", nargs="*", metavar="-- SERVE_FLAGS",
                       help="more omni2 serve flags, after --")
-    for q in (eng, arr, mod, ker, srv, itr, soak):
+    gw = sub.add_parser("gateway", help="server CPU per session, sessions held (null engine)")
+    gw.add_argument("--sessions", default="8", help="session counts to run, e.g. 8,32,100")
+    gw.add_argument("--modes", default="vad,command", help="interrupt modes (omni2 serve --interrupt)")
+    gw.add_argument("--workers", default="1,2", help="gateway worker counts (passed only if serve has --workers)")
+    gw.add_argument("--model", default="null", help="omni2 serve --model (null: no model time)")
+    gw.add_argument("--span", type=float, default=8.0, help="seconds of each CPU window")
+    gw.add_argument("--warm", type=float, default=3.0, help="seconds after the ramp before measuring")
+    gw.add_argument("--procs", type=int, default=0, help="load processes (default: the CPU count, at most 8)")
+    gw.add_argument("--question-every", type=float, default=2.0,
+                    help="active load: seconds of quiet after an answer before the next question")
+    gw.add_argument("--serve-cmd", default=None, help="the omni2 serve to measure (default: this one)")
+    gw.add_argument("serve_args", nargs="*", metavar="-- SERVE_FLAGS", help="more omni2 serve flags, after --")
+    for q in (eng, arr, mod, ker, srv, itr, soak, gw):
         q.add_argument("--json", help="also write the figures to this JSON file")
 
 
@@ -123,6 +135,10 @@ def _run(args: argparse.Namespace) -> dict:
         result = run_kernel_bench(rows=tuple(int(r) for r in args.rows.split(",")), layers=args.layers,
                                   repeats=args.repeats, heads=args.heads,
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    elif args.bench == "gateway":
+        from omni2.clients.tools.gateway_bench import main_args as gateway_main
+
+        result = gateway_main(args)
     elif args.bench == "soak":
         from omni2.clients.tools.soak import main_args
 

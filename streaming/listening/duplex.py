@@ -48,7 +48,7 @@ import numpy as np
 from ..audio import Resampler
 from .echo import EchoCanceller, EchoConfig
 from .interrupt import CommandConfig, CommandDetector
-from .vad import CHUNK, SAMPLE_RATE, SpeechDetector, VadEvent
+from .vad import CHUNK, SAMPLE_RATE, SpeechDetector, VadEvent, score_streams
 
 OUTPUT_RATE = 24000
 Mode = Literal["command", "barge_in"]
@@ -194,7 +194,9 @@ class DuplexController:
         """Forget the session's audio (sample indices restart at 0)."""
         self.vad.reset()
         self.echo.reset()
-        self._resampler = Resampler(OUTPUT_RATE, SAMPLE_RATE)
+        # The windowed-sinc filter (~2 ms of lag), not libsoxr (~22 ms): the echo reference
+        # sets the playout timeline, whose end says what the user has heard.
+        self._resampler = Resampler(OUTPUT_RATE, SAMPLE_RATE, backend="sinc")
         self._clean = np.zeros(0, dtype=np.float32)   # cleaned audio kept for windows
         self._clean_base = 0
         self._vad_pending = np.zeros(0, dtype=np.float32)
@@ -248,6 +250,10 @@ class DuplexController:
         at = self.echo.samples_in if at is None else at
         return self.speaking or self.echo.playout_end > at
 
+    def may_decode(self) -> bool:
+        """Whether the next audio may run the command recognizer (tens of ms of CPU)."""
+        return self.detector is not None and (self.audible() or self.config.listen_when_idle)
+
     def played_ms(self, at: int | None = None) -> int:
         """Milliseconds of this answer's audio the client had played by sample `at`."""
         if self._answer_start is None:
@@ -258,14 +264,27 @@ class DuplexController:
     # -------------------------------------------------------------------- microphone
     def feed_input(self, samples_16k: np.ndarray) -> list[DuplexEvent]:
         """Process microphone audio (float32, 16 kHz, any length); events in order."""
+        chunks = self.prepare_input(samples_16k)
+        if chunks.shape[0] == 0:
+            return []
+        return self.consume_input(chunks, score_streams([self.vad.stream], [chunks])[0])
+
+    def prepare_input(self, samples_16k: np.ndarray) -> np.ndarray:
+        """First half of feed_input: echo-cancel and keep the audio; the whole 512-sample
+        chunks (k x 512) for the VAD to score (vad.score_streams, batched with others)."""
         clean = self.echo.process(samples_16k)
         self._keep(clean)
         x = np.concatenate([self._vad_pending, clean]) if self._vad_pending.size else clean
         n = (x.size // CHUNK) * CHUNK
         self._vad_pending = x[n:].copy()
+        return np.ascontiguousarray(x[:n]).reshape(-1, CHUNK)
+
+    def consume_input(self, chunks: np.ndarray, probs) -> list[DuplexEvent]:
+        """Second half of feed_input: the chunks from prepare_input with their speech
+        probabilities; runs the listener (and any command decode) chunk by chunk."""
         events: list[DuplexEvent] = []
-        for i in range(0, n, CHUNK):
-            events += self._chunk(x[i : i + CHUNK])
+        for chunk, prob in zip(chunks, probs):
+            events += self._chunk(chunk, float(prob))
         return events
 
     def _keep(self, clean: np.ndarray) -> None:
@@ -276,14 +295,13 @@ class DuplexController:
             self._clean = self._clean[drop:]
             self._clean_base += drop
 
-    def _chunk(self, chunk: np.ndarray) -> list[DuplexEvent]:
+    def _chunk(self, chunk: np.ndarray, prob: float) -> list[DuplexEvent]:
         cfg = self.config
         start = self.vad.samples_seen
         end = start + CHUNK
         playing = self.echo.playing(start, end)
         self.vad.threshold = cfg.vad_threshold_playing if playing else cfg.vad_threshold
-        events: list[DuplexEvent] = list(self.vad.push(chunk))
-        prob = self.vad.speech_prob_last
+        events: list[DuplexEvent] = list(self.vad.consume((prob,)))
         voiced = prob >= self.vad.threshold
         level = 10.0 * np.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12)
         if voiced and self._segment_start is None:

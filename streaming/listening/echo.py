@@ -46,6 +46,9 @@ class EchoConfig:
     gate_floor_db: float = -30.0   # attenuation of blocks judged to be echo residue
     removed_db: float = -12.0      # a block the canceller took this much out of is echo
     reference_floor_db: float = -60.0  # reference quieter than this counts as silent
+    # Blocks no reference can reach (nothing played within max_delay) skip the filter: the
+    # same output and state as running it, without its FFTs (see EchoCanceller._quiet).
+    skip_quiet: bool = True
 
 
 def _db_to_power(db: float) -> float:
@@ -122,6 +125,8 @@ class EchoCanceller:
 
     def playing(self, start: int, end: int) -> bool:
         """Whether any reference audio sits on the timeline in [start - max_delay, end)."""
+        if self.playout_end <= start - self.max_delay:
+            return False  # every reference sample lies before playout_end
         r = self.reference(start - self.max_delay, end)
         return r.size > 0 and float(np.mean(r * r)) > _db_to_power(self.config.reference_floor_db)
 
@@ -138,11 +143,64 @@ class EchoCanceller:
             x = np.concatenate([self._pending, x])
         n = (x.size // self.block) * self.block
         self._pending = x[n:].copy()
+        if self._quiet(n):
+            return self._pass_quiet(x[:n])
         out = np.empty(n, dtype=np.float32)
         for i in range(0, n, self.block):
             out[i : i + self.block] = self._block(x[i : i + self.block])
         self._trim()
         return out
+
+    def _quiet(self, n: int) -> bool:
+        """Whether the filter would read only silence for the next blocks.
+
+        A block's filter frame reaches back at most max_delay + block before it, the delay
+        search max_delay, and the filter keeps the frames of its last `partitions` blocks; all
+        reference audio lies before playout_end. The gate must be fully open (it reopens
+        within a few dozen blocks after echo).
+        """
+        reach = self.max_delay + self.block * (self.partitions + 1)
+        return (self.config.skip_quiet and n > 0 and self._gain == 1.0
+                and self.playout_end + reach <= self.samples_out)
+
+    def _pass_quiet(self, x: np.ndarray) -> np.ndarray:
+        """`_block` for blocks whose reference frames are all silent, without the FFTs.
+
+        Silent frames make the echo estimate and the adaptation exactly zero, so each block
+        only decays the reference power, feeds the error statistics the microphone power
+        and passes the audio through the open gate: the same output and state as `_block`.
+        """
+        b, cfg = self.block, self.config
+        blocks = x.reshape(-1, b)
+        every = cfg.delay_every_ms * SAMPLE_RATE // 1000
+        if self.delay is not None:
+            self._X[:] = 0.0
+        a = 0.7
+        for block in blocks:
+            start = self.samples_out
+            self.samples_out += b
+            if start >= self._next_delay_search:
+                self._next_delay_search = start + every  # a search finds nothing playing
+            m = block.astype(np.float64)
+            power = float(np.mean(m**2))
+            if self.delay is None:
+                self.history.append((start, power + 1e-12, 0.0, power + 1e-12))
+                continue
+            self._power = 0.9 * self._power
+            self._e_fg = a * self._e_fg + (1 - a) * power
+            self._e_bg = a * self._e_bg + (1 - a) * power
+            self._e_mic = a * self._e_mic + (1 - a) * power
+            if self._e_bg < 0.7 * self._e_fg and self._e_bg < self._e_mic:
+                self._W_fg = self._W_bg.copy()
+                self._e_fg = self._e_bg
+            elif self._e_bg > 4.0 * self._e_fg and self._e_bg > self._e_mic:
+                self._W_bg = self._W_fg.copy()
+                self._e_bg = self._e_fg
+            self.history.append((start, power + 1e-12, 0.0, power))
+            if len(self.history) > 4096:
+                del self.history[:2048]
+        self._trim()
+        return x.astype(np.float32)
 
     def _remember_mic(self, x: np.ndarray) -> None:
         self._mic = np.concatenate([self._mic, x])

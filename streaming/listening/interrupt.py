@@ -22,7 +22,6 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import threading
@@ -496,10 +495,24 @@ class WhisperRecognizer:
         return Transcript(text, tuple(words), score)
 
 
-@functools.lru_cache(maxsize=4)
+_recognizers: dict = {}
+_recognizers_lock = threading.Lock()
+
+
 def shared_recognizer(config: RecognizerConfig = RecognizerConfig()) -> WhisperRecognizer:
-    """One recognizer per configuration for the whole process (model weights load once)."""
-    return WhisperRecognizer(config)
+    """One recognizer per configuration for the whole process (model weights load once).
+
+    Keyed by the configuration's value however it is passed, and built under a lock: the
+    first sessions of a server open at once, and each used to build its own (seconds of
+    CPU each) when the cache was keyed by the call's arguments.
+    """
+    with _recognizers_lock:
+        rec = _recognizers.get(config)
+        if rec is None:
+            rec = _recognizers[config] = WhisperRecognizer(config)
+            while len(_recognizers) > 4:
+                _recognizers.pop(next(iter(_recognizers)))
+        return rec
 
 
 # ---------------------------------------------------------------------------- detector

@@ -1,0 +1,445 @@
+"""Sessions that stream their microphone the whole time, as people really use a voice agent.
+
+Each session sends 100 ms of microphone audio every 100 ms at real time for as long as it
+lives: a faint noise floor when the user is quiet, a spoken question now and then (the
+server's VAD cuts the turn), and, with `stop_share`, "stop omni" spoken over that share of
+the answers while they play. Per answer it records the time to first audio (from the
+server's speech_stopped) and the playback gaps a client with a `jitter_ms` buffer would hear.
+
+Sessions are spread over `procs` load processes (each one asyncio loop), so the load
+generator is never the bottleneck and runs can pass the 256 sessions one loop holds. Each
+process reports how late it sent its audio (its own lag: if that grows, the figures are the
+generator's, not the server's) and its CPU time.
+
+`process_tree_cpu(pid)` is the CPU seconds of a process and all its descendants (from
+/proc), used to charge a server's whole process tree (engine and gateways) per session.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from .figures import count_underruns, percentile
+from .realtime_client import RealtimeClient, RealtimeError, is_loopback, pcm16_bytes
+
+RATE = 24000
+CHUNK_S = 0.1
+NOISE_RMS = 0.0005              # about -66 dBFS: a quiet room through a laptop microphone
+STOP_PHRASE = "stop omni"
+
+
+@dataclass(frozen=True)
+class LivePlan:
+    seconds: float                       # how long each session streams
+    question_every_s: Optional[float]    # quiet between an answer's end and the next question; None: never ask
+    stop_share: float = 0.0              # answers the user talks over with the stop phrase
+    jitter_ms: float = 200.0
+    ramp_s: float = 2.0                  # sessions start spread over this long
+    answer_timeout_s: float = 30.0
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and every descendant alive now, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
+def server_pid_for_port(port: int) -> Optional[int]:
+    """The process listening on 127.0.0.1/0.0.0.0 TCP `port` (its socket's owner, from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(cols[9])
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    owners = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    owners.append(int(name))
+                    break
+        except OSError:
+            continue
+    if not owners:
+        return None
+    # Worker processes share the listening socket: the oldest owner is the parent.
+    return min(owners, key=lambda pid: _start_time(pid))
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except OSError:
+        return 1 << 62
+
+
+def lag_buckets(port: int) -> dict[float, int]:
+    """Cumulative counts of omni2_event_loop_lag_seconds by upper bound (empty if absent)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("omni2_event_loop_lag_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[float]:
+    """Upper bound of the bucket holding the 99th percentile of the samples between two scrapes."""
+    if not after:
+        return None
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return None
+    for b, c in zip(bounds, counts):
+        if c >= 0.99 * total:
+            return 1000.0 * b
+    return None
+
+
+def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
+    """Sleep `wait_s`, then the server tree's CPU (cores) and loop lag over the next `span_s`."""
+    time.sleep(wait_s)
+    lag0, cpu0, t0 = lag_buckets(port), process_tree_cpu(pid), time.monotonic()
+    time.sleep(span_s)
+    cpu1, t1, lag1 = process_tree_cpu(pid), time.monotonic(), lag_buckets(port)
+    return {"cores": (cpu1 - cpu0) / (t1 - t0), "lag_p99_ms": lag_p99_ms(lag0, lag1)}
+
+
+def mic_audio() -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+    """(questions, stop phrase) at 24 kHz, spoken by espeak-ng."""
+    from omni2.clients.tools.espeak import missing_tools
+
+    missing = missing_tools()
+    if missing:  # the server's VAD must hear speech: a tone would not be cut into turns
+        raise RuntimeError(f"live microphones speak with {', '.join(missing)}: install it "
+                           "(apt-get install espeak-ng sox)")
+    from omni2.clients.tools.espeak import resample, speak
+
+    from .tools.soak import questions
+
+    return questions(RATE), resample(speak(STOP_PHRASE, speed=160), 16000, RATE)
+
+
+class Mic:
+    """What one user's microphone picks up, 100 ms at a time."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[np.ndarray] = []       # speech to say next
+
+    def say(self, audio: np.ndarray) -> None:
+        self.queue.append(audio)
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self.queue)
+
+    def next_chunk(self) -> np.ndarray:
+        n = int(RATE * CHUNK_S)
+        out = (self.rng.standard_normal(n) * NOISE_RMS).astype(np.float32)
+        if self.queue:
+            piece, rest = self.queue[0][:n], self.queue[0][n:]
+            out[: piece.size] += piece
+            if rest.size:
+                self.queue[0] = rest
+            else:
+                self.queue.pop(0)
+        return out
+
+
+@dataclass
+class AnswerFigures:
+    status: str
+    ttfa_s: Optional[float]
+    audio_s: float
+    gaps: int
+    stopped_by_user: bool = False
+
+
+@dataclass
+class ProcResult:
+    answers: list
+    connected: int = 0
+    refused: int = 0
+    capped: int = 0              # refused by the connection cap (HTTP 503 at the handshake)
+    errors: list = None
+    send_lag_ms: list = None     # how late each send left, sampled
+    cpu_s: float = 0.0
+
+
+async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.ndarray],
+                       stop: Optional[np.ndarray], out: ProcResult, api_key: Optional[str] = None) -> None:
+    rng = random.Random(index)
+    await asyncio.sleep(plan.ramp_s * rng.random())
+    try:
+        client = await RealtimeClient.connect(url, api_key=api_key)
+    except RealtimeError as exc:
+        if exc.refused:
+            out.refused += 1
+        elif exc.code == "http_503":   # the server's connection cap (server/limits.py)
+            out.capped += 1
+        else:
+            out.errors.append(f"session {index}: {exc}")
+        return
+    out.connected += 1
+    mic = Mic(index)
+    state = {"asked_at": None, "first": None, "arrivals": [], "stop_at": None, "next_q": None,
+             "waiting": False, "user_stop": False, "queued_at": 0.0}
+    end = time.monotonic() + plan.seconds
+
+    def schedule_question(after_s: float) -> None:
+        if plan.question_every_s is not None:
+            state["next_q"] = time.monotonic() + after_s * (0.5 + rng.random())
+
+    async def receive() -> None:
+        while True:
+            event = json.loads(await client.conn.recv())
+            kind, now = event["type"], time.monotonic()
+            if kind == "input_audio_buffer.speech_stopped":
+                state["asked_at"] = now
+            elif kind == "response.created":
+                state.update(first=None, arrivals=[], stop_at=None, user_stop=False)
+            elif kind == "response.output_audio.delta":
+                if state["first"] is None:
+                    state["first"] = now
+                    if stop is not None and rng.random() < plan.stop_share:
+                        state["stop_at"] = now + 1.0 + plan.jitter_ms / 1000
+                state["arrivals"].append((now, len(base64.b64decode(event["delta"])) // 2))
+            elif kind == "response.done":
+                status = event.get("response", {}).get("status", "unknown")
+                audio_s = sum(s for _, s in state["arrivals"]) / RATE
+                asked, first = state["asked_at"], state["first"]
+                ttfa = None if first is None or asked is None or asked > first else first - asked
+                out.answers.append(asdict(AnswerFigures(
+                    status, ttfa, audio_s, count_underruns(state["arrivals"], plan.jitter_ms / 1000, RATE),
+                    state["user_stop"])))
+                heard_until = (first or now) + plan.jitter_ms / 1000 + audio_s
+                state.update(asked_at=None, first=None, arrivals=[], stop_at=None, waiting=False, user_stop=False)
+                schedule_question(max(0.0, heard_until - now) + (plan.question_every_s or 0.0))
+
+    receiver = None
+    try:
+        await client.configure(RATE, vad=True)
+        receiver = asyncio.create_task(receive())
+        schedule_question(1.0)
+        t0 = time.monotonic()
+        k = 0
+        while time.monotonic() < end and not receiver.done():
+            now = time.monotonic()
+            if state["next_q"] is not None and now >= state["next_q"] and not state["waiting"]:
+                mic.say(questions[(index + len(out.answers)) % len(questions)])
+                state.update(next_q=None, waiting=True, asked_at=None, queued_at=now)
+            if state["stop_at"] is not None and now >= state["stop_at"]:
+                mic.say(stop)
+                state.update(stop_at=None, user_stop=True)
+            chunk = base64.b64encode(pcm16_bytes(mic.next_chunk())).decode()
+            await client.send("input_audio_buffer.append", audio=chunk)
+            k += 1
+            late = time.monotonic() - (t0 + (k - 1) * CHUNK_S)
+            if k % 10 == 0:
+                out.send_lag_ms.append(1000 * max(0.0, late))
+            delay = t0 + k * CHUNK_S - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if (state["waiting"] and state["first"] is None
+                    and time.monotonic() - state["queued_at"] > plan.answer_timeout_s):
+                out.answers.append(asdict(AnswerFigures("timeout", None, 0.0, 0)))  # no answer came
+                state.update(waiting=False, asked_at=None)
+                schedule_question(plan.question_every_s or 0.0)
+        if state["first"] is not None:   # an answer still playing when the run ended: its figures so far
+            asked, first = state["asked_at"], state["first"]
+            out.answers.append(asdict(AnswerFigures(
+                "open", None if asked is None or asked > first else first - asked,
+                sum(n for _, n in state["arrivals"]) / RATE,
+                count_underruns(state["arrivals"], plan.jitter_ms / 1000, RATE), state["user_stop"])))
+        if receiver.done() and receiver.exception() is not None:
+            out.errors.append(f"session {index}: {type(receiver.exception()).__name__}: {receiver.exception()}")
+    except (RealtimeError, OSError, asyncio.TimeoutError) as exc:
+        out.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a closed socket (websockets' ConnectionClosed) ends this session only
+        out.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
+    finally:
+        if receiver is not None:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+        await client.close()
+
+
+def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Optional[str], queue, ready) -> None:
+    questions, stop = mic_audio()   # (espeak: seconds) before the clock starts
+    ready.wait()
+    out = ProcResult(answers=[], errors=[], send_lag_ms=[])
+
+    async def main():
+        await asyncio.gather(*(live_session(first + i, url, plan, questions, stop, out, api_key)
+                               for i in range(count)))
+
+    asyncio.run(main())
+    t = os.times()
+    out.cpu_s = t.user + t.system
+    queue.put(asdict(out))
+
+
+def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optional[str] = None,
+             during=None) -> dict:
+    """Run `sessions` live sessions spread over `procs` processes; `during()` is called in this
+    process while they run (it may sleep to sample the server), and its result is returned
+    under "during"."""
+    procs = max(1, min(procs, sessions or 1))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    ready = ctx.Barrier(procs + 1)
+    shares = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
+    workers, first = [], 0
+    for count in shares:
+        workers.append(ctx.Process(target=_proc_main, args=(first, count, url, plan, api_key, queue, ready),
+                                   daemon=True))
+        first += count
+    for w in workers:
+        w.start()
+    ready.wait(timeout=300)   # every load process has its audio: the sessions start now
+    started = time.monotonic()
+    measured = during() if during is not None else None
+    results = [queue.get(timeout=plan.seconds + plan.ramp_s + 120) for _ in workers]
+    for w in workers:
+        w.join(10)
+    merged = ProcResult(answers=[], errors=[], send_lag_ms=[])
+    for r in results:
+        merged.answers += r["answers"]
+        merged.connected += r["connected"]
+        merged.refused += r["refused"]
+        merged.capped += r["capped"]
+        merged.errors += r["errors"]
+        merged.send_lag_ms += r["send_lag_ms"]
+        merged.cpu_s += r["cpu_s"]
+    summary = summarize(merged, time.monotonic() - started)
+    summary["during"] = measured
+    return summary
+
+
+def summarize(r: ProcResult, wall_s: float) -> dict:
+    answered = [a for a in r.answers
+                if a["status"] in ("completed", "incomplete", "cancelled", "open") and a["audio_s"] > 0]
+    ttfa = [a["ttfa_s"] for a in answered if a["ttfa_s"] is not None]
+    whole = [a for a in answered if not a["stopped_by_user"] and a["status"] not in ("cancelled", "open")]
+    with_gaps = sum(1 for a in answered if a["gaps"])
+    ms = (lambda x: None if x is None else round(1000 * x, 1))
+    return {
+        "sessions_connected": r.connected, "refused": r.refused, "connection_capped": r.capped,
+        "errors": len(r.errors),
+        "error_samples": r.errors[:3], "answers": len(answered), "answers_whole": len(whole),
+        "answers_stopped_by_user": sum(1 for a in answered if a["stopped_by_user"]),
+        "answers_failed": len(r.answers) - len(answered),
+        "answers_with_gaps": with_gaps,
+        "answers_with_gaps_pct": round(100.0 * with_gaps / len(answered), 2) if answered else None,
+        "gaps": sum(a["gaps"] for a in answered),
+        **{f"ttfa_p{q}_ms": ms(percentile(ttfa, q)) for q in (50, 90, 95)},
+        "generator_send_lag_p99_ms": round(percentile(r.send_lag_ms, 99) or 0.0, 1),
+        "generator_cpu_s": round(r.cpu_s, 2), "wall_s": round(wall_s, 1),
+    }
+
+
+def main_live(args) -> int:
+    """--live: continuous microphones over several processes; server CPU per session."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(args.url)
+    pid = args.server_pid
+    if pid is None and is_loopback(args.url):
+        pid = server_pid_for_port(parts.port or 80)
+    procs = args.procs or max(1, min(8, os.cpu_count() or 1))
+    plan = LivePlan(seconds=args.live, question_every_s=args.question_every or None, stop_share=args.stop_share,
+                    jitter_ms=args.jitter_ms, ramp_s=min(10.0, 1.0 + 0.02 * args.sessions),
+                    answer_timeout_s=args.turn_timeout)
+    idle = None
+    if pid is not None:
+        idle = cpu_window(pid, parts.port or 80, 0.0, 3.0)["cores"]
+    warm = plan.ramp_s + min(3.0, args.live / 4)
+    span = max(1.0, args.live - warm - 1.0)
+    during = (lambda: cpu_window(pid, parts.port or 80, warm, span)) if pid is not None else None
+    try:
+        s = run_live(args.url, args.sessions, procs, plan, api_key=args.api_key, during=during)
+    except KeyboardInterrupt:
+        return 130
+    d = s.pop("during")
+
+    def f(x, unit=""):
+        return "-" if x is None else f"{x:g}{unit}"
+
+    rows = [
+        ("sessions (live microphones)", f"{s['sessions_connected']} of {args.sessions} connected over {procs} "
+                                        f"load processes, {args.live:g} s each"),
+        ("refused (1013) / connection cap", f"{s['refused']} / {s['connection_capped']}"),
+        ("errors", f"{s['errors']}"),
+        ("answers (whole / stopped by user)", f"{s['answers']} ({s['answers_whole']} / {s['answers_stopped_by_user']})"),
+        ("answers failed or timed out", f"{s['answers_failed']}"),
+        ("answers with playback gaps", f"{s['answers_with_gaps']} ({f(s['answers_with_gaps_pct'], '%')}); "
+                                       f"{args.jitter_ms:g} ms jitter buffer"),
+        ("first audio p50 / p90 / p95", f"{f(s['ttfa_p50_ms'])} / {f(s['ttfa_p90_ms'])} / {f(s['ttfa_p95_ms'])} ms "
+                                        "(from speech_stopped)"),
+        ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
+                                        "generator's)"),
+    ]
+    if d is not None:
+        per = (d["cores"] - idle) / max(1, s["sessions_connected"])
+        rows += [("server CPU, whole process tree", f"{d['cores']:.3f} cores at load, {idle:.3f} idle (pid {pid})"),
+                 ("server CPU per session", f"{per:.4f} cores"),
+                 ("server event-loop lag p99", f"{f(d['lag_p99_ms'], ' ms')}")]
+    else:
+        rows.append(("server CPU per session", "- (server not on this host: pass --server-pid)"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if s["connection_capped"]:
+        print("note: the server refused connections at its per-client cap: run it with "
+              "--max-connections-per-client 0 (or OMNI2_MAX_CONNECTIONS_PER_CLIENT=0) for a loopback load",
+              file=sys.stderr)
+    for e in s["error_samples"]:
+        print(f"error: {e}", file=sys.stderr)
+    return 0 if s["sessions_connected"] and not s["errors"] else 1

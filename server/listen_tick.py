@@ -1,0 +1,126 @@
+"""One listening pass per tick for every session of a server process.
+
+Each session's microphone appends used to take their own worker-thread hand-off and their
+own silero-vad calls (one per 32 ms chunk per session): at a few dozen sessions that was
+most of a process's CPU. Here a session's append waits for the next tick; the tick takes
+every append that arrived since the last one and, in one worker-thread call, decodes and
+echo-cancels each (InputAudio.begin_push), scores all their VAD chunks in one batched
+network call per 32 ms step (vad.score_streams), and turns each session's probabilities into
+its events (InputAudio.end_push). A session's appends stay in order (it awaits each).
+
+`tick_ms` bounds how often a pass runs (appends wait up to that long to share it); 0 runs a
+pass as soon as the previous one is done with whatever arrived meanwhile. A session that is
+behind (its next append came right after the last one was answered: its socket holds a
+backlog) does not wait for the tick, so it catches up at pass speed.
+
+A session whose listener may decode a spoken command now (command mode while an answer is
+audible: tens of ms of whisper per decode) is listened to on a worker thread of its own, as
+before the batch, so one session's decode never holds up every other session's listening.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Optional
+
+_ticks: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ListenTick]" = weakref.WeakKeyDictionary()
+
+
+def listen_tick(tick_ms: int) -> "ListenTick":
+    """The ListenTick of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    tick = _ticks.get(loop)
+    if tick is None:
+        tick = _ticks[loop] = ListenTick(tick_ms)
+    return tick
+
+
+class ListenTick:
+    def __init__(self, tick_ms: int = 30):
+        self.tick_s = max(0, tick_ms) / 1000.0
+        self._queue: list = []
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._last = 0.0
+        self._urgent = False
+        self._done_at: dict[int, float] = {}   # id(InputAudio) -> when its last append was answered
+        self.passes = 0             # listening passes run
+        self.appends = 0            # appends they took
+
+    async def push(self, audio, data: bytes) -> list:
+        """InputAudio.push(data), done in the next tick's shared pass."""
+        if audio.may_decode:
+            return await asyncio.to_thread(audio.push, data)
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((audio, data, fut))
+        if time.monotonic() - self._done_at.get(id(audio), 0.0) < BEHIND_S:
+            self._urgent = True
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="listen-tick")
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            wait = self._last + self.tick_s - time.monotonic()
+            if wait > 0 and not self._urgent:
+                try:  # an urgent append (a session catching up) cuts the wait short
+                    self._wake.clear()
+                    await asyncio.wait_for(self._wait_urgent(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            self._urgent = False
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            self._last = time.monotonic()
+            results = await asyncio.to_thread(listen_pass, [(a, d) for a, d, _ in batch])
+            self.passes += 1
+            self.appends += len(batch)
+            for (audio, _, fut), result in zip(batch, results):
+                self._settle(audio, fut, result)
+            if len(self._done_at) > 4 * len(batch) + 1024:
+                self._done_at.clear()
+
+    async def _wait_urgent(self) -> None:
+        while not self._urgent:
+            await self._wake.wait()
+            self._wake.clear()
+
+    def _settle(self, audio, fut, result) -> None:
+        self._done_at[id(audio)] = time.monotonic()
+        if fut.done():
+            return
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+
+BEHIND_S = 0.01
+
+
+def listen_pass(items: list) -> list:
+    """[(InputAudio, bytes)] -> each one's events (or the exception it raised), with one
+    batched VAD score for all."""
+    from omni2.streaming.listening.vad import score_streams
+
+    out: list = [None] * len(items)
+    works = []
+    for i, (audio, data) in enumerate(items):
+        try:
+            works.append((i, audio, audio.begin_push(data)))
+        except Exception as exc:  # e.g. a cut PCM16 sample: that session's error only
+            out[i] = exc
+    scored = [(i, a, w) for i, a, w in works if w.chunks is not None and w.chunks.shape[0]]
+    probs = score_streams([a.vad_stream for _, a, _ in scored], [w.chunks for _, _, w in scored]) if scored else []
+    by_index = {i: p for (i, _, _), p in zip(scored, probs)}
+    for i, audio, work in works:
+        try:
+            out[i] = audio.end_push(work, by_index.get(i))
+        except Exception as exc:
+            out[i] = exc
+    return out
