@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from omni2.streaming.cpu_malloc import heap_stats
+from omni2.streaming.vad import silero_pool
 
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names
@@ -50,6 +51,8 @@ def create_app(settings: ServerSettings, host: EngineHost,
     if detector_factory is None:
         detector_factory = detector_factory_for(settings.interrupt_mode, settings.command_phrases,
                                                 settings.turn_audio_tail_ms)
+    # VAD modules are reused across sessions; idle ones kept are bounded like sessions (vad.SileroPool)
+    silero_pool().max_idle = settings.max_sessions
     metrics = Metrics()
     admission = Admission(settings.max_sessions)
     transcriber = Transcriber(settings.transcription_model, settings.transcription_threads)

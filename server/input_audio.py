@@ -141,6 +141,7 @@ class InputAudio:
         self._notes: list = []
         self._notes_samples = 0
         self._notes_lock = threading.Lock()
+        self._pushing = threading.Lock()
         if turn_detection is not None:
             self._detector = detector_factory(turn_detection)
 
@@ -152,7 +153,7 @@ class InputAudio:
             self.fmt = fmt
         if turn_detection != self.turn_detection:
             self.turn_detection = turn_detection
-            self._detector = self._factory(turn_detection) if turn_detection else None
+            self._replace_detector()
             self._origin = self.samples_total
             self.in_speech = self._held = self._discard = False
             self._cut = None
@@ -210,6 +211,10 @@ class InputAudio:
 
     def push(self, data: bytes) -> list[InputEvent]:
         """Take one append's bytes; return what they caused, in order."""
+        with self._pushing:  # close() waits for a push that a cancelled task left running
+            return self._push(data)
+
+    def _push(self, data: bytes) -> list[InputEvent]:
         single_threaded()  # the VAD's torch work must not hold an OpenMP team (cpu_threads)
         self.pushed_at = time.monotonic()
         x = self.decode(data)
@@ -282,7 +287,7 @@ class InputAudio:
         heard = not (self._held or self._discard)
         self.in_speech = self._held = self._discard = False
         self._cut = None
-        self._detector = self._factory(self.turn_detection)
+        self._replace_detector()
         self._origin = self.samples_total
         return [SpeechStopped(cut if at is None else at, audio, forced=True)] if heard else []
 
@@ -303,9 +308,27 @@ class InputAudio:
         self._cut = None
         if self.vad and self.in_speech:
             self.in_speech = False
-            self._detector = self._factory(self.turn_detection)
+            self._replace_detector()
             self._origin = self.samples_total
         return audio
+
+    def _replace_detector(self) -> None:
+        """A fresh detector for the current turn_detection (None without one); the old one's
+        silero module goes back to the pool first, so the new one reuses it."""
+        self._close_detector()
+        self._detector = self._factory(self.turn_detection) if self.turn_detection else None
+
+    def _close_detector(self) -> None:
+        detector, self._detector = self._detector, None
+        close = getattr(detector, "close", None)  # test doubles may have none
+        if close is not None:
+            close()
+
+    def close(self) -> None:
+        """The session ended: the detector's silero module goes back to the pool (blocks while
+        a push runs: call it off the event loop)."""
+        with self._pushing:
+            self._close_detector()
 
     def clear(self) -> None:
         self._take_until(self._buf_start + self._buf_len)

@@ -165,6 +165,8 @@ class RealtimeSession(ItemEvents, OutOfBand):
         if self.engine_session is not None:
             await asyncio.to_thread(self.engine.close_session, self.engine_session)
             self.engine_session = None
+        if self.input is not None:  # its VAD module back to the pool (vad.SileroPool)
+            await asyncio.to_thread(self.input.close)
 
     # ---- client events --------------------------------------------------------------------------
     async def handle(self, raw: str | bytes) -> None:

@@ -180,6 +180,10 @@ class DuplexController:
         self._tracing = False
         self.reset()
 
+    def close(self) -> None:
+        """Give the VAD's silero module back to its pool (vad.SileroPool); unusable after."""
+        self.vad.close()
+
     def reset(self) -> None:
         """Forget the session's audio (sample indices restart at 0)."""
         self.vad.reset()

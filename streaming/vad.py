@@ -3,7 +3,17 @@
 The model comes from the `silero-vad` wheel, which carries its TorchScript file, so it
 works offline. silero-vad scores fixed 512-sample chunks at 16 kHz (32 ms) and keeps its
 recurrent state and 64-sample context inside the scripted module, so every
-SpeechDetector owns one module instance: sessions must never share recurrent state.
+SpeechDetector owns one module instance while it lives: sessions must never share recurrent
+state.
+
+A loaded module costs ~7.5 MB of C heap (weights plus the TorchScript executor's optimized
+graphs) and holds reference cycles, so a dropped one is freed only by Python's full garbage
+collection, which a server with ~400k live objects runs rarely: a server that loaded one per
+session (two when the client sets turn_detection) kept hundreds of MB of dead modules waiting
+(issue 19's soak). So modules are pooled: `SpeechDetector.close()` resets its module and hands
+it back to `SileroPool`, the next detector takes it, and the pool keeps at most `max_idle`
+idle ones (the server sets its `max_sessions`). Live modules are thus at most the detectors
+open at once; `loaded` counts every module ever loaded.
 
 Events follow the OpenAI Realtime server-VAD semantics the server exposes:
 `speech_started.sample` is the onset minus `prefix_padding_ms` (the start of the audio a
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -77,6 +88,47 @@ def load_silero():
     return model
 
 
+class SileroPool:
+    """Loaded silero modules for reuse (thread-safe): a detector takes one and gives it back."""
+
+    def __init__(self, max_idle: int = 16):
+        self.max_idle = max_idle
+        self.loaded = 0          # modules ever loaded
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def acquire(self):
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        model = load_silero()
+        with self._lock:
+            self.loaded += 1
+        return model
+
+    def release(self, model) -> None:
+        model.reset_states()  # no recurrent state crosses to the next owner
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(model)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+_POOL = SileroPool()
+
+
+def silero_pool() -> SileroPool:
+    """The process's pool (the server bounds its idle modules by max_sessions)."""
+    return _POOL
+
+
 class SpeechDetector:
     """Turns a stream of 16 kHz float32 samples into speech start/stop events.
 
@@ -89,6 +141,7 @@ class SpeechDetector:
     neg_threshold: probability below which a chunk counts as silence once in speech;
         between the two thresholds the state is kept (hysteresis against flicker).
     pause_ms: quiet after speech that reports `speech_paused` (None or >= silence_ms: off).
+    pool: where its silero module comes from and goes back to on `close()` (the process's).
     """
 
     def __init__(
@@ -99,6 +152,7 @@ class SpeechDetector:
         min_speech_ms: int = 64,
         neg_threshold: float | None = None,
         pause_ms: int | None = None,
+        pool: SileroPool | None = None,
     ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"VAD threshold must be in (0, 1), got {threshold}")
@@ -116,12 +170,24 @@ class SpeechDetector:
             if pause_ms < 0:
                 raise ValueError("VAD durations must be >= 0 ms")
             self.pause_samples = pause_ms * SAMPLE_RATE // 1000
-        self._model = load_silero()
+        self._pool = pool or _POOL
+        self._model = self._pool.acquire()
         self.reset()
+
+    def _live_model(self):
+        if self._model is None:
+            raise RuntimeError("this SpeechDetector is closed")
+        return self._model
+
+    def close(self) -> None:
+        """Hand the module back to the pool (idempotent); the detector is unusable after."""
+        model, self._model = self._model, None
+        if model is not None:
+            self._pool.release(model)
 
     def reset(self) -> None:
         """Forget all audio: sample indices restart at 0, recurrent state cleared."""
-        self._model.reset_states()
+        self._live_model().reset_states()
         self._pending = np.zeros(0, dtype=np.float32)
         self.samples_seen = 0          # samples scored so far (multiple of CHUNK)
         self.speech_prob_last = 0.0
@@ -157,10 +223,11 @@ class SpeechDetector:
             return events
         import torch
 
+        model = self._live_model()
         chunks = torch.from_numpy(np.ascontiguousarray(x[:n_full])).view(-1, CHUNK)
         with torch.inference_mode():
             for chunk in chunks:
-                prob = float(self._model(chunk, SAMPLE_RATE))
+                prob = float(model(chunk, SAMPLE_RATE))
                 start = self.samples_seen
                 self.samples_seen += CHUNK
                 self.speech_prob_last = prob

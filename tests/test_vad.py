@@ -92,3 +92,47 @@ def test_pause_events_mark_the_quiet_run_that_ends_the_turn():
     plain = feed(SpeechDetector(silence_ms=500, pause_ms=500), audio, 700)
     assert [e.kind for e in plain] == ["speech_started", "speech_stopped"]
     assert plain[-1] == stopped
+
+
+def test_closed_detectors_hand_their_module_to_the_next_and_the_pool_stays_bounded():
+    """Issue 19's soak: a silero module is ~7.5 MB of C heap freed only by a full gc, and the
+    server made one per session; pooled, 50 detectors opened and closed load one module."""
+    from omni2.streaming.vad import SileroPool
+
+    pool = SileroPool(max_idle=2)
+    first = SpeechDetector(pool=pool)
+    module = first._model
+    first.close()
+    first.close()  # idempotent
+    assert pool.idle == 1
+    for _ in range(50):
+        d = SpeechDetector(pool=pool)
+        assert d._model is module
+        d.close()
+    assert pool.loaded == 1
+    live = [SpeechDetector(pool=pool) for _ in range(4)]  # as many as are open at once
+    assert pool.loaded == 4
+    for d in live:
+        d.close()
+    assert pool.idle == 2 and pool.loaded == 4  # idle ones kept: at most max_idle
+    with pytest.raises(RuntimeError, match="closed"):
+        live[0].push(np.zeros(CHUNK, dtype=np.float32))
+
+
+@requires_speech
+def test_a_reused_module_scores_like_a_fresh_one():
+    """No recurrent state crosses from one owner of a pooled module to the next."""
+    from omni2.streaming.vad import SileroPool
+
+    audio, _, _ = utterance("what about the weather", lead_s=0.6)
+    fresh = SpeechDetector(pool=SileroPool())
+    expected = feed(fresh, audio, step=1600)
+    probs_fresh = fresh.speech_prob_last
+    pool = SileroPool()
+    used = SpeechDetector(pool=pool)
+    feed(used, audio[: audio.size // 2], step=1600)  # stopped mid-speech: state is live
+    used.close()
+    again = SpeechDetector(pool=pool)
+    assert pool.loaded == 1
+    assert feed(again, audio, step=1600) == expected
+    assert again.speech_prob_last == pytest.approx(probs_fresh, abs=1e-6)
