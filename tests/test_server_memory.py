@@ -43,3 +43,46 @@ def test_sessions_that_come_and_go_reuse_their_vad_modules():
         loaded = pool.loaded - before
         assert loaded <= 3, f"{loaded} silero modules loaded for 12 sessions one after another"
         assert 1 <= pool.idle <= 3  # bounded by max_sessions (create_app sets it)
+
+
+class CountedDetector:
+    """Starts speech at once and never stops it; counts detectors made and not closed."""
+    open = 0
+
+    def __init__(self):
+        CountedDetector.open += 1
+        self.closed = False
+
+    def push(self, x):
+        from omni2.streaming.vad import VadEvent
+
+        return [VadEvent("speech_started", 0)]
+
+    def close(self):
+        assert not self.closed, "closed twice"
+        self.closed = True
+        CountedDetector.open -= 1
+
+
+def test_every_detector_the_input_replaces_is_closed():
+    """session.update, a manual commit mid-speech, a stall, the turn limit and the session's
+    end each replace or drop the detector: each old one goes back (its module to the pool)."""
+    from omni2.server.input_audio import InputAudio
+    from omni2.server.session_config import TurnDetection
+    from omni2.streaming.audio import AudioFormat
+
+    CountedDetector.open = 0
+    second = 16000 * 2 * b"\0"  # 1 s of pcm16 at 16 kHz
+    audio = InputAudio(AudioFormat("pcm16", 16000), TurnDetection(), max_turn_s=2.0, idle_keep_s=0.5,
+                       detector_factory=lambda td: CountedDetector())
+    audio.configure(AudioFormat("pcm16", 16000), TurnDetection(silence_duration_ms=700))
+    audio.push(second)
+    assert audio.in_speech
+    audio.commit()                      # manual commit mid-speech: a fresh detector
+    audio.push(second)
+    audio.end_speech()                  # the stall timeout: a fresh detector
+    for _ in range(4):
+        audio.push(second)              # past max_turn_s: forced stop, a fresh detector
+    assert CountedDetector.open == 1
+    audio.close()
+    assert CountedDetector.open == 0
