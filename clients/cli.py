@@ -14,9 +14,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("omni2.server.serve", "run the realtime voice+vision server"),
     "chat": ("omni2.clients.chat", "talk to a running server from the terminal"),
     "loadtest": ("omni2.clients.loadtest", "open many concurrent sessions against a server"),
-    "make-tiny": ("omni2.clients.make_tiny", "write the synthetic tiny checkpoint (released layout)"),
-    "generate": ("omni2.clients.generate", "offline reference generation; prints token ids as JSON"),
-    "bench": ("omni2.clients.bench", "benchmarks: model, kernels, engine, arrivals, server, interrupt, soak"),
+    "make-tiny": ("omni2.clients.tools.make_tiny", "write the synthetic tiny checkpoint (released layout)"),
+    "generate": ("omni2.clients.tools.generate", "offline reference generation; prints token ids as JSON"),
+    "bench": ("omni2.clients.tools.bench", "benchmarks: model, kernels, engine, arrivals, server, interrupt, soak"),
 }
 
 

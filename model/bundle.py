@@ -36,7 +36,7 @@ class OmniModel:
     snac: Optional[torch.nn.Module]
     name: str
     directory: Path
-    is_fallback: bool = False  # served instead of the real checkpoint (see streaming.runtime)
+    is_fallback: bool = False  # served instead of the real checkpoint (see streaming/engine/runtime.py)
 
     @property
     def device(self) -> torch.device:

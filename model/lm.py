@@ -223,7 +223,7 @@ class OmniLM(nn.Module):
         w = self.lm_head.weight[tokens.PADDED_TEXT_VOCAB :]
         return F.linear(hidden, w).unflatten(-1, (tokens.N_AUDIO_LAYERS, tokens.PADDED_AUDIO_VOCAB))
 
-    # Greedy picks. A runtime may install faster exact versions (streaming/screened_argmax.py).
+    # Greedy picks. A runtime may install faster exact versions (streaming/cpu/screened_argmax.py).
     def text_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, C] -> the greedy text id of each row [R]."""
         return self.text_logits(hidden).argmax(-1)

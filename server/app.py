@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from omni2.streaming.cpu_malloc import heap_stats
-from omni2.streaming.vad import silero_pool
+from omni2.streaming.cpu.malloc import heap_stats
+from omni2.streaming.listening.vad import silero_pool
 
 from . import events as ev
 from .access import REALTIME_SUBPROTOCOL, Admission, check_access, check_operator, presented_key, wants_beta_names

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from omni2.streaming.audio import MODEL_SAMPLE_RATE, AudioFormat, Resampler, decode_input_audio
-from omni2.streaming.cpu_threads import single_threaded
+from omni2.streaming.cpu.threads import single_threaded
 
 from .session_config import TurnDetection
 
@@ -84,7 +84,7 @@ DEFAULT_TAIL_MS = 200
 
 
 def silero_detector(td: TurnDetection, tail_ms: int = DEFAULT_TAIL_MS):
-    from omni2.streaming.vad import SpeechDetector
+    from omni2.streaming.listening.vad import SpeechDetector
 
     return SpeechDetector(threshold=td.threshold, silence_ms=td.silence_duration_ms,
                           prefix_padding_ms=td.prefix_padding_ms, pause_ms=tail_ms)
@@ -94,8 +94,8 @@ def duplex_detector(mode: str, phrases: tuple[str, ...] = ("stop omni",),
                     tail_ms: int = DEFAULT_TAIL_MS) -> DetectorFactory:
     """Factory of DuplexControllers ('command' or 'barge_in') with the session's VAD settings."""
     def make(td: TurnDetection):
-        from omni2.streaming.duplex import DuplexConfig, DuplexController
-        from omni2.streaming.interrupt import CommandConfig
+        from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
+        from omni2.streaming.listening.interrupt import CommandConfig
 
         cfg = DuplexConfig(mode=mode, vad_threshold=td.threshold, silence_ms=td.silence_duration_ms,
                            prefix_padding_ms=td.prefix_padding_ms, pause_ms=tail_ms,

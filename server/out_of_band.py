@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from omni2.streaming.messages import TurnRequest
+from omni2.streaming.engine.messages import TurnRequest
 
 from . import protocol as p
 from .conversation import Pending

@@ -18,7 +18,7 @@ import numpy as np
 
 from omni2.model.tokens import N_AUDIO_LAYERS
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE, Resampler, encode_output_audio
-from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone
+from omni2.streaming.engine.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone
 
 from . import events as ev
 from .metrics import Metrics

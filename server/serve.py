@@ -99,8 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def load_engine(settings: ServerSettings):
     """Runtime + engine, started and warmed up: the EngineHost loader for `omni2 serve`."""
-    from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
+    from omni2.streaming.engine.engine import Engine, EngineConfig
+    from omni2.streaming.engine.runtime import load_runtime
 
     runtime = load_runtime(model=settings.model, device=settings.device, dtype=settings.dtype,
                            snac=settings.snac or None, prepack=settings.cpu_prepack and not settings.compile)
@@ -188,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
     from .engine_host import EngineHost
 
     try:  # server VAD needs silero-vad: say so now, not at the first session
-        from omni2.streaming.vad import VadModelError, silero_model_path
+        from omni2.streaming.listening.vad import VadModelError, silero_model_path
 
         silero_model_path()
     except VadModelError as exc:
@@ -196,14 +196,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if settings.interrupt_mode == "command":
         try:  # load the command recognizer once, now, so no session pays for it
-            from omni2.streaming.interrupt import RecognizerUnavailable, shared_recognizer
+            from omni2.streaming.listening.interrupt import RecognizerUnavailable, shared_recognizer
 
             shared_recognizer()
         except RecognizerUnavailable as exc:
             print(f"omni2 serve: --interrupt command: {exc}", file=sys.stderr)
             return 2
     try:  # a device or precision this machine cannot run: one line now, not a failed /health/ready later
-        from omni2.streaming.runtime import pick_device, pick_dtype
+        from omni2.streaming.engine.runtime import pick_device, pick_dtype
 
         device = pick_device(settings.device)
         pick_dtype(settings.dtype, device)
@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"omni2 serve: {exc}", file=sys.stderr)
         return 2
     if str(device).split(":")[0] == "cpu":  # bound the heap's arenas before loading makes them (cpu_malloc)
-        from omni2.streaming.cpu_malloc import keep_large_allocations
+        from omni2.streaming.cpu.malloc import keep_large_allocations
 
         keep_large_allocations(settings.malloc_arena_max)
     try:  # an explicit --model that is not there: one line now, not a failed /health/ready later

@@ -29,7 +29,7 @@ import numpy as np
 
 from omni2.model.snac_layout import SAMPLE_RATE as SNAC_RATE
 from omni2.model.snac_layout import SAMPLES_PER_FRAME, steps_heard
-from omni2.streaming.messages import ContextTruncated, SamplingParams, TurnRequest
+from omni2.streaming.engine.messages import ContextTruncated, SamplingParams, TurnRequest
 
 from . import events as ev
 from . import protocol as p

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from omni2.streaming.audio import decode_input_audio, resample
-from omni2.streaming.messages import ContextTruncated, TurnDone, TurnRequest
+from omni2.streaming.engine.messages import ContextTruncated, TurnDone, TurnRequest
 
 from . import events as ev
 from . import protocol as p

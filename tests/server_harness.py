@@ -92,8 +92,8 @@ def fake_engine_server(max_sessions: int = 4, settings: Optional[dict] = None, *
 @contextlib.contextmanager
 def tiny_engine(max_sessions: int = 4, **config):
     """A started, warmed-up engine on the built-in tiny model (EngineConfig `config`)."""
-    from omni2.streaming.engine import Engine, EngineConfig
-    from omni2.streaming.runtime import load_runtime
+    from omni2.streaming.engine.engine import Engine, EngineConfig
+    from omni2.streaming.engine.runtime import load_runtime
 
     engine = Engine(load_runtime(model="tiny", device="cpu"),
                     EngineConfig(max_sessions=max_sessions, **config)).start()

@@ -2,13 +2,13 @@
 
 Tests that need real speech use `requires_speech` so they skip with a clear reason where
 the tools are absent (CI installs them). The synthesis itself lives in
-omni2.streaming.espeak, which the interrupt benchmark shares.
+omni2.clients.tools.espeak, which the interrupt benchmark shares.
 """
 from __future__ import annotations
 
 import pytest
 
-from omni2.streaming.espeak import (  # noqa: F401  (re-exported for tests)
+from omni2.clients.tools.espeak import (  # noqa: F401  (re-exported for tests)
     SAMPLE_RATE,
     missing_tools,
     mix,

@@ -1,4 +1,4 @@
-"""Overload control: admission on measured step-time headroom (streaming/admission.py).
+"""Overload control: admission on measured step-time headroom (streaming/engine/admission.py).
 
 The policy alone (step times in, decisions out), then the engine on the tiny model with a
 decode step slowed to cost 25 ms an answer, driven past what fits an 85 ms frame: the answers
@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from omni2.streaming.admission import FRAME_S, Decision, StepHeadroom
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine, EngineBusy
-from omni2.streaming.messages import TurnRequest
+from omni2.streaming.engine.admission import FRAME_S, Decision, StepHeadroom
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine, EngineBusy
+from omni2.streaming.engine.messages import TurnRequest
 
 
 def test_nothing_measured_admits_and_the_only_answer_always_goes():

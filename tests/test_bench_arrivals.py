@@ -1,5 +1,5 @@
 """`omni2 bench arrivals`: the open-loop run on the tiny model (a short one) and the rate search."""
-from omni2.streaming.bench_arrivals import ArrivalRun, arrival_run, search_rates
+from omni2.clients.tools.bench_arrivals import ArrivalRun, arrival_run, search_rates
 
 
 def _run(rate, held_up_to):

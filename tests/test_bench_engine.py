@@ -1,7 +1,7 @@
 """`omni2 bench engine` on the tiny checkpoint: it runs, and its token checks hold."""
 from __future__ import annotations
 
-from omni2.streaming.bench_engine import run_engine_bench
+from omni2.clients.tools.bench_engine import run_engine_bench
 
 
 def test_engine_bench_smoke_every_phase_gives_the_baselines_tokens():

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni2.streaming import cpu_features, few_rows, prepack
-from omni2.streaming.bench_kernels import body_shapes, run_kernel_bench
-from omni2.streaming.runtime import UnsupportedDtype
-from omni2.streaming.screened_argmax import fast_bf16
+from omni2.streaming.cpu import features as cpu_features, few_rows, prepack
+from omni2.clients.tools.bench_kernels import body_shapes, run_kernel_bench
+from omni2.streaming.engine.runtime import UnsupportedDtype
+from omni2.streaming.cpu.screened_argmax import fast_bf16
 
 from cpu_marks import needs  # noqa: E402
 

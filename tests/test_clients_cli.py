@@ -292,7 +292,7 @@ def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse(["bench", "--help"])
     text = capsys.readouterr().out
-    from omni2.clients.bench import add_arguments
+    from omni2.clients.tools.bench import add_arguments
 
     own = argparse.ArgumentParser()
     add_arguments(own)

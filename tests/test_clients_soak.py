@@ -1,9 +1,9 @@
-"""`omni2 bench soak` (clients/soak.py): how it judges a run, and (slow) one short run."""
+"""`omni2 bench soak` (clients/tools/soak.py): how it judges a run, and (slow) one short run."""
 from __future__ import annotations
 
 import pytest
 
-from omni2.clients.soak import MB, Sample, SoakRun, run_soak, summarize
+from omni2.clients.tools.soak import MB, Sample, SoakRun, run_soak, summarize
 from speech import requires_speech
 
 

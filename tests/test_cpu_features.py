@@ -1,4 +1,4 @@
-"""Every CPU fast path asks streaming/cpu_features.py, and where a feature is missing the
+"""Every CPU fast path asks streaming/cpu/features.py, and where a feature is missing the
 fallback runs and gives the same answers. The missing features are emulated here with
 OMNI2_CPU_DISABLE (the same check the runtime makes), so these run on every machine; the
 whole suite is also run with torch's own switches (ATEN_CPU_CAPABILITY=avx2
@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
-from omni2.streaming import cpu_features, decode_attention, few_rows, huge_pages, native, prepack
-from omni2.streaming.decode_attention import DecodeAttention
-from omni2.streaming.runtime import UnsupportedDtype, load_runtime, pick_dtype
-from omni2.streaming.screened_argmax import ScreenedArgmax, fast_bf16, screen_heads_
+from omni2.streaming.cpu import decode_attention, features as cpu_features, few_rows, huge_pages, native, prepack
+from omni2.streaming.cpu.accelerate import accelerate_
+from omni2.streaming.cpu.decode_attention import DecodeAttention
+from omni2.streaming.engine.runtime import UnsupportedDtype, load_runtime, pick_dtype
+from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, fast_bf16, screen_heads_
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_an_avx2_only_cpu_prepacks_fp32_on_onednn_alone_with_the_plain_tokens(wi
     without("avx512", "bf16")
     plain = load_model(tiny_checkpoint, snac=None)
     packed = load_model(tiny_checkpoint, snac=None)
-    assert prepack.prepack_(packed.lm)
+    assert accelerate_(packed.lm)
     fc = packed.lm.transformer.h[0].mlp.fc_1
     assert fc.few_packed is None and fc.packed is not None
     assert not getattr(packed.lm, "screened_heads", False) and not screen_heads_(packed.lm)
@@ -128,7 +129,7 @@ def test_an_avx2_only_cpu_prepacks_fp32_on_onednn_alone_with_the_plain_tokens(wi
         assert got.audio_tokens == ref.audio_tokens and got.text_tokens == ref.text_tokens
     bf16 = load_model(tiny_checkpoint, snac=None, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="omni2.prepack"):
-        assert not prepack.prepack_(bf16.lm)
+        assert not accelerate_(bf16.lm)
     assert "bf16 weights not prepacked (bf16 switched off" in caplog.text
     assert type(bf16.lm.transformer.h[0].mlp.fc_1) is torch.nn.Linear
 

@@ -1,4 +1,4 @@
-"""glibc malloc settings (streaming/cpu_malloc.py): big blocks come from the heap afterwards."""
+"""glibc malloc settings (streaming/cpu/malloc.py): big blocks come from the heap afterwards."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 
-from omni2.streaming import cpu_malloc
+from omni2.streaming.cpu import malloc as cpu_malloc
 
 PROBE = textwrap.dedent("""
     import ctypes, ctypes.util, sys
-    from omni2.streaming.cpu_malloc import keep_large_allocations
+    from omni2.streaming.cpu.malloc import keep_large_allocations
 
     class Info(ctypes.Structure):  # struct mallinfo2: ten size_t fields
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -58,7 +58,7 @@ def test_the_users_own_malloc_settings_win():
 
 RELEASE = textwrap.dedent("""
     import ctypes, ctypes.util, os
-    from omni2.streaming.cpu_malloc import keep_large_allocations, release_free_memory
+    from omni2.streaming.cpu.malloc import keep_large_allocations, release_free_memory
 
     def rss_mb():
         with open(f"/proc/{os.getpid()}/status") as f:

@@ -1,4 +1,4 @@
-"""streaming/cpu_threads.py: short-lived threads with their own torch thread count."""
+"""streaming/cpu/threads.py: short-lived threads with their own torch thread count."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from omni2.streaming import cpu_threads
+from omni2.streaming.cpu import threads as cpu_threads
 
 
 def test_in_fresh_thread_returns_raises_and_sets_only_its_own_threads():

@@ -1,4 +1,4 @@
-"""The fused decode-step attention (streaming/decode_attention.c): the model's cache writes bit
+"""The fused decode-step attention (streaming/cpu/decode_attention.c): the model's cache writes bit
 for bit, the model's attention to fp32 rounding, rows independent of the batch, and the model's
 own code for everything that is not an fp32 decode step."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from omni2.model.config import PRESETS
 from omni2.model.lm import Attention, KVCache, StepContext, rope_tables
-from omni2.streaming import decode_attention
+from omni2.streaming.cpu import decode_attention
 
 from cpu_marks import needs  # noqa: E402
 

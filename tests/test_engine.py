@@ -14,10 +14,10 @@ from omni2.model.generate import generate
 from omni2.model.lm import KVCache
 from omni2.model.snac_codec import decode_frames
 from omni2.model.snac_layout import frames_from_steps, sanitize_frames
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine, EngineFull
-from omni2.streaming.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
-from omni2.streaming.slots import Slot, TurnRecord, make_room
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine, EngineFull
+from omni2.streaming.engine.messages import AudioChunk, ContextTruncated, TextDelta, TurnDone, TurnRequest
+from omni2.streaming.engine.slots import Slot, TurnRecord, make_room
 
 from cpu_marks import not_under_isa_emulation  # noqa: E402
 
@@ -236,7 +236,7 @@ def test_steps_heard_keeps_only_steps_of_fully_played_frames():
 
 
 def _feed(audio, text):
-    from omni2.streaming.slots import feed_ids
+    from omni2.streaming.engine.slots import feed_ids
 
     return feed_ids(audio, text)
 
@@ -344,7 +344,7 @@ def test_full_context_truncates_oldest_turn_and_says_so(tiny_model):
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
-    from omni2.streaming.messages import SamplingParams
+    from omni2.streaming.engine.messages import SamplingParams
 
     outs = []
     for _ in range(2):

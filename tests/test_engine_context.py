@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni2.streaming.messages import AudioChunk, TurnRequest
+from omni2.streaming.engine.messages import AudioChunk, TurnRequest
 from test_engine import _feed, _greedy_continue, collect, engine, question, wait_for  # noqa: F401 (fixture)
 
 

@@ -1,4 +1,4 @@
-"""The few_rows fp32 kernel (streaming/few_rows.c): right sums, batch-independent rows, and a
+"""The few_rows fp32 kernel (streaming/cpu/few_rows.c): right sums, batch-independent rows, and a
 build that falls back cleanly where it cannot happen."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni2.streaming import few_rows, prepack
+from omni2.streaming.cpu import few_rows, prepack
 
 from cpu_marks import needs  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_a_rows_result_does_not_depend_on_the_batch(kernel):
 
 @needs_kernel
 def test_threads_do_not_change_the_result(kernel):
-    from omni2.streaming.cpu_threads import in_fresh_thread
+    from omni2.streaming.cpu.threads import in_fresh_thread
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(500, 96, generator=g), torch.randn(6, 96, generator=g)
@@ -221,16 +221,19 @@ def test_a_non_finite_row_gets_a_nan_scale_and_int8_products_need_vnni(kernel):
 
 
 def test_every_c_kernel_ships_with_the_package_and_a_missing_one_is_a_clean_fallback(tmp_path):
-    """pyproject's package data lists each C file of streaming/ (a wheel install needs them);
+    """pyproject's package data lists each C file under streaming/ (a wheel install needs them);
     a C file missing all the same makes the kernel unavailable, not an error."""
     import tomllib
     from pathlib import Path
 
-    from omni2.streaming import native
+    from omni2.streaming.cpu import native
 
     root = Path(__file__).resolve().parents[1]
     with open(root / "pyproject.toml", "rb") as f:
-        shipped = tomllib.load(f)["tool"]["setuptools"]["package-data"]["omni2.streaming"]
-    assert sorted(shipped) == sorted(p.name for p in (root / "streaming").glob("*.c"))
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    shipped = {f"streaming/{package.removeprefix('omni2.streaming').strip('.').replace('.', '/')}/{name}".replace("//", "/")
+               for package, names in data.items() if package.startswith("omni2.streaming") for name in names}
+    c_files = {p.relative_to(root).as_posix() for p in (root / "streaming").rglob("*.c")}
+    assert c_files and shipped == c_files
     with pytest.raises(native.Unavailable, match="not installed"):
         native.build(tmp_path / "gone.c", tmp_path, native.BASE_CFLAGS)

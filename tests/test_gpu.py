@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from omni2.model.generate import generate
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine
-from omni2.streaming.messages import TurnDone, TurnRequest
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.messages import TurnDone, TurnRequest
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""Packed weights on 2 MiB pages (streaming/huge_pages.py): same values, huge pages where the
+"""Packed weights on 2 MiB pages (streaming/cpu/huge_pages.py): same values, huge pages where the
 system grants them, memory returned when the tensor goes, plain tensors elsewhere."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from omni2.streaming import huge_pages
+from omni2.streaming.cpu import huge_pages
 
 from cpu_marks import needs  # noqa: E402
 
@@ -59,8 +59,8 @@ def test_small_tensors_and_the_switch_keep_torchs_allocator(monkeypatch):
 
 @needs_thp
 def test_the_engines_kv_cache_is_zeroed_on_huge_pages(tiny_model):
-    from omni2.streaming.config import EngineConfig
-    from omni2.streaming.engine import Engine
+    from omni2.streaming.engine.config import EngineConfig
+    from omni2.streaming.engine.engine import Engine
 
     eng = Engine(tiny_model, EngineConfig(max_sessions=4))  # 8 rows of the tiny model: > 2 MiB
     for t in (eng.cache.k, eng.cache.v):

@@ -1,4 +1,4 @@
-"""CPU weight prepacking (streaming/prepack.py): faster kernels, the same tokens.
+"""CPU weight prepacking (streaming/cpu/prepack.py): faster kernels, the same tokens.
 
 The packed model is a separate load of the tiny checkpoint (prepacking is in place); the
 reference is `generate` on the shared, unpacked `tiny_model`.
@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
 from omni2.model.lm import KVCache
-from omni2.streaming import decode_attention, few_rows, prepack
-from omni2.streaming.decode_attention import DecodeAttention
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine
-from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming.screened_argmax import fast_bf16
+from omni2.streaming.cpu import decode_attention, few_rows, prepack
+from omni2.streaming.cpu.accelerate import accelerate_
+from omni2.streaming.cpu.decode_attention import DecodeAttention
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.messages import TurnDone, TurnRequest
+from omni2.streaming.cpu.screened_argmax import fast_bf16
 
 from cpu_marks import needs  # noqa: E402
 
@@ -53,7 +54,7 @@ def packed_pair(request, tiny_checkpoint):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[request.param]
     plain = load_model(tiny_checkpoint, snac=None, dtype=dtype)
     packed = load_model(tiny_checkpoint, dtype=dtype)
-    assert prepack.prepack_(packed.lm) and not prepack.prepack_(packed.lm)  # once only
+    assert accelerate_(packed.lm) and not accelerate_(packed.lm)  # once only
     # fp32 greedy heads are screened through bf16 where the CPU has a fast bf16 kernel
     assert getattr(packed.lm, "screened_heads", False) == (dtype == torch.float32 and fast_bf16())
     # decode steps take the few_rows kernel where it builds (bf16: up to two sessions)
@@ -122,7 +123,7 @@ def test_prepack_is_a_no_op_off_the_cpu_and_for_half_precision(tiny_checkpoint):
 
 def test_few_rows_off_keeps_the_library_kernels_and_the_bf16_screen(tiny_checkpoint):
     model = load_model(tiny_checkpoint, snac=None)
-    assert prepack.prepack_(model.lm, few_rows=False)
+    assert accelerate_(model.lm, few_rows=False)
     assert model.lm.transformer.h[0].mlp.fc_1.few_packed is None
     if getattr(model.lm, "screened_heads", False):
         assert model.lm.text_argmax.int8 is None and model.lm.audio_argmax.int8 is None

@@ -1,4 +1,4 @@
-"""Screened greedy heads (streaming/screened_argmax.py): the fp32 argmax, read from a bf16 or
+"""Screened greedy heads (streaming/cpu/screened_argmax.py): the fp32 argmax, read from a bf16 or
 an int8 copy (the int8 screen runs on the few_rows kernel, where it builds)."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from omni2.model.bundle import load_model
 from omni2.model.generate import generate
-from omni2.streaming.config import EngineConfig
-from omni2.streaming.engine import Engine
-from omni2.streaming.messages import TurnDone, TurnRequest
-from omni2.streaming import cpu_features, few_rows
-from omni2.streaming.screened_argmax import INT8_SCREEN_ROWS, INT8_VNNI_ROWS, ScreenedArgmax, screen_heads_
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.messages import TurnDone, TurnRequest
+from omni2.streaming.cpu import features as cpu_features, few_rows
+from omni2.streaming.cpu.screened_argmax import INT8_SCREEN_ROWS, INT8_VNNI_ROWS, ScreenedArgmax, screen_heads_
 
 from cpu_marks import needs  # noqa: E402
 

@@ -22,7 +22,7 @@ CHUNK_S = 0.04
 
 
 def recognizer_or_skip():
-    from omni2.streaming.interrupt import RecognizerUnavailable, shared_recognizer
+    from omni2.streaming.listening.interrupt import RecognizerUnavailable, shared_recognizer
 
     try:
         shared_recognizer()

@@ -13,7 +13,7 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 
 from server_harness import Client, fake_engine_server  # noqa: E402
 
-from omni2.streaming.vad import silero_pool  # noqa: E402
+from omni2.streaming.listening.vad import silero_pool  # noqa: E402
 
 VAD_600 = {"type": "realtime", "audio": {"input": {"turn_detection": {
     "type": "server_vad", "silence_duration_ms": 600}}}}
@@ -54,7 +54,7 @@ class CountedDetector:
         self.closed = False
 
     def push(self, x):
-        from omni2.streaming.vad import VadEvent
+        from omni2.streaming.listening.vad import VadEvent
 
         return [VadEvent("speech_started", 0)]
 

@@ -189,7 +189,7 @@ class ScriptedDetector:
     """Fires the given VAD events when the pushed audio reaches their sample index."""
 
     def __init__(self, script):
-        from omni2.streaming.vad import VadEvent
+        from omni2.streaming.listening.vad import VadEvent
 
         self.script = [VadEvent(k, s) for k, s in script]
         self.seen = 0
@@ -298,8 +298,8 @@ class ScriptedListener(ScriptedDetector):
     """A duplex controller stand-in: scripted VAD events and interrupts, an audible flag."""
 
     def __init__(self, script, audible_from=0, audible_to=0):
-        from omni2.streaming.duplex import Interrupt
-        from omni2.streaming.vad import VadEvent
+        from omni2.streaming.listening.duplex import Interrupt
+        from omni2.streaming.listening.vad import VadEvent
 
         self.script = [Interrupt(k, "stop omni" if k == "command" else None, 0.9, s, "", 120)
                        if k in ("command", "barge_in") else VadEvent(k, s) for k, s in script]

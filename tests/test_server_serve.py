@@ -175,11 +175,11 @@ def test_serve_help_names_every_compile_mode(capsys):
 
 @pytest.mark.slow
 def test_server_bench_smoke():
-    from omni2.streaming.espeak import missing_tools
+    from omni2.clients.tools.espeak import missing_tools
 
     if missing_tools():
         pytest.skip("the server bench speaks its questions with espeak-ng + sox")
-    from omni2.server.bench import run_server_bench
+    from omni2.clients.tools.bench_server import run_server_bench
 
     r = run_server_bench(sessions=2, rounds=1, max_steps=16, device="cpu", verbose=False)
     assert r["raw_frames_per_s"] > 0

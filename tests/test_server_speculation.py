@@ -21,7 +21,7 @@ from speech import requires_speech, resample, utterance  # noqa: E402
 from test_engine import wait_for  # noqa: E402
 from test_server_session import check_response  # noqa: E402
 
-from omni2.streaming.vad import CHUNK  # noqa: E402
+from omni2.streaming.listening.vad import CHUNK  # noqa: E402
 
 VAD = {"type": "realtime", "audio": {"input": {"turn_detection": {
     "type": "server_vad", "silence_duration_ms": 500, "prefix_padding_ms": 300}}}}

@@ -28,7 +28,7 @@ from omni2.model.snac_layout import (
     frames_to_codes,
     sanitize_frames,
 )
-from omni2.streaming.frame_decoder import DecodeWindow, FrameDecoder, decode_groups, receptive_field
+from omni2.streaming.engine.frame_decoder import DecodeWindow, FrameDecoder, decode_groups, receptive_field
 
 
 @pytest.fixture(scope="module")

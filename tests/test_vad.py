@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from omni2.streaming.vad import CHUNK, SpeechDetector, VadEvent  # noqa: E402
+from omni2.streaming.listening.vad import CHUNK, SpeechDetector, VadEvent  # noqa: E402
 from speech import noise, requires_speech, silence, utterance  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def test_pause_events_mark_the_quiet_run_that_ends_the_turn():
 def test_closed_detectors_hand_their_module_to_the_next_and_the_pool_stays_bounded():
     """Issue 19's soak: a silero module is ~7.5 MB of C heap freed only by a full gc, and the
     server made one per session; pooled, 50 detectors opened and closed load one module."""
-    from omni2.streaming.vad import SileroPool
+    from omni2.streaming.listening.vad import SileroPool
 
     pool = SileroPool(max_idle=2)
     first = SpeechDetector(pool=pool)
@@ -122,7 +122,7 @@ def test_closed_detectors_hand_their_module_to_the_next_and_the_pool_stays_bound
 @requires_speech
 def test_a_reused_module_scores_like_a_fresh_one():
     """No recurrent state crosses from one owner of a pooled module to the next."""
-    from omni2.streaming.vad import SileroPool
+    from omni2.streaming.listening.vad import SileroPool
 
     audio, _, _ = utterance("what about the weather", lead_s=0.6)
     fresh = SpeechDetector(pool=SileroPool())

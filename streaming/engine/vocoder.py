@@ -93,7 +93,7 @@ class Vocoder:
 
     def _run(self) -> None:
         if self.threads is not None:
-            from .cpu_threads import use_threads
+            from ..cpu.threads import use_threads
 
             use_threads(self.threads)
         while not self._stop.is_set():

@@ -39,7 +39,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from . import cpu_features, prepack
+from . import features as cpu_features, prepack
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -216,7 +216,7 @@ class ScreenedArgmax:
 
 
 def fast_bf16() -> bool:
-    """Whether this CPU has oneDNN's packed bf16 kernel (cpu_features.py: AVX-512 or AVX-NE-CONVERT)."""
+    """Whether this CPU has oneDNN's packed bf16 kernel (cpu/features.py: AVX-512 or AVX-NE-CONVERT)."""
     return prepack.available() and cpu_features.has("bf16")
 
 

@@ -40,7 +40,7 @@ def _step_times(lm, split_head: bool, steps: int, prompt: int = 54) -> list[floa
 
 @torch.inference_mode()
 def run_model_bench(dtype: str = "fp32", device: str = "cpu", repeats: int = 5, out=print) -> dict:
-    from omni2.streaming.runtime import pick_dtype
+    from omni2.streaming.engine.runtime import pick_dtype
 
     dt = pick_dtype(dtype, device)
     result = {}

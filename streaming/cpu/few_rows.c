@@ -16,7 +16,7 @@
  * a quarter of the bytes, for the screened greedy heads (screened_argmax.py), whose error
  * bound covers it).
  *
- * Built by streaming/few_rows.py with the C compiler at first use; called through ctypes.
+ * Built by streaming/cpu/few_rows.py with the C compiler at first use; called through ctypes.
  */
 #include <immintrin.h>
 #include <math.h>

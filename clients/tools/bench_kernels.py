@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from omni2.model import tokens as tk
 from omni2.model.config import PRESETS
 
-from . import cpu_features, prepack
-from .few_rows import kernel as few_rows_kernel
-from .runtime import UnsupportedDtype
-from .screened_argmax import ScreenedArgmax, fast_bf16
+from omni2.streaming.cpu import features as cpu_features, prepack
+from omni2.streaming.cpu.few_rows import kernel as few_rows_kernel
+from omni2.streaming.engine.runtime import UnsupportedDtype
+from omni2.streaming.cpu.screened_argmax import ScreenedArgmax, fast_bf16
 
 
 def _median_ms(fn, repeats: int) -> float:

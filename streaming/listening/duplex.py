@@ -42,7 +42,7 @@ from typing import Iterable, Literal, Optional, Union
 
 import numpy as np
 
-from .audio import Resampler
+from ..audio import Resampler
 from .echo import EchoCanceller, EchoConfig
 from .interrupt import CommandConfig, CommandDetector
 from .vad import CHUNK, SAMPLE_RATE, SpeechDetector, VadEvent

@@ -20,7 +20,7 @@ also takes away what needs it: `vnni`, and `bf16` unless the CPU has avx_ne_conv
 takes away every one). The older per-kernel switches (OMNI2_FEW_ROWS=0,
 OMNI2_DECODE_ATTENTION=0, OMNI2_VNNI=0, OMNI2_HUGE_PAGES=0) still turn one path off.
 
-`python -m omni2.streaming.cpu_features` prints the CPU model, its relevant flags and what
+`python -m omni2.streaming.cpu.features` prints the CPU model, its relevant flags and what
 omni2 will use (`.ci/run` starts with it).
 """
 from __future__ import annotations

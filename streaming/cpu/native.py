@@ -2,7 +2,7 @@
 
 Each C file is compiled with the system's C compiler (`$CC`, else `cc`; about a second) into
 omni2's cache, once per source text and flags, and loaded through ctypes. They need an
-AVX-512 CPU and a C compiler (cpu_features.py); where one cannot be built or is switched off,
+AVX-512 CPU and a C compiler (cpu/features.py); where one cannot be built or is switched off,
 `library()` raises `Unavailable` with the reason, and the caller keeps the library kernels
 and says so in the log.
 """
@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import cpu_features
+from ..paths import cache_root
+from . import features as cpu_features
 
 BASE_CFLAGS = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
 
@@ -54,8 +55,6 @@ def library(source: Path, cflags: list[str], switch: str) -> ctypes.CDLL:
         reason = cpu_features.missing(feature)
         if reason is not None:
             raise Unavailable(reason)
-    from .runtime import cache_root
-
     lib = build(source, cache_root() / "kernels", cflags)
     try:
         return ctypes.CDLL(str(lib))

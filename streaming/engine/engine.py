@@ -28,11 +28,11 @@ from omni2.model.generate import max_steps_for
 from omni2.model.lm import KVCache
 from omni2.model.sampling import sample
 
-from . import huge_pages
+from ..cpu import huge_pages
 from .admission import Decision, StepHeadroom
 from .config import EngineConfig
-from .cpu_malloc import keep_large_allocations, release_free_memory
-from .cpu_threads import DEFAULT_THREADS, in_fresh_thread, use_threads
+from ..cpu.malloc import keep_large_allocations, release_free_memory
+from ..cpu.threads import DEFAULT_THREADS, in_fresh_thread, use_threads
 from .messages import STOPPED_REASONS, ContextTruncated, Forget, TextDelta, Turn, TurnDone, TurnRequest
 from .slots import (DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids, forget,
                     make_room)
@@ -46,7 +46,7 @@ class EngineFull(RuntimeError):
 
 
 class EngineBusy(EngineFull):
-    """No step-time headroom for another answer (streaming/admission.py): try again later."""
+    """No step-time headroom for another answer (streaming/engine/admission.py): try again later."""
 
     def __init__(self, decision: Decision) -> None:
         super().__init__(decision.reason())

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import espeak
-from .duplex import DuplexConfig, DuplexController, Interrupt
+from omni2.streaming.listening.duplex import DuplexConfig, DuplexController, Interrupt
 
 SR = 16000
 OUT_SR = 24000

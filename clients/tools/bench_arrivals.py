@@ -11,7 +11,7 @@ Each answer's audio is played by a simulated client with a `jitter_s` buffer
 (clients/loadtest.count_underruns): a chunk that arrives after the player ran dry is an
 underrun. Reported per rate: decode step p50/p99, underruns per answer, time to first audio
 (submit -> first audio chunk) p50/p90/p99, refusals (admission on headroom,
-streaming/admission.py). A rate is *held* when no answer underran, no turn was refused and
+streaming/engine/admission.py). A rate is *held* when no answer underran, no turn was refused and
 first audio p99 stayed within 2x its p50 (the issue's targets; percentiles are nearest-rank,
 so with a few dozen turns p99 is the slowest one); `search` doubles the rate while it holds,
 then bisects between the last held and the first failed rate. `ttfa_target=False` searches for
@@ -29,10 +29,10 @@ import numpy as np
 
 from omni2.clients.loadtest import count_underruns, percentile
 
-from .config import EngineConfig
-from .cpu_threads import DEFAULT_THREADS, in_fresh_thread
-from .engine import Engine, EngineFull
-from .messages import AudioChunk, TurnDone, TurnRequest
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.cpu.threads import DEFAULT_THREADS, in_fresh_thread
+from omni2.streaming.engine.engine import Engine, EngineFull
+from omni2.streaming.engine.messages import AudioChunk, TurnDone, TurnRequest
 
 FRAME_S = 2048 / 24000
 SAMPLE_RATE = 24000
@@ -209,7 +209,7 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
                        search: bool = True, duration_s: float = 30.0, answer_s: float = 4.0,
                        question_s: float = 2.0, jitter_ms: float = 200.0, bisections: int = 3,
                        ttfa_target: bool = True, out=print) -> dict:
-    from omni2.streaming.runtime import load_runtime
+    from omni2.streaming.engine.runtime import load_runtime
 
     from .bench_engine import random_model
 

@@ -22,9 +22,9 @@ differently from MKL's plain kernel in the last bits (as MKL itself does between
 rows), so tokens match the plain model's rather than its bits (tested; checked in every
 `omni2 bench engine` run). Without few_rows, fp32 keeps MKL's plain kernel for <= 2 rows.
 
-`prepack_(lm)` changes the model in place (a runtime transform: a prepacked model is not
+`prepack_(lm)` (through accelerate.accelerate_) changes the model in place (a runtime transform: a prepacked model is not
 saved); it is a no-op off the CPU, where cuBLAS needs nothing of the kind. What it takes
-depends on the CPU (cpu_features.py): without AVX-512 (or a C compiler) no few_rows kernel,
+depends on the CPU (cpu/features.py): without AVX-512 (or a C compiler) no few_rows kernel,
 no fused decode attention, no int8 screen; without native bf16 no bf16 screen of the fp32
 heads, and a bf16 model is not packed at all (oneDNN refuses to pack bf16 for such a CPU;
 the runtime refuses `--dtype bf16` there in the first place). fp32 packing itself runs on
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from omni2.model import tokens as tk
 
-from . import cpu_features
+from . import features as cpu_features
 
 log = logging.getLogger("omni2.prepack")
 
@@ -116,11 +116,10 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     """Pack the transformer blocks' and the split heads' weights in place; returns whether it
     did (CPU, fp32/bf16, oneDNN present, not done before).
 
-    few_rows: an fp32 model's blocks get the few_rows kernel for decode steps, its greedy
-    heads the int8 screen and its attention the fused decode step (decode_attention.py); a
-    bf16 model's blocks and heads get few_rows for one or two sessions' steps; None: where
-    they build, False: never (MKL's plain kernel for one fp32 session, oneDNN for the rest,
-    the model's own attention), True: few_rows required.
+    few_rows: an fp32 model's blocks get the few_rows kernel for decode steps; a bf16 model's
+    blocks and heads get it for one or two sessions' steps; None: where it builds, False:
+    never (MKL's plain kernel for one fp32 session, oneDNN for the rest), True: required.
+    accelerate.accelerate_ adds the fp32 model's screened heads and fused attention.
 
     Memory (Mini-Omni2, fp32; resident size of a process holding the LM): 3.8 GB as loaded,
     6.1 GB prepacked, as the body is kept twice (few_rows for decode steps, oneDNN for
@@ -158,12 +157,4 @@ def prepack_(lm: nn.Module, few_rows: bool | None = None) -> bool:
     object.__setattr__(lm, "text_logits", text)
     object.__setattr__(lm, "audio_logits", _AudioHead(audio))
     object.__setattr__(lm, "prepacked", True)
-    if weight.dtype == torch.float32:  # greedy picks from a bf16 screen of the heads: same ids
-        from .screened_argmax import screen_heads_
-
-        screen_heads_(lm, int8=kernel)
-        if few_rows is not False:  # a decode step's attention in one C call per layer
-            from .decode_attention import fuse_decode_attention_
-
-            fuse_decode_attention_(lm)
     return True

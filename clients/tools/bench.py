@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from omni2.streaming.runtime import UnsupportedDtype
+    from omni2.streaming.engine.runtime import UnsupportedDtype
 
     try:
         result = _run(args)
@@ -91,14 +91,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> dict:
     if args.bench == "engine":
-        from omni2.streaming.bench_engine import run_engine_bench
+        from omni2.clients.tools.bench_engine import run_engine_bench
 
         result = run_engine_bench(size=args.model, dtype=args.dtype, device=args.device,
                                   sessions=tuple(int(s) for s in args.sessions.split(",")),
                                   steps=args.steps, repeats=args.repeats, prepack=args.prepack,
                                   text_share=args.text_share)
     elif args.bench == "arrivals":
-        from omni2.streaming.bench_arrivals import run_arrivals_bench
+        from omni2.clients.tools.bench_arrivals import run_arrivals_bench
 
         result = run_arrivals_bench(size=args.model, device=args.device,
                                     sessions=tuple(int(s) for s in args.sessions.split(",")), rate=args.rate,
@@ -106,28 +106,28 @@ def _run(args: argparse.Namespace) -> dict:
                                     question_s=args.question_s, jitter_ms=args.jitter_ms,
                                     bisections=args.bisections, ttfa_target=args.ttfa_target)
     elif args.bench == "model":
-        from omni2.streaming.bench_model import run_model_bench
+        from omni2.clients.tools.bench_model import run_model_bench
 
         result = run_model_bench(dtype=args.dtype, device=args.device, repeats=args.repeats)
     elif args.bench == "kernels":
         import torch
 
-        from omni2.streaming.bench_kernels import run_kernel_bench
+        from omni2.clients.tools.bench_kernels import run_kernel_bench
 
         result = run_kernel_bench(rows=tuple(int(r) for r in args.rows.split(",")), layers=args.layers,
                                   repeats=args.repeats, heads=args.heads,
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     elif args.bench == "soak":
-        from omni2.clients.soak import main_args
+        from omni2.clients.tools.soak import main_args
 
         result = main_args(args)
     elif args.bench == "server":
-        from omni2.server.bench import run_server_bench
+        from omni2.clients.tools.bench_server import run_server_bench
 
         result = run_server_bench(runtime_model=args.model, sessions=args.sessions, turns=args.turns,
                                   max_steps=args.max_steps, device=args.device)
     else:
-        from omni2.streaming.bench_interrupt import run_interrupt_bench
+        from omni2.clients.tools.bench_interrupt import run_interrupt_bench
 
         result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
                                      sessions=args.sessions)

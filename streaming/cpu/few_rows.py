@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_features, huge_pages, native
+from . import features as cpu_features, huge_pages, native
 
 log = logging.getLogger("omni2.few_rows")
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from .realtime_client import RealtimeClient, RealtimeError
+from omni2.clients.realtime_client import RealtimeClient, RealtimeError
 
 QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
              "how far is it to the station", "what colour is the car over there",
@@ -93,7 +93,7 @@ class SoakRun:
 
 def questions(rate: int = 24000) -> list[np.ndarray]:
     """Spoken questions with 0.4 s of quiet before and 1.2 s after (the VAD ends each turn)."""
-    from omni2.streaming.espeak import resample, silence, speak
+    from omni2.clients.tools.espeak import resample, silence, speak
 
     return [resample(np.concatenate([silence(0.4), speak(q, speed=150 + 10 * i), silence(1.2)]), 16000, rate)
             for i, q in enumerate(QUESTIONS)]
@@ -238,7 +238,7 @@ def run_soak(sessions: int = 16, minutes: float = 10.0, warmup_min: Optional[flo
              model: str = "tiny", max_steps: int = 64, turns_per_session: int = 8, sample_s: float = 5.0,
              serve_args: tuple[str, ...] = (), env: Optional[dict] = None, verbose: bool = True) -> dict:
     say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
-    from omni2.streaming.espeak import missing_tools
+    from omni2.clients.tools.espeak import missing_tools
 
     missing = missing_tools()
     if missing:
@@ -293,7 +293,7 @@ def run_soak(sessions: int = 16, minutes: float = 10.0, warmup_min: Optional[flo
 
 
 def main_args(args) -> dict:
-    """`omni2 bench soak` (clients/bench.py parses the flags)."""
+    """`omni2 bench soak` (clients/tools/bench.py parses the flags)."""
     extra = tuple(a for a in (args.serve_args or []) if a != "--")
     return run_soak(sessions=args.sessions, minutes=args.minutes, warmup_min=args.warmup_min, model=args.model,
                     max_steps=args.max_steps, turns_per_session=args.turns_per_session, sample_s=args.sample_s,

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from . import cpu_features
+from . import features as cpu_features
 
 log = logging.getLogger("omni2.huge_pages")
 

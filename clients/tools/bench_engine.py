@@ -27,11 +27,11 @@ from omni2.model.bundle import OmniModel
 from omni2.model.generate import EndRules
 from omni2.model.lm import KVCache
 
-from .config import EngineConfig
-from .cpu_threads import DEFAULT_THREADS, in_fresh_thread
-from .engine import Engine
-from .messages import TurnDone, TurnRequest
-from .slots import feed_ids
+from omni2.streaming.engine.config import EngineConfig
+from omni2.streaming.cpu.threads import DEFAULT_THREADS, in_fresh_thread
+from omni2.streaming.engine.engine import Engine
+from omni2.streaming.engine.messages import TurnDone, TurnRequest
+from omni2.streaming.engine.slots import feed_ids
 
 FRAME_SECONDS = 2048 / 24000
 REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
@@ -47,7 +47,7 @@ WARM_STEPS = 1
 
 def random_model(size: str, dtype: torch.dtype, device: str, seed: int = 0) -> OmniModel:
     """The tiny checkpoint, or every part at the released dims with seeded random weights."""
-    from omni2.streaming.runtime import ensure_tiny_checkpoint, load_runtime
+    from omni2.streaming.engine.runtime import ensure_tiny_checkpoint, load_runtime
 
     if size == "tiny":
         return load_runtime("tiny", device=device, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
@@ -212,12 +212,12 @@ def packed_copy(model: OmniModel) -> OmniModel | None:
     """The model with a prepacked copy of its LM (modules copied, weights shared), so that the
     baseline keeps the weights as loaded while the engine runs packed, in the same process;
     None where prepacking does not apply (GPU, fp16, no oneDNN)."""
-    from .prepack import prepack_
+    from omni2.streaming.cpu.accelerate import accelerate_
 
     lm = model.lm
     shared = {id(t): t for t in (*lm.parameters(), *lm.buffers())}
     packed = copy.deepcopy(lm, memo=shared)
-    return replace(model, lm=packed) if prepack_(packed) else None
+    return replace(model, lm=packed) if accelerate_(packed) else None
 
 
 def _paired(first, second, flip: bool):
@@ -236,7 +236,7 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
     """The benchmark (module docstring). Machines drift: the engine and the baseline alternate
     run by run, and each speedup is the median of the paired ratios; the session counts of the
     throughput table are likewise taken round-robin, repeat by repeat."""
-    from omni2.streaming.runtime import pick_dtype
+    from omni2.streaming.engine.runtime import pick_dtype
 
     torch.set_grad_enabled(False)
     dt = pick_dtype(dtype, device)

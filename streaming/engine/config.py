@@ -33,12 +33,12 @@ class EngineConfig:
     # cuDNN's attention builds a plan for every new shape (~3 ms of CPU time a layer on an
     # H200, 70 ms a step when the span grew by one every step); masked positions cost little.
     compile_span_bucket: int = 256
-    # CPU only (streaming/cpu_threads.py): torch threads of the decode step and of the
+    # CPU only (streaming/cpu/threads.py): torch threads of the decode step and of the
     # encoders' short-lived threads (0: the process default, one per core). The vocoder
     # runs single-threaded: it holds no OpenMP team that would slow every decode step (a
     # 2-thread SNAC on short-lived threads measured the same: 58.1 vs 57.2 steps/s, 8 sessions).
     threads: int = 0
-    # Admission on measured headroom (streaming/admission.py): a new answer is refused while
+    # Admission on measured headroom (streaming/engine/admission.py): a new answer is refused while
     # the predicted decode step with it would take more than this share of the 85.3 ms frame
     # (the rest is left to prefill and encoders); answers playing are never slowed for it.
     # 0: slots only (benchmarks that measure throughput past real time).
@@ -47,7 +47,7 @@ class EngineConfig:
     busy_retry_after_s: float = 1.0
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
     record_tokens: bool = False
-    # CPU only (streaming/cpu_malloc.py): the heap keeps SNAC's freed buffers for reuse; these
+    # CPU only (streaming/cpu/malloc.py): the heap keeps SNAC's freed buffers for reuse; these
     # bound what it keeps. At most this many malloc arenas (0: glibc's 8 per core), and free
     # heap pages handed back to the kernel this often (0: never). Measured in `omni2 bench soak`.
     malloc_arena_max: int = 2

@@ -37,7 +37,7 @@ def _questions(n: int, tail_s: float, turn_tail_ms: int):
     """Per session: (the turn the server VAD would cut, at 16 kHz; the whole stream at
     24 kHz; end of the voiced part in s). espeak-ng speech, 0.3 s lead, tail_s silence after."""
     from omni2.streaming.audio import resample
-    from omni2.streaming.espeak import silence, speak
+    from omni2.clients.tools.espeak import silence, speak
 
     out = []
     for i in range(n):
@@ -73,7 +73,7 @@ def _wait_idle(engine, timeout_s: float = 30.0) -> None:
 
 def _raw_round(engine, questions, max_steps: int) -> dict:
     """Submit each question when its speech would end (same stagger as the WebSocket round)."""
-    from omni2.streaming.messages import AudioChunk, TurnDone, TurnRequest
+    from omni2.streaming.engine.messages import AudioChunk, TurnDone, TurnRequest
 
     sids = [_open_session(engine) for _ in questions]
     results: list = [None] * len(questions)
@@ -174,7 +174,7 @@ def _client_round(url: str, audio_and_ends: list, vad: bool) -> list[dict]:
 def _serve_in_thread(app, settings):
     import uvicorn
 
-    from .serve import uvicorn_config
+    from omni2.server.serve import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -189,16 +189,16 @@ def _serve_in_thread(app, settings):
 def _bench_runtime(model: str, device: str):
     """'tiny', a checkpoint directory, or 'real': every part at the released sizes with
     random weights (the real model's compute, for latency figures without its weights)."""
-    from omni2.streaming.runtime import load_runtime, pick_device, pick_dtype
+    from omni2.streaming.engine.runtime import load_runtime, pick_device, pick_dtype
 
     if model != "real":
         return load_runtime(model=model, device=device, prepack=True)
-    from omni2.streaming.bench_engine import random_model
-    from omni2.streaming.prepack import prepack_
+    from omni2.clients.tools.bench_engine import random_model
+    from omni2.streaming.cpu.accelerate import accelerate_
 
     dev = pick_device(device)
     runtime = random_model("real", pick_dtype("auto", dev), str(dev))
-    prepack_(runtime.lm)
+    accelerate_(runtime.lm)
     return runtime
 
 
@@ -210,16 +210,16 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
     rounds (alias turns): how many times every session asks its question, each way.
     """
     rounds = turns if turns is not None else rounds
-    from omni2.streaming.engine import Engine, EngineConfig
+    from omni2.streaming.engine.engine import Engine, EngineConfig
 
-    from .app import create_app
-    from .engine_host import EngineHost
-    from .settings import ServerSettings
+    from omni2.server.app import create_app
+    from omni2.server.engine_host import EngineHost
+    from omni2.server.settings import ServerSettings
 
     say = print if verbose else (lambda *a, **k: None)
-    from omni2.streaming.cpu_threads import DEFAULT_THREADS, in_fresh_thread
+    from omni2.streaming.cpu.threads import DEFAULT_THREADS, in_fresh_thread
 
-    # loaded on a thread that ends, as `omni2 serve` does: see streaming/cpu_threads.py
+    # loaded on a thread that ends, as `omni2 serve` does: see streaming/cpu/threads.py
     runtime = in_fresh_thread(_bench_runtime, runtime_model, device, threads=DEFAULT_THREADS)
     engine = Engine(runtime, EngineConfig(max_sessions=max(sessions, 1), max_steps=max_steps)).start()
     servers = []

@@ -18,8 +18,8 @@
  * last bits (as SDPA's own blocked kernels differ between spans). A row's result does not
  * depend on the other rows.
  *
- * Built by streaming/native.py with the C compiler at first use; called through ctypes
- * (streaming/decode_attention.py).
+ * Built by streaming/cpu/native.py with the C compiler at first use; called through ctypes
+ * (streaming/cpu/decode_attention.py).
  */
 #include <immintrin.h>
 #include <math.h>

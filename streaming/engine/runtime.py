@@ -20,6 +20,8 @@ from omni2.model.checkpoint import HUB_REPO
 from omni2.model.errors import CheckpointError
 from omni2.model.snac_codec import SNAC_REPO
 
+from ..paths import cache_root
+
 log = logging.getLogger("omni2.runtime")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,7 +42,7 @@ class UnsupportedDtype(ValueError):
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """fp32 on CPU (reference-exact, and what every CPU runs), bf16 on GPU unless asked
-    otherwise. bf16 on a CPU only where oneDNN runs it natively (cpu_features.py)."""
+    otherwise. bf16 on a CPU only where oneDNN runs it natively (cpu/features.py)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -48,18 +50,13 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}") from None
     if picked == torch.bfloat16 and device == "cpu":
-        from . import cpu_features
+        from ..cpu import features as cpu_features
 
         reason = cpu_features.missing("bf16")
         if reason is not None:
             raise UnsupportedDtype(f"--dtype {dtype} cannot run on this CPU ({cpu_features.cpu_model()}): {reason}; "
                                    "use --dtype fp32 (or auto)")
     return picked
-
-
-def cache_root() -> Path:
-    """omni2's own cache (OMNI2_CACHE, else ~/.cache/omni2): what it generates or builds."""
-    return Path(os.environ.get("OMNI2_CACHE", Path.home() / ".cache" / "omni2"))
 
 
 def tiny_checkpoint_dir() -> Path:
@@ -101,7 +98,7 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
                  snac: Optional[str] = None, prepack: bool = False) -> OmniModel:
     """Load the model to serve. Returns an OmniModel with `is_fallback` set.
 
-    prepack: on a CPU, lay the LM's weights out for oneDNN once (streaming/prepack.py):
+    prepack: on a CPU, lay the LM's weights out for oneDNN once (streaming/cpu/accelerate.py):
     faster decode steps, the same tokens; off, the model is exactly as loaded."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -120,7 +117,7 @@ def load_runtime(model: str = "auto", device: str = "auto", dtype: str = "auto",
         bundle = load_model(model, snac=snac or SNAC_REPO, device=dev, dtype=dt)
     bundle.is_fallback = fallback
     if prepack:
-        from .prepack import prepack_
+        from ..cpu.accelerate import accelerate_
 
-        prepack_(bundle.lm)
+        accelerate_(bundle.lm)
     return bundle
