@@ -31,3 +31,4 @@ def test_a_short_soak_answers_and_reports():
     assert r["turns_answered"] >= 2 and r["errors"] == 0
     assert r["rss_ready_mb"] > 100 and r["rss_high_water_mb"] >= r["rss_end_mb"] > 0
     assert r["heap_in_use_end_mb"] is None or r["heap_in_use_end_mb"] > 0
+    assert r["anon_minute_mean_growth_pct"] is not None  # RssAnon sampled too (Linux)

@@ -92,3 +92,17 @@ def test_pause_events_mark_the_quiet_run_that_ends_the_turn():
     plain = feed(SpeechDetector(silence_ms=500, pause_ms=500), audio, 700)
     assert [e.kind for e in plain] == ["speech_started", "speech_stopped"]
     assert plain[-1] == stopped
+
+
+
+def test_detectors_share_one_network_however_many_are_made():
+    """Issue 19's soak: every session loaded its own silero module (~7.5 MB of C heap, freed
+    only by a full gc). Detectors keep only their stream's state; the network is the process's."""
+    from omni2.streaming.listening import vad
+
+    before = vad.networks_loaded()
+    detectors = [SpeechDetector() for _ in range(50)]
+    for d in detectors:
+        d.push(np.zeros(4 * CHUNK, dtype=np.float32))
+    assert vad.networks_loaded() - before <= 1     # at most the first load, if none was made yet
+    assert len({id(d.stream) for d in detectors}) == 50   # but no two share a recurrent state

@@ -38,14 +38,22 @@ READY_TIMEOUT_S = 300.0
 MB = 1 << 20
 
 
-def rss_bytes(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process in bytes, from /proc (Linux)."""
+def memory_of(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon (the heap, stacks, anonymous maps: what can leak) and RssFile
+    (mapped libraries and files: fixed once the code paths have run) of a process, in bytes,
+    from /proc (Linux). `omni2 serve` is one process (no workers), so this is all of it."""
     values = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes."""
+    values = memory_of(pid)
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
@@ -56,6 +64,7 @@ class Sample:
     turns: int            # turns answered so far
     heap_in_use: Optional[int] = None   # the server's own C-heap figures (/metrics), when it has them
     heap_free: Optional[int] = None
+    anon: Optional[int] = None          # RssAnon (RSS less the mapped files)
 
 
 def heap_figures(port: int) -> tuple[Optional[int], Optional[int]]:
@@ -133,10 +142,11 @@ async def drive(url: str, port: int, pid: int, sessions: int, seconds: float, tu
                for i in range(sessions)]
     next_print = 0.0
     while time.monotonic() < until:
-        rss, _ = rss_bytes(pid)
+        mem = memory_of(pid)
+        rss = mem.get("VmRSS", 0)
         in_use, free = await asyncio.to_thread(heap_figures, port)
         t = time.monotonic() - start
-        run.samples.append(Sample(t, rss, run.turns, in_use, free))
+        run.samples.append(Sample(t, rss, run.turns, in_use, free, mem.get("RssAnon")))
         if t >= next_print:
             heap = f"  heap in use {in_use / MB:6.1f} MB, free {free / MB:6.1f} MB" if in_use is not None else ""
             say(f"soak: {t / 60:5.1f} min  RSS {rss / MB:7.1f} MB{heap}  turns {run.turns}  failed {run.failed}")
@@ -175,6 +185,7 @@ def summarize(run: SoakRun, ready_rss: int, after_rss: int, hwm: int, sessions: 
     per_min = minutes_of(after, lambda s: s.rss)
     means = np.array([m[2] for m in per_min])
     peaks = np.array([m[3] for m in per_min])
+    anon_means = np.array([m[2] for m in minutes_of(after, lambda s: s.anon)])
     heap = [(s.t / 60.0, s.heap_in_use / MB) for s in after if s.heap_in_use is not None]
     heap_t, heap_mb = (np.array(x) for x in zip(*heap)) if heap else (np.zeros(0), np.zeros(0))
     return {
@@ -190,6 +201,8 @@ def summarize(run: SoakRun, ready_rss: int, after_rss: int, hwm: int, sessions: 
         "minute_mean_growth_pct": float(100.0 * (means[-1] - means[0]) / means[0]) if len(means) else 0.0,
         "minute_mean_range_pct": float(100.0 * np.ptp(means) / means.mean()) if len(means) else 0.0,
         "minute_peak_growth_pct": float(100.0 * (peaks[-1] - peaks[0]) / peaks[0]) if len(peaks) else 0.0,
+        "anon_minute_mean_growth_pct": (float(100.0 * (anon_means[-1] - anon_means[0]) / anon_means[0])
+                                        if len(anon_means) else None),
         "heap_in_use_warm_mb": float(heap_mb[0]) if heap_mb.size else None,
         "heap_in_use_end_mb": float(heap_mb[-1]) if heap_mb.size else None,
         "heap_in_use_slope_mb_per_min": _slope(heap_t, heap_mb) if heap_mb.size else None,
@@ -269,6 +282,9 @@ def run_soak(sessions: int = 16, minutes: float = 10.0, warmup_min: Optional[flo
         f"slope {r['slope_mb_per_min']:+.1f} MB/min")
     say(f"  last sample vs warm-up end {r['growth_after_warmup_pct']:+.1f}%; high-water "
         f"{r['rss_high_water_mb']:.0f} MB; {r['rss_after_clients_left_mb']:.0f} MB once the clients left")
+    if r["anon_minute_mean_growth_pct"] is not None:
+        say(f"  anonymous RSS (RSS less mapped files) per-minute mean {r['anon_minute_mean_growth_pct']:+.1f}% "
+            f"first to last after warm-up")
     if r["heap_in_use_warm_mb"] is not None:
         say(f"  C heap in use {r['heap_in_use_warm_mb']:.0f} -> {r['heap_in_use_end_mb']:.0f} MB "
             f"({r['heap_in_use_slope_mb_per_min']:+.2f} MB/min)")

@@ -138,6 +138,13 @@ class _OnnxNet:
 
 
 _nets: dict = {}
+_loads = [0]   # networks loaded in this process: one per backend, whatever the session count
+
+
+def networks_loaded() -> int:
+    """How many silero networks this process has loaded (memory: each TorchScript one is ~7.5 MB
+    of C heap, which a server that loaded one per session kept until a full gc; issue 19)."""
+    return _loads[0]
 
 
 def shared_silero(backend: str = "auto"):
@@ -148,6 +155,7 @@ def shared_silero(backend: str = "auto"):
     net = _nets.get(backend)
     if net is None:
         net = _nets[backend] = _OnnxNet() if backend == "onnxruntime" else _TorchNet()
+        _loads[0] += 1
     return net
 
 
