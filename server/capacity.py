@@ -1,7 +1,7 @@
 """How many sessions a device holds by default (`--max-sessions` unset, or 0).
 
 A session is a slot: two rows of the engine's static KV cache (question and answer rows,
-streaming/engine.py), allocated once for `max_sessions` at start. So the default follows the
+streaming/engine/engine.py), allocated once for `max_sessions` at start. So the default follows the
 memory one session costs:
 
 * GPU: what is free after the model loaded, less a reserve for activations, the vocoder and
