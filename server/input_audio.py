@@ -6,11 +6,12 @@ either way: outside speech it keeps only the last `idle_audio_keep_s` (enough fo
 prefix padding the detector reaches back for); inside a turn, or without VAD, it stops at
 `max_turn_audio_s` (VAD: the turn is committed; manual: the excess is refused).
 
-The detector is either a plain `SpeechDetector` (OpenAI semantics: any speech may interrupt,
-the session decides) or a `DuplexController` (interrupt_mode command / barge_in), which also
-hears what the assistant plays (`note_output`) and reports `Interrupt`s. With a controller,
-speech that starts while the assistant is audible is *held*: no events, no turn, unless a
-barge-in interrupt promotes it to a turn; a spoken command ("stop omni") is discarded.
+The detector is a streaming.listening.detector.Detector, driven only through that interface:
+a plain `SpeechDetector` (OpenAI semantics: any speech may interrupt, the session decides)
+or a `DuplexController` (interrupt_mode command / barge_in: `decides_interrupts`), which
+also hears what the assistant plays (`note_output`) and reports "interrupt" events. With such
+a listener, speech that starts while the assistant is audible is *held*: no events, no turn,
+unless a barge-in interrupt promotes it to a turn; a spoken command ("stop omni") is discarded.
 
 Sample positions are absolute 16 kHz indices since the session began, so audio_start_ms /
 audio_end_ms in the API events count from the first byte the client sent.
@@ -30,8 +31,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from omni2.streaming.audio import MODEL_SAMPLE_RATE, AudioFormat, Resampler, decode_input_audio
+from omni2.streaming.audio import MODEL_SAMPLE_RATE, REALTIME_SAMPLE_RATE, AudioFormat, Resampler, decode_input_audio
 from omni2.streaming.cpu.threads import single_threaded
+from omni2.streaming.listening.detector import Detector, Heard
 
 from .session_config import TurnDetection
 
@@ -82,13 +84,12 @@ class PushWork:
     samples: int                                  # 16 kHz samples the append brought
     chunks: Optional[np.ndarray] = None           # VAD chunks to score (None: no VAD)
     events: list = field(default_factory=list)    # what the append caused before the VAD
-    found: Optional[list] = None                  # events of a detector that scores itself
 
 
 InputEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | Overflow | Interrupted
 
-# TurnDetection -> object with push(np.ndarray) -> [VadEvent] (or a DuplexController)
-DetectorFactory = Callable[[TurnDetection], object]
+# TurnDetection -> the session's Detector (a SpeechDetector or a DuplexController)
+DetectorFactory = Callable[[TurnDetection], Detector]
 DEFAULT_TAIL_MS = 200
 
 
@@ -140,7 +141,7 @@ class InputAudio:
         self.fmt = fmt
         self._resampler = Resampler(fmt.sample_rate, RATE)
         self.turn_detection = turn_detection
-        self._detector = None
+        self._detector: Optional[Detector] = None
         self._origin = 0             # absolute index of the detector's sample 0
         self._held = False           # speech began while the assistant was audible
         self._discard = False        # the held speech was a command: not a turn
@@ -174,8 +175,8 @@ class InputAudio:
 
     @property
     def listener(self) -> bool:
-        """The detector is a duplex controller (it decides interrupts, not the session)."""
-        return hasattr(self._detector, "feed_input")
+        """The detector decides interrupts (a duplex controller), not the session."""
+        return self._detector is not None and self._detector.decides_interrupts
 
     def note_output(self, pcm_24k: np.ndarray) -> None:
         """Assistant audio sent to the client (echo reference); any thread.
@@ -188,7 +189,7 @@ class InputAudio:
         with self._notes_lock:
             self._notes.append(pcm_24k)
             self._notes_samples += pcm_24k.size
-            while self._notes_samples > NOTES_MAX_S * 24000:
+            while self._notes_samples > NOTES_MAX_S * REALTIME_SAMPLE_RATE:
                 i = next(i for i, n in enumerate(self._notes) if not isinstance(n, bool))
                 self._notes_samples -= self._notes.pop(i).size
 
@@ -230,13 +231,12 @@ class InputAudio:
     @property
     def may_decode(self) -> bool:
         """The listener may run its command recognizer on the next audio (slow)."""
-        check = getattr(self._detector, "may_decode", None) if self.listener else None
-        return bool(check and check())
+        return self._detector is not None and self._detector.may_decode()
 
     @property
     def vad_stream(self):
         """The detector's silero stream (state and context), for a batched score."""
-        return self._detector.vad.stream if self.listener else self._detector.stream
+        return self._detector.stream
 
     def begin_push(self, data: bytes) -> "PushWork":
         """First half of push: decode, buffer, echo-cancel; the VAD chunks still to score
@@ -258,14 +258,7 @@ class InputAudio:
         self._append(x)
         if self.listener:
             self._apply_notes()
-        if not hasattr(self._detector, "prepare_input" if self.listener else "take_chunks"):
-            # A detector that scores its own audio (no batch): its events now.
-            work.found = self._detector.feed_input(x) if self.listener else self._detector.push(x)
-            work.chunks = np.zeros((0, 512), np.float32)
-        elif self.listener:
-            work.chunks = self._detector.prepare_input(x)
-        else:
-            work.chunks = self._detector.take_chunks(x)
+        work.chunks = self._detector.prepare_input(x)
         return work
 
     def end_push(self, work: "PushWork", probs) -> list[InputEvent]:
@@ -273,16 +266,10 @@ class InputAudio:
         events = work.events
         if work.chunks is None:
             return events
-        if work.found is not None:
-            found = work.found
-        elif probs is None or work.chunks.shape[0] == 0:
-            found = []
-        elif self.listener:
-            found = self._detector.consume_input(work.chunks, probs)
-        else:
-            found = self._detector.consume(probs)
-        for ev in found:
-            if hasattr(ev, "at_sample"):  # a duplex Interrupt
+        if probs is None:  # no whole chunk to score (a detector may still have news)
+            probs = np.zeros(work.chunks.shape[0], np.float32)
+        for ev in self._detector.consume_input(work.chunks, probs):
+            if ev.kind == "interrupt":
                 events += self._on_interrupt(ev)
                 continue
             at = self._origin + ev.sample
@@ -290,7 +277,7 @@ class InputAudio:
             if ev.kind == "speech_started" and not self.in_speech:
                 self.in_speech = True
                 self._trim_before(at)
-                self._held = self.listener and self._detector.audible(ev.sample)
+                self._held = self._detector.decides_interrupts and self._detector.audible(ev.sample)
                 self._discard = False
                 self._cut = None
                 if not self._held:
@@ -338,15 +325,15 @@ class InputAudio:
         self._origin = self.samples_total
         return [SpeechStopped(cut if at is None else at, audio, forced=True)] if heard else []
 
-    def _on_interrupt(self, ev) -> list[InputEvent]:
+    def _on_interrupt(self, ev: Heard) -> list[InputEvent]:
         out: list[InputEvent] = []
-        if self.in_speech and (self._held or ev.kind == "command"):
-            if ev.kind == "command":
+        if self.in_speech and (self._held or ev.reason == "command"):
+            if ev.reason == "command":
                 self._discard = True   # "stop omni" is not a question
             else:
                 self._held = False     # the barge-in speech becomes the next turn
                 out.append(SpeechStarted(self._buf_start))
-        out.append(Interrupted(ev.kind, ev.phrase, self._origin + ev.at_sample, ev.played_ms, ev.audible))
+        out.append(Interrupted(ev.reason, ev.phrase, self._origin + ev.sample, ev.played_ms, ev.audible))
         return out
 
     def commit(self) -> np.ndarray:

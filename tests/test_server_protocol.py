@@ -15,6 +15,8 @@ from omni2.server.outbox import Outbox, SlowReader
 from omni2.server.session_config import SessionConfig, TurnDetection
 from omni2.server.settings import ServerSettings, SettingsError, settings_from_env
 from omni2.streaming.audio import AudioFormat
+from omni2.streaming.listening.detector import Detector, Heard
+from omni2.streaming.listening.vad import CHUNK, SileroStream
 
 from server_harness import jpeg_data_url, png_data_url
 
@@ -185,20 +187,30 @@ def test_session_update_errors(patch, param):
 
 
 # ---- input audio buffer --------------------------------------------------------------------------
-class ScriptedDetector:
-    """Fires the given VAD events when the pushed audio reaches their sample index."""
+class ScriptedDetector(Detector):
+    """Fires the given events when the pushed audio reaches their sample index (it scores
+    nothing: no chunks for the VAD, its events come out of consume_input)."""
 
     def __init__(self, script):
-        from omni2.streaming.listening.vad import VadEvent
-
-        self.script = [VadEvent(k, s) for k, s in script]
+        self.script = [Heard(k, s) for k, s in script]
         self.seen = 0
+        self._stream = SileroStream()
 
-    def push(self, x):
+    @property
+    def stream(self):
+        return self._stream
+
+    def prepare_input(self, x):
         self.seen += x.size
-        out = [e for e in self.script if e.sample <= self.seen]
-        self.script = [e for e in self.script if e.sample > self.seen]
-        return out
+        return np.zeros((0, CHUNK), np.float32)
+
+    def consume_input(self, chunks, probs):
+        due = [e for e in self.script if e.sample <= self.seen]
+        self.script = [e for e in self.script if e not in due]
+        return due
+
+    def feed_input(self, x):
+        return self.consume_input(self.prepare_input(x), [])
 
 
 def pcm16k_bytes(seconds):
@@ -297,18 +309,14 @@ def test_settings_env_and_validation():
 class ScriptedListener(ScriptedDetector):
     """A duplex controller stand-in: scripted VAD events and interrupts, an audible flag."""
 
-    def __init__(self, script, audible_from=0, audible_to=0):
-        from omni2.streaming.listening.duplex import Interrupt
-        from omni2.streaming.listening.vad import VadEvent
+    decides_interrupts = True
 
-        self.script = [Interrupt(k, "stop omni" if k == "command" else None, 0.9, s, "", 120)
-                       if k in ("command", "barge_in") else VadEvent(k, s) for k, s in script]
-        self.seen = 0
+    def __init__(self, script, audible_from=0, audible_to=0):
+        super().__init__([])
+        self.script = [Heard("interrupt", s, k, "stop omni" if k == "command" else None, 0.9, "", 120)
+                       if k in ("command", "barge_in") else Heard(k, s) for k, s in script]
         self.audible_span = (audible_from, audible_to)
         self.notes = []
-
-    def feed_input(self, x):
-        return self.push(x)
 
     def audible(self, at=None):
         return self.audible_span[0] <= at < self.audible_span[1]
@@ -318,12 +326,6 @@ class ScriptedListener(ScriptedDetector):
 
     def feed_output(self, pcm):
         self.notes.append(pcm.size)
-
-    def push(self, x):
-        self.seen += x.size
-        due = [e for e in self.script if getattr(e, "sample", getattr(e, "at_sample", 0)) <= self.seen]
-        self.script = [e for e in self.script if e not in due]
-        return due
 
 
 def listen(script, audible=(0, 0), seconds=3.0):

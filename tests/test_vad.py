@@ -6,14 +6,15 @@ import pytest
 
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 
-from omni2.streaming.listening.vad import CHUNK, SpeechDetector, VadEvent  # noqa: E402
+from omni2.streaming.listening.detector import Heard  # noqa: E402
+from omni2.streaming.listening.vad import CHUNK, SpeechDetector  # noqa: E402
 from speech import noise, requires_speech, silence, utterance  # noqa: E402
 
 
-def feed(detector: SpeechDetector, audio: np.ndarray, step: int) -> list[VadEvent]:
+def feed(detector: SpeechDetector, audio: np.ndarray, step: int) -> list[Heard]:
     events = []
     for i in range(0, audio.size, step):
-        events += detector.push(audio[i : i + step])
+        events += detector.feed_input(audio[i : i + step])
     return events
 
 
@@ -103,6 +104,6 @@ def test_detectors_share_one_network_however_many_are_made():
     before = vad.networks_loaded()
     detectors = [SpeechDetector() for _ in range(50)]
     for d in detectors:
-        d.push(np.zeros(4 * CHUNK, dtype=np.float32))
+        d.feed_input(np.zeros(4 * CHUNK, dtype=np.float32))
     assert vad.networks_loaded() - before <= 1     # at most the first load, if none was made yet
     assert len({id(d.stream) for d in detectors}) == 50   # but no two share a recurrent state

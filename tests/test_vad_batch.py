@@ -84,15 +84,15 @@ def test_detector_events_same_alone_and_in_a_batch():
     alone = []
     for x in audio:
         d = SpeechDetector(pause_ms=200)
-        alone.append([e for i in range(0, x.size, 1600) for e in d.push(x[i : i + 1600])])
+        alone.append([e for i in range(0, x.size, 1600) for e in d.feed_input(x[i : i + 1600])])
     detectors = [SpeechDetector(pause_ms=200) for _ in audio]
     batched = [[] for _ in audio]
     for at in range(0, max(x.size for x in audio), 1600):
-        work = [(d, d.take_chunks(x[at : at + 1600]), i) for i, (d, x) in enumerate(zip(detectors, audio))]
+        work = [(d, d.prepare_input(x[at : at + 1600]), i) for i, (d, x) in enumerate(zip(detectors, audio))]
         work = [w for w in work if w[1].shape[0]]
         probs = score_streams([d.stream for d, _, _ in work], [c for _, c, _ in work])
-        for (d, _, i), p in zip(work, probs):
-            batched[i] += d.consume(p)
+        for (d, c, i), p in zip(work, probs):
+            batched[i] += d.consume_input(c, p)
     assert batched == alone
     assert any(e.kind == "speech_started" for e in alone[0])
     assert not alone[2]

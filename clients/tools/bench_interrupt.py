@@ -9,7 +9,7 @@ everything else must not stop it.
 
 Latency runs on a simulated clock: microphone packets of 20 ms arrive in real time and the
 controller handles them one after another, so its compute time (and any backlog it builds)
-counts. Latency = moment the controller returns the Interrupt - moment the last sample of
+counts. Latency = moment the controller returns the interrupt - moment the last sample of
 the spoken command arrived.
 
 Voices: `split="tune"` is what thresholds are chosen on: every espeak-ng English voice
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import espeak
-from omni2.streaming.listening.duplex import DuplexConfig, DuplexController, Interrupt
+from omni2.streaming.listening.detector import Heard
+from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
 
 SR = 16000
 OUT_SR = 24000
@@ -114,7 +115,7 @@ class Clip:
 @dataclass
 class ClipResult:
     clip: Clip
-    interrupt: Interrupt | None
+    interrupt: Heard | None     # the controller's "interrupt" event
     decided_s: float | None     # simulated time of the decision
     latency_ms: float | None
     decode_seconds: list = field(default_factory=list)
@@ -264,7 +265,7 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False,
         events = controller.feed_input(clip.mic[pos : pos + PACKET])
         busy_until = time.perf_counter() - origin if paced else start + time.perf_counter() - t0
         for ev in events:
-            if isinstance(ev, Interrupt):
+            if ev.kind == "interrupt":
                 latency = None
                 if clip.label and clip.cmd_end is not None:
                     ref = clip.cmd_start if from_start else clip.cmd_end
@@ -280,7 +281,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
     for r in results:
         c = r.clip
         if c.label:
-            hit = r.interrupt is not None and r.interrupt.at_sample >= c.cmd_start
+            hit = r.interrupt is not None and r.interrupt.sample >= c.cmd_start
             if hit:
                 tp += 1
                 latencies.append(r.latency_ms)
@@ -293,9 +294,9 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
     fp = false_stops + fp_cmd
     lat = np.array(latencies, dtype=np.float64)
     # The same decisions with zero compute time: where in the audio the decision fell.
-    audio_lat = np.array([(r.interrupt.at_sample - (r.clip.cmd_start if from_start else r.clip.cmd_end)) * 1000.0 / SR
+    audio_lat = np.array([(r.interrupt.sample - (r.clip.cmd_start if from_start else r.clip.cmd_end)) * 1000.0 / SR
                           for r in results
-                          if r.clip.label and r.interrupt is not None and r.interrupt.at_sample >= r.clip.cmd_start])
+                          if r.clip.label and r.interrupt is not None and r.interrupt.sample >= r.clip.cmd_start])
     decode_ms = np.array([d * 1000.0 for r in results for d in r.decode_seconds])
     by_condition = {}
     for cond in sorted({r.clip.condition for r in results}):
@@ -304,7 +305,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         neg = [r for r in rs if not r.clip.label]
         by_condition[cond] = {
             "commands": len(pos),
-            "detected": sum(r.interrupt is not None and r.interrupt.at_sample >= r.clip.cmd_start for r in pos),
+            "detected": sum(r.interrupt is not None and r.interrupt.sample >= r.clip.cmd_start for r in pos),
             "non_commands": len(neg),
             "false_stops": sum(r.interrupt is not None for r in neg),
         }
@@ -378,8 +379,8 @@ def run_interrupt_bench(
     recognizer = controllers[0].detector.recognizer if controllers[0].detector is not None else None
     before = replace(recognizer.stats) if recognizer is not None else None
     def report(clip: Clip, r: ClipResult, trace) -> None:
-        ok = (r.interrupt is not None and (not clip.label or r.interrupt.at_sample >= clip.cmd_start)) == clip.label
-        what = "-" if r.interrupt is None else f"{r.interrupt.kind} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
+        ok = (r.interrupt is not None and (not clip.label or r.interrupt.sample >= clip.cmd_start)) == clip.label
+        what = "-" if r.interrupt is None else f"{r.interrupt.reason} {r.interrupt.confidence:.2f} {r.interrupt.text!r}"
         lat = "" if r.latency_ms is None else f" {r.latency_ms:.0f} ms"
         printer(f"{'ok ' if ok else 'BAD'} {clip.condition:12s} {clip.name:48s} {what}{lat}")
         if not ok and trace:

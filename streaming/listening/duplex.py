@@ -1,12 +1,13 @@
 """Per-session duplex controller: listens to the user while the assistant answers.
 
-One DuplexController per session. The server feeds it every microphone packet
-(`feed_input`) and every assistant audio chunk it sends (`feed_output`), tells it when an
-answer starts and ends (`set_speaking`), and acts on what `feed_input` returns:
+One DuplexController per session, a listening.detector.Detector that decides interrupts.
+The server feeds it every microphone packet (`feed_input`, or its two halves around a
+batched VAD score) and every assistant audio chunk it sends (`feed_output`), tells it when
+an answer starts and ends (`set_speaking`), and acts on the `Heard` events it returns:
 
-- VadEvent("speech_started" | "speech_stopped", sample): turn detection, on the
-  echo-cancelled signal (OpenAI server-VAD semantics, see vad.py);
-- Interrupt(kind="command" | "barge_in" | "model", ...): cancel the answer now.
+- kind "speech_started" | "speech_stopped" (| "speech_paused" | "speech_resumed"): turn
+  detection, on the echo-cancelled signal (OpenAI server-VAD semantics, see vad.py);
+- kind "interrupt", reason "command" | "barge_in" | "model": cancel the answer now.
 
 Flow inside feed_input: microphone -> EchoCanceller (removes what the client is playing)
 -> SpeechDetector in 32 ms chunks -> while the assistant is audible and the user speaks,
@@ -31,26 +32,26 @@ shares one whisper model per process):
     on response end:          ctl.set_speaking(False)           (audio may still be playing)
     on input_audio_buffer.append: for ev in ctl.feed_input(pcm_16k_float32): ...
     engine text tokens (only if the checkpoint has interrupt tokens): ctl.on_model_tokens(ids)
-On Interrupt: turn.cancel(), stop sending audio deltas, emit speech_started and
+On an interrupt: turn.cancel(), stop sending audio deltas, emit speech_started and
 response.done(status="cancelled"); truncate the stored answer at `played_ms`
-(conversation.item.truncate audio_end_ms). kind="command": the user's current speech
+(conversation.item.truncate audio_end_ms). reason "command": the user's current speech
 was the command, so clear it at its speech_stopped instead of answering it.
-kind="barge_in": the speech goes on and becomes the next question as usual.
+reason "barge_in": the speech goes on and becomes the next question as usual.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional, Union
+from typing import Iterable, Literal, Optional
 
 import numpy as np
 
-from ..audio import Resampler
+from ..audio import REALTIME_SAMPLE_RATE, Resampler
+from .detector import Detector, Heard
 from .echo import EchoCanceller, EchoConfig
 from .interrupt import CommandConfig, CommandDetector
-from .vad import CHUNK, SAMPLE_RATE, SpeechDetector, VadEvent, score_streams
+from .vad import CHUNK, SAMPLE_RATE, SileroStream, SpeechDetector, score_streams
 
-OUTPUT_RATE = 24000
 Mode = Literal["command", "barge_in"]
 
 
@@ -116,21 +117,6 @@ class DuplexConfig:
             raise ValueError("hop_ms must be >= 32 and barge_in_ms >= 0")
 
 
-@dataclass(frozen=True)
-class Interrupt:
-    """Stop the current answer. at_sample: 16 kHz input sample where the decision fell."""
-
-    kind: Literal["command", "barge_in", "model"]
-    phrase: str | None
-    confidence: float
-    at_sample: int
-    text: str = ""          # recognizer transcript of the window (command), for logs
-    played_ms: int = 0      # assistant audio of this answer the client had played by then
-    audible: bool = True    # an answer was being generated or still playing then (else idle)
-
-
-DuplexEvent = Union[VadEvent, Interrupt]
-
 FRAME = 256  # 16 ms level frames for the foreground window
 
 
@@ -174,7 +160,9 @@ def foreground(window: np.ndarray, cfg: DuplexConfig) -> np.ndarray | None:
     return out.astype(np.float32)
 
 
-class DuplexController:
+class DuplexController(Detector):
+    decides_interrupts = True
+
     def __init__(self, config: DuplexConfig = DuplexConfig(), detector: CommandDetector | None = None):
         self.config = config
         self.vad = SpeechDetector(
@@ -196,7 +184,7 @@ class DuplexController:
         self.echo.reset()
         # The windowed-sinc filter (~2 ms of lag), not libsoxr (~22 ms): the echo reference
         # sets the playout timeline, whose end says what the user has heard.
-        self._resampler = Resampler(OUTPUT_RATE, SAMPLE_RATE, backend="sinc")
+        self._resampler = Resampler(REALTIME_SAMPLE_RATE, SAMPLE_RATE, backend="sinc")
         self._clean = np.zeros(0, dtype=np.float32)   # cleaned audio kept for windows
         self._clean_base = 0
         self._vad_pending = np.zeros(0, dtype=np.float32)
@@ -235,7 +223,7 @@ class DuplexController:
             if self._answer_start is None:
                 self._answer_start = start
 
-    def on_model_tokens(self, token_ids: Iterable[int]) -> Interrupt | None:
+    def on_model_tokens(self, token_ids: Iterable[int]) -> Heard | None:
         """Text-stream tokens from the engine; honours model interrupt tokens if configured."""
         stop = set(self.config.model_interrupt_token_ids)
         if not stop or self._interrupted:
@@ -262,7 +250,11 @@ class DuplexController:
         return max(0, min(at, self.echo.playout_end) - self._answer_start) // self._ms
 
     # -------------------------------------------------------------------- microphone
-    def feed_input(self, samples_16k: np.ndarray) -> list[DuplexEvent]:
+    @property
+    def stream(self) -> SileroStream:
+        return self.vad.stream
+
+    def feed_input(self, samples_16k: np.ndarray) -> list[Heard]:
         """Process microphone audio (float32, 16 kHz, any length); events in order."""
         chunks = self.prepare_input(samples_16k)
         if chunks.shape[0] == 0:
@@ -279,10 +271,10 @@ class DuplexController:
         self._vad_pending = x[n:].copy()
         return np.ascontiguousarray(x[:n]).reshape(-1, CHUNK)
 
-    def consume_input(self, chunks: np.ndarray, probs) -> list[DuplexEvent]:
+    def consume_input(self, chunks: np.ndarray, probs) -> list[Heard]:
         """Second half of feed_input: the chunks from prepare_input with their speech
         probabilities; runs the listener (and any command decode) chunk by chunk."""
-        events: list[DuplexEvent] = []
+        events: list[Heard] = []
         for chunk, prob in zip(chunks, probs):
             events += self._chunk(chunk, float(prob))
         return events
@@ -295,13 +287,13 @@ class DuplexController:
             self._clean = self._clean[drop:]
             self._clean_base += drop
 
-    def _chunk(self, chunk: np.ndarray, prob: float) -> list[DuplexEvent]:
+    def _chunk(self, chunk: np.ndarray, prob: float) -> list[Heard]:
         cfg = self.config
         start = self.vad.samples_seen
         end = start + CHUNK
         playing = self.echo.playing(start, end)
         self.vad.threshold = cfg.vad_threshold_playing if playing else cfg.vad_threshold
-        events: list[DuplexEvent] = list(self.vad.consume((prob,)))
+        events: list[Heard] = self.vad.consume_input(chunk[None], (prob,))
         voiced = prob >= self.vad.threshold
         level = 10.0 * np.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12)
         if voiced and self._segment_start is None:
@@ -445,10 +437,10 @@ class DuplexController:
             self._pending = (found.phrase, confidence, transcript.text, at, False)
         return True
 
-    def _interrupt(self, kind, phrase, confidence, at, text) -> Interrupt:
+    def _interrupt(self, reason, phrase, confidence, at, text) -> Heard:
         self._interrupted = True
         audible, played = self.audible(at), self.played_ms(at)
         self.speaking = False
         # The server cancels the turn and the client flushes its player at this point.
         self.echo.flush_reference(at)
-        return Interrupt(kind, phrase, float(confidence), int(at), text, played, audible)
+        return Heard("interrupt", int(at), reason, phrase, float(confidence), text, played, audible)

@@ -8,8 +8,9 @@ context) and one process-wide network scores them: `score_streams` runs the chun
 streams as one batch per 32 ms step (one call for every session a server process holds),
 with the same per-stream results as the module's own forward (tests/test_vad_batch.py).
 
-A detector scores its own audio with `push`, or in two halves around a batched call:
-`take_chunks` (audio -> whole chunks), `score_streams`, `consume` (probabilities -> events).
+A SpeechDetector is a listening.detector.Detector: it scores its own audio with
+`feed_input`, or in two halves around a batched call: `prepare_input` (audio -> whole
+chunks), `score_streams`, `consume_input` (probabilities -> events).
 
 Events follow the OpenAI Realtime server-VAD semantics the server exposes:
 `speech_started.sample` is the onset minus `prefix_padding_ms` (the start of the audio a
@@ -28,22 +29,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
+
+from .detector import Detector, Heard
 
 SAMPLE_RATE = 16000
 # silero-vad v5+ accepts exactly this chunk size at 16 kHz.
 CHUNK = 512
-
-VadKind = Literal["speech_started", "speech_stopped", "speech_paused", "speech_resumed"]
-
-
-@dataclass(frozen=True)
-class VadEvent:
-    kind: VadKind
-    sample: int
 
 
 class VadModelError(RuntimeError):
@@ -183,7 +176,7 @@ def score_streams(streams: list[SileroStream], chunks: list[np.ndarray], backend
     return probs
 
 
-class SpeechDetector:
+class SpeechDetector(Detector):
     """Turns a stream of 16 kHz float32 samples into speech start/stop events.
 
     threshold: speech probability at or above which a chunk counts as speech.
@@ -223,12 +216,12 @@ class SpeechDetector:
                 raise ValueError("VAD durations must be >= 0 ms")
             self.pause_samples = pause_ms * SAMPLE_RATE // 1000
         shared_silero()  # loaded now (a missing wheel fails here, not at the first audio)
-        self.stream = SileroStream()
+        self._stream = SileroStream()
         self.reset()
 
     def reset(self) -> None:
         """Forget all audio: sample indices restart at 0, recurrent state cleared."""
-        self.stream.reset()
+        self._stream.reset()
         self._pending = np.zeros(0, dtype=np.float32)
         self.samples_seen = 0          # samples scored so far (multiple of CHUNK)
         self.speech_prob_last = 0.0
@@ -249,17 +242,21 @@ class SpeechDetector:
         """End sample of the most recent chunk scored as speech (for end-of-speech timing)."""
         return self._last_speech_end
 
-    def push(self, samples_16k: np.ndarray) -> list[VadEvent]:
+    @property
+    def stream(self) -> SileroStream:
+        return self._stream
+
+    def feed_input(self, samples_16k: np.ndarray) -> list[Heard]:
         """Score the new audio and return the events it caused, in order.
 
-        Any length is accepted; a tail shorter than one chunk waits for the next push.
+        Any length is accepted; a tail shorter than one chunk waits for the next call.
         """
-        chunks = self.take_chunks(samples_16k)
+        chunks = self.prepare_input(samples_16k)
         if chunks.shape[0] == 0:
             return []
-        return self.consume(score_streams([self.stream], [chunks])[0])
+        return self.consume_input(chunks, score_streams([self.stream], [chunks])[0])
 
-    def take_chunks(self, samples_16k: np.ndarray) -> np.ndarray:
+    def prepare_input(self, samples_16k: np.ndarray) -> np.ndarray:
         """The whole chunks (k x 512) the new audio completes; the tail waits for more."""
         x = np.asarray(samples_16k, dtype=np.float32).reshape(-1)
         if self._pending.size:
@@ -268,9 +265,10 @@ class SpeechDetector:
         self._pending = x[n_full:].copy()
         return np.ascontiguousarray(x[:n_full]).reshape(-1, CHUNK)
 
-    def consume(self, probs) -> list[VadEvent]:
-        """Events caused by the next chunks, given their speech probabilities in order."""
-        events: list[VadEvent] = []
+    def consume_input(self, chunks, probs) -> list[Heard]:
+        """Events caused by the next chunks, given their speech probabilities in order (the
+        chunks themselves are not needed: the probabilities say it all)."""
+        events: list[Heard] = []
         for prob in probs:
             start = self.samples_seen
             self.samples_seen += CHUNK
@@ -278,7 +276,7 @@ class SpeechDetector:
             self._step(float(prob), start, events)
         return events
 
-    def _step(self, prob: float, start: int, events: list[VadEvent]) -> None:
+    def _step(self, prob: float, start: int, events: list[Heard]) -> None:
         end = start + CHUNK
         if not self.in_speech:
             if prob >= self.threshold:
@@ -288,7 +286,7 @@ class SpeechDetector:
                 if end - self._onset >= max(self.min_speech_samples, 1):
                     self.in_speech = True
                     begin = max(self._onset - self.prefix_samples, self._last_stop, 0)
-                    events.append(VadEvent("speech_started", begin))
+                    events.append(Heard("speech_started", begin))
                     self._onset = None
             elif prob < self.neg_threshold:
                 self._onset = None  # the run was a blip: drop it
@@ -298,7 +296,7 @@ class SpeechDetector:
             self._quiet_from = None
             if self._paused:
                 self._paused = False
-                events.append(VadEvent("speech_resumed", start))
+                events.append(Heard("speech_resumed", start))
             return
         if prob < self.neg_threshold and self._quiet_from is None:
             self._quiet_from = start
@@ -308,10 +306,10 @@ class SpeechDetector:
             return
         if self.pause_samples is not None and not self._paused and end - self._quiet_from >= self.pause_samples:
             self._paused = True
-            events.append(VadEvent("speech_paused", end))
+            events.append(Heard("speech_paused", end))
         if end - self._quiet_from >= self.silence_samples:
             self.in_speech = False
             self._quiet_from = None
             self._paused = False
             self._last_stop = end
-            events.append(VadEvent("speech_stopped", end))
+            events.append(Heard("speech_stopped", end))
