@@ -150,3 +150,10 @@ class Admission:
 
     def leave(self, ticket) -> None:
         self.release()
+
+    async def refresh(self) -> None:
+        """Figures of now for /health/ready and /metrics: these counts are always current."""
+
+    def workers(self) -> Optional[dict]:
+        """Each gateway worker's load; None in one process (there are no workers)."""
+        return None

@@ -90,13 +90,13 @@ def create_app(settings: ServerSettings, host: EngineHost,
             return JSONResponse(body, status_code=503)
         if not details:
             return {"status": "ready"}
-        if hasattr(admission, "refresh"):  # a gateway: the engine process's figures of now
-            await admission.refresh()
+        await admission.refresh()  # a gateway: the engine process's figures of now
         stats = host.stats() or {}
         body = {"status": "ready", **host.info, "free_slots": stats.get("free_slots"),
                 "sessions": admission.active, "max_sessions": admission.limit}
-        if hasattr(admission, "workers"):  # gateways: each worker's sessions (and pid, connections)
-            body["workers"] = admission.workers()
+        workers = admission.workers()  # gateways: each worker's sessions (and pid, connections)
+        if workers is not None:
+            body["workers"] = workers
         return body
 
     @app.get("/metrics")
@@ -105,13 +105,14 @@ def create_app(settings: ServerSettings, host: EngineHost,
         if refusal is not None:
             return JSONResponse({"error": {"type": "invalid_request_error", "code": refusal.code,
                                            "message": refusal.message}}, status_code=refusal.status)
-        if host.ready and hasattr(admission, "refresh"):
+        if host.ready:
             await admission.refresh()
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
         metrics.max_sessions.set(admission.limit)
-        if hasattr(admission, "workers"):
-            metrics.absorb_workers(admission.workers())
+        workers = admission.workers()
+        if workers is not None:
+            metrics.absorb_workers(workers)
         metrics.absorb_memory(resident_bytes(), heap_stats())
         text = metrics.render(host.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -33,7 +33,7 @@ def engine_refusal(exc: Exception) -> Optional[p.ProtocolError]:
     if isinstance(exc, ValueError):
         return p.ProtocolError("invalid_input", f"The model cannot take this input: {exc}")
     if is_engine_full(exc):  # (EngineBusy, for lack of step-time headroom, says when to retry)
-        retry = getattr(exc, "retry_after_s", None)
+        retry = exc.retry_after_s
         return p.ProtocolError("server_busy", f"The model has no room for another answer now ({exc}); "
                                f"try again in {retry or 1:g} s.", type=p.SERVER_ERROR)
     return None

@@ -143,7 +143,7 @@ class BusyEngine:
     def submit(self, request):
         if self.busy:
             self.refusals += 1
-            raise EngineBusy(Decision(False, 0.2, 0.068, 2.0))
+            raise EngineBusy.refused(Decision(False, 0.2, 0.068, 2.0))
         return self.inner.submit(request)
 
 
@@ -186,7 +186,7 @@ def test_the_server_refuses_turns_and_sessions_without_headroom_and_says_when_to
 def test_the_server_knows_a_refusal_by_its_type_not_its_name():
     from omni2.server.session_items import engine_refusal, is_engine_full
 
-    busy = EngineBusy(Decision(admit=False, predicted_step_s=0.1, budget_s=0.068, retry_after_s=0.5))
+    busy = EngineBusy.refused(Decision(admit=False, predicted_step_s=0.1, budget_s=0.068, retry_after_s=0.5))
     assert is_engine_full(busy) and is_engine_full(EngineFull("no slot"))
     assert "try again in 0.5 s" in engine_refusal(busy).message
     EngineFullByName = type("EngineFull", (RuntimeError,), {})  # a look-alike is not a refusal

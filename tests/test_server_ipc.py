@@ -91,7 +91,7 @@ def test_engine_busy_keeps_its_retry_hint():
     from omni2.streaming.engine.messages import EngineBusy, EngineFull
 
     decision = SimpleNamespace(reason=lambda: "no headroom", retry_after_s=1.5)
-    back = wire.error_from_wire(wire.error_to_wire(EngineBusy(decision)))
+    back = wire.error_from_wire(wire.error_to_wire(EngineBusy.refused(decision)))
     assert isinstance(back, EngineBusy) and is_engine_full(back)
     assert back.retry_after_s == 1.5 and "no headroom" in str(back)
     full = wire.error_from_wire(wire.error_to_wire(EngineFull("no slot")))

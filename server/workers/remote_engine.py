@@ -357,7 +357,8 @@ class RemoteAdmission:
     def active(self) -> int:
         return int(self.link.status.get("sessions") or 0)
 
-    def workers(self) -> dict:
+    def workers(self) -> Optional[dict]:
+        """Each gateway worker's load as the engine process last heard it."""
         return dict(self.link.status.get("workers") or {})
 
     async def refresh(self) -> None:

@@ -12,9 +12,8 @@ from typing import Optional
 import msgpack
 import numpy as np
 
-from omni2.streaming.engine import messages
-from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineFull, SamplingParams, TextDelta,
-                                             TurnDone, TurnEvent, TurnRequest)
+from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineBusy, EngineFull, SamplingParams,
+                                             TextDelta, TurnDone, TurnEvent, TurnRequest)
 
 # Gateway -> engine: hb (heartbeat with the gateway's load), call (a method of the Engine API,
 # answered by ret/err), cancel / release (a turn; no answer). Engine -> gateway: hb (state,
@@ -24,16 +23,6 @@ HEARTBEAT_S = 0.25          # both sides say they live this often
 # host a busy process can miss a few beats; a gateway sees the engine's death at once anyway
 # (its socket closes), and the engine frees a dead gateway's slots after this long.
 PEER_TIMEOUT_S = 3.0
-
-
-class EngineBusy(messages.EngineBusy):
-    """EngineBusy as a gateway re-raises it: the reason and the retry hint crossed, the
-    admission decision itself stayed in the engine process."""
-
-    def __init__(self, message: str, retry_after_s: Optional[float]) -> None:
-        RuntimeError.__init__(self, message)
-        self.decision = None
-        self.retry_after_s = retry_after_s
 
 
 class EngineLost(RuntimeError):
@@ -108,14 +97,14 @@ def event_from_wire(d: dict) -> TurnEvent:
 
 def error_to_wire(exc: BaseException) -> dict:
     """An exception raised by the engine, as the gateway will re-raise it."""
-    kind = "busy" if isinstance(exc, messages.EngineBusy) else "full" if isinstance(exc, EngineFull) else \
+    kind = "busy" if isinstance(exc, EngineBusy) else "full" if isinstance(exc, EngineFull) else \
         "value" if isinstance(exc, ValueError) else "other"
     return {"kind": kind, "msg": str(exc), "retry": getattr(exc, "retry_after_s", None)}
 
 
 def error_from_wire(d: dict) -> Exception:
     kind, msg = d["kind"], d["msg"]
-    if kind == "busy":
+    if kind == "busy":  # the reason and retry hint crossed; the Decision stayed in the engine
         return EngineBusy(msg, d.get("retry"))
     if kind == "full":
         return EngineFull(msg)

@@ -160,7 +160,7 @@ class Engine:
                 decision = self.headroom.decide(live, live if replaces else live + 1)
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
-                    raise EngineBusy(decision)
+                    raise EngineBusy.refused(decision)
             self._queued += 1
         if slot.turn is not None and request.answer:
             slot.turn.cancel()

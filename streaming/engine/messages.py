@@ -116,12 +116,19 @@ class EngineFull(RuntimeError):
 
 class EngineBusy(EngineFull):
     """No step-time headroom for another answer (streaming/engine/admission.py): try again
-    later. decision: the admission.Decision that refused it."""
+    after `retry_after_s`. decision: the admission.Decision that refused it, where there is
+    one (the engine's own; a gateway re-raising it from the wire has only reason and hint)."""
 
-    def __init__(self, decision) -> None:
-        super().__init__(decision.reason())
+    def __init__(self, reason: str, retry_after_s: Optional[float] = None, decision=None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
         self.decision = decision
-        self.retry_after_s = decision.retry_after_s
+
+    @classmethod
+    def refused(cls, decision) -> "EngineBusy":
+        """The refusal an admission.Decision (admit False) stands for."""
+        return cls(decision.reason(), decision.retry_after_s, decision)
+
 
 TurnEvent = Union[AudioChunk, TextDelta, ContextTruncated, TurnDone]
 
