@@ -12,6 +12,8 @@ import asyncio
 import sys
 from typing import Optional
 
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+
 from .realtime_client import (Answer, RealtimeClient, RealtimeError, add_server_arguments, image_data_url,
                               read_audio, realtime_url, wav_bytes)
 
@@ -60,7 +62,7 @@ async def converse(args: argparse.Namespace, stream=None) -> Answer:
         raise ValueError("--image goes with a spoken question (--audio): the model takes "
                          "pictures only together with speech")
     url = realtime_url(args.url)
-    audio, rate = (read_audio(args.audio) if args.audio else (None, 24000))
+    audio, rate = (read_audio(args.audio) if args.audio else (None, REALTIME_SAMPLE_RATE))
     image = image_data_url(args.image) if args.image else None
     client = await RealtimeClient.connect(url, api_key=args.api_key)
     try:

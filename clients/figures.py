@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-OUTPUT_RATE = 24000
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
 
 def percentile(values: list[float], q: float) -> Optional[float]:
@@ -17,7 +17,7 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     return ordered[rank - 1]
 
 
-def count_underruns(arrivals: list[tuple[float, int]], jitter_s: float, rate: int = OUTPUT_RATE) -> int:
+def count_underruns(arrivals: list[tuple[float, int]], jitter_s: float, rate: int = REALTIME_SAMPLE_RATE) -> int:
     """Stalls a listener hears: playback starts once `jitter_s` of audio has arrived and then
     plays in real time; when it needs audio that has not arrived while more is still coming,
     that is one underrun, and it waits for the buffer to fill to `jitter_s` again.

@@ -30,10 +30,11 @@ from typing import Optional
 
 import numpy as np
 
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+
 from .figures import count_underruns, percentile
 from .realtime_client import RealtimeClient, RealtimeError, is_loopback, pcm16_bytes
 
-RATE = 24000
 CHUNK_S = 0.1
 NOISE_RMS = 0.0005              # about -66 dBFS: a quiet room through a laptop microphone
 STOP_PHRASE = "stop omni"
@@ -164,7 +165,7 @@ def mic_audio() -> tuple[list[np.ndarray], Optional[np.ndarray]]:
 
     from .tools.soak import questions
 
-    return questions(RATE), resample(speak(STOP_PHRASE, speed=160), 16000, RATE)
+    return questions(REALTIME_SAMPLE_RATE), resample(speak(STOP_PHRASE, speed=160), 16000, REALTIME_SAMPLE_RATE)
 
 
 class Mic:
@@ -182,7 +183,7 @@ class Mic:
         return bool(self.queue)
 
     def next_chunk(self) -> np.ndarray:
-        n = int(RATE * CHUNK_S)
+        n = int(REALTIME_SAMPLE_RATE * CHUNK_S)
         out = (self.rng.standard_normal(n) * NOISE_RMS).astype(np.float32)
         if self.queue:
             piece, rest = self.queue[0][:n], self.queue[0][n:]
@@ -254,11 +255,11 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
                 state["arrivals"].append((now, len(base64.b64decode(event["delta"])) // 2))
             elif kind == "response.done":
                 status = event.get("response", {}).get("status", "unknown")
-                audio_s = sum(s for _, s in state["arrivals"]) / RATE
+                audio_s = sum(s for _, s in state["arrivals"]) / REALTIME_SAMPLE_RATE
                 asked, first = state["asked_at"], state["first"]
                 ttfa = None if first is None or asked is None or asked > first else first - asked
                 out.answers.append(asdict(AnswerFigures(
-                    status, ttfa, audio_s, count_underruns(state["arrivals"], plan.jitter_ms / 1000, RATE),
+                    status, ttfa, audio_s, count_underruns(state["arrivals"], plan.jitter_ms / 1000),
                     state["user_stop"])))
                 heard_until = (first or now) + plan.jitter_ms / 1000 + audio_s
                 state.update(asked_at=None, first=None, arrivals=[], stop_at=None, waiting=False, user_stop=False)
@@ -266,7 +267,7 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
 
     receiver = None
     try:
-        await client.configure(RATE, vad=True)
+        await client.configure(REALTIME_SAMPLE_RATE, vad=True)
         receiver = asyncio.create_task(receive())
         schedule_question(1.0)
         t0 = time.monotonic()
@@ -297,8 +298,8 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
             asked, first = state["asked_at"], state["first"]
             out.answers.append(asdict(AnswerFigures(
                 "open", None if asked is None or asked > first else first - asked,
-                sum(n for _, n in state["arrivals"]) / RATE,
-                count_underruns(state["arrivals"], plan.jitter_ms / 1000, RATE), state["user_stop"])))
+                sum(n for _, n in state["arrivals"]) / REALTIME_SAMPLE_RATE,
+                count_underruns(state["arrivals"], plan.jitter_ms / 1000), state["user_stop"])))
         if receiver.done() and receiver.exception() is not None:
             out.errors.append(f"session {index}: {type(receiver.exception()).__name__}: {receiver.exception()}")
     except (RealtimeError, OSError, asyncio.TimeoutError) as exc:

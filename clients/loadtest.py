@@ -33,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+
 from .figures import count_underruns, percentile  # noqa: F401  (also this module's API)
 from .realtime_client import (RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
                               read_audio, realtime_url)
@@ -137,7 +139,7 @@ class Progress:
             self.bar.close()
 
 
-def default_question(rate: int = 24000, seconds: float = 1.5) -> np.ndarray:
+def default_question(rate: int = REALTIME_SAMPLE_RATE, seconds: float = 1.5) -> np.ndarray:
     """A voiced-like tone sweep: a stand-in question when no --audio is given (commit mode
     does not need the server's VAD to hear speech in it)."""
     t = np.arange(int(rate * seconds)) / rate
@@ -294,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
 
         return main_live(args)
     try:
-        audio, rate = read_audio(args.audio) if args.audio else (default_question(), 24000)
+        audio, rate = read_audio(args.audio) if args.audio else (default_question(), REALTIME_SAMPLE_RATE)
     except (OSError, ValueError) as exc:
         print(f"omni2 loadtest: {exc}", file=sys.stderr)
         return 2

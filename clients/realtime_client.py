@@ -21,7 +21,8 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import numpy as np
 
-OUTPUT_RATE = 24000               # response.output_audio.delta is PCM16 at 24 kHz
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE  # response.output_audio.delta is PCM16 at this rate
+
 CLOSE_TRY_AGAIN = 1013            # server full or model not ready
 CHUNK_S = 0.1                     # input audio per input_audio_buffer.append
 CONNECT_TIMEOUT_S = 15.0
@@ -110,7 +111,7 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     return x.mean(axis=1), int(rate)
 
 
-def wav_bytes(x: np.ndarray, rate: int = OUTPUT_RATE) -> bytes:
+def wav_bytes(x: np.ndarray, rate: int = REALTIME_SAMPLE_RATE) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
@@ -149,7 +150,7 @@ class Answer:
 
     @property
     def audio_s(self) -> float:
-        return len(self.pcm) / 2 / OUTPUT_RATE
+        return len(self.pcm) / 2 / REALTIME_SAMPLE_RATE
 
     @property
     def ttfa_s(self) -> Optional[float]:
@@ -245,7 +246,7 @@ class RealtimeClient:
                 if delay > 0:
                     await asyncio.sleep(delay)
 
-    async def ask(self, *, audio: Optional[np.ndarray] = None, rate: int = OUTPUT_RATE,
+    async def ask(self, *, audio: Optional[np.ndarray] = None, rate: int = REALTIME_SAMPLE_RATE,
                   text: Optional[str] = None, image_url: Optional[str] = None, vad: bool = False,
                   pace: float = 1.0, timeout: float = 120.0, on_event=None) -> Answer:
         """One turn. With `vad` the server cuts the turn (the audio needs trailing silence);

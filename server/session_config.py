@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from omni2.streaming.audio import REALTIME_SAMPLE_RATE, AudioFormat, parse_audio_format
+from omni2.streaming.audio import G711_SAMPLE_RATE, REALTIME_SAMPLE_RATE, AudioFormat, parse_audio_format
 
 from .protocol import ProtocolError, check_modalities, field_of
 from .settings import ServerSettings
@@ -23,7 +23,7 @@ EXTENSIONS_FIELD = "omni2_extensions"
 # Output is always 24 kHz PCM16 (the codec's rate) or 8 kHz G.711; input may be any PCM rate
 # streaming.audio accepts (16 kHz microphones need no resampling on the client).
 PCM16_24K = AudioFormat("pcm16", REALTIME_SAMPLE_RATE)
-_OUTPUT_FORMATS = {("pcm16", REALTIME_SAMPLE_RATE), ("g711_ulaw", 8000), ("g711_alaw", 8000)}
+_OUTPUT_FORMATS = {("pcm16", REALTIME_SAMPLE_RATE), ("g711_ulaw", G711_SAMPLE_RATE), ("g711_alaw", G711_SAMPLE_RATE)}
 _WIRE_TYPES = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 
 
@@ -37,13 +37,13 @@ def parse_format(value, param: str, output: bool) -> AudioFormat:
     """A GA format object or beta format name -> AudioFormat, or ProtocolError."""
     if not isinstance(value, (str, dict)):
         raise ProtocolError("invalid_type", f"'{param}' must be an object like "
-                            "{'type': 'audio/pcm', 'rate': 24000}.", param)
+                            f"{{'type': 'audio/pcm', 'rate': {REALTIME_SAMPLE_RATE}}}.", param)
     try:
         fmt = parse_audio_format(value)
     except ValueError as exc:
         raise ProtocolError("invalid_value", f"Unsupported audio format: {exc}.", param) from None
     if output and (fmt.encoding, fmt.sample_rate) not in _OUTPUT_FORMATS:
-        raise ProtocolError("invalid_value", "Output audio is 24000 Hz audio/pcm, audio/pcmu or "
+        raise ProtocolError("invalid_value", f"Output audio is {REALTIME_SAMPLE_RATE} Hz audio/pcm, audio/pcmu or "
                             f"audio/pcma; got {format_to_wire(fmt)}.", param)
     return fmt
 

@@ -37,7 +37,10 @@ from typing import Mapping, Union
 import numpy as np
 
 MODEL_SAMPLE_RATE = 16_000  # Whisper input
-REALTIME_SAMPLE_RATE = 24_000  # OpenAI Realtime pcm16 and SNAC output
+# OpenAI Realtime pcm16, and the rate the model speaks at (its SNAC codec's, which model/
+# defines as snac_layout.SAMPLE_RATE; tests/test_one_interface.py holds the two equal): the
+# one definition for streaming/, server/ and clients/ (clients import this torch-free module).
+REALTIME_SAMPLE_RATE = 24_000
 G711_SAMPLE_RATE = 8_000
 
 

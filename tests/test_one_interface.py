@@ -207,3 +207,36 @@ def test_the_detector_module_imports_no_detector():
     tree = ast.parse(Path(det_mod.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"vad", "duplex", "interrupt", "echo"}
+
+
+# ---- one home for the output rate ---------------------------------------------------------------
+def test_the_realtime_rate_is_the_codec_rate():
+    """The server plays the model's audio as Realtime PCM without resampling."""
+    from omni2.model.snac_layout import SAMPLE_RATE
+    from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+
+    assert SAMPLE_RATE == REALTIME_SAMPLE_RATE
+
+
+def test_the_clients_import_the_rate_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"   # any `import torch` now fails
+            "import omni2.clients.chat, omni2.clients.loadtest, omni2.clients.live_load, omni2.clients.figures\n"
+            "from omni2.clients import realtime_client\n"
+            "from omni2.streaming.audio import REALTIME_SAMPLE_RATE\n"
+            "assert realtime_client.wav_bytes.__defaults__ == (REALTIME_SAMPLE_RATE,)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_module_outside_model_writes_the_rate_as_a_number():
+    """24000 as a number appears once outside model/: REALTIME_SAMPLE_RATE's definition."""
+    found = []
+    for folder in ("streaming", "server", "clients"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 24000:
+                    found.append(str(path.relative_to(ROOT)))
+    assert found == ["streaming/audio.py"]

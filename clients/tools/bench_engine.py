@@ -34,8 +34,7 @@ from omni2.streaming.engine.engine import Engine
 from omni2.streaming.engine.messages import TurnDone, TurnRequest
 from omni2.streaming.engine.slots import feed_ids
 
-FRAME_SECONDS = FRAME_S
-REALTIME_STEPS_PER_S = 1 / FRAME_SECONDS  # 11.72
+REALTIME_STEPS_PER_S = 1 / FRAME_S  # 11.72
 # Share of a spoken answer's steps in which its text is still being written. Speech runs at
 # ~150 words a minute (2.5 words/s) and Qwen2's tokenizer spends ~1.3 tokens a word in
 # English, so an answer's text takes ~3.3 steps per 11.72 steps of its speech (28%); the
@@ -197,7 +196,7 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
         steps_per_s_session=1 / step,
         mean_steps_per_s=len(full) / sum(full),  # decode steps: step 1 on
         aggregate_steps_per_s=sessions / step,
-        rtf=step / FRAME_SECONDS,
+        rtf=step / FRAME_S,
         prefill_ms=1000 * statistics.median(d.stats["prefill_s"] for d in dones),
         ttfa_ms=1000 * statistics.median(d.stats.get("time_to_first_audio_s", float("nan")) for d in dones),
         tokens=dones[0].stats["audio_ids"],
@@ -301,7 +300,7 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
     results["speedup_1_session"], results["identical_tokens"] = written["speedup"], written["identical_tokens"]
     base_rate = written["baseline_steps_per_s"]
     out(f"baseline (release-style, 1 turn, text written): {base_rate:.2f} steps/s, "
-        f"real-time factor {1 / (base_rate * FRAME_SECONDS):.2f}")
+        f"real-time factor {1 / (base_rate * FRAME_S):.2f}")
 
     out("throughput (question encoded once, so the runs time decoding; session counts taken round-robin); "
         "'speech no' runs")

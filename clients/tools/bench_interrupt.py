@@ -34,11 +34,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import espeak
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 from omni2.streaming.listening.detector import Heard
 from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
 
 SR = 16000
-OUT_SR = 24000
 PACKET = 320  # 20 ms microphone packets
 
 # espeak-ng's English language voices (the mbrola ones need mbrola, not installed).
@@ -134,22 +134,23 @@ class _Voices:
     """Cached long assistant / background recordings to cut clips from."""
 
     def __init__(self):
-        self.assistant_24k = espeak.speak(ASSISTANT_TEXT, voice=ASSISTANT_VOICE, speed=175, rate=OUT_SR, level_db=-20)
+        self.assistant_24k = espeak.speak(ASSISTANT_TEXT, voice=ASSISTANT_VOICE, speed=175, rate=REALTIME_SAMPLE_RATE,
+                                          level_db=-20)
         self.command_24k = espeak.speak("you can say stop omni at any time to interrupt me",
-                                        voice=ASSISTANT_VOICE, speed=175, rate=OUT_SR, level_db=-20)
+                                        voice=ASSISTANT_VOICE, speed=175, rate=REALTIME_SAMPLE_RATE, level_db=-20)
         self.background = [espeak.speak(BACKGROUND_TEXT, voice=v, speed=165, level_db=-20) for v in BACKGROUND_VOICES]
 
 
 def _assistant_audio(voices: _Voices, rng: random.Random, seconds: float, says_command: bool) -> np.ndarray:
     if says_command:
-        tail = voices.assistant_24k[: int(seconds * OUT_SR)]
-        pre = int(rng.uniform(0.5, 1.5) * OUT_SR)
+        tail = voices.assistant_24k[: int(seconds * REALTIME_SAMPLE_RATE)]
+        pre = int(rng.uniform(0.5, 1.5) * REALTIME_SAMPLE_RATE)
         out = np.concatenate([tail[:pre], voices.command_24k, tail[pre:]])
-        return out[: int(seconds * OUT_SR)]
+        return out[: int(seconds * REALTIME_SAMPLE_RATE)]
     src = voices.assistant_24k
-    offset = rng.randrange(0, max(1, src.size - int(seconds * OUT_SR)))
-    out = src[offset : offset + int(seconds * OUT_SR)]
-    return np.concatenate([out, np.zeros(int(seconds * OUT_SR) - out.size, np.float32)])
+    offset = rng.randrange(0, max(1, src.size - int(seconds * REALTIME_SAMPLE_RATE)))
+    out = src[offset : offset + int(seconds * REALTIME_SAMPLE_RATE)]
+    return np.concatenate([out, np.zeros(int(seconds * REALTIME_SAMPLE_RATE) - out.size, np.float32)])
 
 
 def _make_clip(name, label, condition, user, rng, voices, says_command=False, playback=False) -> Clip:
@@ -162,14 +163,14 @@ def _make_clip(name, label, condition, user, rng, voices, says_command=False, pl
     user_db = espeak.rms_db(user) if user.size else -24.0
     # The engine sends 160 ms chunks at ~2x real time from 200 ms after the answer starts.
     answer = _assistant_audio(voices, rng, total / SR + 1.0, says_command)
-    step = int(0.16 * OUT_SR)
+    step = int(0.16 * REALTIME_SAMPLE_RATE)
     first = int(0.2 * SR)
     pace = 0.0 if playback else 0.08  # (playback: all of it sent at once, generation over)
     sends = [(first + int(i / step * pace * SR), answer[i : i + step]) for i in range(0, answer.size, step)]
     if "echo" in condition:
         # Client plays back to back from the first chunk; the echo reaches the mic after an
         # unknown extra delay through a room response, below the user's level.
-        played = espeak.resample(answer, OUT_SR, SR)
+        played = espeak.resample(answer, REALTIME_SAMPLE_RATE, SR)
         played = np.convolve(played, _rir(rng))[: played.size]
         delay = int(rng.uniform(0.04, 0.30) * SR)
         echo_db = user_db - rng.uniform(3.0, 12.0) if not user.size or user_db > -90 else -30.0

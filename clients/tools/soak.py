@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from omni2.clients.realtime_client import RealtimeClient, RealtimeError
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
 QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
              "how far is it to the station", "what colour is the car over there",
@@ -91,7 +92,7 @@ class SoakRun:
     errors: list[str] = field(default_factory=list)
 
 
-def questions(rate: int = 24000) -> list[np.ndarray]:
+def questions(rate: int = REALTIME_SAMPLE_RATE) -> list[np.ndarray]:
     """Spoken questions with 0.4 s of quiet before and 1.2 s after (the VAD ends each turn)."""
     from omni2.clients.tools.espeak import resample, silence, speak
 
@@ -113,11 +114,11 @@ async def keep_talking(index: int, url: str, audio: list[np.ndarray], until: flo
             await asyncio.sleep(1.0)
             continue
         try:
-            await client.configure(24000, vad=True)
+            await client.configure(REALTIME_SAMPLE_RATE, vad=True)
             for _ in range(turns_per_session):
                 if time.monotonic() >= until:
                     break
-                answer = await client.ask(audio=audio[k % len(audio)], rate=24000, vad=True, pace=1.0,
+                answer = await client.ask(audio=audio[k % len(audio)], rate=REALTIME_SAMPLE_RATE, vad=True, pace=1.0,
                                           timeout=120)
                 k += 1
                 if answer.status in ("completed", "incomplete") and not answer.errors:

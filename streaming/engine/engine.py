@@ -26,6 +26,7 @@ from omni2.model import tokens as tk
 from omni2.model.bundle import OmniModel
 from omni2.model.generate import max_steps_for
 
+from ..audio import MODEL_SAMPLE_RATE
 from .admission import FRAME_S, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
@@ -508,7 +509,7 @@ class Engine:
 
         sid = self.open_session()
         try:
-            t = np.arange(int(16000 * seconds)) / 16000
+            t = np.arange(int(MODEL_SAMPLE_RATE * seconds)) / MODEL_SAMPLE_RATE
             turn = self.submit(TurnRequest(session_id=sid, audio_16k=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
                                            max_steps=steps))
             for _ in turn.events(timeout=300):

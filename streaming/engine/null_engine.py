@@ -26,11 +26,9 @@ from typing import Optional
 
 import numpy as np
 
+from omni2.streaming.audio import MODEL_SAMPLE_RATE, REALTIME_SAMPLE_RATE
 from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineFull, TextDelta, Turn, TurnDone,
                                              TurnRequest)
-
-SAMPLE_RATE = 24000
-
 
 class NullEngine:
     def __init__(self, slots: int = 4, tick_s: float = 0.05, words_every: int = 2,
@@ -159,7 +157,7 @@ class NullEngine:
             return f"{request.role}:" + "_".join(request.text.split())
         what = []
         if request.audio_16k is not None:
-            what.append(f"{request.audio_16k.size / 16000:.1f}s-audio")
+            what.append(f"{request.audio_16k.size / MODEL_SAMPLE_RATE:.1f}s-audio")
         if request.text:
             what.append("text=" + "_".join(request.text.split()))
         if request.image is not None:
@@ -184,7 +182,7 @@ class NullEngine:
     # ---- step loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            n = int(SAMPLE_RATE * self.chunk_s)
+            n = int(REALTIME_SAMPLE_RATE * self.chunk_s)
             t0 = time.perf_counter()
             with self._lock:
                 turns = list(self._live.items())
@@ -198,7 +196,7 @@ class NullEngine:
                 if st["step"] >= turn.request.max_steps:
                     self._finish(turn, st, "max_steps")
                     continue
-                t = (st["phase"] + np.arange(n)) / SAMPLE_RATE
+                t = (st["phase"] + np.arange(n)) / REALTIME_SAMPLE_RATE
                 st["phase"] += n
                 pcm = (self._rng.uniform(-0.5, 0.5, n) if self.noise
                        else 0.3 * np.sin(2 * np.pi * self.tone_hz * t))

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from omni2.model.snac_layout import SAMPLES_PER_FRAME
+
 from .frame_decoder import FrameDecoder, decode_groups
 from .messages import STOPPED_REASONS, AudioChunk, Turn, TurnDone
 
@@ -127,7 +129,7 @@ class Vocoder:
                 continue
             if pcm.size:
                 voice.samples_emitted += pcm.size
-                done_frames = voice.samples_emitted // 2048
+                done_frames = voice.samples_emitted // SAMPLES_PER_FRAME
                 voice.turn._emit(AudioChunk(pcm=pcm, frames=done_frames - voice.frames_emitted))
                 voice.frames_emitted = done_frames
                 if voice.first_audio_at is None:

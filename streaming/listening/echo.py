@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ..audio import MODEL_SAMPLE_RATE as SAMPLE_RATE  # the microphone as the listener hears it
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..audio import MODEL_SAMPLE_RATE as SAMPLE_RATE  # whisper's input rate
 from ..settings import switches
-
-SAMPLE_RATE = 16000
 
 
 class RecognizerUnavailable(RuntimeError):

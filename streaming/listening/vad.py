@@ -32,9 +32,9 @@ import warnings
 
 import numpy as np
 
+from ..audio import MODEL_SAMPLE_RATE as SAMPLE_RATE  # the rate silero scores (and whisper eats)
 from .detector import Detector, Heard
 
-SAMPLE_RATE = 16000
 # silero-vad v5+ accepts exactly this chunk size at 16 kHz.
 CHUNK = 512
 
