@@ -1,18 +1,26 @@
-"""What a listener hears, in figures: nearest-rank percentiles and jitter-buffer underruns
-(shared by `omni2 loadtest` and its live microphones, clients/live_load.py)."""
+"""What a listener hears, in figures: percentiles and jitter-buffer underruns (shared by
+`omni2 loadtest`, its live microphones in clients/live_load.py and the benchmarks in
+clients/tools: every percentile omni2 reports is this module's)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
 
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (no interpolation: a reported latency was really seen)."""
-    if not values:
-        return None
+def percentile(values: Iterable[float], q: float) -> Optional[float]:
+    """The q-th percentile (q in 0..100) by nearest rank, None for no values.
+
+    Nearest rank: the smallest value with at least q% of all values at or below it, the
+    ceil(q/100 * n)-th smallest (numpy's method="inverted_cdf"), not numpy's default linear
+    interpolation between neighbours. Deliberately: a reported latency is one that was really
+    seen, and over n values any q >= 100 (1 - 1/n) gives the slowest one, which
+    clients/tools/bench_arrivals.py's hold rule relies on (its p99 of a few dozen turns).
+    """
     ordered = sorted(values)
+    if not ordered:
+        return None
     rank = max(1, math.ceil(q / 100.0 * len(ordered)))
     return ordered[rank - 1]
 

@@ -240,3 +240,29 @@ def test_no_module_outside_model_writes_the_rate_as_a_number():
                 if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 24000:
                     found.append(str(path.relative_to(ROOT)))
     assert found == ["streaming/audio.py"]
+
+
+# ---- one percentile ---------------------------------------------------------------------------
+def test_the_percentile_is_nearest_rank():
+    from omni2.clients.figures import percentile
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 40, 101):
+        xs = rng.exponential(size=n).tolist()
+        for q in (0, 1, 50, 90, 95, 99, 100):
+            assert percentile(xs, q) == np.percentile(xs, q, method="inverted_cdf"), (n, q)
+    assert percentile(list(range(1, 41)), 99) == 40   # a few dozen values: p99 is the slowest
+    assert percentile([], 50) is None and percentile(np.array([]), 50) is None
+
+
+def test_clients_compute_percentiles_one_way():
+    """No module of clients/ (or server/) computes a percentile of its own."""
+    found = []
+    for folder in ("clients", "server"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute) and node.attr in ("percentile", "quantile", "nanpercentile"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                if isinstance(node, ast.FunctionDef) and "percentile" in node.name and path.name != "figures.py":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: def {node.name}")
+    assert found == []

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from omni2.clients.loadtest import count_underruns, percentile
+from omni2.clients.figures import count_underruns, percentile
 from omni2.model.snac_layout import SAMPLE_RATE
 from omni2.streaming.engine.admission import FRAME_S
 

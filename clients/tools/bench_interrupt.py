@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import espeak
+from omni2.clients.figures import percentile
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 from omni2.streaming.listening.detector import Heard
 from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
@@ -275,6 +276,12 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False,
     return ClipResult(clip, None, None, None, list(controller.decode_seconds))
 
 
+def _figure(xs: np.ndarray, q: float) -> float | None:
+    """figures.percentile (nearest rank, the one definition of clients/) as a plain float."""
+    p = percentile(xs.tolist(), q)
+    return None if p is None else float(p)
+
+
 def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
     tp = fn = fp_cmd = 0
     false_stops = negatives = 0
@@ -318,13 +325,13 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "false_stop_rate": false_stops / negatives if negatives else 0.0,
-        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-        "latency_p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
+        "latency_p50_ms": _figure(lat, 50),
+        "latency_p90_ms": _figure(lat, 90),
         "latency_max_ms": float(lat.max()) if lat.size else None,
-        "audio_latency_p50_ms": float(np.percentile(audio_lat, 50)) if audio_lat.size else None,
-        "audio_latency_p90_ms": float(np.percentile(audio_lat, 90)) if audio_lat.size else None,
-        "decode_ms_p50": float(np.percentile(decode_ms, 50)) if decode_ms.size else None,
-        "decode_ms_p90": float(np.percentile(decode_ms, 90)) if decode_ms.size else None,
+        "audio_latency_p50_ms": _figure(audio_lat, 50),
+        "audio_latency_p90_ms": _figure(audio_lat, 90),
+        "decode_ms_p50": _figure(decode_ms, 50),
+        "decode_ms_p90": _figure(decode_ms, 90),
         "decodes": int(decode_ms.size),
         "by_condition": by_condition,
     }

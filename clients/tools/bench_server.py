@@ -22,16 +22,13 @@ from typing import Optional
 
 import numpy as np
 
+from omni2.clients.figures import percentile
 from omni2.model.snac_layout import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
              "how far is it to the station", "what colour is the car over there",
              "can you read the sign for me", "how many people are in the room",
              "is it going to rain this afternoon", "what time does the shop close"]
-
-
-def _percentile(xs: list[float], q: float) -> Optional[float]:
-    return float(np.percentile(xs, q)) if xs else None
 
 
 def _questions(n: int, tail_s: float, turn_tail_ms: int):
@@ -290,7 +287,7 @@ def run_server_bench(runtime_model: str = "tiny", sessions: int = 8, rounds: int
 
 
 def _p50_p90(xs: list[float]) -> dict:
-    return {"p50": _percentile(xs, 50), "p90": _percentile(xs, 90)}
+    return {"p50": percentile(xs, 50), "p90": percentile(xs, 90)}
 
 
 def _ms(d: dict) -> str:
