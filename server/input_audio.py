@@ -266,9 +266,10 @@ class InputAudio:
         events = work.events
         if work.chunks is None:
             return events
-        if probs is None:  # no whole chunk to score (a detector may still have news)
-            probs = np.zeros(work.chunks.shape[0], np.float32)
-        for ev in self._detector.consume_input(work.chunks, probs):
+        chunks = work.chunks
+        if probs is None:  # nothing scored (no whole chunk): a detector may still have news
+            chunks, probs = chunks[:0], np.zeros(0, np.float32)
+        for ev in self._detector.consume_input(chunks, probs):
             if ev.kind == "interrupt":
                 events += self._on_interrupt(ev)
                 continue
