@@ -47,6 +47,10 @@ class PlayoutClock:
         self.play_end = max(self.play_end, now) + seconds
 
 
+async def _closed(item) -> None:
+    raise RuntimeError("the pacer was closed: its answer is over")
+
+
 class AudioPacer(Generic[Item]):
     """Holds an answer's audio items and hands them to `send` at playback pace (see above).
 
@@ -109,6 +113,12 @@ class AudioPacer(Generic[Item]):
         await self._idle.wait()
         if self._error is not None:
             raise self._error
+
+    def close(self) -> None:
+        """The answer is over: forget what is held and the `send` callback (an owner's bound
+        method, i.e. a reference cycle that only Python's full collection would free)."""
+        self.drop()
+        self._send = _closed
 
     def drop(self) -> list[tuple[Item, float]]:
         """Forget the held items (never sent); returns them with their seconds."""

@@ -37,6 +37,10 @@ _FINAL = {
 }
 
 
+def _ignore(_) -> None:
+    pass
+
+
 class ResponseRun:
     def __init__(self, *, turn: Turn, cfg: SessionConfig, outbox: Outbox, metrics: Metrics,
                  previous_item_id: Optional[str], started_at: float, output_lead_s: float = 0.0,
@@ -65,8 +69,8 @@ class ResponseRun:
         # (delta event, its 24 kHz pcm for the listener, wire samples)
         self._pacer: AudioPacer[tuple[dict, np.ndarray, int]] = AudioPacer(output_lead_s, self._emit_audio)
         # The duplex listener hears what we play (echo reference) and when an answer runs.
-        self._on_audio = on_audio or (lambda pcm: None)
-        self._on_speaking = on_speaking or (lambda speaking: None)
+        self._on_audio = on_audio or _ignore
+        self._on_speaking = on_speaking or _ignore
         self._on_truncated = on_truncated
         fmt = cfg.output_format
         self._rate = fmt.sample_rate
@@ -209,8 +213,7 @@ class ResponseRun:
         if self.in_conversation:
             await put(ev.item_done(item, self.previous_item_id))
         await put(ev.response_done(self._response(status, details, self._usage(done), [item])))
-        self.finished = True
-        self._account(status)
+        self._finish(status)
         return status
 
     def abandon(self) -> None:
@@ -218,8 +221,21 @@ class ResponseRun:
         answer is counted (cancelled, with the cancel reason the session set)."""
         if not self.finished:
             self._on_speaking(False)
-            self.finished = True
-            self._account("cancelled")
+            self._finish("cancelled")
+
+    def _finish(self, status: str) -> None:
+        """Count the answer and let go of what only a live answer needs. The pacer's callback
+        is this run's own method and the others are the session's: kept, they would make the
+        run, its engine turn (with the question's audio and image) and a closed session a
+        reference cycle, freed only by Python's full collection, which a busy server runs every
+        few minutes; RSS kept the heap's high-water mark of what waited for it (issue 19). The
+        conversation keeps a finished run for its item (truncate, retrieve): state only."""
+        self.finished = True
+        self._account(status)
+        self._pacer.close()
+        self._on_audio = _ignore
+        self._on_speaking = _ignore
+        self._on_truncated = None
 
     def _usage(self, done: Optional[TurnDone]) -> dict:
         """Token counts as the engine reports them: prompt positions in, one text token and

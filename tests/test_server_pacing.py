@@ -133,3 +133,37 @@ def test_a_send_that_fails_while_paced_reaches_the_answer_not_a_hang():
         raise AssertionError("no SlowReader")
 
     assert asyncio.run(main()) == ["a", "b"]
+
+
+def test_a_closed_pacer_holds_nothing_and_no_longer_keeps_its_owner():
+    """close() forgets the held audio, stops the timer and lets go of `send`: a run whose own
+    method it is goes by reference counting, not by the cycle collector (issue 19's soak)."""
+    import gc
+    import weakref
+
+    from omni2.server.pacer import AudioPacer
+
+    class Owner:
+        def __init__(self):
+            self.sent = []
+            self.pacer = AudioPacer(0.05, self.send)
+
+        async def send(self, item):
+            self.sent.append(item)
+
+    async def run() -> weakref.ref:
+        owner = Owner()
+        for i in range(5):  # the first goes at once, the rest wait for playback
+            await owner.pacer.push(i, 0.1)
+        assert owner.sent == [0] and len(owner.pacer) == 4
+        owner.pacer.close()
+        await asyncio.sleep(0.3)
+        assert owner.sent == [0] and len(owner.pacer) == 0
+        return weakref.ref(owner)
+
+    gc.disable()
+    try:
+        gone = asyncio.run(run())
+        assert gone() is None, "the closed pacer still keeps its owner (a reference cycle)"
+    finally:
+        gc.enable()
