@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections import deque
 import threading
 import time
 from typing import Optional
@@ -29,6 +30,9 @@ import numpy as np
 from omni2.streaming.audio import MODEL_SAMPLE_RATE, REALTIME_SAMPLE_RATE
 from omni2.streaming.engine.messages import (AudioChunk, ContextTruncated, EngineFull, TextDelta, Turn, TurnDone,
                                              TurnRequest)
+
+RECORDS = 1024  # requests, prompts, forgets and truncations kept for inspection (the newest)
+
 
 class NullEngine:
     def __init__(self, slots: int = 4, tick_s: float = 0.05, words_every: int = 2,
@@ -51,12 +55,14 @@ class NullEngine:
         self._thread: Optional[threading.Thread] = None
         self.steps_total = 0
         self.cancels_total = 0
-        self.submitted: list[TurnRequest] = []
+        # what tests inspect, kept for the newest RECORDS events only: `bench gateway` runs the
+        # null engine for minutes, and an unbounded list would be the server's memory growth
+        self.submitted: deque[TurnRequest] = deque(maxlen=RECORDS)
         self.step_seconds: list[float] = []
         self.context: dict[str, list[tuple[int, str]]] = {}
-        self.prompts: list[list[str]] = []
-        self.forgotten: list[tuple[str, int, str]] = []
-        self.truncations: list[tuple[str, int, int]] = []  # (session, turn id, steps kept)
+        self.prompts: deque[list[str]] = deque(maxlen=RECORDS)
+        self.forgotten: deque[tuple[str, int, str]] = deque(maxlen=RECORDS)
+        self.truncations: deque[tuple[str, int, int]] = deque(maxlen=RECORDS)  # (session, turn id, steps kept)
         self._after_finish: dict[int, list[str]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -84,6 +90,7 @@ class NullEngine:
     def close_session(self, sid: str) -> None:
         with self._lock:
             turn = self._sessions.pop(sid, None)
+            self.context.pop(sid, None)
         if turn is not None:
             turn.cancel()
 
@@ -140,6 +147,8 @@ class NullEngine:
             self._forget(sid, turn_id, part)
 
     def _forget(self, sid: str, turn_id: int, part: str) -> None:
+        if sid not in self.context:  # closed: nothing left to forget
+            return
         kept = []
         for tid, label in self.context.get(sid, []):
             if tid == turn_id and part != "all":
@@ -218,9 +227,10 @@ class NullEngine:
     def _finish(self, turn: Turn, st: dict, reason: str) -> None:
         with self._lock:
             self._live.pop(turn, None)
-            if turn.request.keep:
+            context = self.context.get(turn.request.session_id)  # None: the session was closed
+            if turn.request.keep and context is not None:
                 answer = "_".join("".join(st["text"]).split())
-                self.context[turn.request.session_id].append(
+                context.append(
                     (turn.id, f"{self.label(turn.request)} -> assistant:{answer}"))
             for part in self._after_finish.pop(turn.id, []):
                 self._forget(turn.request.session_id, turn.id, part)
