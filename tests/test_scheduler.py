@@ -45,8 +45,9 @@ class FakeExecutor:
         self.ends: dict[str, tuple[int, str]] = {}  # session id -> (step, how)
         self.log: list[tuple] = []
 
-    def encode(self, req: TurnRequest):
-        return torch.zeros(2, len(req.audio_16k), 1)
+    def encode(self, requests: list[TurnRequest]) -> list:
+        self.log.append(("encode", len(requests)))
+        return [torch.zeros(2, len(req.audio_16k), 1) for req in requests]
 
     def set_sampling(self, index, sampling) -> None:
         self.log.append(("sampling", index, sampling.temperature))
@@ -57,9 +58,11 @@ class FakeExecutor:
     def forget(self, slot, turn_id, part, keep_steps):
         return None
 
-    def prefill(self, slot, a: int, b: int):
-        self.log.append(("prefill", slot.index, slot.start + a, slot.start + b))
-        return None
+    def prefill(self, chunks: list) -> list:
+        for slot, a, b in chunks:
+            self.log.append(("prefill", slot.index, slot.start + a, slot.start + b))
+        self.log.append(("prefill step", len(chunks)))
+        return [torch.zeros(2, 1, 1) for _ in chunks]
 
     def decode(self, ids: list, pos: list, span: int):
         self.log.append(("decode", len(ids) // 2))
