@@ -544,18 +544,27 @@ class Engine:
         self.ttfa_seconds.append(seconds)
 
     def warmup(self, seconds: float = 1.0, steps: int = 8) -> None:
-        """One short turn end to end (encoders, prefill, decode, vocoder), then forget it."""
+        """Short turns end to end (encoders, prefill, decode, vocoder), then forget them. Two
+        answers of different lengths when there are two slots: the batched encoder and prefill
+        run, and admission's step-cost fit sees one and two answers a step from the start."""
         import numpy as np
 
-        sid = self.open_session()
+        sids = [self.open_session() for _ in range(min(2, len(self.slots)))]
+        slots = [self._sessions[sid] for sid in sids]
         try:
             t = np.arange(int(MODEL_SAMPLE_RATE * seconds)) / MODEL_SAMPLE_RATE
-            turn = self.submit(TurnRequest(session_id=sid, audio_16k=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
-                                           max_steps=steps))
-            for _ in turn.events(timeout=300):
-                pass
+            speech = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+            turns = [self.submit(TurnRequest(session_id=sid, audio_16k=speech, max_steps=max(1, steps >> k)))
+                     for k, sid in enumerate(sids)]
+            for turn in turns:
+                for _ in turn.events(timeout=300):
+                    pass
         finally:
-            self.close_session(sid)
+            for sid in sids:
+                self.close_session(sid)
+        deadline = time.monotonic() + 10  # their slots are let go at the next step boundary
+        while any(s.session is not None for s in slots) and time.monotonic() < deadline and self._threads:
+            time.sleep(0.005)
 
 
 def host_policy(device, config: EngineConfig) -> HostPolicy:
