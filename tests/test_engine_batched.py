@@ -8,7 +8,8 @@ import torch
 from omni2.model.generate import generate
 from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.engine.engine import Engine
-from omni2.streaming.engine.messages import TurnDone, TurnRequest
+from omni2.streaming.engine.admission import Decision
+from omni2.streaming.engine.messages import TextDelta, TurnDone, TurnRequest
 
 from test_engine import image_bytes, question
 
@@ -34,18 +35,28 @@ def test_a_batch_of_questions_encodes_as_each_does_alone(tiny_model):
 
 
 def _answers(model, batched: bool, plans):
-    """Every question submitted before the engine starts: they wait together, so the batched
-    engine encodes them in one batch and prefills their chunks in shared calls."""
-    cfg = EngineConfig(max_sessions=len(plans), record_tokens=True, prefill_chunk=16, step_budget_share=0,
-                       batched_arrivals=batched)
+    """The first half of the questions is submitted before the engine starts: they wait
+    together, so the batched engine encodes them in one batch and prefills their chunks in
+    shared calls; the rest arrive while those answers play (prefill bounded by the frame)."""
+    cfg = EngineConfig(max_sessions=len(plans), record_tokens=True, prefill_chunk=16, batched_arrivals=batched,
+                       prefill_min_positions=8)
     eng = Engine(model, cfg)
-    turns = []
-    for seed, seconds, image, steps in plans:
+    # every answer admitted (tokens are judged here; a loaded CPU could refuse one for step time)
+    eng.headroom.decide = lambda live, after: Decision(True, None, eng.headroom.budget_s)
+
+    def ask(seed, seconds, image, steps):
         sid = eng.open_session()
-        turns.append(eng.submit(TurnRequest(session_id=sid, audio_16k=question(seed, seconds), max_steps=steps,
-                                            image=image_bytes(seed) if image else None)))
+        return eng.submit(TurnRequest(session_id=sid, audio_16k=question(seed, seconds), max_steps=steps,
+                                      image=image_bytes(seed) if image else None))
+
+    half = len(plans) // 2
+    turns = [ask(*p) for p in plans[:half]]
     with eng:
-        done = [[ev for ev in t.events(timeout=300) if isinstance(ev, TurnDone)][0] for t in turns]
+        events = turns[0].events(timeout=300)
+        next(ev for ev in events if isinstance(ev, TextDelta))     # an answer plays
+        turns += [ask(*p) for p in plans[half:]]
+        done = [[ev for ev in t.events(timeout=300) if isinstance(ev, TurnDone)][0] for t in turns[1:]]
+        done.insert(0, next(ev for ev in events if isinstance(ev, TurnDone)))
     calls = eng.executor.prefill_calls
     return [(d.reason, d.stats["text_ids"], d.stats["audio_ids"]) for d in done], calls
 
@@ -60,7 +71,7 @@ def test_batched_prefill_gives_the_same_greedy_tokens_as_one_prompt_at_a_time(ti
         return prefill(self, chunks)
 
     monkeypatch.setattr(ModelExecutor, "prefill", counting)
-    plans = [(300 + i, 0.3 + 0.2 * i, i == 2, 10 + 3 * i) for i in range(4)]  # 16..56 positions
+    plans = [(300 + i, 0.3 + 0.2 * i, i == 2, 30 + 3 * i) for i in range(4)]  # 16..56 positions
     batched, calls = _answers(tiny_model, True, plans)
     serial, serial_calls = _answers(tiny_model, False, plans)
     assert max(calls) > 1 and max(serial_calls) == 1             # prompts did share prefill calls
