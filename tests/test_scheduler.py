@@ -17,6 +17,7 @@ from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.engine.engine import Engine
 from omni2.streaming.engine.host import HostPolicy
 from omni2.streaming.engine.messages import EngineFull, TextDelta, TurnDone, TurnRequest
+from omni2.streaming.engine.slots import IDLE_IDS
 
 INTERRUPT = 4242  # a text id the fake model's config lists as an interrupt token
 SAYING = 100      # what the fake model writes otherwise
@@ -255,3 +256,38 @@ def test_while_answers_play_a_steps_prefill_is_bounded_by_the_frame_the_decode_s
         i += 1
     assert steps and max(steps) <= 160 and sum(steps) >= 2 * 1200, steps    # never the 512 unbounded
     assert min(steps[:-1]) >= 32                       # every step advances the questions (prefill_min_positions)
+
+
+class CostedExecutor(FakeExecutor):
+    """A decode step costs FIXED_S plus PER_ANSWER_S for each answer in it."""
+
+    def __init__(self, fixed_s: float, per_answer_s: float) -> None:
+        super().__init__()
+        self.fixed_s, self.per_answer_s = fixed_s, per_answer_s
+
+    def decode(self, ids, pos, span):
+        answers = sum(row != IDLE_IDS[0] for row in ids[0::2])
+        time.sleep(self.fixed_s + self.per_answer_s * answers)
+        return super().decode(ids, pos, span)
+
+
+@pytest.mark.parametrize("fixed_s, per_answer_s, admitted", [(0.045, 0.001, 3), (0.005, 0.025, 2)])
+def test_admission_fits_a_fixed_and_a_per_answer_step_cost(fixed_s, per_answer_s, admitted):
+    """45 ms + 1 ms an answer: linear scaling of the first step would refuse the second answer
+    (90 ms), the fit admits three (48 ms). 5 ms + 25 ms an answer: the third (80 ms) is refused."""
+    from omni2.streaming.engine.messages import EngineBusy
+
+    fake = CostedExecutor(fixed_s, per_answer_s)
+    with engine(fake, max_sessions=3, step_budget_share=0.8, max_steps=10_000) as eng:
+        eng.warmup(seconds=0.001, steps=8)        # one and two answers a step: the fit starts with both
+        turns, refused = [], 0
+        for sid in [eng.open_session() for _ in range(3)]:
+            try:
+                turns.append(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=10_000)))
+            except EngineBusy:
+                refused += 1
+            time.sleep(0.5)                       # steps with the answers admitted so far are measured
+        for t in turns:
+            t.cancel()
+            done_of(t)
+    assert (len(turns), refused) == (admitted, 3 - admitted)
