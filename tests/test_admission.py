@@ -65,6 +65,19 @@ def test_a_large_per_answer_cost_still_refuses():
     assert h.overloaded(live=3) and not h.overloaded(live=2)
 
 
+def test_slow_calls_at_one_size_never_make_a_unit_cost_more_than_a_whole_call():
+    """A cold start: the first steps with two answers took 150 ms; later ones with one 8 ms.
+    The unbounded slope (142 ms an answer) would refuse every second answer, forever: no step
+    with two would ever be measured again. Bounded by 8 ms / 1 answer, the second is admitted."""
+    h = StepHeadroom(share=0.8)
+    for i in range(4):
+        h.observe(0.150, 2, at=0.01 * i)
+    for i in range(30):
+        h.observe(0.008, 1, at=1 + 0.01 * i)
+    assert h.cost.per_unit() == pytest.approx(0.008)
+    assert h.predict(2) == pytest.approx(0.016) and h.decide(live=1, after=2).admit
+
+
 def test_the_fit_is_off_for_the_one_at_a_time_baseline():
     h = StepHeadroom(share=0.8, fit=False)
     _seen(h, fixed_s=0.045, per_answer_s=0.001)

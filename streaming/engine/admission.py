@@ -78,14 +78,20 @@ class StepCost:
             self._by_size.setdefault(units, collections.deque(maxlen=self.per_size)).append(seconds)
 
     def per_unit(self) -> Optional[float]:
-        """The fitted cost of one more unit (>= 0), or None before two batch sizes were seen."""
+        """The fitted cost of one more unit, or None before two batch sizes were seen.
+
+        Bounded by 0 and by the smallest t / n of the sizes seen: no part of a call costs less
+        than nothing, so a unit never costs more than a whole call over its units. Without the
+        bound a few slow calls at one size (a cold start, a noisy neighbour) make a steep slope
+        that refuses the very answers whose steps would correct it."""
         points = [(n, _median(list(ts))) for n, ts in list(self._by_size.items()) if ts]
         if len(points) < 2:
             return None
         mn = sum(n for n, _ in points) / len(points)
         mt = sum(t for _, t in points) / len(points)
         var = sum((n - mn) ** 2 for n, _ in points)
-        return max(0.0, sum((n - mn) * (t - mt) for n, t in points) / var)
+        slope = sum((n - mn) * (t - mt) for n, t in points) / var
+        return min(max(0.0, slope), min(t / n for n, t in points))
 
     def predict(self, units: int) -> Optional[float]:
         """Seconds of a call with `units` units; None before any call was seen."""
