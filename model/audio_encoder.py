@@ -103,10 +103,17 @@ class AudioEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, samples_16k: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Features Mini-Omni2 feeds its whisper adapter: `[L, out_dim]`, L = whisper_frames(n)."""
-        n = int(samples_16k.shape[-1]) if samples_16k.ndim else 0
+        return self.encode_batch([samples_16k])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, batch: list) -> list[torch.Tensor]:
+        """`encode` of several clips in one forward call. Whisper pads every clip to the same
+        30 s of mel and nothing mixes batch entries, so each result is the clip's own encoding
+        (up to the float rounding of a larger matrix product)."""
         param = next(self.parameters())
-        mel = log_mel(samples_16k, self.n_mels).to(param.device, param.dtype)
-        return self.forward(mel[None])[0, : whisper_frames(n)]
+        mels = torch.stack([log_mel(s, self.n_mels) for s in batch]).to(param.device, param.dtype)
+        out = self.forward(mels)
+        return [out[i, : whisper_frames(int(s.shape[-1]) if s.ndim else 0)] for i, s in enumerate(batch)]
 
     # ---- checkpoint I/O ---------------------------------------------------------------
     @classmethod

@@ -22,9 +22,18 @@ from .prompt import (Prompt, assistant_text, audio_question, context_text, image
                      text_question)
 from .snac_codec import SNAC_REPO, load_snac
 from .tokenizer import TextTokenizer
-from .vision import VisionEncoder
+from .vision import VisionEncoder, decode_image
 
 ImageInput = Union[Image.Image, bytes, None]
+
+
+@dataclass
+class Question:
+    """A checked question waiting for its encoders: its prompt layout and raw inputs."""
+
+    prompt: Prompt
+    audio_16k: Optional[np.ndarray] = None   # 16 kHz mono speech (None: a typed question)
+    image: Optional[Image.Image] = None
 
 
 @dataclass
@@ -51,25 +60,51 @@ class OmniModel:
                         text: Optional[str] = None) -> tuple[Prompt, torch.Tensor]:
         """(prompt, embeds [2, T, C]) for a spoken question (optionally with an image) or a
         typed one. Encoders run in fp32 like the release; adapters in the LM's dtype."""
-        lm = self.lm
+        q = self.question(audio_16k, image, text)
+        return q.prompt, self.embed_questions([q])[0]
+
+    def question(self, audio_16k: Optional[np.ndarray] = None, image: ImageInput = None,
+                 text: Optional[str] = None) -> "Question":
+        """Check one question and lay out its prompt (no encoder runs): ValueError if it is
+        malformed, so one bad question never fails the others of a batch."""
         if audio_16k is None:
             if image is not None or text is None:
                 raise ValueError("a question needs speech (optionally with an image) or text")
             # "" is the minimal question (input_t eot answer_t): answer from the context alone
-            prompt = text_question(self.tokenizer.encode(text) if text else [])
-            return prompt, lm.embed(prompt.ids.to(self.device))
+            return Question(text_question(self.tokenizer.encode(text) if text else []))
         audio_16k = np.asarray(audio_16k, dtype=np.float32)
         if audio_16k.ndim != 1 or audio_16k.size == 0:
             raise ValueError("speech must be a non-empty mono 16 kHz array")
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(bytes(image))
+        if image is not None and min(image.size) < 1:
+            raise ValueError(f"cannot encode an empty image of size {image.size[0]}x{image.size[1]}")
         n = whisper_frames(audio_16k.shape[0])
-        speech = self.audio_encoder.encode(audio_16k)[:n]  # [L, whisper_dim]
         prompt = image_audio_question(n) if image is not None else audio_question(n)
-        feats = [(lm.whisper_adapter(speech.to(self.device, self.dtype))[None].expand(2, -1, -1), prompt.audio_start)]
-        if image is not None:
-            pixels = self.vision_encoder.encode(image)  # [50, clip_dim]
-            feats.insert(0, (lm.vision_adapter(pixels.to(self.device, self.dtype))[None].expand(2, -1, -1), prompt.image_start))
-        return prompt, lm.embed(prompt.ids.to(self.device), tuple(feats))
+        return Question(prompt, audio_16k, image)
 
+    @torch.inference_mode()
+    def embed_questions(self, questions: list["Question"]) -> list[torch.Tensor]:
+        """Input embeddings [2, T, C] of each question, the encoders run once for all of them:
+        one Whisper batch for the spoken ones, one CLIP batch for the images."""
+        lm = self.lm
+        spoken = [q for q in questions if q.audio_16k is not None]
+        seen = [q for q in spoken if q.image is not None]
+        speech = dict(zip(map(id, spoken), self.audio_encoder.encode_batch([q.audio_16k for q in spoken]) if spoken else []))
+        pixels = dict(zip(map(id, seen), self.vision_encoder.encode_batch([q.image for q in seen]) if seen else []))
+        out = []
+        for q in questions:
+            ids = q.prompt.ids.to(self.device)
+            if q.audio_16k is None:
+                out.append(lm.embed(ids))
+                continue
+            feats = [(lm.whisper_adapter(speech[id(q)].to(self.device, self.dtype))[None].expand(2, -1, -1),
+                      q.prompt.audio_start)]
+            if q.image is not None:
+                feats.insert(0, (lm.vision_adapter(pixels[id(q)].to(self.device, self.dtype))[None].expand(2, -1, -1),
+                                 q.prompt.image_start))
+            out.append(lm.embed(ids, tuple(feats)))
+        return out
 
     @torch.inference_mode()
     def encode_text(self, role: str, text: str) -> tuple[Prompt, torch.Tensor]:

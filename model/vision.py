@@ -202,9 +202,16 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, img: Image.Image | bytes) -> torch.Tensor:
         """Features Mini-Omni2 feeds its vision adapter: `[n_tokens, out_dim]`."""
+        return self.encode_batch([img])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, images: list) -> list[torch.Tensor]:
+        """`encode` of several images in one forward call (every image is resized to the same
+        grid and the tower mixes no batch entries: each result is the image's own encoding)."""
         param = next(self.parameters())
-        pixels = preprocess_image(img, size=self.image_size).to(param.device, param.dtype)
-        return self.forward(pixels[None])[0]
+        pixels = torch.stack([preprocess_image(img, size=self.image_size) for img in images])
+        out = self.forward(pixels.to(param.device, param.dtype))
+        return list(out)
 
     # ---- checkpoint I/O ---------------------------------------------------------------
     @classmethod

@@ -25,19 +25,63 @@ def test_nothing_measured_admits_and_the_only_answer_always_goes():
     assert h.overloaded(live=1) and not h.overloaded(live=0)
 
 
-def test_prediction_scales_the_busiest_steps_and_refuses_past_the_budget():
+def test_until_two_batch_sizes_were_seen_each_step_scales_linearly():
     h = StepHeadroom(share=0.8, retry_after_s=2.0)
     for i in range(20):
-        h.observe(0.030, 2, at=0.04 * i)                     # 15 ms an answer
-        h.observe(0.010, 1, at=0.04 * i + 0.01)
+        h.observe(0.030, 2, at=0.04 * i)                     # 15 ms an answer, as far as is known
     assert h.predict(2) == pytest.approx(0.030)
-    assert h.predict(4) == pytest.approx(0.060)              # each step scaled linearly to 4 answers
+    assert h.predict(4) == pytest.approx(0.060)              # scaled linearly to 4 answers
     assert h.decide(live=3, after=4).admit                   # 60 ms <= 68 ms
     refused = h.decide(live=4, after=5)                      # 75 ms > 68 ms
     assert not refused.admit and refused.retry_after_s == 2.0
     assert refused.budget_s == pytest.approx(0.8 * FRAME_S)
     assert "Try again in 2 s" in refused.reason()
     assert not h.overloaded(live=2)
+
+
+def _seen(h, fixed_s: float, per_answer_s: float, sizes=(1, 2)):
+    at = 0.0
+    for _ in range(20):
+        for n in sizes:
+            at += 0.05
+            h.observe(fixed_s + per_answer_s * n, n, at=at)
+
+
+def test_a_slow_fixed_cost_does_not_refuse_answers_that_cost_little():
+    h = StepHeadroom(share=0.8)
+    _seen(h, fixed_s=0.045, per_answer_s=0.001)              # 46 ms alone: linear scaling says 92 with two
+    assert h.cost.per_unit() == pytest.approx(0.001)
+    assert h.predict(2) == pytest.approx(0.047) and h.decide(live=1, after=2).admit
+    assert h.predict(16) == pytest.approx(0.061) and h.decide(live=15, after=16).admit
+    assert not h.decide(live=23, after=24).admit             # 69 ms: the budget still holds
+
+
+def test_a_large_per_answer_cost_still_refuses():
+    h = StepHeadroom(share=0.8)
+    _seen(h, fixed_s=0.005, per_answer_s=0.025)
+    assert h.cost.per_unit() == pytest.approx(0.025)
+    assert h.decide(live=1, after=2).admit                   # 55 ms
+    assert not h.decide(live=2, after=3).admit               # 80 ms > 68 ms
+    assert h.overloaded(live=3) and not h.overloaded(live=2)
+
+
+def test_slow_calls_at_one_size_never_make_a_unit_cost_more_than_a_whole_call():
+    """A cold start: the first steps with two answers took 150 ms; later ones with one 8 ms.
+    The unbounded slope (142 ms an answer) would refuse every second answer, forever: no step
+    with two would ever be measured again. Bounded by 8 ms / 1 answer, the second is admitted."""
+    h = StepHeadroom(share=0.8)
+    for i in range(4):
+        h.observe(0.150, 2, at=0.01 * i)
+    for i in range(30):
+        h.observe(0.008, 1, at=1 + 0.01 * i)
+    assert h.cost.per_unit() == pytest.approx(0.008)
+    assert h.predict(2) == pytest.approx(0.016) and h.decide(live=1, after=2).admit
+
+
+def test_the_fit_is_off_for_the_one_at_a_time_baseline():
+    h = StepHeadroom(share=0.8, fit=False)
+    _seen(h, fixed_s=0.045, per_answer_s=0.001)
+    assert h.cost.per_unit() is None and not h.decide(live=1, after=2).admit
 
 
 def test_spikes_do_not_refuse_steps_over_budget_half_the_time_do_and_old_steps_age_out():

@@ -59,7 +59,9 @@ def collect(turn, timeout=120):
 
 @pytest.fixture()
 def engine(tiny_model):
-    eng = Engine(tiny_model, EngineConfig(max_sessions=8, record_tokens=True, prefill_chunk=16))
+    # no headroom admission: these tests judge tokens, and on a loaded shared CPU a turn could
+    # be refused for step time (admission has its own tests: test_admission.py)
+    eng = Engine(tiny_model, EngineConfig(max_sessions=8, record_tokens=True, prefill_chunk=16, step_budget_share=0))
     eng.start()
     yield eng
     eng.stop()

@@ -17,6 +17,7 @@ from omni2.streaming.engine.config import EngineConfig
 from omni2.streaming.engine.engine import Engine
 from omni2.streaming.engine.host import HostPolicy
 from omni2.streaming.engine.messages import EngineFull, TextDelta, TurnDone, TurnRequest
+from omni2.streaming.engine.slots import IDLE_IDS
 
 INTERRUPT = 4242  # a text id the fake model's config lists as an interrupt token
 SAYING = 100      # what the fake model writes otherwise
@@ -45,8 +46,9 @@ class FakeExecutor:
         self.ends: dict[str, tuple[int, str]] = {}  # session id -> (step, how)
         self.log: list[tuple] = []
 
-    def encode(self, req: TurnRequest):
-        return torch.zeros(2, len(req.audio_16k), 1)
+    def encode(self, requests: list[TurnRequest]) -> list:
+        self.log.append(("encode", len(requests)))
+        return [torch.zeros(2, len(req.audio_16k), 1) for req in requests]
 
     def set_sampling(self, index, sampling) -> None:
         self.log.append(("sampling", index, sampling.temperature))
@@ -57,9 +59,11 @@ class FakeExecutor:
     def forget(self, slot, turn_id, part, keep_steps):
         return None
 
-    def prefill(self, slot, a: int, b: int):
-        self.log.append(("prefill", slot.index, slot.start + a, slot.start + b))
-        return None
+    def prefill(self, chunks: list) -> list:
+        for slot, a, b in chunks:
+            self.log.append(("prefill", slot.index, slot.start + a, slot.start + b))
+        self.log.append(("prefill step", len(chunks)))
+        return [torch.zeros(2, 1, 1) for _ in chunks]
 
     def decode(self, ids: list, pos: list, span: int):
         self.log.append(("decode", len(ids) // 2))
@@ -126,7 +130,9 @@ def test_a_new_question_replaces_the_live_answer(fake):
     with engine(fake, max_sessions=1, max_steps=10_000) as eng:
         sid = eng.open_session()
         first = eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=10_000))
-        assert isinstance(next(first.events(timeout=30)), TextDelta)
+        events = first.events(timeout=30)
+        # two words out: its step 1 is past, so the end set for the next answer cannot end it
+        assert isinstance(next(events), TextDelta) and isinstance(next(events), TextDelta)
         fake.ends[sid] = (1, "eoa")
         second = eng.submit(TurnRequest(session_id=sid, audio_16k=question(3)))
         assert done_of(first).reason == "cancelled" and done_of(second).reason == "completed"
@@ -182,3 +188,106 @@ def test_an_answer_ends_at_its_max_steps_capped_by_the_engines(fake):
         assert done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=9))).stats["steps"] == 7
         done = done_of(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=4)))
     assert done.reason == "max_steps" and done.stats["steps"] == 4
+
+
+# ---- arriving turns worked on together (streaming/engine/prefill.py) ---------------------------
+def _asked_together(fake, n: int, positions: int, **config):
+    """n sessions ask at once (submitted before the engine starts); every answer is one step."""
+    eng = engine(fake, max_sessions=n, **config)
+    sids = [eng.open_session() for _ in range(n)]
+    for sid in sids:
+        fake.ends[sid] = (1, "eoa")
+    turns = [eng.submit(TurnRequest(session_id=sid, audio_16k=question(positions))) for sid in sids]
+    with eng:
+        assert all(done_of(t).reason == "completed" for t in turns)
+    return [e for e in fake.log if e[0] in ("encode", "prefill step")]
+
+
+def test_the_questions_waiting_are_encoded_as_one_batch_and_their_prompts_share_prefill_steps(fake):
+    calls = _asked_together(fake, 3, 10, prefill_chunk=4)
+    assert calls[0] == ("encode", 3)                                         # one encoder batch
+    assert [c for c in calls if c[0] == "prefill step"] == [("prefill step", 3)] * 3   # 4 + 4 + 2 positions
+    assert sorted(e[2:] for e in fake.log if e[0] == "prefill" and e[1] == 2) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_the_one_at_a_time_baseline_stays_reachable(fake):
+    calls = _asked_together(fake, 3, 10, prefill_chunk=4, batched_arrivals=False)
+    assert [c for c in calls if c[0] == "encode"] == [("encode", 1)] * 3
+    assert [c for c in calls if c[0] == "prefill step"] == [("prefill step", 1)] * 9
+
+
+class TimedExecutor(FakeExecutor):
+    """A decode step costs DECODE_S, a prefill call PER_POSITION_S a computed position."""
+
+    DECODE_S, PER_POSITION_S = 0.040, 0.0002
+
+    def prefill(self, chunks: list) -> list:
+        time.sleep(self.PER_POSITION_S * 2 * len(chunks) * max(b - a for _, a, b in chunks) / 2)
+        return super().prefill(chunks)
+
+    def decode(self, ids, pos, span):
+        time.sleep(self.DECODE_S)
+        return super().decode(ids, pos, span)
+
+
+def test_while_answers_play_a_steps_prefill_is_bounded_by_the_frame_the_decode_step_leaves():
+    """68 ms of budget - 40 ms of decode leaves 28 ms: ~140 positions at 0.2 ms each (a loaded
+    machine only makes the measured costs larger: fewer positions, never more)."""
+    fake = TimedExecutor()
+    with engine(fake, max_sessions=3, step_budget_share=0.8, prefill_chunk=512, max_steps=10_000) as eng:
+        talking, a, b = eng.open_session(), eng.open_session(), eng.open_session()
+        live = eng.submit(TurnRequest(session_id=talking, audio_16k=question(300), max_steps=10_000))
+        assert isinstance(next(live.events(timeout=30)), TextDelta)            # speaking
+        for sid in (a, b):
+            fake.ends[sid] = (1, "eoa")
+        asked = [eng.submit(TurnRequest(session_id=sid, audio_16k=question(1200))) for sid in (a, b)]
+        assert all(done_of(t).reason == "completed" for t in asked)
+        live.cancel()
+        done_of(live)
+    first = [e for e in fake.log if e[0] == "prefill" and e[1] == 0]
+    assert first == [("prefill", 0, 0, 300)]        # nothing playing: the whole prompt in one step
+    steps, i = [], 0
+    log = fake.log[fake.log.index(first[0]) + 1:]
+    while i < len(log):                               # positions computed per prefill step after it
+        if log[i][0] == "prefill":
+            chunk = [e for e in log[i:] if e[0] == "prefill"][:log[i:].index(next(e for e in log[i:] if e[0] == "prefill step"))]
+            steps.append(len(chunk) * max(e[3] - e[2] for e in chunk))
+            i += len(chunk)
+        i += 1
+    assert steps and max(steps) <= 160 and sum(steps) >= 2 * 1200, steps    # never the 512 unbounded
+    assert min(steps[:-1]) >= 32                       # every step advances the questions (prefill_min_positions)
+
+
+class CostedExecutor(FakeExecutor):
+    """A decode step costs FIXED_S plus PER_ANSWER_S for each answer in it."""
+
+    def __init__(self, fixed_s: float, per_answer_s: float) -> None:
+        super().__init__()
+        self.fixed_s, self.per_answer_s = fixed_s, per_answer_s
+
+    def decode(self, ids, pos, span):
+        answers = sum(row != IDLE_IDS[0] for row in ids[0::2])
+        time.sleep(self.fixed_s + self.per_answer_s * answers)
+        return super().decode(ids, pos, span)
+
+
+@pytest.mark.parametrize("fixed_s, per_answer_s, admitted", [(0.045, 0.001, 3), (0.005, 0.025, 2)])
+def test_admission_fits_a_fixed_and_a_per_answer_step_cost(fixed_s, per_answer_s, admitted):
+    """45 ms + 1 ms an answer: linear scaling of the first step would refuse the second answer
+    (90 ms), the fit admits three (48 ms). 5 ms + 25 ms an answer: the third (80 ms) is refused."""
+    from omni2.streaming.engine.messages import EngineBusy
+
+    fake = CostedExecutor(fixed_s, per_answer_s)
+    with engine(fake, max_sessions=3, step_budget_share=0.8, max_steps=10_000) as eng:
+        eng.warmup(seconds=0.001, steps=8)        # one and two answers a step: the fit starts with both
+        turns, refused = [], 0
+        for sid in [eng.open_session() for _ in range(3)]:
+            try:
+                turns.append(eng.submit(TurnRequest(session_id=sid, audio_16k=question(3), max_steps=10_000)))
+            except EngineBusy:
+                refused += 1
+            time.sleep(0.5)                       # steps with the answers admitted so far are measured
+        for t in turns:
+            t.cancel()
+            done_of(t)
+    assert (len(turns), refused) == (admitted, 3 - admitted)

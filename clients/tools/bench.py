@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--answer-s", type=float, default=4.0, help="seconds of speech per answer")
     arr.add_argument("--question-s", type=float, default=2.0)
     arr.add_argument("--jitter-ms", type=float, default=200.0, help="client playback buffer")
+    arr.add_argument("--baseline", action="store_true",
+                     help="also measure the one-at-a-time scheduling (EngineConfig.batched_arrivals=False)")
+    arr.add_argument("--repeats", type=int, default=1, help="held rate: the median of this many searches")
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
@@ -122,7 +125,8 @@ def _run(args: argparse.Namespace) -> dict:
                                     sessions=tuple(int(s) for s in args.sessions.split(",")), rate=args.rate,
                                     search=args.search, duration_s=args.duration, answer_s=args.answer_s,
                                     question_s=args.question_s, jitter_ms=args.jitter_ms,
-                                    bisections=args.bisections, ttfa_target=args.ttfa_target)
+                                    bisections=args.bisections, ttfa_target=args.ttfa_target,
+                                    baseline=args.baseline, repeats=args.repeats)
     elif args.bench == "model":
         from omni2.clients.tools.bench_model import run_model_bench
 

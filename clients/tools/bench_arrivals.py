@@ -55,6 +55,7 @@ class ArrivalRun:
     ttfa_p99_ms: float
     mean_live: float            # answers per decode step, on average
     load_avg: float = 0.0       # the machine's 1-minute load average at the end (shared machines)
+    batched: bool = True        # False: the one-at-a-time baseline scheduling
 
     @property
     def ttfa_target_met(self) -> bool:
@@ -118,10 +119,11 @@ def question(seconds: float, seed: int) -> np.ndarray:
 
 def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: float = 4.0,
                 question_s: float = 2.0, jitter_s: float = 0.2, seed: int = 0,
-                step_budget_share: float = EngineConfig.step_budget_share) -> ArrivalRun:
+                step_budget_share: float = EngineConfig.step_budget_share, batched: bool = True) -> ArrivalRun:
+    """batched=False: the engine's one-at-a-time scheduling (EngineConfig.batched_arrivals)."""
     steps = int(answer_s / FRAME_S) + 7   # speech frames lag the steps by the 7-layer delay
     cfg = EngineConfig(max_sessions=sessions, max_steps=steps, timing_window=1 << 20,
-                       step_budget_share=step_budget_share)
+                       step_budget_share=step_budget_share, batched_arrivals=batched)
     rng = np.random.default_rng(seed)
     with Engine(model, cfg) as eng:
         eng.warmup(steps=4)
@@ -165,7 +167,8 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                       barge_ins=barge_ins, underruns=sum(under), answers_with_underruns=sum(1 for u in under if u),
                       step_p50_ms=q(step_s, 50), step_p99_ms=q(step_s, 99), ttfa_p50_ms=q(ttfa, 50),
                       ttfa_p90_ms=q(ttfa, 90), ttfa_p99_ms=q(ttfa, 99),
-                      mean_live=statistics.fmean(step_n) if step_n else 0.0, load_avg=os.getloadavg()[0])
+                      mean_live=statistics.fmean(step_n) if step_n else 0.0, load_avg=os.getloadavg()[0],
+                      batched=batched)
 
 
 def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0, out=print,
@@ -194,47 +197,62 @@ def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0,
 
 
 HEADER = (f"{'sessions':>8} {'rate/s':>7} {'turns':>6} {'refused':>7} {'barge-in':>8} {'underruns':>9} "
-          f"{'/answer':>7} {'step p50':>8} {'p99 ms':>7} {'ttfa p50':>8} {'p90':>6} {'p99 ms':>7} {'live':>5} {'load':>5}  held")
+          f"{'/answer':>7} {'step p50':>8} {'p99 ms':>7} {'ttfa p50':>8} {'p90':>6} {'p99 ms':>7} {'live':>5} {'load':>5} {'sched':>5}  held")
 
 
 def _row(r: ArrivalRun) -> str:
     per = r.underruns / max(1, r.turns)
     return (f"{r.sessions:>8} {r.rate:>7.2f} {r.turns:>6} {r.refused:>7} {r.barge_ins:>8} {r.underruns:>9} "
             f"{per:>7.2f} {r.step_p50_ms:>8.1f} {r.step_p99_ms:>7.1f} {r.ttfa_p50_ms:>8.0f} {r.ttfa_p90_ms:>6.0f} "
-            f"{r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f} {r.load_avg:>5.1f}  {'yes' if r.held else 'no'}"
+            f"{r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f} {r.load_avg:>5.1f} {'batch' if r.batched else 'base':>5}  "
+            f"{'yes' if r.held else 'no'}"
             f"{'' if r.ttfa_target_met or not r.turns else ' (first audio p99 > 2x p50)'}")
 
 
 def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16), rate: float = 1.0,
                        search: bool = True, duration_s: float = 30.0, answer_s: float = 4.0,
                        question_s: float = 2.0, jitter_ms: float = 200.0, bisections: int = 3,
-                       ttfa_target: bool = True, out=print) -> dict:
+                       ttfa_target: bool = True, baseline: bool = False, repeats: int = 1, out=print) -> dict:
+    """With `baseline`, every measurement is also made with the one-at-a-time scheduling, in
+    turn with the batched one (rep by rep: both see the same shared machine); held rates are
+    medians over `repeats`."""
     from omni2.streaming.engine.runtime import load_runtime
 
     from .bench_engine import random_model
 
     out(f"# omni2 bench arrivals: model={size} device={device} poisson arrivals for {duration_s:g} s, "
         f"answers {answer_s:g} s, questions {question_s:g} s, jitter buffer {jitter_ms:g} ms, "
-        f"torch threads={DEFAULT_THREADS}")
+        f"torch threads={DEFAULT_THREADS}, repeats={repeats}{', baseline (one at a time) alongside' if baseline else ''}")
     load = (lambda: load_runtime("tiny", device=device, prepack=device == "cpu")) if size == "tiny" else (
         lambda: random_model(size, __import__("torch").float32, device))
     model = in_fresh_thread(load, threads=DEFAULT_THREADS)
     out(HEADER)
-    results = {"runs": [], "held_rate": {}}
+    modes = [True, False] if baseline else [True]
+    results = {"runs": [], "held_rate": {}, "held_rates": {}}
+    if baseline:
+        results["baseline_held_rate"], results["baseline_held_rates"] = {}, {}
     for n in sessions:
-        def one(r, n=n):
-            # the step thread keeps the only OpenMP team: the engine runs from a short-lived thread
-            return in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s, jitter_ms / 1000,
-                                   threads=DEFAULT_THREADS)
-        if search:
-            holds = (lambda r: r.held) if ttfa_target else (lambda r: r.kept_deadlines)
-            held, runs = search_rates(one, rate, bisections, out=out, holds=holds)
-        else:
-            runs = [one(rate)]
-            out(_row(runs[0]))
-            held = rate if (runs[0].held if ttfa_target else runs[0].kept_deadlines) else 0.0
-        results["held_rate"][n] = held
-        results["runs"] += [asdict(r) | {"held": r.held} for r in runs]
-        out(f"{n} sessions: largest rate held {held:g} turns/s"
-            f"{'' if ttfa_target else ' (0 underruns, 0 refused; first audio not judged)'}")
+        held_by = {m: [] for m in modes}
+        for _ in range(repeats):
+            for batched in modes:
+                def one(r, n=n, batched=batched):
+                    # the step thread keeps the only OpenMP team: the engine runs from a short-lived thread
+                    return in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
+                                           jitter_ms / 1000, batched=batched, threads=DEFAULT_THREADS)
+                if search:
+                    holds = (lambda r: r.held) if ttfa_target else (lambda r: r.kept_deadlines)
+                    held, runs = search_rates(one, rate, bisections, out=out, holds=holds)
+                else:
+                    runs = [one(rate)]
+                    out(_row(runs[0]))
+                    held = rate if (runs[0].held if ttfa_target else runs[0].kept_deadlines) else 0.0
+                held_by[batched].append(held)
+                results["runs"] += [asdict(r) | {"held": r.held} for r in runs]
+        for batched in modes:
+            key = "held_rate" if batched else "baseline_held_rate"
+            results[key][n] = statistics.median(held_by[batched])
+            results[key + "s"][n] = held_by[batched]
+            out(f"{n} sessions, {'batched' if batched else 'one-at-a-time baseline'}: largest rate held "
+                f"{results[key][n]:g} turns/s (median of {held_by[batched]})"
+                f"{'' if ttfa_target else ' (0 underruns, 0 refused; first audio not judged)'}")
     return results

@@ -4,14 +4,17 @@ One decode step gives every live answer one 2048-sample frame (85.3 ms of speech
 so the step loop keeps real time only while a step takes less than a frame. Free slots say
 nothing about that: a slot costs memory, an answer costs step time. The policy:
 
-  * It keeps the decode steps of the last `window_s` seconds (at least `min_steps` of them:
-    a count alone spans 0.2 s of a fast model, less than one encoder run) with their time
-    t_i and answers n_i, and predicts the step time with
-    `n` answers as the median over them of t_i * max(1, n / n_i): each step scaled linearly to
-    `n` answers when it had fewer (a step's fixed part does not grow with its rows, so this
-    over-estimates, safely), taken as is when it had as many or more. A median, because a step
-    that met an encoder or another process on a shared CPU is a spike for a bounded prefill
-    share to handle, not lost capacity; steps over budget half the time are.
+  * A step's time is a fixed part (launching the layers, the heads, Python) plus a part per
+    answer (its rows): `StepCost` fits the per-answer cost from the steps seen at different
+    batch sizes and predicts the step time with `n` answers as the median, over the decode
+    steps of the last `window_s` seconds (at least `min_steps` of them: a count alone spans
+    0.2 s of a fast model, less than one encoder run), of t_i + per_answer * (n - n_i) (a step
+    with as many answers or more taken as is). So a slow fixed part no longer refuses a
+    second answer that costs little, and a large per-answer cost still does. Until two batch
+    sizes were seen it scales each step linearly, t_i * n / n_i (an over-estimate, safe). A
+    median, because a step that met an encoder or another process on a shared CPU is a spike
+    for the bounded prefill share to handle, not lost capacity; steps over budget half the
+    time are.
   * A new answer is admitted while that prediction with it stays within `share` of the frame
     (the rest of the frame is left to prefill chunks and the encoders); else it is refused,
     with a retry hint, and the answers already playing go on untouched.
@@ -45,35 +48,102 @@ class Decision:
                 f"Try again in {self.retry_after_s:g} s.")
 
 
+class StepCost:
+    """Time of a batched call as a fixed part plus a part per unit (answers of a decode step,
+    positions of a prefill), learnt from the calls it is shown.
+
+    The per-unit cost is the least-squares slope over the median time of each batch size (the
+    last `per_size` calls of each, however old: the split between fixed and per-unit cost is a
+    property of the model and the machine, and a size seen once a minute still tells it). The
+    level comes from the recent calls alone (the last `window_s` seconds, at least `min_calls`):
+    each is moved to `units` along the slope when it had fewer (taken as is when it had as many
+    or more) and the `quantile` of those guesses is the prediction. Until two batch sizes were
+    seen nothing tells the split, and each call is scaled as if all of it grew with its units
+    (t * units / n: an over-estimate, safe)."""
+
+    def __init__(self, window_s: float = 2.0, min_calls: int = 16, quantile: float = 0.5,
+                 per_size: int = 16, fit: bool = True) -> None:
+        self.window_s, self.min_calls, self.quantile, self.per_size = window_s, min_calls, quantile, per_size
+        self.fit = fit  # False: never split the cost (every call scaled linearly)
+        self._recent: collections.deque[tuple[float, int, float]] = collections.deque()  # (t, n, at)
+        self._by_size: dict[int, collections.deque] = {}
+
+    def observe(self, seconds: float, units: int, at: float) -> None:
+        if units <= 0:
+            return
+        self._recent.append((seconds, units, at))
+        while len(self._recent) > self.min_calls and at - self._recent[0][2] > self.window_s:
+            self._recent.popleft()
+        if self.fit:
+            self._by_size.setdefault(units, collections.deque(maxlen=self.per_size)).append(seconds)
+
+    def per_unit(self) -> Optional[float]:
+        """The fitted cost of one more unit, or None before two batch sizes were seen.
+
+        Bounded by 0 and by the smallest t / n of the sizes seen: no part of a call costs less
+        than nothing, so a unit never costs more than a whole call over its units. Without the
+        bound a few slow calls at one size (a cold start, a noisy neighbour) make a steep slope
+        that refuses the very answers whose steps would correct it."""
+        points = [(n, _median(list(ts))) for n, ts in list(self._by_size.items()) if ts]
+        if len(points) < 2:
+            return None
+        mn = sum(n for n, _ in points) / len(points)
+        mt = sum(t for _, t in points) / len(points)
+        var = sum((n - mn) ** 2 for n, _ in points)
+        slope = sum((n - mn) * (t - mt) for n, t in points) / var
+        return min(max(0.0, slope), min(t / n for n, t in points))
+
+    def predict(self, units: int) -> Optional[float]:
+        """Seconds of a call with `units` units; None before any call was seen."""
+        recent = list(self._recent)  # (a copy: the step thread appends while callers read)
+        if not recent:
+            return None
+        slope = self.per_unit()
+        if slope is None:
+            guesses = [t * max(1.0, units / n) for t, n, _ in recent]
+        else:
+            guesses = [t + slope * max(0, units - n) for t, n, _ in recent]
+        guesses.sort()
+        return guesses[min(len(guesses) - 1, int(self.quantile * len(guesses)))]
+
+    def units_within(self, seconds: float, most: int) -> Optional[int]:
+        """The most units (<= `most`) a call may have and still be predicted within `seconds`
+        (0 when not even one fits); None before any call was seen."""
+        if self.predict(1) is None:
+            return None
+        lo, hi = 0, most
+        while lo < hi:  # predict() grows with units: bisect
+            mid = (lo + hi + 1) // 2
+            if self.predict(mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def _median(xs: list) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
 class StepHeadroom:
     def __init__(self, share: float = 0.8, frame_s: float = FRAME_S, window_s: float = 2.0,
-                 min_steps: int = 16, quantile: float = 0.5, retry_after_s: float = 1.0) -> None:
+                 min_steps: int = 16, quantile: float = 0.5, retry_after_s: float = 1.0,
+                 fit: bool = True) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
         self.budget_s = share * frame_s
-        self.quantile = quantile
         self.retry_after_s = retry_after_s
-        self.window_s, self.min_steps = window_s, min_steps
-        self._at: collections.deque[float] = collections.deque()
-        self._steps: collections.deque[tuple[float, int]] = collections.deque()
+        # fit=False: every step scaled linearly (the benchmarks' one-at-a-time baseline)
+        self.cost = StepCost(window_s, min_steps, quantile, fit=fit)
 
     def observe(self, step_s: float, answers: int, at: float) -> None:
         """One decode step, ended at time `at` (seconds), took `step_s` with `answers` answers."""
-        if answers <= 0:
-            return
-        self._steps.append((step_s, answers))
-        self._at.append(at)
-        while len(self._at) > self.min_steps and at - self._at[0] > self.window_s:
-            self._at.popleft()
-            self._steps.popleft()
+        self.cost.observe(step_s, answers, at)
 
     def predict(self, answers: int) -> Optional[float]:
         """Step time with `answers` answers; None before any step was measured."""
-        steps = list(self._steps)  # (a copy: the step thread appends while callers read)
-        if not steps:
-            return None
-        guesses = sorted(t * max(1.0, answers / n) for t, n in steps)
-        return guesses[min(len(guesses) - 1, int(self.quantile * len(guesses)))]
+        return self.cost.predict(answers)
 
     def decide(self, live: int, after: int) -> Decision:
         """May the live answers go from `live` to `after`?"""

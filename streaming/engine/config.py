@@ -17,6 +17,19 @@ class EngineConfig:
     max_context: Optional[int] = None
     # Prefill is cut into chunks so one long question never stalls running answers for long.
     prefill_chunk: int = 256
+    # Arriving turns are worked on together (streaming/engine/prefill.py): up to `encode_batch`
+    # questions waiting for the encoders run as one Whisper / CLIP batch, and up to
+    # `prefill_turns` prompts share a step's prefill. While answers play, a step prefills the
+    # positions that fit the time its decode step leaves of the budget (step_budget_share),
+    # at least `prefill_min_positions`, at most `prefill_step_positions`.
+    encode_batch: int = 8
+    prefill_turns: int = 8
+    prefill_min_positions: int = 32
+    prefill_step_positions: int = 512
+    # False: the one-at-a-time scheduling kept as the benchmarks' baseline: one question per
+    # encoder call, one `prefill_chunk` of one prompt a step whatever plays, and admission that
+    # scales every step linearly (no fixed + per-answer fit).
+    batched_arrivals: bool = True
     # Turns waiting for a slot/prefill; beyond this, submit() refuses (no unbounded buffering).
     max_queued_turns: int = 64
     # Default cap on decode steps of one answer (one step = one 85.3 ms speech frame).
@@ -66,5 +79,9 @@ class EngineConfig:
             raise ValueError("step_budget_share must be in [0, 1] (0: no headroom check)")
         if self.malloc_arena_max < 0 or self.malloc_trim_interval_s < 0:
             raise ValueError("malloc_arena_max and malloc_trim_interval_s must be >= 0 (0: off)")
+        if min(self.encode_batch, self.prefill_turns, self.prefill_min_positions) < 1 or \
+                self.prefill_step_positions < self.prefill_min_positions:
+            raise ValueError("encode_batch, prefill_turns, prefill_min_positions must be >= 1 and "
+                             "prefill_step_positions >= prefill_min_positions")
         if self.prefill_chunk < 1 or self.audio_group_frames < 1 or self.max_steps < 1:
             raise ValueError("prefill_chunk, audio_group_frames and max_steps must be >= 1")

@@ -5,9 +5,11 @@ Threads: callers (any thread / the server's event loop) submit turns and cancel 
 on an encoder; the *step* thread runs schedule -> execute -> update; the *vocoder* thread
 turns frames into audio. The step loop:
   1. admit prepared turns into their session's slot, apply cancellations;
-  2. prefill one chunk of one admitted prompt (chunked so answers in flight keep flowing);
+  2. prefill chunks of the admitted prompts, several in one call, as many positions as the
+     frame leaves after the decode step (prefill.py: answers in flight keep their frames);
   3. run ONE decode step for every speaking slot (rows 0..2*hi), sample, apply end rules,
      hand new text to the turn and new frames to the vocoder.
+The prep thread encodes the questions waiting together as one batch.
 One device->host copy per step (the sampled ids of all rows); nothing per row.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .admission import FRAME_S, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
+from .prefill import PrefillBudget
 from .messages import (STOPPED_REASONS, ContextTruncated, EngineBusy, EngineFull, Forget, TextDelta, Turn, TurnDone,
                        TurnRequest)
 from .slots import DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids
@@ -69,8 +72,16 @@ class Engine:
         self.step_sessions: collections.deque = collections.deque(maxlen=w)  # speaking slots per step
         self.ttfa_seconds: collections.deque = collections.deque(maxlen=w)
         self.counters = collections.Counter()
-        self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s)
+        self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s,
+                                      fit=config.batched_arrivals)
                          if config.step_budget_share > 0 else None)
+        batched = config.batched_arrivals
+        self.prefill_budget = PrefillBudget(
+            self.headroom.budget_s if self.headroom is not None and batched else None,
+            most=config.prefill_step_positions if batched else config.prefill_chunk,
+            least=min(config.prefill_min_positions, config.prefill_step_positions) if batched else 1,
+            chunk=config.prefill_chunk, turns=config.prefill_turns if batched else 1)
+        self._order = itertools.count()  # prompts are prefilled oldest first
 
     @property
     def cache(self):
@@ -217,28 +228,38 @@ class Engine:
 
     # ---- prep thread: encoders run here, never in the step loop ------------------------------
     def _prep_loop(self) -> None:
+        batch = self.config.encode_batch if self.config.batched_arrivals else 1
         while not self._stop.is_set():
-            turn = self._prep.get()
-            if turn is None:
+            items = [self._prep.get()]
+            while len(items) < batch and items[-1] is not None:  # what waits too joins the batch
+                try:
+                    items.append(self._prep.get_nowait())
+                except queue.Empty:
+                    break
+            stop = items[-1] is None
+            self._prepare([t for t in items if t is not None])
+            if stop:
                 return
-            if isinstance(turn, Forget):  # no encoding; keeps its place in the order
-                self._ready.append((turn, None))
-                self._wake.set()
-                continue
-            if turn.cancel_requested:
-                self._finish_unstarted(turn, "cancelled")
-                continue
-            try:
-                embeds = self.executor.encode(turn.request)
-            except ValueError as exc:
-                self._finish_unstarted(turn, "error", str(exc))
-                continue
-            except Exception as exc:  # never let one bad question kill the engine
-                traceback.print_exc()
-                self._finish_unstarted(turn, "error", f"{type(exc).__name__}: {exc}")
-                continue
-            self._ready.append((turn, embeds))
-            self._wake.set()
+
+    def _prepare(self, items: list) -> None:
+        """Encode the turns among `items` in one batch; hand every item on in its order."""
+        turns = [t for t in items if isinstance(t, Turn) and not t.cancel_requested]
+        try:
+            encoded = self.executor.encode([t.request for t in turns]) if turns else []
+        except Exception as exc:  # never let one bad batch kill the engine
+            traceback.print_exc()
+            encoded = [RuntimeError(f"{type(exc).__name__}: {exc}")] * len(turns)
+        embeds = {id(t): e for t, e in zip(turns, encoded)}
+        for item in items:
+            if isinstance(item, Forget):  # no encoding; keeps its place in the order
+                self._ready.append((item, None))
+            elif id(item) not in embeds:
+                self._finish_unstarted(item, "cancelled")
+            elif isinstance(embeds[id(item)], Exception):  # a bad question (ValueError) or batch
+                self._finish_unstarted(item, "error", str(embeds[id(item)]))
+            else:
+                self._ready.append((item, embeds[id(item)]))
+        self._wake.set()
 
     def _housekeeping_loop(self, interval_s: float, job) -> None:
         """The host's periodic job (a CPU: the heap's free pages back to the kernel)."""
@@ -259,9 +280,9 @@ class Engine:
             while not self._stop.is_set():
                 try:
                     busy = self._schedule()
-                    prefill = next((s for s in self.slots if s.phase in (PREFILL, REBUILD)), None)
-                    if prefill is not None:
-                        self._prefill_chunk(prefill)
+                    prefill = self._plan_prefill()
+                    if prefill:
+                        self._prefill(prefill)
                     speaking = [s for s in self.slots if s.phase == DECODE]
                     if speaking:
                         self._decode_step(speaking)
@@ -339,6 +360,7 @@ class Engine:
                 replay = self.executor.forget(slot, item.turn_id, item.part, item.keep_steps)
                 if replay is not None:
                     slot.begin_rebuild(replay)
+                    slot.order = next(self._order)
                 continue
             self._dequeued()
             self._admit(slot, item, embeds)
@@ -375,32 +397,50 @@ class Engine:
                                         dropped_turns=turns_before - len(slot.records)))
         self.executor.set_sampling(slot.index, req.sampling)
         slot.begin(turn, embeds, max_steps, self.executor.tokenizer.incremental())
+        slot.order = next(self._order)
         self.counters["turns"] += 1
         self.vocoder.open(turn)
 
-    def _prefill_chunk(self, slot: Slot) -> None:
+    def _plan_prefill(self) -> list[tuple[Slot, int, int]]:
+        """This step's prefill chunks (slot, a, b): prefill.py's budget and plan."""
+        waiting = sorted((s for s in self.slots if s.phase in (PREFILL, REBUILD)), key=lambda s: s.order)
+        if not waiting:
+            return []
+        playing = sum(s.phase == DECODE for s in self.slots)
+        decode_s = self.headroom.predict(playing) if playing and self.headroom is not None else None
+        plan = self.prefill_budget.plan([(s, s.prompt_len - s.prefilled) for s in waiting],
+                                        self.prefill_budget.positions(decode_s))
+        return [(s, s.prefilled, s.prefilled + n) for s, n in plan]
+
+    def _prefill(self, chunks: list[tuple[Slot, int, int]]) -> None:
         t0 = time.perf_counter()
-        a = slot.prefilled
-        b = min(slot.prompt_len, a + self.config.prefill_chunk)
-        last = self.executor.prefill(slot, a, b)
-        slot.prefilled = b
-        slot.written = slot.start + b
-        if b == slot.prompt_len and slot.phase == REBUILD:
-            slot.prefill_s += time.perf_counter() - t0
-            slot.end_rebuild()
-        elif b == slot.prompt_len and not slot.turn.request.answer:  # context only: nothing to say
-            slot.prefill_s += time.perf_counter() - t0
-            self._finish(slot, "completed")
-        elif b == slot.prompt_len:  # step 0 comes from the prompt's last position
-            audio, text = self.executor.sample(last, [slot])
+        last = self.executor.prefill(chunks)
+        ends, first = [], []
+        for (slot, _, b), hidden in zip(chunks, last):
+            slot.prefilled = b
+            slot.written = slot.start + b
+            if b == slot.prompt_len and slot.phase == PREFILL and slot.turn.request.answer:
+                first.append((slot, hidden))  # step 0 comes from the prompt's last position
+            elif b == slot.prompt_len:
+                ends.append(slot)
+        if first:
+            audio, text = self.executor.sample(torch.cat([h for _, h in first]), [s for s, _ in first])
+        end = time.perf_counter()
+        cost = max(b - a for _, a, b in chunks) * len(chunks)  # the padded positions computed
+        self.prefill_budget.observe(end - t0, cost, end)
+        for slot, _, _ in chunks:
+            slot.prefill_s += end - t0
+        for slot in ends:
+            if slot.phase == REBUILD:
+                slot.end_rebuild()
+            else:  # context only: nothing to say
+                self._finish(slot, "completed")
+        for j, (slot, _) in enumerate(first):
             slot.embeds = None
-            slot.prefill_s += time.perf_counter() - t0
             if slot.turn.held:  # speculative: nothing is said before release()
-                slot.phase, slot.first = HELD, (audio[0], text[0])
-                return
-            self._start_decode(slot, audio[0], text[0])
-        else:
-            slot.prefill_s += time.perf_counter() - t0
+                slot.phase, slot.first = HELD, (audio[j], text[j])
+                continue
+            self._start_decode(slot, audio[j], text[j])
 
     def _start_decode(self, slot: Slot, audio: list[int], text: int) -> None:
         slot.phase, slot.first = DECODE, None
@@ -504,18 +544,27 @@ class Engine:
         self.ttfa_seconds.append(seconds)
 
     def warmup(self, seconds: float = 1.0, steps: int = 8) -> None:
-        """One short turn end to end (encoders, prefill, decode, vocoder), then forget it."""
+        """Short turns end to end (encoders, prefill, decode, vocoder), then forget them. Two
+        answers of different lengths when there are two slots: the batched encoder and prefill
+        run, and admission's step-cost fit sees one and two answers a step from the start."""
         import numpy as np
 
-        sid = self.open_session()
+        sids = [self.open_session() for _ in range(min(2, len(self.slots)))]
+        slots = [self._sessions[sid] for sid in sids]
         try:
             t = np.arange(int(MODEL_SAMPLE_RATE * seconds)) / MODEL_SAMPLE_RATE
-            turn = self.submit(TurnRequest(session_id=sid, audio_16k=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
-                                           max_steps=steps))
-            for _ in turn.events(timeout=300):
-                pass
+            speech = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+            turns = [self.submit(TurnRequest(session_id=sid, audio_16k=speech, max_steps=max(1, steps >> k)))
+                     for k, sid in enumerate(sids)]
+            for turn in turns:
+                for _ in turn.events(timeout=300):
+                    pass
         finally:
-            self.close_session(sid)
+            for sid in sids:
+                self.close_session(sid)
+        deadline = time.monotonic() + 10  # their slots are let go at the next step boundary
+        while any(s.session is not None for s in slots) and time.monotonic() < deadline and self._threads:
+            time.sleep(0.005)
 
 
 def host_policy(device, config: EngineConfig) -> HostPolicy:

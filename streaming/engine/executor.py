@@ -51,11 +51,24 @@ class ModelExecutor:
     def tokenizer(self):
         return self.model.tokenizer
 
-    def encode(self, req: TurnRequest):
-        """The turn's prompt embeddings [2, T, C] (prep thread)."""
-        if req.role != "user":
-            return self.model.encode_text(req.role, req.text)[1]  # ids only: no encoder runs
-        return self.host.encode(self.model.encode_question, req.audio_16k, image=req.image, text=req.text)[1]
+    def encode(self, requests: list[TurnRequest]) -> list:
+        """Each turn's prompt embeddings [2, T, C], or the ValueError that refuses it (prep
+        thread). The questions' encoders run once for all of them (model.embed_questions)."""
+        out: list = [None] * len(requests)
+        questions, at = [], []
+        for i, req in enumerate(requests):
+            try:
+                if req.role != "user":
+                    out[i] = self.model.encode_text(req.role, req.text)[1]  # ids only: no encoder runs
+                else:
+                    questions.append(self.model.question(req.audio_16k, image=req.image, text=req.text))
+                    at.append(i)
+            except ValueError as exc:
+                out[i] = exc
+        if questions:
+            for i, embeds in zip(at, self.host.encode(self.model.embed_questions, questions)):
+                out[i] = embeds
+        return out
 
     def set_sampling(self, index: int, sp: SamplingParams) -> None:
         self._greedy[index] = sp.greedy
@@ -70,11 +83,26 @@ class ModelExecutor:
     def forget(self, slot: Slot, turn_id: int, part: str, keep_steps: int) -> Optional[torch.Tensor]:
         return forget(slot, turn_id, part, self.model.lm.embed, self.device, keep_steps)
 
-    def prefill(self, slot: Slot, a: int, b: int) -> torch.Tensor:
-        """Prompt positions [a, b) of the slot into the cache; the last one's hidden state."""
-        rows = torch.tensor(slot.rows, device=self.device)
-        pos = torch.arange(slot.start + a, slot.start + b, device=self.device)[None].expand(2, -1)
-        return self.model.lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)[:, -1:]
+    def prefill(self, chunks: list[tuple[Slot, int, int]]) -> list[torch.Tensor]:
+        """Prompt positions [a, b) of each slot into the cache, in one forward call; the
+        hidden state [2, 1, C] of each chunk's last position.
+
+        Chunks shorter than the longest are padded at their end: the padding writes the
+        positions right after the chunk (the context limit's scratch position past it), which
+        no query reads before they are written for real, and its outputs are dropped."""
+        lm = self.model.lm
+        if len(chunks) == 1:
+            slot, a, b = chunks[0]
+            rows = torch.tensor(slot.rows, device=self.device)
+            pos = torch.arange(slot.start + a, slot.start + b, device=self.device)[None].expand(2, -1)
+            return [lm(slot.embeds[:, a:b], self.cache, rows, pos, span=slot.start + b)[:, -1:]]
+        T = max(b - a for _, a, b in chunks)
+        x = torch.cat([torch.nn.functional.pad(s.embeds[:, a:b], (0, 0, 0, T - (b - a))) for s, a, b in chunks])
+        rows = torch.tensor([r for s, _, _ in chunks for r in s.rows], device=self.device)
+        pos = torch.cat([torch.arange(s.start + a, s.start + a + T, device=self.device)[None].expand(2, -1)
+                         for s, a, _ in chunks]).clamp_(max=self.context_len)
+        hidden = lm(x, self.cache, rows, pos, span=max(s.start + b for s, _, b in chunks))
+        return [hidden[2 * j: 2 * j + 2, b - a - 1: b - a] for j, (_, a, b) in enumerate(chunks)]
 
     def decode(self, ids: list, pos: list, span: int) -> torch.Tensor:
         """One decode step for cache rows 0..len(ids)-1 ([2][8] ids and a position per row)."""

@@ -78,6 +78,7 @@ class Slot:
     n_frames: int = 0
     prefill_s: float = 0.0
     decode_started_at: float = 0.0
+    order: int = 0  # when its prompt was admitted: prompts are prefilled oldest first
     closing: bool = False  # session closed while a turn was live: release at the next boundary
     # turns and Forget edits that wait for this slot (a live answer, a rebuild), in order
     waiting: collections.deque = field(default_factory=collections.deque)
