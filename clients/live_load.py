@@ -316,6 +316,7 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
 def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Optional[str], queue, ready) -> None:
     questions, stop = mic_audio()   # (espeak: seconds) before the clock starts
     ready.wait()
+    start = os.times()      # the run's CPU only: not the imports and speech synthesis before it
     out = ProcResult(answers=[], errors=[], send_lag_ms=[])
 
     async def main():
@@ -324,7 +325,7 @@ def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Option
 
     asyncio.run(main())
     t = os.times()
-    out.cpu_s = t.user + t.system
+    out.cpu_s = (t.user - start.user) + (t.system - start.system)
     queue.put(asdict(out))
 
 
@@ -381,6 +382,7 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
         "answers_with_gaps": with_gaps,
         "answers_with_gaps_pct": round(100.0 * with_gaps / len(answered), 2) if answered else None,
         "gaps": sum(a["gaps"] for a in answered),
+        "audio_s": round(sum(a["audio_s"] for a in answered), 1),
         **{f"ttfa_p{q}_ms": ms(percentile(ttfa, q)) for q in (50, 90, 95)},
         "generator_send_lag_p99_ms": round(percentile(r.send_lag_ms, 99) or 0.0, 1),
         "generator_cpu_s": round(r.cpu_s, 2), "wall_s": round(wall_s, 1),
@@ -427,6 +429,9 @@ def main_live(args) -> int:
                                         "(from speech_stopped)"),
         ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
                                         "generator's)"),
+        ("load generator CPU", f"{s['generator_cpu_s']:g} s in {s['wall_s']:g} s "
+                               f"({s['generator_cpu_s'] / max(s['wall_s'], 1e-9):.3f} cores, all load processes)"),
+        ("answer audio received", f"{s['audio_s']:g} s"),
     ]
     if d is not None:
         per = (d["cores"] - idle) / max(1, s["sessions_connected"])

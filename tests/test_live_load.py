@@ -95,6 +95,10 @@ def test_live_sessions_ask_listen_and_are_charged_to_the_server(capsys):
     assert answers >= 4, out                                          # every session was answered
     assert "server CPU per session" in out and "cores" in out.split("server CPU per session")[1].split("\n")[0]
     assert "omni2_event_loop_lag_seconds_count" in metrics
+    # the generator's own CPU is the run's (a few seconds of imports and espeak before it are not)
+    gen_cpu, wall = (float(x) for x in out.split("load generator CPU")[1].split()[0:4:3])
+    assert 0 < gen_cpu < 2 * wall, out
+    assert float(out.split("answer audio received")[1].split()[0]) > 0, out
 
 
 def test_connection_cap_is_counted_not_an_error():

@@ -275,8 +275,10 @@ class DuplexController(Detector):
         """Second half of feed_input: the chunks from prepare_input with their speech
         probabilities; runs the listener (and any command decode) chunk by chunk."""
         events: list[Heard] = []
-        for chunk, prob in zip(chunks, probs):
-            events += self._chunk(chunk, float(prob))
+        # Each chunk's mean power, all in one call (per row the same sum as one chunk's mean).
+        powers = np.mean(np.asarray(chunks, dtype=np.float64).reshape(-1, CHUNK) ** 2, axis=1)
+        for chunk, prob, power in zip(chunks, probs, powers):
+            events += self._chunk(chunk, float(prob), float(power))
         return events
 
     def _keep(self, clean: np.ndarray) -> None:
@@ -287,7 +289,7 @@ class DuplexController(Detector):
             self._clean = self._clean[drop:]
             self._clean_base += drop
 
-    def _chunk(self, chunk: np.ndarray, prob: float) -> list[Heard]:
+    def _chunk(self, chunk: np.ndarray, prob: float, power: float) -> list[Heard]:
         cfg = self.config
         start = self.vad.samples_seen
         end = start + CHUNK
@@ -295,7 +297,7 @@ class DuplexController(Detector):
         self.vad.threshold = cfg.vad_threshold_playing if playing else cfg.vad_threshold
         events: list[Heard] = self.vad.consume_input(chunk[None], (prob,))
         voiced = prob >= self.vad.threshold
-        level = 10.0 * np.log10(float(np.mean(chunk.astype(np.float64) ** 2)) + 1e-12)
+        level = 10.0 * np.log10(power + 1e-12)
         if voiced and self._segment_start is None:
             # Decoding may begin before min_speech_ms confirms the onset.
             self._segment_start = max(0, start - cfg.window_lead_ms * self._ms)
