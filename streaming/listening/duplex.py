@@ -9,12 +9,14 @@ answer starts and ends (`set_speaking`), and acts on what `feed_input` returns:
 - Interrupt(kind="command" | "barge_in" | "model", ...): cancel the answer now.
 
 Flow inside feed_input: microphone -> EchoCanceller (removes what the client is playing)
--> SpeechDetector in 32 ms chunks -> while the assistant is audible and the user speaks,
-the CommandDetector decodes the latest window every `hop_ms` (every `hop_idle_ms` while
-the last decode showed no part of a phrase), and at once when a pause starts (the usual
-end of a command). In barge-in mode any speech of `barge_in_ms` stops. The recognizer is
-shared by the process's sessions: windows handed in together are decoded in one call, and
-pause decodes go before routine hops (see interrupt.WhisperRecognizer).
+-> SpeechDetector in 32 ms chunks -> while the assistant is audible, the CommandDetector
+decodes the latest window where a command can end: when a pause starts (and every
+`pause_hop_ms` into it while the last decode held part of a phrase). A command is a short
+utterance followed by a pause, so decoding while the user speaks (`schedule="hops"`, every
+`hop_ms`) bought little and cost ~2x the decodes: with 4 sessions on 2 cores the backlog
+it built cost more latency than it saved. In barge-in mode any speech of `barge_in_ms`
+stops. The recognizer is shared by the process's sessions: windows handed in together are
+decoded in one call, and pause decodes go before routine hops (see interrupt.WhisperRecognizer).
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
