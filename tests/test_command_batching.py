@@ -138,8 +138,9 @@ def test_concurrent_controllers_merge_their_decodes(windows, monkeypatch):
 
     rec = _recognizer(device="cpu")
     n = 4
-    # Compute budget out of the way: every session decodes at the same ticks.
-    cfg = DuplexConfig(max_decode_share=100.0, decode_bank_ms=1_000_000, hop_reserve_ms=0)
+    # Compute budget out of the way: every session decodes at the same ticks (every pause,
+    # for more of them).
+    cfg = DuplexConfig(max_decode_share=100.0, decode_bank_ms=1_000_000, hop_reserve_ms=0, pause_idle_ms=0)
     ctls = [DuplexController(cfg, detector=CommandDetector(cfg.command, recognizer=rec)) for _ in range(n)]
     mic = np.concatenate([silence(0.3), speak("tell me more about it", voice="en-us", level_db=-22),
                           silence(0.6)])

@@ -240,9 +240,14 @@ def test_bench_summary_counts_early_stops_as_false():
         ClipResult(clip(True, 1000), stop(1200), 1.0, 150.0),   # detected
         ClipResult(clip(True, 1000), stop(500), 1.0, None),     # stopped before the command
         ClipResult(clip(True, 1000), None, None, None),         # missed
+        ClipResult(clip(True, 1000), None, None, None, [], 3),  # missed while over budget
+        ClipResult(clip(True, 1000), stop(1100), 1.0, 90.0, [], 2),  # detected despite skips
         ClipResult(clip(False), stop(300), 1.0, None),          # false stop
         ClipResult(clip(False), None, None, None),
     ]
+    s = summarize(results)
+    assert (s["skipped_decodes"], s["missed_with_skips"]) == (5, 1)
+    results = [r for r in results if not r.skipped]
     s = summarize(results)
     assert (s["true_stops"], s["false_stops"]) == (1, 2)
     assert s["recall"] == pytest.approx(1 / 3) and s["precision"] == pytest.approx(1 / 3)

@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     itr.add_argument("--context-s", type=float, default=None,
                      help="recognizer mel length in s (8.0 = the setup before batching; default 6.0)")
     itr.add_argument("--baseline", action="store_true",
-                     help="the recognizer schedule before batching (8 s mel, one call per window, 200 ms hops), to compare")
+                     help="the decode schedule before (also every 200-400 ms while the user speaks), to compare")
     itr.add_argument("--max-batch", type=int, default=None,
                      help="windows per recognizer call at most (1 = no batching across sessions)")
     soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")

@@ -10,12 +10,14 @@ an answer starts and ends (`set_speaking`), and acts on the `Heard` events it re
 - kind "interrupt", reason "command" | "barge_in" | "model": cancel the answer now.
 
 Flow inside feed_input: microphone -> EchoCanceller (removes what the client is playing)
--> SpeechDetector in 32 ms chunks -> while the assistant is audible and the user speaks,
-the CommandDetector decodes the latest window every `hop_ms` (every `hop_idle_ms` while
-the last decode showed no part of a phrase), and at once when a pause starts (the usual
-end of a command). In barge-in mode any speech of `barge_in_ms` stops. The recognizer is
-shared by the process's sessions: windows handed in together are decoded in one call, and
-pause decodes go before routine hops (see interrupt.WhisperRecognizer).
+-> SpeechDetector in 32 ms chunks -> while the assistant is audible, the CommandDetector
+decodes the latest window where a command can end: when a pause starts (and every
+`pause_hop_ms` into it while the last decode held part of a phrase). A command is a short
+utterance followed by a pause, so decoding while the user speaks (`schedule="hops"`, every
+`hop_ms`) bought little and cost ~2x the decodes: with 4 sessions on 2 cores the backlog
+it built cost more latency than it saved. In barge-in mode any speech of `barge_in_ms`
+stops. The recognizer is shared by the process's sessions: windows handed in together are
+decoded in one call, and pause decodes go before routine hops (see interrupt.WhisperRecognizer).
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
@@ -73,7 +75,22 @@ class DuplexConfig:
     barge_in_settle_ms: int = 1000  # after finding the echo path, its filter converges this long
     # Command mode: decoding schedule and window.
     command: CommandConfig = field(default_factory=CommandConfig)
-    hop_ms: int = 200            # decode period while the user is speaking
+    # "pauses": decode where a command ends (a pause starts, and its first moments while
+    # the last decode held part of a phrase), plus one check when speech resumes after a
+    # match. "hops": also every hop_ms / hop_idle_ms while the user speaks (the schedule
+    # before; it found a command a little before the pause, but 4 sessions' hops need more
+    # than 2 cores, and under load the backlog cost far more latency than the hops saved).
+    schedule: Literal["pauses", "hops"] = "pauses"
+    # "pauses" in a segment held open past foreground_min_ms (another talker, echo residue
+    # keeping the VAD up, so a pause may only show as a level drop): a hop this often.
+    # 0: none.
+    held_hop_ms: int = 0
+    # "pauses": a pause this soon after a decode that held no part of a phrase is decoded
+    # only once this much has passed since (and if it still lasts): the whole phrase would
+    # have to fit in the audio since, which takes longer to say, and the word gaps of
+    # ordinary talk, every few hundred ms, are over by then. 0: every pause at once.
+    pause_idle_ms: int = 300
+    hop_ms: int = 200            # decode period while the user is speaking ("hops")
     # ... once the last decode ended with no part of a phrase: the whole phrase would have
     # to be in the audio since, and a phrase takes longer than this to say.
     hop_idle_ms: int = 400
@@ -115,6 +132,10 @@ class DuplexConfig:
             raise ValueError(f"duplex mode must be 'command' or 'barge_in', got {self.mode!r}")
         if self.hop_ms < 32 or self.barge_in_ms < 0:
             raise ValueError("hop_ms must be >= 32 and barge_in_ms >= 0")
+        if self.schedule not in ("pauses", "hops"):
+            raise ValueError(f"duplex schedule must be 'pauses' or 'hops', got {self.schedule!r}")
+        if self.held_hop_ms and self.held_hop_ms < 32:
+            raise ValueError("held_hop_ms must be 0 (no hops) or >= 32")
 
 
 FRAME = 256  # 16 ms level frames for the foreground window
@@ -203,6 +224,7 @@ class DuplexController(Detector):
         self._calibrated_seen: int | None = None
         self._interrupted = False
         self.decodes = 0
+        self.skipped = 0                 # decodes the compute budget did not allow
         self.decode_seconds: list[float] = []  # recent decode compute times (metrics)
         # Set to a list to record every decode as (end sample, transcript, confidence).
         self.trace: list | None = [] if self._tracing else None
@@ -334,13 +356,16 @@ class DuplexController(Detector):
         if (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
                 and since >= cfg.pause_hop_ms * ms):
             trigger = "check"        # did the user go on talking after the phrase?
-        elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms:
+        elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
+                cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause just began: the usual end of a command
+        elif (cfg.schedule == "pauses" and 0 < self._pause_len <= cfg.pause_follow_ms * ms
+              and self._last_decode < end - self._pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
+            trigger = "pause"        # a pause too soon after an idle decode lasted: not a word gap
         elif (0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
               and self._promising):
             trigger = "pause"        # the phrase was under way: its last word may now be done
-        elif (not paused and self._pending is None
-              and since >= (cfg.hop_ms if self._promising else max(cfg.hop_ms, cfg.hop_idle_ms)) * ms):
+        elif not paused and self._pending is None and since >= self._hop_period(held) * ms:
             trigger = "hop"
         else:
             trigger = None
@@ -348,6 +373,8 @@ class DuplexController(Detector):
         reserve = cfg.hop_reserve_ms / 1000 if trigger == "hop" else 0.0
         if trigger == "check":
             reserve = -1.0  # a pending stop is always checked, even when over budget
+        if trigger is not None and self._credit <= reserve:
+            self.skipped += 1
         if trigger is not None and self._credit > reserve:
             t0 = time.perf_counter()
             decoded = self._decode(end, trigger)
@@ -369,6 +396,13 @@ class DuplexController(Detector):
                 self._pending = None
                 events.append(self._interrupt("command", phrase, confidence, end, text))
         return events
+
+    def _hop_period(self, held: bool) -> float:
+        """Milliseconds between routine decodes while the user speaks (inf: none)."""
+        cfg = self.config
+        if cfg.schedule == "hops":
+            return cfg.hop_ms if self._promising else max(cfg.hop_ms, cfg.hop_idle_ms)
+        return cfg.held_hop_ms if held and cfg.held_hop_ms else float("inf")
 
     def _echo_like(self, start: int, end: int) -> bool:
         """Barge-in: whether a voiced chunk is likely our own voice rather than the user.

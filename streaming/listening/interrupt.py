@@ -371,12 +371,28 @@ class WhisperRecognizer:
         return ids + self._sot
 
     def features(self, audio: np.ndarray) -> np.ndarray:
-        """Log-mel of `audio` zero-padded to the context length: [n_mels, frames]."""
+        """Log-mel of `audio` zero-padded to the context length: [n_mels, frames].
+
+        Only the frames that touch the audio are computed (a 1-2 s command in a 6 s input
+        is mostly padding, and the STFT of the padding was ~1/5 of a window's CPU): a frame
+        of zeros has the floor value log10(1e-10), which whisper's normalisation clamps to
+        8 below the loudest value, so the rest is filled with that (same values as the
+        full computation, tests/test_interrupt_schedule.py).
+        """
         n = self._frames * 160
-        x = np.zeros(n, dtype=np.float32)
         audio = np.asarray(audio, dtype=np.float32)[-n:]
+        # Frames whose 400-sample window (centred, reflect-padded at the end) reaches the
+        # audio, with margin: past that every frame is all zeros in both computations.
+        short = min(n, -(-(audio.size + 640) // 160) * 160)
+        x = np.zeros(short, dtype=np.float32)
         x[: audio.size] = audio
-        return self._features(x, padding=0)[:, : self._frames]
+        head = self._features(x, padding=0)[:, : self._frames]
+        if head.shape[1] >= self._frames:
+            return head
+        fill = max(-1.5, float(head.max()) - 2.0)  # (max(-10, top - 8) + 4) / 4 in the raw log scale
+        out = np.full((head.shape[0], self._frames), fill, dtype=np.float32)
+        out[:, : head.shape[1]] = head
+        return out
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None, max_tokens: int = 24) -> Transcript:
         return self.transcribe_batch([audio], prompt, max_tokens)[0]

@@ -1,0 +1,137 @@
+"""When the command recognizer runs, and what one decode costs.
+
+The "pauses" schedule decodes where a command can end (a pause starts) instead of every
+200-400 ms while the user speaks ("hops", the schedule before); the mel features of a
+window are computed only where the audio is, with the same values as the full input.
+The schedule tests use the real VAD and a recording detector (no whisper), so they count
+decodes, not time.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
+
+from omni2.streaming.listening.duplex import SAMPLE_RATE, DuplexConfig, DuplexController  # noqa: E402
+from omni2.streaming.listening.interrupt import (  # noqa: E402
+    CommandConfig,
+    PhraseMatcher,
+    RecognizerConfig,
+    RecognizerUnavailable,
+    Transcript,
+    WhisperRecognizer,
+)
+from speech import requires_speech, utterance  # noqa: E402
+
+
+class RecordingDetector:
+    """Stands in for CommandDetector: hears nothing, remembers each decode's windows."""
+
+    def __init__(self, config: CommandConfig = CommandConfig()):
+        self.config = config
+        self.matcher = PhraseMatcher(config.phrases, config.similarity)
+        self.calls: list[tuple[int, bool]] = []   # (samples in the first window, urgent)
+
+    def score_windows(self, windows, urgent=False):
+        self.calls.append((windows[0].size, urgent))
+        return [(Transcript("", (), 0.0), None, 0.0) for _ in windows]
+
+
+def _listen(cfg: DuplexConfig, audio: np.ndarray):
+    """Feed `audio` in 20 ms packets while an answer plays; the decode trace."""
+    det = RecordingDetector(cfg.command)
+    ctl = DuplexController(cfg, detector=det)
+    ctl._tracing = True
+    ctl.reset()
+    ctl.set_speaking(True)
+    ctl.feed_output(np.zeros(24000 * (audio.size // SAMPLE_RATE + 2), np.float32))
+    for pos in range(0, audio.size, 320):
+        ctl.feed_input(audio[pos : pos + 320])
+    return ctl, det
+
+
+@pytest.fixture(scope="module")
+def long_utterance():
+    # ~3 s of speech with word gaps: many pauses, and hops would run all through it.
+    return utterance("please continue the story about the old castle in the mountains", voice="en-us",
+                     speed=150, lead_s=0.5, tail_s=1.0)
+
+
+@requires_speech
+def test_pauses_schedule_decodes_at_pauses_not_while_speaking(long_utterance):
+    audio, start, end = long_utterance
+    budget = dict(max_decode_share=100.0, decode_bank_ms=1_000_000)  # decisions, not compute
+    hops, _ = _listen(DuplexConfig(schedule="hops", **budget), audio)
+    pauses, det = _listen(DuplexConfig(**budget), audio)
+    hop_triggers = [t for _, _, _, t in hops.trace]
+    assert "hop" in hop_triggers and hop_triggers.count("hop") >= 5, hop_triggers
+    triggers = [t for _, _, _, t in pauses.trace]
+    assert triggers and set(triggers) <= {"pause", "check"}, triggers
+    assert pauses.decodes < hops.decodes / 2, (pauses.decodes, hops.decodes)
+    # Every decode is urgent (a decision waits on it), and the end of speech gets one soon.
+    assert all(urgent for _, urgent in det.calls)
+    # (espeak's audio ends in a quiet tail the VAD already calls a pause.)
+    last = max(at for at, _, _, _ in pauses.trace)
+    assert abs(last - end) <= 0.25 * SAMPLE_RATE, (last, end)
+
+
+@requires_speech
+def test_word_gaps_soon_after_an_idle_decode_are_not_decoded(long_utterance):
+    audio, _, _ = long_utterance
+    budget = dict(max_decode_share=100.0, decode_bank_ms=1_000_000)
+    every, _ = _listen(DuplexConfig(pause_idle_ms=0, **budget), audio)
+    idle, _ = _listen(DuplexConfig(pause_idle_ms=300, **budget), audio)
+    assert idle.decodes < every.decodes
+    ends = [at for at, _, _, _ in idle.trace]
+    # The recording detector never hears part of a phrase: decodes are >= 300 ms apart.
+    assert all(b - a >= 0.3 * SAMPLE_RATE for a, b in zip(ends, ends[1:])), ends
+    gaps = [b - a for a, b in zip([at for at, _, _, _ in every.trace], [at for at, _, _, _ in every.trace][1:])]
+    assert min(gaps) < 0.3 * SAMPLE_RATE, gaps   # without the rule some come closer
+
+
+@requires_speech
+def test_held_segments_may_keep_a_slow_hop(long_utterance):
+    """With held_hop_ms, a segment held open past foreground_min_ms decodes that often."""
+    audio, start, end = long_utterance
+    budget = dict(max_decode_share=100.0, decode_bank_ms=1_000_000)
+    plain, _ = _listen(DuplexConfig(**budget), audio)
+    held, _ = _listen(DuplexConfig(held_hop_ms=300, pause_drop_db=60.0, pause_prob=0.01, **budget), audio)
+    assert "hop" not in [t for _, _, _, t in plain.trace]
+    hop_ends = [at for at, _, _, t in held.trace if t == "hop"]
+    assert hop_ends, held.trace
+    # Only once the segment has run foreground_min_ms (1.5 s) from its start.
+    assert min(hop_ends) >= start + 1.5 * SAMPLE_RATE - 0.3 * SAMPLE_RATE
+
+
+@requires_speech
+def test_decodes_over_budget_are_counted(long_utterance):
+    audio, _, _ = long_utterance
+    ctl, _ = _listen(DuplexConfig(max_decode_share=1e-6, decode_bank_ms=0), audio)
+    assert ctl.decodes == 0 and ctl.skipped > 0
+
+
+def test_schedule_config_is_checked():
+    with pytest.raises(ValueError, match="schedule"):
+        DuplexConfig(schedule="sometimes")
+    with pytest.raises(ValueError, match="held_hop_ms"):
+        DuplexConfig(held_hop_ms=5)
+
+
+def test_features_match_the_full_input():
+    pytest.importorskip("faster_whisper", reason="faster-whisper is not installed")
+    try:
+        rec = WhisperRecognizer(RecognizerConfig(device="cpu"))
+    except RecognizerUnavailable as exc:
+        pytest.skip(str(exc))
+    n = rec._frames * 160
+    g = np.random.default_rng(1)
+    for size in (0, 1, 400, 16000 + 77, 3 * 16000, n - 100, n, n + 5000):
+        audio = (g.standard_normal(size) * 0.05).astype(np.float32)
+        padded = np.zeros(n, np.float32)
+        tail = audio[-n:] if size else audio
+        padded[: tail.size] = tail
+        full = rec._features(padded, padding=0)[:, : rec._frames]
+        fast = rec.features(audio)
+        assert fast.shape == full.shape == (rec.model.n_mels, rec._frames)
+        np.testing.assert_allclose(fast, full, atol=1e-5, err_msg=f"{size} samples")
