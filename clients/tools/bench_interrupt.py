@@ -122,6 +122,11 @@ class ClipResult:
     decode_seconds: list = field(default_factory=list)
     skipped: int = 0            # decodes the controller's compute budget did not allow
 
+    @property
+    def stopped_after_command(self) -> bool:
+        """The controller stopped at or after the moment the command began."""
+        return self.interrupt is not None and self.interrupt.sample >= self.clip.cmd_start
+
 
 def _rir(rng: random.Random, ms: int = 48) -> np.ndarray:
     """A small-room impulse response: direct path plus a decaying diffuse tail."""
@@ -291,7 +296,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
     for r in results:
         c = r.clip
         if c.label:
-            hit = r.interrupt is not None and r.interrupt.sample >= c.cmd_start
+            hit = r.stopped_after_command
             if hit:
                 tp += 1
                 latencies.append(r.latency_ms)
@@ -306,7 +311,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
     # The same decisions with zero compute time: where in the audio the decision fell.
     audio_lat = np.array([(r.interrupt.sample - (r.clip.cmd_start if from_start else r.clip.cmd_end)) * 1000.0 / SR
                           for r in results
-                          if r.clip.label and r.interrupt is not None and r.interrupt.sample >= r.clip.cmd_start])
+                          if r.clip.label and r.stopped_after_command])
     decode_ms = np.array([d * 1000.0 for r in results for d in r.decode_seconds])
     by_condition = {}
     for cond in sorted({r.clip.condition for r in results}):
@@ -315,7 +320,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         neg = [r for r in rs if not r.clip.label]
         by_condition[cond] = {
             "commands": len(pos),
-            "detected": sum(r.interrupt is not None and r.interrupt.sample >= r.clip.cmd_start for r in pos),
+            "detected": sum(r.stopped_after_command for r in pos),
             "non_commands": len(neg),
             "false_stops": sum(r.interrupt is not None for r in neg),
         }
@@ -339,7 +344,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         # Commands missed while the compute budget skipped decodes in their clip (load),
         # the rest of the misses are the recognizer's (misheard or never confident).
         "missed_with_skips": sum(1 for r in results if r.clip.label and r.skipped
-                                 and not (r.interrupt is not None and r.interrupt.at_sample >= r.clip.cmd_start)),
+                                 and not r.stopped_after_command),
         "by_condition": by_condition,
     }
 
