@@ -375,7 +375,7 @@ class DuplexController(Detector):
             reserve = -1.0  # a pending stop is always checked, even when over budget
         if trigger is not None and self._credit <= reserve:
             self.skipped += 1
-        if trigger is not None and self._credit > reserve:
+        elif trigger is not None:
             t0 = time.perf_counter()
             decoded = self._decode(end, trigger)
             spent = time.perf_counter() - t0
