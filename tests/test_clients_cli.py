@@ -93,7 +93,7 @@ def test_chat_transcript_equals_server_final_transcript(server):
 
 
 def test_chat_refused_by_wrong_key_and_bad_file(engine, question_wav, tmp_path, capsys):
-    with running_server(engine, api_keys=("sekret",)) as srv:
+    with running_server(engine, api_keys=("sekret",), max_steps=MAX_STEPS) as srv:
         bad = parse(["chat", "--url", srv.ws, "--text", "hi", "--api-key", "nope"])
         assert chat.main(bad) == 1
         assert "invalid_api_key" in capsys.readouterr().err
