@@ -253,6 +253,29 @@ def test_bench_summary_counts_early_stops_as_false():
     assert s["recall"] == pytest.approx(1 / 3) and s["precision"] == pytest.approx(1 / 3)
     assert s["false_stop_rate"] == pytest.approx(0.5)
     assert s["latency_p50_ms"] == pytest.approx(150.0)
+    assert s["decision_wait_ms_p50"] is None  # simulated runs without the breakdown
+
+
+def test_bench_summary_breaks_latency_down_over_detected_commands_only():
+    """Where a detection's latency went: the deciding packet's wait behind its session's
+    backlog and its own work; misses and false stops have no latency to break down."""
+    from omni2.clients.tools.bench_interrupt import Clip, ClipResult, summarize
+
+    def clip(label, start=None):
+        return Clip("x", label, "clean", np.zeros(10, np.float32), [], start, None if start is None else start + 100)
+
+    def stop(at):
+        return Heard("interrupt", at, "command", "stop omni", 0.9)
+
+    results = [
+        ClipResult(clip(True, 1000), stop(1200), 1.0, 150.0, [], 0, 40.0, 2.0),
+        ClipResult(clip(True, 1000), stop(1200), 1.0, 250.0, [], 0, 0.0, 120.0),
+        ClipResult(clip(True, 1000), stop(500), 1.0, None, [], 0, 900.0, 900.0),   # too early
+        ClipResult(clip(False), stop(300), 1.0, None, [], 0, 700.0, 700.0),        # false stop
+    ]
+    s = summarize(results)
+    assert (s["decision_wait_ms_p50"], s["decision_wait_ms_p90"]) == (0.0, 40.0)
+    assert (s["decision_work_ms_p50"], s["decision_work_ms_p90"]) == (2.0, 120.0)
 
 
 @requires_speech

@@ -16,11 +16,13 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 from omni2.streaming.listening.duplex import SAMPLE_RATE, DuplexConfig, DuplexController  # noqa: E402
 from omni2.streaming.listening.interrupt import (  # noqa: E402
     CommandConfig,
+    PhraseMatch,
     PhraseMatcher,
     RecognizerConfig,
     RecognizerUnavailable,
     Transcript,
     WhisperRecognizer,
+    Word,
 )
 from speech import requires_speech, utterance  # noqa: E402
 
@@ -109,6 +111,38 @@ def test_decodes_over_budget_are_counted(long_utterance):
     audio, _, _ = long_utterance
     ctl, _ = _listen(DuplexConfig(max_decode_share=1e-6, decode_bank_ms=0), audio)
     assert ctl.decodes == 0 and ctl.skipped > 0
+
+
+class MatchingDetector(RecordingDetector):
+    """Hears "Stop Omni." in every window (confident), to see when the match fires."""
+
+    def score_windows(self, windows, urgent=False):
+        self.calls.append((windows[0].size, urgent))
+        heard = Transcript("Stop Omni.", (Word("Stop", 0.9), Word("Omni.", 0.9)), 0.0)
+        return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), 0.9) for _ in windows]
+
+
+@requires_speech
+@pytest.mark.parametrize("confirm_ms, chunks_later", [(32, 0), (64, 1)])
+def test_a_match_at_a_pause_fires_after_confirm_pause_ms(confirm_ms, chunks_later):
+    """With the default 32 ms a match found by the decode at a pause's first chunk fires on
+    that chunk; 64 ms (the setting before) waits one 32 ms chunk more, behind the decode."""
+    audio, _, _ = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
+    cfg = DuplexConfig(confirm_pause_ms=confirm_ms, pause_idle_ms=0)
+    assert DuplexConfig().confirm_pause_ms == 32
+    ctl = DuplexController(cfg, detector=MatchingDetector(cfg.command))
+    ctl._tracing = True
+    ctl.reset()
+    ctl.set_speaking(True)
+    ctl.feed_output(np.zeros(24000 * 4, np.float32))
+    stops = []
+    for pos in range(0, audio.size, 320):
+        stops += [e for e in ctl.feed_input(audio[pos : pos + 320]) if e.kind == "interrupt"]
+        if stops:
+            break
+    assert stops and stops[0].reason == "command"
+    first_pause_decode = next(at for at, _, _, trigger in ctl.trace if trigger == "pause")
+    assert stops[0].sample == first_pause_decode + chunks_later * 512
 
 
 def test_schedule_config_is_checked():

@@ -121,6 +121,10 @@ class ClipResult:
     latency_ms: float | None
     decode_seconds: list = field(default_factory=list)
     skipped: int = 0            # decodes the controller's compute budget did not allow
+    # The packet that decided: how long it waited behind earlier packets of its session
+    # (backlog) and how long the controller worked on it (its decode included), in ms.
+    wait_ms: float | None = None
+    work_ms: float | None = None
 
     @property
     def stopped_after_command(self) -> bool:
@@ -266,6 +270,8 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False,
             time.sleep(max(0.0, origin + arrival - time.perf_counter()))
         start = max(arrival, busy_until)
         t0 = time.perf_counter()
+        if paced:
+            start = t0 - origin
         while sends and sends[0][0] <= pos + PACKET:
             controller.feed_output(sends.pop(0)[1])
         if not sends:
@@ -279,7 +285,7 @@ def run_clip(controller: DuplexController, clip: Clip, from_start: bool = False,
                     ref = clip.cmd_start if from_start else clip.cmd_end
                     latency = (busy_until - ref / SR) * 1000.0
                 return ClipResult(clip, ev, busy_until, latency, list(controller.decode_seconds),
-                                  controller.skipped)
+                                  controller.skipped, (start - arrival) * 1000.0, (busy_until - start) * 1000.0)
     return ClipResult(clip, None, None, None, list(controller.decode_seconds), controller.skipped)
 
 
@@ -313,6 +319,9 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
                           for r in results
                           if r.clip.label and r.stopped_after_command])
     decode_ms = np.array([d * 1000.0 for r in results for d in r.decode_seconds])
+    hits = [r for r in results if r.clip.label and r.stopped_after_command and r.wait_ms is not None]
+    wait = np.array([r.wait_ms for r in hits], dtype=np.float64)
+    work = np.array([r.work_ms for r in hits], dtype=np.float64)
     by_condition = {}
     for cond in sorted({r.clip.condition for r in results}):
         rs = [r for r in results if r.clip.condition == cond]
@@ -337,6 +346,9 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         "latency_max_ms": float(lat.max()) if lat.size else None,
         "audio_latency_p50_ms": _figure(audio_lat, 50),
         "audio_latency_p90_ms": _figure(audio_lat, 90),
+        # Latency = decision point in the audio + packet arrival after it + wait + work.
+        "decision_wait_ms_p50": _figure(wait, 50), "decision_wait_ms_p90": _figure(wait, 90),
+        "decision_work_ms_p50": _figure(work, 50), "decision_work_ms_p90": _figure(work, 90),
         "decode_ms_p50": _figure(decode_ms, 50),
         "decode_ms_p90": _figure(decode_ms, 90),
         "decodes": int(decode_ms.size),
@@ -489,6 +501,10 @@ def _print_table(s: dict, printer) -> None:
     printer(f"  latency p90      {fmt(s['latency_p90_ms'])}   (target <= 300 ms; {frm} -> decision)")
     printer(f"  same, 0 compute  p50 {fmt(s['audio_latency_p50_ms'])}  p90 {fmt(s['audio_latency_p90_ms'])}"
             f"   (where in the audio the decision fell)")
+    if s.get("decision_work_ms_p50") is not None:
+        printer(f"  deciding packet  waited p50 {fmt(s['decision_wait_ms_p50'])}  p90 {fmt(s['decision_wait_ms_p90'])}"
+                f" behind its session's backlog, worked p50 {fmt(s['decision_work_ms_p50'])}"
+                f"  p90 {fmt(s['decision_work_ms_p90'])} (its decode included)")
     printer(f"  decode time      p50 {fmt(s['decode_ms_p50'])}  p90 {fmt(s['decode_ms_p90'])}  "
             f"({s['decodes']} decodes; {s['cpu_count']} CPUs, load average {s['load_average'][0]} -> {s['load_average'][1]})")
     printer(f"  over budget      {s['skipped_decodes']} decodes skipped; {s['missed_with_skips']} of the "
