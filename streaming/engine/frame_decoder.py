@@ -157,6 +157,7 @@ class FrameDecoder:
         group_frames: int = 4,
         context_frames: Optional[int] = None,
         hold_back: Optional[int] = None,
+        window_frames: Optional[int] = None,
     ):
         if group_frames < 1:
             raise ValueError("group_frames must be >= 1")
@@ -170,6 +171,11 @@ class FrameDecoder:
             raise ValueError("context_frames and hold_back must be >= 0")
         self.context_frames = context_frames
         self.hold_back = hold_back
+        if window_frames is not None and window_frames * SAMPLES_PER_FRAME <= (
+                (context_frames + 1) * SAMPLES_PER_FRAME + hold_back):
+            raise ValueError(f"window_frames={window_frames} leaves no new sample after {context_frames} "
+                             f"context frames and {hold_back} held-back samples")
+        self.window_frames = window_frames
         self.reset()
 
     def reset(self) -> None:
@@ -189,19 +195,32 @@ class FrameDecoder:
         """The window to decode now, or None when there is nothing to do yet.
 
         Not final: only once `group_frames` new frames wait. Final: whatever is not emitted yet.
+        With `window_frames` (W), every window of an utterance of at least W frames is exactly W
+        frames long, so the windows of all sessions can share one batched SNAC call: when more
+        than W frames wait, the first W are decoded (their held-back tail stays for the next
+        window); when fewer, the window starts earlier than the context needs (more real past
+        changes no sample: still exact).
         """
         total = self.n_frames * SAMPLES_PER_FRAME
-        if final:
-            end = total
-        else:
-            if self.pending_frames() < self.group_frames:
-                return None
-            end = total - self.hold_back
-        if end <= self.emitted:
-            return None
         start = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames)
         start = max(start, self._first)  # only reachable when context_frames grew after reset
-        frames = self._frames[start - self._first :]
+        width = self.window_frames
+        if width is not None and self.n_frames - start > width:
+            stop = start + width
+            end = stop * SAMPLES_PER_FRAME - self.hold_back
+        else:
+            if final:
+                end = total
+            else:
+                if self.pending_frames() < self.group_frames:
+                    return None
+                end = total - self.hold_back
+            stop = self.n_frames
+            if width is not None:
+                start = max(self._first, min(start, stop - width))
+        if end <= self.emitted:
+            return None
+        frames = self._frames[start - self._first : stop - self._first]
         offset = start * SAMPLES_PER_FRAME
         return DecodeWindow(frames=frames, start_frame=start, keep_from=self.emitted - offset, keep_to=end - offset)
 
@@ -216,8 +235,9 @@ class FrameDecoder:
         return chunk
 
     def _trim(self) -> None:
-        # Keep only what the next window can reach: context before the first unemitted frame.
-        keep_from = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames)
+        # Keep only what the next window can reach: context before the first unemitted frame
+        # (and a whole window before it, as a fixed-width window may start that early).
+        keep_from = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames - (self.window_frames or 0))
         if keep_from > self._first:
             self._frames = self._frames[keep_from - self._first :]
             self._first = keep_from
