@@ -20,7 +20,10 @@ and 5,268 to its right, so hold_back = 5268 samples (220 ms) and context_frames 
 one code changes outputs by > 1e-6 only within ~4,600 samples; a hold-back of 4,000 already
 breaks the 1e-3 bar on the real-size architecture, 8e-4 / 2e-4 tiny, 2,048 gives ~2e-2.)
 Steady-state window for group 4: 3 context + 3 held-back/partial + 4 new = 10 frames. The first
-audio of a turn (2,924 samples) is final as soon as 4 frames exist.
+audio of a turn (2,924 samples) is final as soon as 4 frames exist. With `window_frames` W
+(the engine's audio_window_frames, 24), every window of an utterance of at least W frames is W
+wide (~W - 5.6 new frames), whether the decoder is behind or not, so the windows of all
+sessions can share one batched SNAC call.
 With deterministic noise (snac_codec's "positional" or "zero" mode) the concatenated output
 equals `decode_frames` of the whole utterance up to float rounding.
 
