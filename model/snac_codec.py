@@ -331,7 +331,7 @@ def decode_frames(model: nn.Module, frames: torch.Tensor, start_frames: Sequence
     if starts.shape != (b,):
         raise ValueError(f"start_frames must have one entry per row ({b}), got {tuple(starts.shape)}")
     for block in noise_blocks(model):
-        block.frame_start, block.n_frames = starts.to(device), n
+        block.frame_start, block.n_frames = starts, n  # on the CPU: the noise table is sliced by them
     codes = [c.to(device) for c in frames_to_codes(frames.long())]
     audio = model.decode(codes)  # [B, 1, n*2048]
     if audio.shape[-1] != n * SAMPLES_PER_FRAME:
