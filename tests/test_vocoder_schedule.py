@@ -117,6 +117,9 @@ def test_vocoder_decodes_the_answer_that_runs_out_first(tiny, monkeypatch):
     # with turn 2 joining once both are past its 3 s: never a window of a later deadline first.
     assert order[:2] == [1, 1] and order[2] == 0 and 2 not in order[:4]
     assert all(len(c) == 1 for c in calls) and sorted(set(order)) == [0, 1, 2]
+    figures = voc.counters
+    assert figures["calls"] == figures["windows"] == len(calls) and figures["busy_seconds"] > 0
+    assert figures["audio_seconds"] == pytest.approx(3 * 30 * SAMPLES_PER_FRAME / 24000)
     for turn, frames in zip(turns, utterances):
         events = []
         while not turn._events.empty():

@@ -221,6 +221,7 @@ class Engine:
                 "errors_total": self.counters["errors"],
                 "turns_total": self.counters["turns"],
                 "refused_busy_total": self.counters["refused_busy"],
+                **{f"vocoder_{k}_total": v for k, v in self.vocoder.counters.items()},
             }
 
     @property

@@ -72,6 +72,9 @@ class Vocoder:
         self.batch_frames = batch_frames  # frames in one SNAC call at most (one window always fits)
         self.first_audio_s = first_audio_s  # deadline of an answer's first audio after submission
         self.on_first_audio = on_first_audio  # callback(turn, seconds since submit)
+        # since start, read by Engine.stats(): SNAC calls, windows, audio made, and the wall and
+        # thread CPU seconds spent in the calls (audio / busy: what the vocoder can keep up with)
+        self.counters = {"calls": 0, "windows": 0, "audio_seconds": 0.0, "busy_seconds": 0.0, "cpu_seconds": 0.0}
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._voices: dict[int, _Voice] = {}
         self._thread = threading.Thread(target=self._run, name="omni2-vocoder", daemon=True)
@@ -159,7 +162,16 @@ class Vocoder:
             return
         call = plan_call(ready, self.batch_frames)
         windows = [w for _, w, _ in call]
-        for (_, window, voice), audio in zip(call, decode_groups(self.snac, windows)):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        decoded = decode_groups(self.snac, windows)
+        c = self.counters
+        c["busy_seconds"] += time.perf_counter() - wall
+        c["cpu_seconds"] += time.thread_time() - cpu
+        c["calls"] += 1
+        c["windows"] += len(windows)
+        c["audio_seconds"] += sum(int(w.keep_to if w.keep_to is not None else w.frames.shape[0] * SAMPLES_PER_FRAME)
+                                  - w.keep_from for w in windows) / SAMPLE_RATE
+        for (_, window, voice), audio in zip(call, decoded):
             pcm = voice.decoder.accept(window, audio)
             if voice.turn.cancel_requested:
                 continue
