@@ -124,7 +124,10 @@ def test_vocoder_decodes_the_answer_that_runs_out_first(tiny, monkeypatch):
         events = []
         while not turn._events.empty():
             events.append(turn._events.get())
-        pcm = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+        chunks = [e for e in events if isinstance(e, AudioChunk)]
+        assert max(len(e.pcm) for e in chunks) <= 4 * SAMPLES_PER_FRAME      # group-sized chunks
+        assert sum(e.frames for e in chunks) == 30
+        pcm = np.concatenate([e.pcm for e in chunks])
         whole = decode_frames(tiny, frames)[0].numpy()
         assert isinstance(events[-1], TurnDone) and pcm.shape == whole.shape
         assert np.abs(pcm - whole).max() < 1e-3

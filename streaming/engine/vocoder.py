@@ -176,10 +176,15 @@ class Vocoder:
             if voice.turn.cancel_requested:
                 continue
             if pcm.size:
-                voice.samples_emitted += pcm.size
-                done_frames = voice.samples_emitted // SAMPLES_PER_FRAME
-                voice.turn._emit(AudioChunk(pcm=pcm, frames=done_frames - voice.frames_emitted))
-                voice.frames_emitted = done_frames
+                # A wide window makes ~1.6 s of audio: it leaves in group-sized chunks, so the
+                # server's pacer and the listener's buffer see the usual chunk sizes.
+                piece = self.group_frames * SAMPLES_PER_FRAME
+                for at in range(0, pcm.size, piece):
+                    part = pcm[at : at + piece]
+                    voice.samples_emitted += part.size
+                    done_frames = voice.samples_emitted // SAMPLES_PER_FRAME
+                    voice.turn._emit(AudioChunk(pcm=part, frames=done_frames - voice.frames_emitted))
+                    voice.frames_emitted = done_frames
                 if voice.first_audio_at is None:
                     voice.first_audio_at = time.perf_counter()
                     if self.on_first_audio:
