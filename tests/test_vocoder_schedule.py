@@ -29,17 +29,20 @@ def random_frames(n, seed=0):
 
 def stream(decoder, frames, chunk):
     """Push `chunk` frames at a time, decoding every window that is due (a vocoder that is
-    behind sees many frames at once); returns the audio and (width, frames received) of every
-    window."""
+    behind sees many frames at once); returns the audio and (width, frames received, final)
+    of every window."""
     parts, widths = [], []
+
+    def run(final):
+        while (w := decoder.next_window(final=final)) is not None:
+            widths.append((int(w.frames.shape[0]), decoder.n_frames, final))
+            audio = decode_frames(decoder.snac, w.frames.unsqueeze(0), [w.start_frame])[0].numpy()
+            parts.append(decoder.accept(w, audio))
+
     for i in range(0, len(frames), chunk):
         decoder.append(frames[i : i + chunk])
-        while (w := decoder.next_window()) is not None:
-            widths.append((int(w.frames.shape[0]), decoder.n_frames))
-            parts.append(decoder.accept(w, decode_frames(decoder.snac, w.frames.unsqueeze(0), [w.start_frame])[0].numpy()))
-    while (w := decoder.next_window(final=True)) is not None:
-        widths.append((int(w.frames.shape[0]), decoder.n_frames))
-        parts.append(decoder.accept(w, decode_frames(decoder.snac, w.frames.unsqueeze(0), [w.start_frame])[0].numpy()))
+        run(final=False)
+    run(final=True)
     return np.concatenate(parts), widths
 
 
@@ -49,8 +52,11 @@ def test_fixed_width_windows_equal_one_shot(tiny, n_frames, width, chunk):
     whole = decode_frames(tiny, frames)[0].numpy()
     out, widths = stream(FrameDecoder(tiny, group_frames=4, window_frames=width), frames, chunk)
     assert out.shape == whole.shape and np.abs(out - whole).max() < 1e-3
-    # Every window is `width` wide once the utterance is (what lets answers share a call) ...
-    assert all(w == min(width, received) for w, received in widths)
+    # Every window is `width` wide (what lets answers share a call), but the last of an
+    # utterance shorter than that ...
+    assert all(w == (min(width, received) if final else width) for w, received, final in widths)
+    if n_frames < width:
+        assert any(w < width for w, _, _ in widths)
     # ... and each one emits new samples: a decoder far behind catches up in W-wide steps.
     new_per_window = width - 3 - 5268 / SAMPLES_PER_FRAME
     assert len(widths) <= n_frames / 4 + 1 + max(0, n_frames - width) / new_per_window

@@ -113,6 +113,7 @@ class DecodeWindow:
     start_frame: int = 0
     keep_from: int = 0
     keep_to: Optional[int] = None
+    pad: int = 0  # filler frames at the end (only samples they cannot reach are kept)
 
 
 WindowLike = Union[DecodeWindow, torch.Tensor]
@@ -198,11 +199,13 @@ class FrameDecoder:
         """The window to decode now, or None when there is nothing to do yet.
 
         Not final: only once `group_frames` new frames wait. Final: whatever is not emitted yet.
-        With `window_frames` (W), every window of an utterance of at least W frames is exactly W
-        frames long, so the windows of all sessions can share one batched SNAC call: when more
-        than W frames wait, the first W are decoded (their held-back tail stays for the next
-        window); when fewer, the window starts earlier than the context needs (more real past
-        changes no sample: still exact).
+        With `window_frames` (W), every window is exactly W frames wide, so the windows of all
+        sessions share one batched SNAC call: when more than W frames wait, the first W are
+        decoded (their held-back tail stays for the next window); when fewer, the window starts
+        earlier than the context needs (more real past changes no sample: still exact), and
+        while the utterance itself is shorter than W, code-0 frames fill the window's end (the
+        samples kept end `hold_back` before the last real frame: no filler reaches them). Only
+        the final window of an utterance shorter than W is narrower (its real end is kept).
         """
         total = self.n_frames * SAMPLES_PER_FRAME
         start = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames)
@@ -224,8 +227,13 @@ class FrameDecoder:
         if end <= self.emitted:
             return None
         frames = self._frames[start - self._first : stop - self._first]
+        pad = 0
+        if width is not None and not final and frames.shape[0] < width:
+            pad = width - int(frames.shape[0])
+            frames = torch.cat([frames, frames.new_zeros((pad, FRAME_TOKENS))])
         offset = start * SAMPLES_PER_FRAME
-        return DecodeWindow(frames=frames, start_frame=start, keep_from=self.emitted - offset, keep_to=end - offset)
+        return DecodeWindow(frames=frames, start_frame=start, keep_from=self.emitted - offset, keep_to=end - offset,
+                            pad=pad)
 
     def accept(self, window: DecodeWindow, audio: np.ndarray) -> np.ndarray:
         """Take a decoded window's audio; return the newly final samples, advance the state."""
@@ -233,7 +241,7 @@ class FrameDecoder:
             raise RuntimeError("FrameDecoder.accept: window does not continue the emitted audio (stale window?)")
         chunk = np.ascontiguousarray(audio[window.keep_from : window.keep_to], dtype=np.float32)
         self.emitted += len(chunk)
-        self._decoded_through = window.start_frame + int(window.frames.shape[0])
+        self._decoded_through = window.start_frame + int(window.frames.shape[0]) - window.pad
         self._trim()
         return chunk
 
