@@ -36,10 +36,9 @@ class EngineConfig:
     max_steps: int = DEFAULT_MAX_STEPS
     # Streaming SNAC: decode every `audio_group_frames` new frames (4 = 341 ms of speech).
     audio_group_frames: int = 4
-    # Every SNAC window is exactly this wide (3 context +
-    # ~2.6 held-back + ~18.4 new frames at 24; the first ones of an answer end in filler frames),
-    # so the windows of all answers batch in one call
-    # (streaming/engine/vocoder.py); 0: a window takes every frame that waits (unbounded).
+    # Every SNAC window is exactly this wide (3 context + ~2.6 held-back + ~18.4 new frames at
+    # 24; the first ones of an answer end in filler frames), so the windows of all answers
+    # batch in one call (streaming/engine/vocoder.py); 0: a window takes every frame that waits.
     audio_window_frames: int = 24
     # Frames in one batched SNAC call at most (4 windows of 24; one window always goes).
     audio_batch_frames: int = 96
