@@ -304,9 +304,6 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
                 out.answers.append(asdict(AnswerFigures("timeout", None, 0.0, 0)))  # no answer came
                 state.update(waiting=False, asked_at=None)
                 schedule_question(plan.question_every_s or 0.0)
-        if os.environ.get("W15A_DUMP") and state["arrivals"]:  # TEMP
-            with open(os.environ["W15A_DUMP"], "a") as f:
-                f.write(json.dumps({"i": index, "asked": state["asked_at"], "arr": state["arrivals"]}) + "\n")
         if state["first"] is not None:   # an answer still playing when the run ended: its figures so far
             asked, first = state["asked_at"], state["first"]
             out.answers.append(asdict(AnswerFigures(
