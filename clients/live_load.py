@@ -202,6 +202,16 @@ class AnswerFigures:
     audio_s: float
     gaps: int
     stopped_by_user: bool = False
+    rate: Optional[float] = None   # audio seconds per wall second between its first and last delta
+
+
+def arrival_rate(arrivals: list) -> Optional[float]:
+    """How fast an answer's audio came: seconds of audio (all deltas but the first, 24 kHz
+    samples) per second between the first delta and the last; below 1, its listener falls
+    behind (the server's pacer keeps it near 1 when the audio is made faster)."""
+    if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
+        return None
+    return sum(n for _, n in arrivals[1:]) / REALTIME_SAMPLE_RATE / (arrivals[-1][0] - arrivals[0][0])
 
 
 @dataclass
@@ -260,7 +270,7 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
                 ttfa = None if first is None or asked is None or asked > first else first - asked
                 out.answers.append(asdict(AnswerFigures(
                     status, ttfa, audio_s, count_underruns(state["arrivals"], plan.jitter_ms / 1000),
-                    state["user_stop"])))
+                    state["user_stop"], arrival_rate(state["arrivals"]))))
                 heard_until = (first or now) + plan.jitter_ms / 1000 + audio_s
                 state.update(asked_at=None, first=None, arrivals=[], stop_at=None, waiting=False, user_stop=False)
                 schedule_question(max(0.0, heard_until - now) + (plan.question_every_s or 0.0))
@@ -299,7 +309,8 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
             out.answers.append(asdict(AnswerFigures(
                 "open", None if asked is None or asked > first else first - asked,
                 sum(n for _, n in state["arrivals"]) / REALTIME_SAMPLE_RATE,
-                count_underruns(state["arrivals"], plan.jitter_ms / 1000), state["user_stop"])))
+                count_underruns(state["arrivals"], plan.jitter_ms / 1000), state["user_stop"],
+                arrival_rate(state["arrivals"]))))
         if receiver.done() and receiver.exception() is not None:
             out.errors.append(f"session {index}: {type(receiver.exception()).__name__}: {receiver.exception()}")
     except (RealtimeError, OSError, asyncio.TimeoutError) as exc:
@@ -372,6 +383,7 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
     ttfa = [a["ttfa_s"] for a in answered if a["ttfa_s"] is not None]
     whole = [a for a in answered if not a["stopped_by_user"] and a["status"] not in ("cancelled", "open")]
     with_gaps = sum(1 for a in answered if a["gaps"])
+    rates = [a["rate"] for a in answered if a.get("rate") is not None and not a["stopped_by_user"]]
     ms = (lambda x: None if x is None else round(1000 * x, 1))
     return {
         "sessions_connected": r.connected, "refused": r.refused, "connection_capped": r.capped,
@@ -384,6 +396,7 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
         "gaps": sum(a["gaps"] for a in answered),
         "audio_s": round(sum(a["audio_s"] for a in answered), 1),
         **{f"ttfa_p{q}_ms": ms(percentile(ttfa, q)) for q in (50, 90, 95)},
+        **{f"audio_rate_p{q}": (None if not rates else round(percentile(rates, q), 3)) for q in (10, 50)},
         "generator_send_lag_p99_ms": round(percentile(r.send_lag_ms, 99) or 0.0, 1),
         "generator_cpu_s": round(r.cpu_s, 2), "wall_s": round(wall_s, 1),
     }
@@ -427,6 +440,8 @@ def main_live(args) -> int:
                                        f"{args.jitter_ms:g} ms jitter buffer"),
         ("first audio p50 / p90 / p95", f"{f(s['ttfa_p50_ms'])} / {f(s['ttfa_p90_ms'])} / {f(s['ttfa_p95_ms'])} ms "
                                         "(from speech_stopped)"),
+        ("answer audio per wall second p10 / p50", f"{f(s['audio_rate_p10'])} / {f(s['audio_rate_p50'])} "
+                                                    "(first to last delta; < 1: the listener falls behind)"),
         ("load generator send lag p99", f"{s['generator_send_lag_p99_ms']:g} ms (large: the figures are the "
                                         "generator's)"),
         ("load generator CPU", f"{s['generator_cpu_s']:g} s in {s['wall_s']:g} s "

@@ -15,6 +15,15 @@ from typing import Iterable, Optional
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 TTFA_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+# The vocoder's figures since start (streaming/engine/vocoder.py); audio_seconds / busy_seconds
+# is how many answers it could keep in real time.
+VOCODER_FIGURES = {
+    "calls": "SNAC calls of the vocoder since start",
+    "windows": "Answer windows decoded (several per batched call) since start",
+    "audio_seconds": "Seconds of speech the vocoder made since start",
+    "busy_seconds": "Wall seconds the vocoder spent in SNAC calls since start",
+    "cpu_seconds": "CPU seconds of the vocoder thread in SNAC calls since start",
+}
 
 
 def _labels(labels: dict) -> str:
@@ -154,6 +163,7 @@ class Metrics:
         self.engine_errors = Gauge(p + "engine_errors", "Turn errors in the engine since start")
         self.engine_refused_busy = Gauge(p + "engine_refused_busy", "Turns refused for lack of step-time "
                                          "headroom since start")
+        self.vocoder = {k: Gauge(p + f"vocoder_{k}", text) for k, text in VOCODER_FIGURES.items()}
         from .loop_lag import LAG_BUCKETS
 
         self.loop_lag = Histogram(p + "event_loop_lag_seconds", "How late the event loop woke a "
@@ -172,6 +182,8 @@ class Metrics:
         self.engine_cancels.set(stats.get("cancels_total", 0))
         self.engine_errors.set(stats.get("errors_total", 0))
         self.engine_refused_busy.set(stats.get("refused_busy_total", 0))
+        for k, gauge in self.vocoder.items():
+            gauge.set(stats.get(f"vocoder_{k}_total", 0))
         total = int(stats.get("steps_total", 0))
         recent = list(stats.get("step_seconds", ()))
         new = max(0, min(total - self._steps_seen, len(recent)))
@@ -196,6 +208,7 @@ class Metrics:
             self.absorb_engine(engine_stats)
         lines: list[str] = []
         for m in vars(self).values():  # every metric defined above, in that order
-            if isinstance(m, (Counter, Gauge, GaugeSet, Histogram)):
-                lines.extend(m.render())
+            for one in (m.values() if isinstance(m, dict) else (m,)):
+                if isinstance(one, (Counter, Gauge, GaugeSet, Histogram)):
+                    lines.extend(one.render())
         return "\n".join(lines) + "\n"

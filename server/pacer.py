@@ -36,8 +36,10 @@ class PlayoutClock:
         return max(0.0, self.play_end - now)
 
     def due_at(self, seconds: float) -> float:
-        """The earliest moment a chunk of `seconds` may go: when it would end `lead_s` ahead."""
-        return self.play_end + seconds - self.lead_s
+        """The earliest moment a chunk of `seconds` may go: when it would end `lead_s` ahead; a
+        chunk longer than the lead goes when the player runs empty (not later: waiting for it
+        to end only `lead_s` ahead would leave the player silent for `seconds - lead_s`)."""
+        return self.play_end + min(0.0, seconds - self.lead_s)
 
     def may_send(self, seconds: float, now: float) -> bool:
         # A chunk longer than the lead still goes once the player is empty.

@@ -37,6 +37,17 @@ def test_playout_clock_lets_the_lead_go_at_once_then_follows_playback():
     assert abs(c.play_end - 5.3) < 1e-9             # playback resumes when audio arrives
 
 
+
+def test_a_chunk_longer_than_the_lead_goes_when_the_player_runs_empty():
+    """Not `seconds - lead` later: a 1.6 s chunk behind a 1 s lead used to wait 0.6 s past the
+    end of playback, a gap in every such chunk (16 tiny answers heard at 0.76x real time)."""
+    c = PlayoutClock(lead_s=1.0)
+    c.sent(1.0, now=0.0)                            # plays until 1.0
+    assert c.due_at(1.6) == 1.0 and not c.may_send(1.6, now=0.9) and c.may_send(1.6, now=1.0)
+    c.sent(1.6, now=1.0)
+    assert c.play_end == 2.6 and c.due_at(0.4) == 2.0   # shorter chunks keep the lead rule
+
+
 async def _answer(srv, cancel_after_s: float | None = None) -> tuple[list[tuple[float, dict]], float]:
     """Ask once; every event with its arrival time; cancel `cancel_after_s` after the first audio."""
     c = await Client.connect(srv.ws)

@@ -285,8 +285,11 @@ def test_metrics_text_format_and_engine_step_window():
     m.ttfa.observe(7.0)
     m.errors_total.inc(label="invalid_json")
     m.absorb_engine({"steps_total": 3, "step_seconds": [0.01, 0.02, 0.03]})
-    m.absorb_engine({"steps_total": 5, "step_seconds": [0.01, 0.02, 0.03, 0.04, 0.05]})
+    m.absorb_engine({"steps_total": 5, "step_seconds": [0.01, 0.02, 0.03, 0.04, 0.05],
+                     "vocoder_audio_seconds_total": 12.5, "vocoder_calls_total": 4})
     text = m.render()
+    assert "omni2_vocoder_audio_seconds 12.5" in text and "omni2_vocoder_calls 4" in text
+    assert "omni2_vocoder_busy_seconds 0" in text
     assert 'omni2_time_to_first_audio_seconds_bucket{le="0.15"} 1' in text
     assert 'omni2_time_to_first_audio_seconds_bucket{le="+Inf"} 2' in text
     assert "omni2_engine_step_seconds_count 5" in text

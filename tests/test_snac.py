@@ -15,6 +15,7 @@ from omni2.model.snac_codec import (
     decode_frames,
     InferenceSnake,
     load_snac,
+    noise_blocks,
     prepare_for_inference,
     real_size_config,
     set_noise_mode,
@@ -142,6 +143,24 @@ def test_noise_modes(tiny_dir):
     assert not torch.equal(decode_frames(model, frames), decode_frames(model, frames))
     with pytest.raises(ValueError):
         set_noise_mode(model, "loud")
+
+
+def test_positional_noise_table_is_the_formula_bitwise(tiny_dir):
+    """The noise is read from a table grown on demand: the same bits as computing it per call,
+    for rows at different positions, past the table's first size and before it is built."""
+    model = load_snac(str(tiny_dir))
+    block = noise_blocks(model)[-1]
+    block.frame_start, block.n_frames = torch.tensor([0, 7, 40]), 3
+    length = 3 * SAMPLES_PER_FRAME
+    got = block.noise(3, length, "cpu", torch.float32)
+    for row, start in enumerate((0, 7, 40)):
+        pos = torch.arange(start * SAMPLES_PER_FRAME, start * SAMPLES_PER_FRAME + length)
+        assert torch.equal(got[row, 0], block.positional(pos).to(torch.float32))
+    assert block._table.numel() >= 43 * SAMPLES_PER_FRAME
+    fresh = load_snac(str(tiny_dir))
+    frames = torch.stack([random_frames(5, seed=3), random_frames(5, seed=4)])
+    for _ in range(2):   # first call builds the tables, the second reads them
+        assert torch.equal(decode_frames(model, frames, [200, 3]), decode_frames(fresh, frames, [200, 3]))
 
 
 def test_load_snac_errors(tmp_path, tiny_dir, monkeypatch):

@@ -36,6 +36,12 @@ class EngineConfig:
     max_steps: int = DEFAULT_MAX_STEPS
     # Streaming SNAC: decode every `audio_group_frames` new frames (4 = 341 ms of speech).
     audio_group_frames: int = 4
+    # Every SNAC window is exactly this wide (3 context + ~2.6 held-back + ~18.4 new frames at
+    # 24; the first ones of an answer end in filler frames), so the windows of all answers
+    # batch in one call (streaming/engine/vocoder.py); 0: a window takes every frame that waits.
+    audio_window_frames: int = 24
+    # Frames in one batched SNAC call at most (4 windows of 24; one window always goes).
+    audio_batch_frames: int = 96
     # Recent step/TTFA timings kept for stats and metrics.
     timing_window: int = 512
     # Seed of the sampler's generator (non-greedy sessions only).
@@ -85,3 +91,5 @@ class EngineConfig:
                              "prefill_step_positions >= prefill_min_positions")
         if self.prefill_chunk < 1 or self.audio_group_frames < 1 or self.max_steps < 1:
             raise ValueError("prefill_chunk, audio_group_frames and max_steps must be >= 1")
+        if self.audio_window_frames < 0 or self.audio_batch_frames < 1:
+            raise ValueError("audio_window_frames must be >= 0 and audio_batch_frames >= 1")

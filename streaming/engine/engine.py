@@ -65,7 +65,8 @@ class Engine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.vocoder = Vocoder(executor.snac, config.audio_group_frames, on_first_audio=self._first_audio,
-                               threads=self.host.vocoder_threads)
+                               threads=self.host.vocoder_threads, window_frames=config.audio_window_frames or None,
+                               batch_frames=config.audio_batch_frames)
         # counters / recent timings (read by stats(); appended by the step thread)
         w = config.timing_window
         self.step_seconds: collections.deque = collections.deque(maxlen=w)
@@ -220,6 +221,7 @@ class Engine:
                 "errors_total": self.counters["errors"],
                 "turns_total": self.counters["turns"],
                 "refused_busy_total": self.counters["refused_busy"],
+                **{f"vocoder_{k}_total": v for k, v in self.vocoder.counters.items()},
             }
 
     @property

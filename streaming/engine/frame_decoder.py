@@ -20,7 +20,10 @@ and 5,268 to its right, so hold_back = 5268 samples (220 ms) and context_frames 
 one code changes outputs by > 1e-6 only within ~4,600 samples; a hold-back of 4,000 already
 breaks the 1e-3 bar on the real-size architecture, 8e-4 / 2e-4 tiny, 2,048 gives ~2e-2.)
 Steady-state window for group 4: 3 context + 3 held-back/partial + 4 new = 10 frames. The first
-audio of a turn (2,924 samples) is final as soon as 4 frames exist.
+audio of a turn (2,924 samples) is final as soon as 4 frames exist. With `window_frames` W
+(the engine's audio_window_frames, 24), every window of an utterance of at least W frames is W
+wide (~W - 5.6 new frames), whether the decoder is behind or not, so the windows of all
+sessions can share one batched SNAC call.
 With deterministic noise (snac_codec's "positional" or "zero" mode) the concatenated output
 equals `decode_frames` of the whole utterance up to float rounding.
 
@@ -110,6 +113,7 @@ class DecodeWindow:
     start_frame: int = 0
     keep_from: int = 0
     keep_to: Optional[int] = None
+    pad: int = 0  # filler frames at the end (only samples they cannot reach are kept)
 
 
 WindowLike = Union[DecodeWindow, torch.Tensor]
@@ -157,6 +161,7 @@ class FrameDecoder:
         group_frames: int = 4,
         context_frames: Optional[int] = None,
         hold_back: Optional[int] = None,
+        window_frames: Optional[int] = None,
     ):
         if group_frames < 1:
             raise ValueError("group_frames must be >= 1")
@@ -170,6 +175,11 @@ class FrameDecoder:
             raise ValueError("context_frames and hold_back must be >= 0")
         self.context_frames = context_frames
         self.hold_back = hold_back
+        if window_frames is not None and window_frames * SAMPLES_PER_FRAME <= (
+                (context_frames + 1) * SAMPLES_PER_FRAME + hold_back):
+            raise ValueError(f"window_frames={window_frames} leaves no new sample after {context_frames} "
+                             f"context frames and {hold_back} held-back samples")
+        self.window_frames = window_frames
         self.reset()
 
     def reset(self) -> None:
@@ -189,21 +199,41 @@ class FrameDecoder:
         """The window to decode now, or None when there is nothing to do yet.
 
         Not final: only once `group_frames` new frames wait. Final: whatever is not emitted yet.
+        With `window_frames` (W), every window is exactly W frames wide, so the windows of all
+        sessions share one batched SNAC call: when more than W frames wait, the first W are
+        decoded (their held-back tail stays for the next window); when fewer, the window starts
+        earlier than the context needs (more real past changes no sample: still exact), and
+        while the utterance itself is shorter than W, code-0 frames fill the window's end (the
+        samples kept end `hold_back` before the last real frame: no filler reaches them). Only
+        the final window of an utterance shorter than W is narrower (its real end is kept).
         """
         total = self.n_frames * SAMPLES_PER_FRAME
-        if final:
-            end = total
-        else:
-            if self.pending_frames() < self.group_frames:
-                return None
-            end = total - self.hold_back
-        if end <= self.emitted:
-            return None
         start = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames)
         start = max(start, self._first)  # only reachable when context_frames grew after reset
-        frames = self._frames[start - self._first :]
+        width = self.window_frames
+        if width is not None and self.n_frames - start > width:
+            stop = start + width
+            end = stop * SAMPLES_PER_FRAME - self.hold_back
+        else:
+            if final:
+                end = total
+            else:
+                if self.pending_frames() < self.group_frames:
+                    return None
+                end = total - self.hold_back
+            stop = self.n_frames
+            if width is not None:
+                start = max(self._first, min(start, stop - width))
+        if end <= self.emitted:
+            return None
+        frames = self._frames[start - self._first : stop - self._first]
+        pad = 0
+        if width is not None and not final and frames.shape[0] < width:
+            pad = width - int(frames.shape[0])
+            frames = torch.cat([frames, frames.new_zeros((pad, FRAME_TOKENS))])
         offset = start * SAMPLES_PER_FRAME
-        return DecodeWindow(frames=frames, start_frame=start, keep_from=self.emitted - offset, keep_to=end - offset)
+        return DecodeWindow(frames=frames, start_frame=start, keep_from=self.emitted - offset, keep_to=end - offset,
+                            pad=pad)
 
     def accept(self, window: DecodeWindow, audio: np.ndarray) -> np.ndarray:
         """Take a decoded window's audio; return the newly final samples, advance the state."""
@@ -211,13 +241,14 @@ class FrameDecoder:
             raise RuntimeError("FrameDecoder.accept: window does not continue the emitted audio (stale window?)")
         chunk = np.ascontiguousarray(audio[window.keep_from : window.keep_to], dtype=np.float32)
         self.emitted += len(chunk)
-        self._decoded_through = window.start_frame + int(window.frames.shape[0])
+        self._decoded_through = window.start_frame + int(window.frames.shape[0]) - window.pad
         self._trim()
         return chunk
 
     def _trim(self) -> None:
-        # Keep only what the next window can reach: context before the first unemitted frame.
-        keep_from = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames)
+        # Keep only what the next window can reach: context before the first unemitted frame
+        # (and a whole window before it, as a fixed-width window may start that early).
+        keep_from = max(0, self.emitted // SAMPLES_PER_FRAME - self.context_frames - (self.window_frames or 0))
         if keep_from > self._first:
             self._frames = self._frames[keep_from - self._first :]
             self._first = keep_from

@@ -1,9 +1,21 @@
 """The vocoder worker: turns each live answer's frames into streamed 24 kHz audio.
 
-It runs on its own thread so SNAC work never delays a decode step, batches equal-length
-windows of several sessions into one SNAC call, and is the one that ends a turn: a turn's
-`TurnDone` is emitted here, after its last audio (or, when cancelled, after dropping the
-audio not yet sent), so TurnDone is always the last event a reader sees.
+It runs on its own thread so SNAC work never delays a decode step, and is the one that ends
+a turn: a turn's `TurnDone` is emitted here, after its last audio (or, when cancelled, after
+dropping the audio not yet sent), so TurnDone is always the last event a reader sees.
+
+Scheduling (one SNAC call per pass, then the inbox is read again):
+
+* every window has the same width once an answer has `window_frames` frames (FrameDecoder), so
+  the windows of many sessions share one batched call: on a CPU a call costs about the same
+  number of Python-level torch ops whatever its batch, and each op hands the GIL back and forth
+  with the server's other threads, so fewer, fuller calls keep the vocoder near its compute
+  cost (measured: one 10-frame window alone took 72 ms of wall time for 9 ms of CPU next to a
+  busy Python thread);
+* earliest deadline first: a playing answer's deadline is when its listener runs out of
+  audio (first audio + audio emitted), an answer without audio yet must start within
+  `first_audio_s` of its submission; the most urgent window picks the call's width and the
+  most urgent windows of that width fill it, up to `batch_frames` frames.
 """
 from __future__ import annotations
 
@@ -20,6 +32,8 @@ from omni2.model.snac_layout import SAMPLES_PER_FRAME
 from .frame_decoder import FrameDecoder, decode_groups
 from .messages import STOPPED_REASONS, AudioChunk, Turn, TurnDone
 
+SAMPLE_RATE = 24000
+
 
 @dataclass
 class _Voice:
@@ -30,14 +44,37 @@ class _Voice:
     samples_emitted: int = 0
     first_audio_at: Optional[float] = None
 
+    def deadline(self, first_audio_s: float) -> float:
+        """perf_counter time by which this answer needs its next audio."""
+        if self.first_audio_at is None:
+            return self.turn.started_at + first_audio_s
+        return self.first_audio_at + self.samples_emitted / SAMPLE_RATE
+
+
+def plan_call(ready: list, batch_frames: int) -> list:
+    """ready: (deadline, window, owner) tuples; the ones to decode in the next SNAC call: the
+    most urgent, then the most urgent others of the same width, at most `batch_frames` frames
+    (at least one window)."""
+    ready = sorted(ready, key=lambda r: r[0])
+    width = int(ready[0][1].frames.shape[0])
+    take = max(1, batch_frames // width)
+    return [r for r in ready if int(r[1].frames.shape[0]) == width][:take]
+
 
 class Vocoder:
     def __init__(self, snac: Optional[torch.nn.Module], group_frames: int, on_first_audio=None,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, window_frames: Optional[int] = None,
+                 batch_frames: int = 96, first_audio_s: float = 0.25) -> None:
         self.snac = snac
         self.threads = threads  # torch threads of the worker (CPU: 1, see cpu_threads; None: as is)
         self.group_frames = group_frames
+        self.window_frames = window_frames  # fixed window width (FrameDecoder); None: unbounded windows
+        self.batch_frames = batch_frames  # frames in one SNAC call at most (one window always fits)
+        self.first_audio_s = first_audio_s  # deadline of an answer's first audio after submission
         self.on_first_audio = on_first_audio  # callback(turn, seconds since submit)
+        # since start, read by Engine.stats(): SNAC calls, windows, audio made, and the wall and
+        # thread CPU seconds spent in the calls (audio / busy: what the vocoder can keep up with)
+        self.counters = {"calls": 0, "windows": 0, "audio_seconds": 0.0, "busy_seconds": 0.0, "cpu_seconds": 0.0}
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._voices: dict[int, _Voice] = {}
         self._thread = threading.Thread(target=self._run, name="omni2-vocoder", daemon=True)
@@ -78,7 +115,8 @@ class Vocoder:
         while True:
             kind = msg[0]
             if kind == "open":
-                decoder = FrameDecoder(self.snac, group_frames=self.group_frames) if self.snac is not None else None
+                decoder = (FrameDecoder(self.snac, group_frames=self.group_frames, window_frames=self.window_frames)
+                           if self.snac is not None else None)
                 self._voices[msg[1].id] = _Voice(msg[1], decoder)
             elif kind == "frames":
                 voice = self._voices.get(msg[1].id)
@@ -106,7 +144,7 @@ class Vocoder:
 
     @torch.inference_mode()
     def _work(self) -> None:
-        windows, owners = [], []
+        ready = []
         for voice in list(self._voices.values()):
             if voice.ending is not None and (voice.ending.reason in STOPPED_REASONS or voice.decoder is None):
                 self._close(voice)  # cancelled: whatever was not sent yet is dropped
@@ -115,23 +153,38 @@ class Vocoder:
                 continue
             w = voice.decoder.next_window(final=voice.ending is not None)
             if w is not None:
-                windows.append(w)
-                owners.append(voice)
+                ready.append((voice.deadline(self.first_audio_s), w, voice))
             elif voice.ending is not None:
                 self._close(voice)
-        if not windows:
+        if not ready:
             if self._voices:
                 self._drain(block=True)
             return
-        for voice, window, audio in zip(owners, windows, decode_groups(self.snac, windows)):
+        call = plan_call(ready, self.batch_frames)
+        windows = [w for _, w, _ in call]
+        wall, cpu = time.perf_counter(), time.thread_time()
+        decoded = decode_groups(self.snac, windows)
+        c = self.counters
+        c["busy_seconds"] += time.perf_counter() - wall
+        c["cpu_seconds"] += time.thread_time() - cpu
+        c["calls"] += 1
+        c["windows"] += len(windows)
+        c["audio_seconds"] += sum(int(w.keep_to if w.keep_to is not None else w.frames.shape[0] * SAMPLES_PER_FRAME)
+                                  - w.keep_from for w in windows) / SAMPLE_RATE
+        for (_, window, voice), audio in zip(call, decoded):
             pcm = voice.decoder.accept(window, audio)
             if voice.turn.cancel_requested:
                 continue
             if pcm.size:
-                voice.samples_emitted += pcm.size
-                done_frames = voice.samples_emitted // SAMPLES_PER_FRAME
-                voice.turn._emit(AudioChunk(pcm=pcm, frames=done_frames - voice.frames_emitted))
-                voice.frames_emitted = done_frames
+                # A wide window makes ~1.6 s of audio: it leaves in group-sized chunks, so the
+                # server's pacer and the listener's buffer see the usual chunk sizes.
+                piece = self.group_frames * SAMPLES_PER_FRAME
+                for at in range(0, pcm.size, piece):
+                    part = pcm[at : at + piece]
+                    voice.samples_emitted += part.size
+                    done_frames = voice.samples_emitted // SAMPLES_PER_FRAME
+                    voice.turn._emit(AudioChunk(pcm=part, frames=done_frames - voice.frames_emitted))
+                    voice.frames_emitted = done_frames
                 if voice.first_audio_at is None:
                     voice.first_audio_at = time.perf_counter()
                     if self.on_first_audio:
