@@ -64,7 +64,7 @@ def test_loop_lag_p99_is_each_workers_own(monkeypatch):
 
     def scrape(port):
         w = next(answers)
-        return w, dict(counts[w]), {1, 2}
+        return w, dict(counts[w]), {1: 3, 2: 5}
     monkeypatch.setattr(live_load, "_scrape_lag", scrape)
     monkeypatch.setattr(live_load, "process_tree_cpu", lambda pid: 0.0)
     monkeypatch.setattr(live_load.time, "sleep", lambda s: s and counts.update(
@@ -73,6 +73,7 @@ def test_loop_lag_p99_is_each_workers_own(monkeypatch):
     d = live_load.cpu_window(1, 0, 0.0, 1.0)
     assert d["lag_p99_ms_by_worker"] == {1: 1.0, 2: 50.0}
     assert d["lag_p99_ms"] == 50.0
+    assert d["sessions_by_worker"] == {1: 3, 2: 5}
 
 
 def test_workers_flag_detected_from_help(tmp_path):
