@@ -157,3 +157,5 @@ class Admission:
     def workers(self) -> Optional[dict]:
         """Each gateway worker's load; None in one process (there are no workers)."""
         return None
+
+    worker = 0   # this process's gateway worker number: 0, one process (RemoteAdmission: 1..N)

@@ -110,6 +110,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
         metrics.ready.set(1 if host.ready else 0)
         metrics.sessions_active.set(admission.active)
         metrics.max_sessions.set(admission.limit)
+        metrics.worker.set(admission.worker)
         workers = admission.workers()
         if workers is not None:
             metrics.absorb_workers(workers)

@@ -40,7 +40,8 @@ class ListenTick:
     def __init__(self, tick_ms: int = 30):
         self.tick_s = max(0, tick_ms) / 1000.0
         self._queue: list = []
-        self._wake = asyncio.Event()
+        self._wake: Optional[asyncio.Future] = None  # the idle pass loop waits on it
+        self._cut: Optional[asyncio.Future] = None   # the tick's wait, cut short by an urgent append
         self._task: Optional[asyncio.Task] = None
         self._last = 0.0
         self._urgent = False
@@ -52,43 +53,45 @@ class ListenTick:
         """InputAudio.push(data), done in the next tick's shared pass."""
         if audio.may_decode:
             return await asyncio.to_thread(audio.push, data)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._queue.append((audio, data, fut))
         if time.monotonic() - self._done_at.get(id(audio), 0.0) < BEHIND_S:
             self._urgent = True
-        self._wake.set()
+            _resolve(self._cut)
+        _resolve(self._wake)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="listen-tick")
+            self._task = loop.create_task(self._run(), name="listen-tick")
         return await fut
 
     async def _run(self) -> None:
+        # Plain futures and one timer handle per pass (no task, no wait_for): at ~33 passes a
+        # second in every gateway process, the pass's own overhead is a per-session cost.
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            if not self._queue:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
             wait = self._last + self.tick_s - time.monotonic()
             if wait > 0 and not self._urgent:
-                try:  # an urgent append (a session catching up) cuts the wait short
-                    self._wake.clear()
-                    await asyncio.wait_for(self._wait_urgent(), wait)
-                except asyncio.TimeoutError:
-                    pass
-            self._wake.clear()
+                self._cut = loop.create_future()
+                timer = loop.call_later(wait, _resolve, self._cut)
+                await self._cut      # the tick, or an urgent append (a session catching up)
+                timer.cancel()
+                self._cut = None
             self._urgent = False
             batch, self._queue = self._queue, []
             if not batch:
                 continue
             self._last = time.monotonic()
-            results = await asyncio.to_thread(listen_pass, [(a, d) for a, d, _ in batch])
+            results = await loop.run_in_executor(None, listen_pass, [(a, d) for a, d, _ in batch])
             self.passes += 1
             self.appends += len(batch)
             for (audio, _, fut), result in zip(batch, results):
                 self._settle(audio, fut, result)
             if len(self._done_at) > 4 * len(batch) + 1024:
                 self._done_at.clear()
-
-    async def _wait_urgent(self) -> None:
-        while not self._urgent:
-            await self._wake.wait()
-            self._wake.clear()
 
     def _settle(self, audio, fut, result) -> None:
         self._done_at[id(audio)] = time.monotonic()
@@ -101,6 +104,11 @@ class ListenTick:
 
 
 BEHIND_S = 0.01
+
+
+def _resolve(fut: Optional[asyncio.Future]) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
 
 
 def listen_pass(items: list) -> list:

@@ -168,6 +168,9 @@ class Metrics:
 
         self.loop_lag = Histogram(p + "event_loop_lag_seconds", "How late the event loop woke a "
                                   "timer (server/loop_lag.py)", LAG_BUCKETS)
+        self.worker = Gauge(p + "worker", "Gateway worker number of the process that answered this "
+                            "scrape (0: one process); the figures above and below that are not global are "
+                            "its own")
         self.ready = Gauge(p + "ready", "1 when the model is loaded and warmed up")
         self.resident_bytes = Gauge(p + "process_resident_bytes", "Resident memory of the server process")
         self.heap_in_use = Gauge(p + "heap_in_use_bytes", "C heap in use (glibc mallinfo2, all arenas)")

@@ -55,6 +55,27 @@ def test_loop_lag_quantile_from_bucket_counts():
     assert live_load.lag_p99_ms(after, after) is None
 
 
+def test_loop_lag_p99_is_each_workers_own(monkeypatch):
+    """Scrapes land on either gateway; comparing one worker's counts with another's made
+    p99s no worker had. Each worker's window is its own before/after, the worst is reported."""
+    quick = {0.001: 0, 0.05: 0, 0.1: 0, float("inf"): 0}
+    counts = {1: dict(quick), 2: dict(quick)}
+    answers = iter([1, 1, 2, 1, 2, 2, 1])        # the kernel's picks, connection by connection
+
+    def scrape(port):
+        w = next(answers)
+        return w, dict(counts[w]), {1: 3, 2: 5}
+    monkeypatch.setattr(live_load, "_scrape_lag", scrape)
+    monkeypatch.setattr(live_load, "process_tree_cpu", lambda pid: 0.0)
+    monkeypatch.setattr(live_load.time, "sleep", lambda s: s and counts.update(
+        {1: {0.001: 200, 0.05: 200, 0.1: 200, float("inf"): 200},       # worker 1: all fast
+         2: {0.001: 150, 0.05: 199, 0.1: 200, float("inf"): 200}}))     # worker 2: one at 100 ms
+    d = live_load.cpu_window(1, 0, 0.0, 1.0)
+    assert d["lag_p99_ms_by_worker"] == {1: 1.0, 2: 50.0}
+    assert d["lag_p99_ms"] == 50.0
+    assert d["sessions_by_worker"] == {1: 3, 2: 5}
+
+
 def test_workers_flag_detected_from_help(tmp_path):
     with_flag, without = tmp_path / "a.py", tmp_path / "b.py"
     with_flag.write_text("print('usage: serve [--workers N]')")

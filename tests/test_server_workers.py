@@ -20,6 +20,8 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 pytest.importorskip("zmq", reason="pyzmq is not installed")
 
 from server_harness import Client  # noqa: E402
+
+from omni2.clients import live_load  # noqa: E402
 from test_server_serve import free_port, ready  # noqa: E402
 
 MAX_SESSIONS = 2
@@ -146,6 +148,10 @@ def test_two_workers_answer_at_once_under_one_global_admission(served):
     async def run():
         placed = await one_per_worker(served)
         await asyncio.gather(*(answer(c) for c in placed.values()))   # both workers at once
+        # each gateway's own loop lag, told apart by omni2_worker (the bench's p99 is per worker)
+        lags, held = await asyncio.to_thread(live_load.worker_lag_buckets, served.port)
+        assert set(lags) == {1, 2} and all(b[float("inf")] > 0 for b in lags.values()), lags
+        assert held == {1: 1, 2: 1}
         for _ in range(4):  # the third session is refused wherever it lands
             c = await Client.connect(served.url)
             event = await c.recv()

@@ -96,3 +96,47 @@ def test_detector_events_same_alone_and_in_a_batch():
     assert batched == alone
     assert any(e.kind == "speech_started" for e in alone[0])
     assert not alone[2]
+
+
+@requires_speech
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_few_streams_take_the_sequence_network_with_identical_scores(monkeypatch):
+    """Up to SEQUENCE_STREAMS_MAX streams, each stream's chunks go through the wheel's unrolled
+    export in one call: the probabilities and the state it leaves are the per-step calls' own,
+    bit for bit, whichever way a stream's appends alternate between the two."""
+    from omni2.streaming.listening import vad
+
+    net = vad.shared_silero("onnxruntime")
+    if net.sequence is None:
+        pytest.skip("this silero-vad wheel has no sequence export")
+    calls = {"sequence": 0}
+    real = net.sequence
+    monkeypatch.setattr(net, "sequence", lambda x, s: (calls.__setitem__("sequence", calls["sequence"] + 1),
+                                                       real(x, s))[1])
+    audio = streams_audio()[:2]
+    sizes = [3, 1, 4, 2, 3, 6]
+
+    def score(streams_max: int, flip: bool) -> list:
+        streams, got, pos = [SileroStream() for _ in audio], [[] for _ in audio], [0, 0]
+        for n in range(400):
+            k = sizes[n % len(sizes)]
+            monkeypatch.setattr(vad, "SEQUENCE_STREAMS_MAX", streams_max if not flip or n % 2 else 0)
+            live = [i for i, x in enumerate(audio) if (pos[i] + k) * CHUNK <= x.size]
+            if not live:
+                break
+            chunks = [audio[i][pos[i] * CHUNK:(pos[i] + k) * CHUNK].reshape(k, CHUNK) for i in live]
+            for i, p in zip(live, vad.score_streams([streams[i] for i in live], chunks, "onnxruntime")):
+                got[i] += list(p)
+                pos[i] += k
+        return got, streams
+
+    steps, s_steps = score(0, False)          # one batched call per 32 ms step
+    assert calls["sequence"] == 0
+    seq, s_seq = score(3, False)              # one call per stream per append
+    assert calls["sequence"] > 0
+    mixed, _ = score(3, True)                 # the two alternate, append by append
+    for i in range(len(audio)):
+        assert np.array_equal(seq[i], steps[i]) and np.array_equal(mixed[i], steps[i])
+        assert np.array_equal(s_seq[i].state, s_steps[i].state)
+        assert np.array_equal(s_seq[i].context, s_steps[i].context)
+    assert max(steps[0]) > 0.9

@@ -117,10 +117,13 @@ def run_gateway_bench(sessions: tuple[int, ...] = (8,), modes: tuple[str, ...] =
                         row = {"mode": mode, "workers": w, "sessions": n, "load": kind,
                                "server_cores": round(d["cores"], 3), "idle_server_cores": round(base["cores"], 3),
                                "cores_per_session": round(per, 4), "loop_lag_p99_ms": d["lag_p99_ms"],
+                               "loop_lag_p99_ms_by_worker": d["lag_p99_ms_by_worker"],
+                               "sessions_by_worker": d["sessions_by_worker"],
                                "held": held, **r}
                         rows.append(row)
                         say(f"  {n} {kind}: {per:.4f} cores/session (tree {d['cores']:.3f}), lag p99 "
-                            f"{d['lag_p99_ms']} ms, answers {r['answers']} (gaps {r['answers_with_gaps']}), "
+                            f"{d['lag_p99_ms']} ms (by worker {d['lag_p99_ms_by_worker']}), sessions by worker "
+                            f"{d['sessions_by_worker']}, answers {r['answers']} (gaps {r['answers_with_gaps']}), "
                             f"first audio p90 {r['ttfa_p90_ms']} ms, generator lag p99 "
                             f"{r['generator_send_lag_p99_ms']} ms, held {held}")
             finally:

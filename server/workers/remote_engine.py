@@ -350,6 +350,11 @@ class RemoteAdmission:
         self.local = 0                 # sessions of this gateway
 
     @property
+    def worker(self) -> int:
+        """This gateway's worker number (1..N)."""
+        return self.link.worker
+
+    @property
     def limit(self) -> int:
         return int(self.link.status.get("limit") or 0)
 
