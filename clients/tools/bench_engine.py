@@ -176,9 +176,8 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
     cfg = EngineConfig(max_sessions=max(sessions, 1), max_steps=steps, record_tokens=True, prefill_chunk=prefill_chunk,
                        max_queued_turns=max(sessions, EngineConfig.max_queued_turns),  # all submitted at once
                        step_budget_share=0)  # throughput past real time is measured too
-    if encode_once:
-        model = _EncodedOnce(model, audio, speech)
-    with (Engine(model, cfg) if text_steps is None else _TextStepsEngine(model, cfg, text_steps)) as eng:
+    run_model = _EncodedOnce(model, audio, speech) if encode_once else model
+    with (Engine(run_model, cfg) if text_steps is None else _TextStepsEngine(run_model, cfg, text_steps)) as eng:
         sids = [eng.open_session() for _ in range(sessions)]
         turns = [eng.submit(TurnRequest(session_id=s, audio_16k=audio, max_steps=steps)) for s in sids]
         dones = []
@@ -190,6 +189,12 @@ def engine_run(model: OmniModel, sessions: int, steps: int, audio: np.ndarray, p
         # steady state: decode steps in which every session was speaking (a prefill of one
         # session interleaved with the others' steps would otherwise count against them)
         full = [dt for dt, n in zip(eng.step_seconds, eng.step_sessions) if n == sessions]
+    if not full:
+        # the prompts' prefill spread over so many steps (shared, bounded prefill) that the first
+        # answers ended before the last began: the answers must be longer to overlap
+        if steps >= 8 * max(sessions + 8, 64):
+            raise RuntimeError(f"no decode step had all {sessions} sessions even with {steps} steps an answer")
+        return engine_run(model, sessions, 2 * steps, audio, prefill_chunk, encode_once, speech, text_steps)
     step = statistics.median(full)
     return EngineRun(
         sessions=sessions,
