@@ -309,7 +309,8 @@ def run_engine_bench(size: str = "tiny", dtype: str = "fp32", device: str = "cpu
 
     out("throughput (question encoded once, so the runs time decoding; session counts taken round-robin); "
         "'speech no' runs")
-    out("without the vocoder (on a CPU, streaming SNAC shares the LM's cores; on a GPU it is a small kernel):")
+    out("without the vocoder (on a CPU, streaming SNAC shares the LM's cores; on a GPU it is a small kernel);")
+    out("'prefill ms': wall time of the prefill calls a prompt was in (prompts prefilled together each count the whole call):")
     table = {(n, speech): [] for n in sessions for speech in (False, True)}
     for _ in range(repeats):
         for n, speech in table:

@@ -76,6 +76,9 @@ class Slot:
     first: Optional[tuple[list[int], int]] = None  # step 0's (audio, text) while HELD
     frames: list[torch.Tensor] = field(default_factory=list)  # completed, not yet sent to vocoder
     n_frames: int = 0
+    # wall time of the prefill calls this prompt took part in: a call shared by k prompts counts
+    # whole for each (it is how long the prompt's prefill kept its answer waiting, not its share
+    # of the compute), so 8 prompts prefilled together each report the whole call
     prefill_s: float = 0.0
     decode_started_at: float = 0.0
     order: int = 0  # when its prompt was admitted: prompts are prefilled oldest first
