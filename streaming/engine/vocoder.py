@@ -27,12 +27,10 @@ from typing import Optional
 
 import torch
 
-from omni2.model.snac_layout import SAMPLES_PER_FRAME
+from omni2.model.snac_layout import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 from .frame_decoder import FrameDecoder, decode_groups
 from .messages import STOPPED_REASONS, AudioChunk, Turn, TurnDone
-
-SAMPLE_RATE = 24000
 
 
 @dataclass
