@@ -167,10 +167,9 @@ class Vocoder:
         c["cpu_seconds"] += time.thread_time() - cpu
         c["calls"] += 1
         c["windows"] += len(windows)
-        c["audio_seconds"] += sum(int(w.keep_to if w.keep_to is not None else w.frames.shape[0] * SAMPLES_PER_FRAME)
-                                  - w.keep_from for w in windows) / SAMPLE_RATE
         for (_, window, voice), audio in zip(call, decoded):
             pcm = voice.decoder.accept(window, audio)
+            c["audio_seconds"] += pcm.size / SAMPLE_RATE
             if voice.turn.cancel_requested:
                 continue
             if pcm.size:
