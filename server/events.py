@@ -1,8 +1,9 @@
 """Server events of the OpenAI Realtime API (GA names and shapes), as plain dicts.
 
 One function per event keeps the field names in one place; the session decides when to
-send them. `BETA_NAMES` renames GA events for clients that asked for the beta protocol
-(`OpenAI-Beta: realtime=v1` header or `openai-beta.realtime-v1` subprotocol).
+send them. `to_beta` gives an event the beta protocol's name (`BETA_NAMES`) and shapes, for
+clients that asked for it (`OpenAI-Beta: realtime=v1` header or `openai-beta.realtime-v1`
+subprotocol).
 """
 from __future__ import annotations
 
@@ -195,3 +196,65 @@ BETA_NAMES = {
     "response.output_text.delta": "response.text.delta",
     "response.output_text.done": "response.text.done",
 }
+
+# GA content part type -> beta; GA audio format object -> beta format name.
+_BETA_PART_TYPES = {"output_audio": "audio", "output_text": "text"}
+_BETA_FORMATS = {("audio/pcm", 24000): "pcm16", ("audio/pcmu", None): "g711_ulaw",
+                 ("audio/pcma", None): "g711_alaw"}
+
+
+def _beta_format(fmt: dict):
+    """The beta name of a GA format; other PCM rates (an omni2 extension) keep the GA object."""
+    return _BETA_FORMATS.get((fmt.get("type"), fmt.get("rate")), fmt)
+
+
+def _beta_modalities(output_modalities: list[str]) -> list[str]:
+    """GA ["audio"] (speech with its transcript) is beta ["text", "audio"]."""
+    return ["text", "audio"] if "audio" in output_modalities else list(output_modalities)
+
+
+def _beta_item(item: dict) -> dict:
+    content = item.get("content")
+    if not content or not any(p.get("type") in _BETA_PART_TYPES for p in content):
+        return item
+    return {**item, "content": [_beta_part(p) for p in content]}
+
+
+def _beta_part(part: dict) -> dict:
+    kind = _BETA_PART_TYPES.get(part.get("type"))
+    return {**part, "type": kind} if kind else part
+
+
+def _beta_session(s: dict) -> dict:
+    """The GA session object plus the beta flat fields a beta client reads."""
+    a_in, a_out = s["audio"]["input"], s["audio"]["output"]
+    return {**s, "modalities": _beta_modalities(s["output_modalities"]),
+            "input_audio_format": _beta_format(a_in["format"]),
+            "output_audio_format": _beta_format(a_out["format"]),
+            "input_audio_transcription": a_in["transcription"],
+            "input_audio_noise_reduction": a_in["noise_reduction"],
+            "turn_detection": a_in["turn_detection"], "voice": a_out["voice"],
+            "speed": a_out.get("speed"), "max_response_output_tokens": s["max_output_tokens"]}
+
+
+def _beta_response(r: dict) -> dict:
+    out = r["audio"]["output"]
+    return {**r, "output": [_beta_item(i) for i in r["output"]],
+            "modalities": _beta_modalities(r["output_modalities"]),
+            "output_audio_format": _beta_format(out["format"]), "voice": out["voice"]}
+
+
+def to_beta(event: dict) -> dict:
+    """The event as the beta protocol has it: its beta name, the session object with the
+    beta flat fields added, content parts typed `audio` / `text`. A new dict; `event` (still
+    queued, matched by its GA type) is not changed."""
+    event = {**event, "type": BETA_NAMES.get(event["type"], event["type"])}
+    if "session" in event and "audio" in event["session"]:
+        event["session"] = _beta_session(event["session"])
+    if "response" in event and "output" in event["response"]:
+        event["response"] = _beta_response(event["response"])
+    if "item" in event:
+        event["item"] = _beta_item(event["item"])
+    if "part" in event:
+        event["part"] = _beta_part(event["part"])
+    return event

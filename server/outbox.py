@@ -12,7 +12,7 @@ import collections
 import json
 from typing import Optional
 
-from .events import BETA_NAMES
+from .events import to_beta
 
 AUDIO_DELTA = "response.output_audio.delta"
 
@@ -62,8 +62,8 @@ class Outbox:
             return event
 
     def encode(self, event: dict) -> str:
-        if self.beta_names and event["type"] in BETA_NAMES:
-            event = {**event, "type": BETA_NAMES[event["type"]]}
+        if self.beta_names:
+            event = to_beta(event)
         return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
     async def drop_audio(self, response_id: str) -> list[dict]:
