@@ -339,15 +339,23 @@ class RealtimeSession(ItemEvents, OutOfBand):
             raise p.ProtocolError("input_audio_buffer_commit_empty", "Error committing input audio "
                                   f"buffer: buffer too small. Expected at least {self.settings.min_commit_ms}ms "
                                   f"of audio, but buffer only has {self.input.buffered_ms}ms of audio.")
+        self._check_waiting_room(self.input.buffered_ms * RATE // 1000)  # refused: the audio stays buffered
         item_id = self._speech_item or ev.new_id("item")
         self._speech_item = None
-        await self._commit(self.input.commit(), item_id)
+        await self._commit(self.input.commit(), item_id, checked=True)
 
-    async def _commit(self, audio: np.ndarray, item_id: str) -> None:
-        pending = sum(a.size for a in self.conversation.peek_pending().audio) + audio.size
-        if pending > self.settings.max_turn_audio_s * RATE:
+    def _check_waiting_room(self, samples: int) -> None:
+        """Committed audio may pile up unanswered only to `max_turn_audio_s`. One turn alone
+        is never refused: the buffer already holds it to that limit, and what a commit takes
+        can be a little more (the resampler's tail, the append that crossed the limit)."""
+        waiting = sum(a.size for a in self.conversation.peek_pending().audio)
+        if waiting and waiting + samples > self.settings.max_turn_audio_s * RATE:
             raise p.ProtocolError("input_audio_buffer_full", "Committed audio waiting for a response "
                                   f"exceeds {self.settings.max_turn_audio_s:g} s; send response.create.")
+
+    async def _commit(self, audio: np.ndarray, item_id: str, checked: bool = False) -> None:
+        if not checked:
+            self._check_waiting_room(audio.size)
         image, self._frame = self._frame, None  # the turn's image is the latest frame when speech ends
         await self.outbox.put(ev.audio_committed(item_id, self.conversation.last_id))
         await self._add_user_item(item_id, [{"type": "input_audio", "transcript": None}],
