@@ -36,15 +36,21 @@ def tone(seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
+async def manual_session(srv) -> Client:
+    """A session with turn detection off and short answers."""
+    c = await Client.connect(srv.ws)
+    await c.until("session.created")
+    await c.send("session.update", session={"type": "realtime", "max_output_tokens": 5,
+                                            "audio": {"input": {"turn_detection": None}}})
+    await c.until("session.updated")
+    return c
+
+
 def test_manual_commit_of_a_full_buffer_is_answered(server):
     eng, srv = server
 
     async def main():
-        c = await Client.connect(srv.ws)
-        await c.until("session.created")
-        await c.send("session.update", session={"type": "realtime", "max_output_tokens": 5,
-                                                "audio": {"input": {"turn_detection": None}}})
-        await c.until("session.updated")
+        c = await manual_session(srv)
         await stream_audio(c, tone(1.5), chunk_s=0.25)   # 0.5 s past the limit: refused
         await c.send("input_audio_buffer.commit")
         got = await c.until("input_audio_buffer.committed")
@@ -91,11 +97,7 @@ def test_committed_audio_piling_up_unanswered_is_refused_and_stays_buffered(serv
     eng, srv = server
 
     async def main():
-        c = await Client.connect(srv.ws)
-        await c.until("session.created")
-        await c.send("session.update", session={"type": "realtime", "max_output_tokens": 5,
-                                                "audio": {"input": {"turn_detection": None}}})
-        await c.until("session.updated")
+        c = await manual_session(srv)
         await stream_audio(c, tone(0.7))
         await c.send("input_audio_buffer.commit")
         got = await c.until("input_audio_buffer.committed")
