@@ -68,7 +68,7 @@ def create_app(settings: ServerSettings, host: EngineHost,
 
     host.on_lost(lambda: close_all(CLOSE_INTERNAL, "engine lost"))
     transcriber = Transcriber(settings.transcription_model, settings.transcription_threads)
-    client_secrets = ClientSecrets(settings.max_client_secrets)
+    client_secrets = ClientSecrets(settings.client_secret_key)
     app.state.settings, app.state.host, app.state.metrics = settings, host, metrics
     app.state.client_secrets = client_secrets
     app.state.admission = admission

@@ -6,56 +6,79 @@ page, trading the key once) asks for a client secret: `{"expires_after": {"ancho
 "expires_at": <unix s>, "session": {...}}`. Until it expires the value opens realtime
 sessions wherever an API key is accepted (Bearer header, or the `openai-insecure-api-key.`
 subprotocol browsers use), as many as wanted, each starting with the secret's session
-configuration. Secrets live in this process's memory: a restart forgets them.
+configuration.
+
+A secret carries its expiry and session and is signed (HMAC-SHA256) with the server's key,
+`client_secret_key`: any process holding that key checks it without having seen it minted,
+so a secret minted by one gateway of `--workers N` opens sessions on all of them (the
+supervisor gives them one key), and servers given the same key share secrets. With no key
+set each server draws one at start: a restart invalidates the secrets it issued.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
 import secrets
-import threading
 import time
+import zlib
 from typing import Callable, Optional
 
 from .protocol import ProtocolError, field_of
 
 PREFIX = "ek_"
 MIN_S, MAX_S, DEFAULT_S = 10, 7200, 600   # the API's range and default for expires_after.seconds
+MAX_VALUE_CHARS = 8192   # the value travels in a header (or a subprotocol): sessions past this are refused
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def new_key() -> str:
+    return secrets.token_hex(32)
 
 
 class ClientSecrets:
-    def __init__(self, limit: int = 10000, clock: Callable[[], float] = time.time):
-        self.limit = limit
+    def __init__(self, key: str = "", clock: Callable[[], float] = time.time):
+        self._key = (key or new_key()).encode()
         self.clock = clock
-        self._live: dict[str, tuple[float, dict]] = {}   # value -> (expires_at, session patch)
-        self._lock = threading.Lock()
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
 
     def mint(self, expires_after: Optional[dict], session: dict) -> tuple[str, int]:
         """A new secret for `session` (a session.update payload, already validated)."""
         seconds = expiry_seconds(expires_after)
-        value = PREFIX + secrets.token_urlsafe(24)
         expires_at = int(self.clock()) + seconds
-        with self._lock:
-            self._purge()
-            if len(self._live) >= self.limit:
-                raise ProtocolError("rate_limit_exceeded", f"{self.limit} client secrets are live; "
-                                    "try again when some have expired.", type="server_error")
-            self._live[value] = (expires_at, session)
+        claims = json.dumps({"exp": expires_at, "session": session}, separators=(",", ":"))
+        body = _b64(zlib.compress(claims.encode()))
+        value = f"{PREFIX}{body}.{self._sign(body)}"
+        if len(value) > MAX_VALUE_CHARS:
+            raise ProtocolError("invalid_value", f"The session is too large for a client secret "
+                                f"({len(value)} characters; at most {MAX_VALUE_CHARS}).", "session")
         return value, expires_at
 
     def session_of(self, value: Optional[str]) -> Optional[dict]:
-        """The session patch of a live secret, or None (unknown, expired, or not a secret)."""
-        if not value or not value.startswith(PREFIX):
+        """The session patch of a live secret, or None (forged, expired, or not a secret)."""
+        if not value or not value.startswith(PREFIX) or value.count(".") != 1 or len(value) > MAX_VALUE_CHARS:
             return None
-        with self._lock:
-            entry = self._live.get(value)
-            if entry is None or entry[0] <= self.clock():
-                self._live.pop(value, None)
-                return None
-            return entry[1]
-
-    def _purge(self) -> None:
-        now = self.clock()
-        for value in [v for v, (at, _) in self._live.items() if at <= now]:
-            del self._live[value]
+        body, sig = value[len(PREFIX):].split(".")
+        if not hmac.compare_digest(sig, self._sign(body)):
+            return None
+        try:
+            claims = json.loads(zlib.decompress(_unb64(body)))
+        except (ValueError, binascii.Error, zlib.error):
+            return None
+        if claims["exp"] <= self.clock():
+            return None
+        return claims["session"]
 
 
 def expiry_seconds(expires_after: Optional[dict]) -> int:

@@ -50,7 +50,10 @@ class ServerSettings:
     # Browsers cannot set headers on a WebSocket, so they pass the key as a subprotocol
     # "openai-insecure-api-key.<key>", as the OpenAI API accepts; off switches that path off.
     allow_key_in_subprotocol: bool = True
-    max_client_secrets: int = 10000     # live ephemeral keys (POST /v1/realtime/client_secrets)
+    # Signs the ephemeral client secrets (POST /v1/realtime/client_secrets; server/client_secrets.py).
+    # "" = a random key drawn at start, one for all the server's workers; servers given the same
+    # key accept each other's secrets.
+    client_secret_key: str = ""
 
     # --- connections (before any session: TCP, HTTP, the WebSocket handshake) ----------------
     max_connections: int = 256          # open TCP connections in all; beyond: 503 and close

@@ -22,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..client_secrets import new_key
 from ..settings import ServerSettings
 from .handoff import EXIT_MODEL_FAILED, SETTINGS_ENV, SUPERVISOR_ENV, settings_to_env
 
@@ -65,6 +67,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, settings: ServerSettings, workers: int) -> None:
+        if not settings.client_secret_key:   # one key for all gateways: a secret minted by one opens sessions on all
+            settings = dataclasses.replace(settings, client_secret_key=new_key())
         self.settings = settings
         self.workers = workers
         self._dir = tempfile.mkdtemp(prefix="omni2-")
