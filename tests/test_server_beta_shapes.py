@@ -15,8 +15,7 @@ pydantic = pytest.importorskip("pydantic")
 beta_types = pytest.importorskip("openai.types.beta.realtime",
                                  reason="the openai SDK with its beta realtime types is not installed")
 
-from fake_engine import FakeEngine  # noqa: E402
-from server_harness import Client, running_server, types  # noqa: E402
+from server_harness import Client, fake_engine_server, types  # noqa: E402
 
 from omni2.server.outbox import Outbox  # noqa: E402
 
@@ -44,10 +43,8 @@ def beta_problems(events: list[dict]) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server():
-    eng = FakeEngine(slots=2).start()
-    with running_server(eng) as srv:
+    with fake_engine_server(max_sessions=2) as (_, srv):
         yield srv
-    eng.stop()
 
 
 def test_beta_client_gets_beta_session_and_content_shapes(server):

@@ -15,16 +15,13 @@ import urllib.request
 
 import pytest
 
-from fake_engine import FakeEngine
-from server_harness import running_server
+from server_harness import fake_engine_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    eng = FakeEngine(slots=2).start()
-    with running_server(eng) as srv:
+    with fake_engine_server(max_sessions=2) as (_, srv):
         yield srv
-    eng.stop()
 
 
 def upgraded(port: int) -> socket.socket:
