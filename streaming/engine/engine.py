@@ -29,7 +29,7 @@ from omni2.model.bundle import OmniModel
 from omni2.model.generate import max_steps_for
 
 from ..audio import MODEL_SAMPLE_RATE
-from .admission import FRAME_S, StepHeadroom
+from .admission import FRAME_S, FirstAudioHeadroom, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
@@ -76,6 +76,9 @@ class Engine:
         self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s,
                                       fit=config.batched_arrivals)
                          if config.step_budget_share > 0 else None)
+        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s)
+                            if config.first_audio_factor > 0 else None)
+        self._starting: dict[int, tuple[Turn, int]] = {}  # answers without audio yet: (turn, starting at submit)
         batched = config.batched_arrivals
         self.prefill_budget = PrefillBudget(
             self.headroom.budget_s if self.headroom is not None and batched else None,
@@ -174,10 +177,18 @@ class Engine:
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
                     raise EngineBusy.refused(decision)
+            turn = Turn(request)
+            if self.first_audio is not None and request.answer and not request.hold:
+                starting = self._count_starting(but=slot.turn)  # (a held turn's audio counts from release)
+                decision = self.first_audio.decide(starting)
+                if not decision.admit:
+                    self.counters["refused_busy"] += 1
+                    self.counters["refused_first_audio"] += 1
+                    raise EngineBusy.refused(decision)
+                self._starting[turn.id] = (turn, starting + 1)
             self._queued += 1
         if slot.turn is not None and request.answer:
             slot.turn.cancel()
-        turn = Turn(request)
         turn._poke = self._wake.set
         self._prep.put(turn)
         return turn
@@ -197,6 +208,12 @@ class Engine:
     def _live_answers(self) -> int:
         """Answers speaking, prefilling, held, or waiting to be (caller holds the lock)."""
         return sum(s.phase != IDLE for s in self.slots) + self._queued
+
+    def _count_starting(self, but: Optional[Turn] = None) -> int:
+        """Answers submitted that have no audio yet and still run, `but` aside (caller holds the lock)."""
+        for tid in [tid for tid, (t, _) in self._starting.items() if t.done or t.cancel_requested]:
+            del self._starting[tid]
+        return sum(t is not but for t, _ in self._starting.values())
 
     def overloaded(self) -> bool:
         """The answers live now already miss the step budget: new sessions are turned away."""
@@ -221,6 +238,7 @@ class Engine:
                 "errors_total": self.counters["errors"],
                 "turns_total": self.counters["turns"],
                 "refused_busy_total": self.counters["refused_busy"],
+                "refused_first_audio_total": self.counters["refused_first_audio"],
                 **{f"vocoder_{k}_total": v for k, v in self.vocoder.counters.items()},
             }
 
@@ -544,6 +562,10 @@ class Engine:
 
     def _first_audio(self, turn: Turn, seconds: float) -> None:
         self.ttfa_seconds.append(seconds)
+        with self._lock:
+            entry = self._starting.pop(turn.id, None)
+        if entry is not None and self.first_audio is not None:
+            self.first_audio.observe(seconds, entry[1], time.perf_counter())
 
     def warmup(self, seconds: float = 1.0, steps: int = 8) -> None:
         """Short turns end to end (encoders, prefill, decode, vocoder), then forget them. Two
