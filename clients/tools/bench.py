@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="seconds of arrivals per rate at least (and at least --min-turns turns)")
     arr.add_argument("--min-turns", type=int, default=100,
                      help="turns offered per rate at least: the p99 of 100 is the second slowest, not one turn")
-    arr.add_argument("--first-audio-factor", type=float, default=1.5,
+    arr.add_argument("--first-audio-factor", type=float, default=2.0,
                      help="admission refuses a new answer whose predicted first audio exceeds this many times "
                           "that of an answer started alone (EngineConfig.first_audio_factor; 0: off)")
     arr.add_argument("--answer-s", type=float, default=4.0, help="seconds of speech per answer")

@@ -132,7 +132,7 @@ def question(seconds: float, seed: int) -> np.ndarray:
     return (0.1 * np.random.RandomState(seed).randn(int(16000 * seconds))).astype(np.float32)
 
 
-FIRST_AUDIO_FACTOR = 1.5   # the bench's EngineConfig.first_audio_factor (the engine's default is off)
+FIRST_AUDIO_FACTOR = 2.0   # the bench's EngineConfig.first_audio_factor (the engine's default is off)
 MIN_TURNS = 100
 
 

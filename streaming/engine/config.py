@@ -68,7 +68,7 @@ class EngineConfig:
     step_budget_share: float = 0.8
     # Admission on the first-audio wait (streaming/engine/admission.py, FirstAudioHeadroom): a new
     # answer is refused while its predicted first audio, behind the answers starting now, would
-    # exceed this many times the first audio of an answer started alone (1.5 in `omni2 bench
+    # exceed this many times the first audio of an answer started alone (2 in `omni2 bench
     # arrivals`). 0: not bounded, the default: a burst of questions submitted at once (tests,
     # `bench engine`, a server's first turns) would otherwise be refused all but one.
     first_audio_factor: float = 0.0

@@ -9,7 +9,7 @@ turns frames into audio. The step loop:
      frame leaves after the decode step (prefill.py: answers in flight keep their frames);
   3. run ONE decode step for every speaking slot (rows 0..2*hi), sample, apply end rules,
      hand new text to the turn and new frames to the vocoder.
-The prep thread encodes the questions waiting together as one batch.
+The prep thread encodes the questions waiting together as one batch where that pays (prefill.py).
 One device->host copy per step (the sampled ids of all rows); nothing per row.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .admission import FRAME_S, FirstAudioHeadroom, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
-from .prefill import PrefillBudget
+from .prefill import EncodeBatch, PrefillBudget
 from .messages import (STOPPED_REASONS, ContextTruncated, EngineBusy, EngineFull, Forget, TextDelta, Turn, TurnDone,
                        TurnRequest)
 from .slots import DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids
@@ -86,6 +86,7 @@ class Engine:
             least=min(config.prefill_min_positions, config.prefill_step_positions) if batched else 1,
             chunk=config.prefill_chunk, turns=config.prefill_turns if batched else 1)
         self._order = itertools.count()  # prompts are prefilled oldest first
+        self.encode_batch = EncodeBatch(config.encode_batch if batched else 1)
 
     @property
     def cache(self):
@@ -248,9 +249,9 @@ class Engine:
 
     # ---- prep thread: encoders run here, never in the step loop ------------------------------
     def _prep_loop(self) -> None:
-        batch = self.config.encode_batch if self.config.batched_arrivals else 1
         while not self._stop.is_set():
             items = [self._prep.get()]
+            batch = self.encode_batch.size()  # (prefill.py: one at a time where a batch does not pay)
             while len(items) < batch and items[-1] is not None:  # what waits too joins the batch
                 try:
                     items.append(self._prep.get_nowait())
@@ -265,7 +266,11 @@ class Engine:
         """Encode the turns among `items` in one batch; hand every item on in its order."""
         turns = [t for t in items if isinstance(t, Turn) and not t.cancel_requested]
         try:
+            t0 = time.perf_counter()
             encoded = self.executor.encode([t.request for t in turns]) if turns else []
+            if turns:
+                end = time.perf_counter()
+                self.encode_batch.observe(end - t0, len(turns), end)
         except Exception as exc:  # never let one bad batch kill the engine
             traceback.print_exc()
             encoded = [RuntimeError(f"{type(exc).__name__}: {exc}")] * len(turns)
