@@ -43,4 +43,4 @@ def test_the_hold_rule_allows_one_percent_refused_and_reports_the_first_rate_pas
 
 def test_a_probe_runs_until_its_minimum_of_turns(tiny_model):
     r = arrival_run(tiny_model, sessions=2, rate=8.0, duration_s=0.1, answer_s=0.5, question_s=0.3, min_turns=6)
-    assert r.duration_s == 0.75 and r.offered >= 2                 # 6 turns at 8/s: 0.75 s of arrivals
+    assert r.offered == 6 and r.duration_s > 0.1                   # 0.1 s would have offered ~1

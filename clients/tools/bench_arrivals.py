@@ -15,8 +15,8 @@ headroom and on the first-audio wait, streaming/engine/admission.py).
 
 The hold rule, stated: a rate is *held* when no admitted answer underran, at most 1% of the
 offered turns were refused, and first audio p99 stayed within 2x its p50. Percentiles are
-nearest-rank, so a probe runs until at least `min_turns` (100) turns were offered
-(duration max(duration_s, min_turns / rate)): the p99 of 100 turns is the second slowest,
+nearest-rank, so a probe runs for `duration_s` and until at least `min_turns` (100) turns were
+offered: the p99 of 100 turns is the second slowest,
 so no single slow turn (a neighbour's process on a shared CPU) decides a probe, which is
 what made the held rate swing 6-20x with 12 s probes of 3-50 turns. Before a search, one
 unmeasured burst warms the process (the encoders', prefill's and SNAC's first calls at each
@@ -141,8 +141,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                 step_budget_share: float = EngineConfig.step_budget_share, batched: bool = True,
                 first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0) -> ArrivalRun:
     """batched=False: the engine's one-at-a-time scheduling (EngineConfig.batched_arrivals).
-    Arrivals go on for max(duration_s, min_turns / rate) seconds."""
-    duration_s = max(duration_s, min_turns / rate)
+    Arrivals go on for `duration_s` and until `min_turns` turns were offered."""
     steps = int(answer_s / FRAME_S) + 7   # speech frames lag the steps by the 7-layer delay
     cfg = EngineConfig(max_sessions=sessions, max_steps=steps, timing_window=1 << 20,
                        step_budget_share=step_budget_share, batched_arrivals=batched,
@@ -160,7 +159,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         k = 0
         while True:
             at += rng.exponential(1 / rate)
-            if at - t0 > duration_s:
+            if at - t0 > duration_s and k >= min_turns:
                 break
             time.sleep(max(0.0, at - time.monotonic()))
             now = time.monotonic()
@@ -187,7 +186,8 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
     ttfa = [lis.ttfa_s for lis in listeners if lis.ttfa_s is not None]
     under = [lis.underruns for lis in heard]
     q = lambda xs, p: 1000 * (percentile(xs, p) or float("nan"))  # noqa: E731
-    return ArrivalRun(sessions=sessions, rate=rate, duration_s=duration_s, turns=len(listeners), refused=refused,
+    return ArrivalRun(sessions=sessions, rate=rate, duration_s=round(at - t0, 2), turns=len(listeners),
+                      refused=refused,
                       barge_ins=barge_ins, underruns=sum(under), answers_with_underruns=sum(1 for u in under if u),
                       step_p50_ms=q(step_s, 50), step_p99_ms=q(step_s, 99), ttfa_p50_ms=q(ttfa, 50),
                       ttfa_p90_ms=q(ttfa, 90), ttfa_p99_ms=q(ttfa, 99),
