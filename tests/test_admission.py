@@ -127,15 +127,21 @@ class SlowStepEngine(Engine):
 
         self.executor.forward = slow
         if self.headroom is not None:
-            observe, clock = self.headroom.observe, [0.0]
-
-            def costed(step_s, answers, at):
-                cost = self.FIXED_S + self.PER_ANSWER_S * answers
-                clock[0] += cost
-                observe(cost, answers, clock[0])
-
-            self.headroom.observe = costed
+            self.headroom.observe = _at_stated_cost(self.headroom.observe, self.FIXED_S, self.PER_ANSWER_S)
         return super().start()
+
+
+def _at_stated_cost(observe, fixed_s: float, per_unit_s: float):
+    """`observe(seconds, units, at)` fed fixed_s + per_unit_s x units on a clock of its own,
+    whatever was measured: admission's decisions then follow the stated cost."""
+    clock = [0.0]
+
+    def costed(seconds, units, at):
+        cost = fixed_s + per_unit_s * units
+        clock[0] += cost
+        observe(cost, units, clock[0])
+
+    return costed
 
 
 def _wait_for_steps(eng, answers: int, count: int = 20, timeout_s: float = 30.0) -> None:
@@ -307,14 +313,7 @@ class SlowStartEngine(Engine):
 
         self.executor.encode = slow
         if self.first_audio is not None:
-            observe, clock = self.first_audio.observe, [0.0]
-
-            def costed(seconds, starting, at):
-                cost = self.FIXED_S + self.ENCODE_S * starting
-                clock[0] += cost
-                observe(cost, starting, clock[0])
-
-            self.first_audio.observe = costed
+            self.first_audio.observe = _at_stated_cost(self.first_audio.observe, self.FIXED_S, self.ENCODE_S)
         return super().start()
 
 

@@ -258,8 +258,8 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
     if not set(modes) <= {"batched", "baseline"}:
         raise ValueError(f"modes are batched and baseline, got {modes}")
     modes = [m == "batched" for m in modes]
-    out(f"# omni2 bench arrivals: model={size} device={device} poisson arrivals for max({duration_s:g} s, "
-        f"{min_turns} turns / rate), answers {answer_s:g} s, questions {question_s:g} s, jitter buffer {jitter_ms:g} ms, "
+    out(f"# omni2 bench arrivals: model={size} device={device} poisson arrivals for {duration_s:g} s and "
+        f"at least {min_turns} turns a rate, answers {answer_s:g} s, questions {question_s:g} s, jitter buffer {jitter_ms:g} ms, "
         f"first-audio admission factor {first_audio_factor:g}, torch threads={DEFAULT_THREADS}, repeats={repeats}, "
         f"scheduling {' + '.join('batched' if m else 'one-at-a-time baseline' for m in modes)}")
     out("# held: 0 underruns, refused <= 1% of offered, first audio p99 <= 2x p50 (nearest rank)"
