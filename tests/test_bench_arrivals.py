@@ -44,3 +44,14 @@ def test_the_hold_rule_allows_one_percent_refused_and_reports_the_first_rate_pas
 def test_a_probe_runs_until_its_minimum_of_turns(tiny_model):
     r = arrival_run(tiny_model, sessions=2, rate=8.0, duration_s=0.1, answer_s=0.5, question_s=0.3, min_turns=6)
     assert r.offered == 6 and r.duration_s > 0.1                   # 0.1 s would have offered ~1
+
+
+def test_each_engine_warms_up_on_answers_as_long_as_the_measured_ones(tiny_model, monkeypatch):
+    from omni2.streaming.engine.engine import Engine
+
+    seen = []
+    warmup = Engine.warmup
+    monkeypatch.setattr(Engine, "warmup", lambda self, seconds, steps: seen.append((seconds, steps))
+                        or warmup(self, seconds, steps))
+    arrival_run(tiny_model, sessions=2, rate=4.0, duration_s=0.3, answer_s=2.0, question_s=0.5)
+    assert seen == [(0.5, 23 + 7)]        # 2 s of frames (23) + the 7-step delay: full-width SNAC windows

@@ -20,7 +20,8 @@ offered: the p99 of 100 turns is the second slowest,
 so no single slow turn (a neighbour's process on a shared CPU) decides a probe, which is
 what made the held rate swing 6-20x with 12 s probes of 3-50 turns. Before a search, one
 unmeasured burst warms the process (the encoders', prefill's and SNAC's first calls at each
-batch size are slower: oneDNN builds their kernels), and every engine runs its own warm-up.
+batch size are slower: oneDNN builds their kernels), and every engine runs its own warm-up
+with answers as long as the measured ones.
 `search` doubles the rate while it holds, then bisects between the last held and the first
 failed rate; the held rate reported is the median over `repeats` searches, and the first
 failed rate of each search shows what admission does past it (admitted underruns and first
@@ -148,7 +149,10 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                        first_audio_factor=first_audio_factor)
     rng = np.random.default_rng(seed)
     with Engine(model, cfg) as eng:
-        eng.warmup(steps=4)
+        # answers as long as the bench's: the vocoder's full-width windows (24 frames) and the
+        # question's encoder run once before the clock starts (with 4 steps the first 24-frame
+        # SNAC call of each engine fell on a measured turn: 127 ms against a median of 36)
+        eng.warmup(seconds=question_s, steps=steps)
         sids = [_open(eng) for _ in range(sessions)]
         current: dict[str, _Listener] = {}
         listeners: list[_Listener] = []
