@@ -127,15 +127,21 @@ class SlowStepEngine(Engine):
 
         self.executor.forward = slow
         if self.headroom is not None:
-            observe, clock = self.headroom.observe, [0.0]
-
-            def costed(step_s, answers, at):
-                cost = self.FIXED_S + self.PER_ANSWER_S * answers
-                clock[0] += cost
-                observe(cost, answers, clock[0])
-
-            self.headroom.observe = costed
+            self.headroom.observe = _at_stated_cost(self.headroom.observe, self.FIXED_S, self.PER_ANSWER_S)
         return super().start()
+
+
+def _at_stated_cost(observe, fixed_s: float, per_unit_s: float):
+    """`observe(seconds, units, at)` fed fixed_s + per_unit_s x units on a clock of its own,
+    whatever was measured: admission's decisions then follow the stated cost."""
+    clock = [0.0]
+
+    def costed(seconds, units, at):
+        cost = fixed_s + per_unit_s * units
+        clock[0] += cost
+        observe(cost, units, clock[0])
+
+    return costed
 
 
 def _wait_for_steps(eng, answers: int, count: int = 20, timeout_s: float = 30.0) -> None:
@@ -261,3 +267,93 @@ def test_the_server_knows_a_refusal_by_its_type_not_its_name():
     assert "try again in 0.5 s" in engine_refusal(busy).message
     EngineFullByName = type("EngineFull", (RuntimeError,), {})  # a look-alike is not a refusal
     assert not is_engine_full(EngineFullByName()) and engine_refusal(EngineFullByName()) is None
+
+
+# ---- the first-audio wait: new answers refused while those starting would delay them too long --
+def test_first_audio_admission_refuses_what_would_wait_past_the_bound():
+    from omni2.streaming.engine.admission import FirstAudioHeadroom
+
+    h = FirstAudioHeadroom(factor=1.5, retry_after_s=0.5)
+    assert h.decide(starting=4).admit                        # nothing known: admitted
+    at = 0.0
+    for _ in range(10):                                      # 200 ms alone, +150 ms each turn ahead
+        for k in (1, 2, 3):
+            at += 0.1
+            h.observe(0.2 + 0.15 * (k - 1), k, at)
+    assert h.bound_s() == pytest.approx(0.3)                 # 1.5 x 200 ms
+    assert h.cost.per_unit() == pytest.approx(0.15)
+    assert h.decide(starting=0).admit                        # nothing starting: it goes
+    refused = h.decide(starting=1)                           # 350 ms > 300 ms
+    assert not refused.admit and refused.predicted_step_s == pytest.approx(0.35)
+    assert refused.bound == "first_audio" and refused.retry_after_s == 0.5
+    assert "first audio" in refused.reason() and "Try again in 0.5 s" in refused.reason()
+    cheap = FirstAudioHeadroom(factor=1.5)                   # a batched encoder: +40 ms a turn ahead
+    for i in range(20):
+        cheap.observe(0.2 + 0.04 * (i % 3), 1 + i % 3, 0.1 * i)
+    assert cheap.decide(starting=1).admit and cheap.decide(starting=2).admit   # 240, 280 <= 300
+    assert not cheap.decide(starting=3).admit                                  # 320 > 300
+    with pytest.raises(ValueError):
+        FirstAudioHeadroom(factor=0.5)
+
+
+class SlowStartEngine(Engine):
+    """The tiny model with every question's encoder slowed by ENCODE_S (one at a time: a queue
+    of questions waits for it in turn), and each first audio measured by admission as exactly
+    FIXED_S + ENCODE_S per answer starting at its submission, on a clock of its own (the
+    decisions then follow the stated cost, not the load of a shared CPU)."""
+
+    ENCODE_S, FIXED_S = 0.25, 0.2
+
+    def start(self):
+        encode = self.executor.encode
+
+        def slow(requests):
+            time.sleep(self.ENCODE_S * len(requests))
+            return encode(requests)
+
+        self.executor.encode = slow
+        if self.first_audio is not None:
+            self.first_audio.observe = _at_stated_cost(self.first_audio.observe, self.FIXED_S, self.ENCODE_S)
+        return super().start()
+
+
+def _burst(model, factor: float):
+    """Two questions teach admission the cost of one and two answers starting; then six
+    sessions ask at once. Returns (turns admitted in the burst, refusals, first audio of each
+    admitted turn in real seconds)."""
+    cfg = EngineConfig(max_sessions=8, max_steps=24, encode_batch=1, first_audio_factor=factor,
+                       busy_retry_after_s=0.5)
+    audio = (0.1 * np.random.RandomState(0).randn(8000)).astype(np.float32)
+    with SlowStartEngine(model, cfg) as eng:
+        sids = [eng.open_session() for _ in range(8)]
+        first = [eng.submit(TurnRequest(session_id=sid, audio_16k=audio, max_steps=24)) for sid in sids[:2]]
+        for turn in first:
+            list(turn.events(timeout=60))
+        admitted, refusals = [], []
+        for sid in sids[2:]:
+            try:
+                admitted.append(eng.submit(TurnRequest(session_id=sid, audio_16k=audio, max_steps=24)))
+            except EngineBusy as exc:
+                assert exc.retry_after_s == 0.5
+                refusals.append(exc.decision)
+        waits = []
+        for turn in admitted:
+            events = list(turn.events(timeout=60))
+            waits.append(events[-1].stats.get("time_to_first_audio_s"))
+        assert eng.stats()["refused_first_audio_total"] == len(refusals)
+        return admitted, refusals, waits
+
+
+def test_the_engine_refuses_new_answers_that_would_wait_behind_those_starting(tiny_model):
+    # alone 200 + 250 = 450 ms, bound 1.5 x 450 = 675 ms; a second answer starting: 700 ms
+    admitted, refusals, waits = _burst(tiny_model, factor=1.5)
+    assert len(admitted) == 1 and len(refusals) == 5, (len(admitted), refusals)    # the excess refused
+    assert all(d.bound == "first_audio" and d.predicted_step_s == pytest.approx(0.7)
+               and d.budget_s == pytest.approx(0.675) for d in refusals), refusals
+    assert all(w is not None for w in waits)
+
+
+def test_without_first_audio_admission_the_last_of_a_burst_waits_for_all_before_it(tiny_model):
+    admitted, refusals, waits = _burst(tiny_model, factor=0)
+    assert len(admitted) == 6 and refusals == []
+    assert max(waits) >= 6 * SlowStartEngine.ENCODE_S      # six encoders in turn before its first audio

@@ -1,5 +1,7 @@
 """`omni2 bench arrivals`: the open-loop run on the tiny model (a short one) and the rate search."""
-from omni2.clients.tools.bench_arrivals import ArrivalRun, arrival_run, search_rates
+from dataclasses import replace
+
+from omni2.clients.tools.bench_arrivals import ArrivalRun, arrival_run, past_held, search_rates
 
 
 def _run(rate, held_up_to):
@@ -26,3 +28,30 @@ def test_a_short_open_loop_run_on_the_tiny_model(tiny_model):
     assert r.step_p50_ms > 0 and r.step_p99_ms >= r.step_p50_ms
     assert 0 < r.ttfa_p50_ms <= r.ttfa_p90_ms <= r.ttfa_p99_ms
     assert r.underruns >= 0 and r.mean_live >= 1
+
+
+def test_the_hold_rule_allows_one_percent_refused_and_reports_the_first_rate_past_it():
+    ok = _run(1, 2)
+    assert ok.held and ok.offered == 5
+    many = replace(ok, turns=199, refused=1)                   # 0.5% of 200 offered: still held
+    assert many.held
+    assert not replace(ok, turns=99, refused=2).held           # 2% refused
+    assert not replace(ok, turns=4, refused=1).kept_deadlines  # one of 5
+    runs = [_run(r, 3.1) for r in (1.0, 2.0, 4.0, 3.0)]
+    assert past_held(runs, 3.0).rate == 4.0 and past_held(runs, 4.0) is None
+
+
+def test_a_probe_runs_until_its_minimum_of_turns(tiny_model):
+    r = arrival_run(tiny_model, sessions=2, rate=8.0, duration_s=0.1, answer_s=0.5, question_s=0.3, min_turns=6)
+    assert r.offered == 6 and r.duration_s > 0.1                   # 0.1 s would have offered ~1
+
+
+def test_each_engine_warms_up_on_answers_as_long_as_the_measured_ones(tiny_model, monkeypatch):
+    from omni2.streaming.engine.engine import Engine
+
+    seen = []
+    warmup = Engine.warmup
+    monkeypatch.setattr(Engine, "warmup", lambda self, seconds, steps: seen.append((seconds, steps))
+                        or warmup(self, seconds, steps))
+    arrival_run(tiny_model, sessions=2, rate=4.0, duration_s=0.3, answer_s=2.0, question_s=0.5)
+    assert seen == [(0.5, 23 + 7)]        # 2 s of frames (23) + the 7-step delay: full-width SNAC windows

@@ -36,3 +36,19 @@ def test_waiting_prompts_share_a_step_equally_oldest_first():
     assert b.plan([("a", 300), ("b", 300), ("c", 300)], 70) == [("a", 35), ("b", 35)]  # shares >= least
     assert b.plan([("a", 300), ("b", 300)], 32) == [("a", 32)]
     assert b.plan([], 512) == []
+
+
+def test_questions_are_encoded_together_only_where_a_batch_shortens_their_wait():
+    from omni2.streaming.engine.prefill import EncodeBatch
+
+    def taught(fixed, per):
+        b = EncodeBatch(most=8)
+        assert b.size() == 8                                  # nothing known: batch (and learn)
+        for i in range(24):
+            k = 1 + i % 3
+            b.observe(fixed + per * k, k, 0.01 * i)
+        return b.size()
+
+    assert taught(fixed=0.050, per=0.005) == 8                # launch-bound (a GPU): one call for all
+    assert taught(fixed=0.001, per=0.009) == 1                # compute-bound (the 2-core CPU): one at a time
+    assert taught(fixed=0.010, per=0.010) == 1                # no gain: the first need not wait for the rest

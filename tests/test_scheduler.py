@@ -294,3 +294,24 @@ def test_admission_fits_a_fixed_and_a_per_answer_step_cost(fixed_s, per_answer_s
             t.cancel()
             done_of(t)
     assert (len(turns), refused) == (admitted, 3 - admitted)
+
+
+def test_questions_go_one_at_a_time_once_the_encoder_is_seen_to_gain_nothing_from_a_batch(fake):
+    """The fake encoder costs 30 ms a question and nothing a call: after the first calls (one
+    batch of three, then single questions) the questions that wait together go one at a time."""
+    encode = fake.encode
+
+    def timed(requests):
+        time.sleep(0.030 * len(requests))
+        return encode(requests)
+
+    fake.encode = timed
+    with engine(fake, max_sessions=4) as eng:
+        sids = [eng.open_session() for _ in range(4)]
+        for sid in sids:
+            fake.ends[sid] = (1, "eoa")
+        for rnd in range(4):
+            turns = [eng.submit(TurnRequest(session_id=sid, audio_16k=question(3 + rnd))) for sid in sids]
+            assert all(done_of(t).reason == "completed" for t in turns)
+    sizes = [e[1] for e in fake.log if e[0] == "encode"]
+    assert max(sizes) > 1 and sizes[-4:] == [1, 1, 1, 1], sizes

@@ -29,18 +29,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--device", default="cpu")
     arr.add_argument("--sessions", default="8,16")
     arr.add_argument("--arrivals", choices=["poisson"], default="poisson")
-    arr.add_argument("--rate", type=float, default=1.0, help="turns/s (with --search: the first rate tried)")
+    arr.add_argument("--rate", type=float, default=2.0, help="turns/s (with --search: the first rate tried)")
     arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
-    arr.add_argument("--bisections", type=int, default=3)
+    arr.add_argument("--bisections", type=int, default=2)
     arr.add_argument("--no-ttfa-target", action="store_false", dest="ttfa_target",
-                     help="held = 0 underruns and 0 refused (first audio p99 <= 2x p50 not required)")
-    arr.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
+                     help="held = 0 underruns and refusals within 1% (first audio p99 <= 2x p50 not required)")
+    arr.add_argument("--duration", type=float, default=8.0,
+                     help="seconds of arrivals per rate at least (and at least --min-turns turns)")
+    arr.add_argument("--min-turns", type=int, default=100,
+                     help="turns offered per rate at least: the p99 of 100 is the second slowest, not one turn")
+    arr.add_argument("--first-audio-factor", type=float, default=2.0,
+                     help="admission refuses a new answer whose predicted first audio exceeds this many times "
+                          "that of an answer started alone (EngineConfig.first_audio_factor; 0: off)")
     arr.add_argument("--answer-s", type=float, default=4.0, help="seconds of speech per answer")
     arr.add_argument("--question-s", type=float, default=2.0)
     arr.add_argument("--jitter-ms", type=float, default=200.0, help="client playback buffer")
     arr.add_argument("--baseline", action="store_true",
                      help="also measure the one-at-a-time scheduling (EngineConfig.batched_arrivals=False)")
     arr.add_argument("--repeats", type=int, default=1, help="held rate: the median of this many searches")
+    arr.add_argument("--modes", default=None,
+                     help="scheduling to measure, comma-separated: batched,baseline (default: batched, "
+                          "and baseline with --baseline); one alone alternates with the other across locked runs")
     mod = sub.add_parser("model", help="time per decode step of the bare model (tiny and real-size)")
     mod.add_argument("--dtype", default="fp32")
     mod.add_argument("--device", default="cpu")
@@ -126,7 +135,9 @@ def _run(args: argparse.Namespace) -> dict:
                                     search=args.search, duration_s=args.duration, answer_s=args.answer_s,
                                     question_s=args.question_s, jitter_ms=args.jitter_ms,
                                     bisections=args.bisections, ttfa_target=args.ttfa_target,
-                                    baseline=args.baseline, repeats=args.repeats)
+                                    baseline=args.baseline, repeats=args.repeats,
+                                    modes=args.modes.split(",") if args.modes else None,
+                                    min_turns=args.min_turns, first_audio_factor=args.first_audio_factor)
     elif args.bench == "model":
         from omni2.clients.tools.bench_model import run_model_bench
 

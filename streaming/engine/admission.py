@@ -22,6 +22,23 @@ nothing about that: a slot costs memory, an answer costs step time. The policy:
     that replaces its session's live answer (no added load), and any answer before a step has
     been measured at all (nothing known; slots still bound the load).
 
+Steps within budget keep playing answers on time; they say nothing about how long a *new*
+question waits for its first audio while others are being started (encoders, prefill, the
+vocoder's first window). `FirstAudioHeadroom` bounds that wait, with the same fit:
+
+  * units are the answers *starting* (submitted, no audio yet), the new one included; each
+    first audio is observed with the count its turn found at submission. The prediction for
+    a new turn is StepCost's median over the last `window_s` seconds, moved along the fitted
+    per-starting-answer cost, and it is compared with the first audio of an answer that
+    started alone (the median of the last 16 such, however old).
+  * A new answer is admitted while its predicted first audio stays within `factor` x that
+    alone figure (`omni2 bench arrivals`: 2, its own target of first audio p99 within 2x
+    p50), else refused with a retry hint: the turns admitted then keep their first audio
+    near the unloaded one instead of every new question waiting behind a growing queue.
+    Always admitted: an answer when none is starting, and any answer before a turn started
+    alone was measured. (1.5 refused about half the answers that found one other starting on
+    the 2-core CPU, where a second one adds 0.3-0.7x: too strict for the 2x target.)
+
 Pure: measured step times in, decisions out; no clock, no threads (the engine feeds it).
 """
 from __future__ import annotations
@@ -38,11 +55,17 @@ FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE   # one decode step = one speech frame
 @dataclass(frozen=True)
 class Decision:
     admit: bool
-    predicted_step_s: Optional[float]    # step time predicted with the new answer (None: unknown)
-    budget_s: float                      # what a step may take
+    predicted_step_s: Optional[float]    # step time predicted with the new answer (None: unknown);
+                                         # bound "first_audio": its predicted first audio
+    budget_s: float                      # what a step may take (first_audio: the first audio allowed)
     retry_after_s: float = 0.0           # refused: when to try again
+    bound: str = "step"                  # what refused it: "step" (decode step time) or "first_audio"
 
     def reason(self) -> str:
+        if self.bound == "first_audio":
+            return (f"a new answer would wait ~{1000 * (self.predicted_step_s or 0):.0f} ms for its first audio "
+                    f"behind the answers starting now; the bound is {1000 * self.budget_s:.0f} ms. "
+                    f"Try again in {self.retry_after_s:g} s.")
         return (f"decode steps would take ~{1000 * (self.predicted_step_s or 0):.0f} ms with another answer; "
                 f"the budget is {1000 * self.budget_s:.0f} ms a step (85 ms a frame). "
                 f"Try again in {self.retry_after_s:g} s.")
@@ -106,6 +129,15 @@ class StepCost:
         guesses.sort()
         return guesses[min(len(guesses) - 1, int(self.quantile * len(guesses)))]
 
+    def sizes(self) -> set:
+        """The unit counts seen (fit on)."""
+        return set(self._by_size)
+
+    def alone(self, units: int = 1) -> Optional[float]:
+        """The median of the last calls with exactly `units` units (None: none seen, or fit off)."""
+        ts = self._by_size.get(units)
+        return _median(list(ts)) if ts else None
+
     def units_within(self, seconds: float, most: int) -> Optional[int]:
         """The most units (<= `most`) a call may have and still be predicted within `seconds`
         (0 when not even one fits); None before any call was seen."""
@@ -155,3 +187,31 @@ class StepHeadroom:
         """The steps of the answers live now already miss the budget."""
         predicted = self.predict(live) if live else None
         return predicted is not None and predicted > self.budget_s
+
+
+class FirstAudioHeadroom:
+    """Admission on the first-audio wait of a new answer (the policy is in the module docstring)."""
+
+    def __init__(self, factor: float = 1.5, window_s: float = 10.0, min_turns: int = 8,
+                 retry_after_s: float = 1.0) -> None:
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        self.factor, self.retry_after_s = factor, retry_after_s
+        self.cost = StepCost(window_s, min_turns)
+
+    def observe(self, first_audio_s: float, starting: int, at: float) -> None:
+        """A turn that found `starting` answers starting at its submission, itself included, had
+        its first audio `first_audio_s` after it; observed at time `at` (seconds)."""
+        self.cost.observe(first_audio_s, starting, at)
+
+    def bound_s(self) -> Optional[float]:
+        """The first audio allowed: factor x that of an answer started alone (None: not seen yet)."""
+        alone = self.cost.alone(1)
+        return None if alone is None else self.factor * alone
+
+    def decide(self, starting: int) -> Decision:
+        """May a new answer start while `starting` others are starting?"""
+        bound = self.bound_s()
+        predicted = self.cost.predict(starting + 1) if bound is not None else None
+        admit = starting == 0 or predicted is None or predicted <= bound
+        return Decision(admit, predicted, bound or 0.0, 0.0 if admit else self.retry_after_s, bound="first_audio")

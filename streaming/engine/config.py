@@ -66,6 +66,12 @@ class EngineConfig:
     # (the rest is left to prefill and encoders); answers playing are never slowed for it.
     # 0: slots only (benchmarks that measure throughput past real time).
     step_budget_share: float = 0.8
+    # Admission on the first-audio wait (streaming/engine/admission.py, FirstAudioHeadroom): a new
+    # answer is refused while its predicted first audio, behind the answers starting now, would
+    # exceed this many times the first audio of an answer started alone (2 in `omni2 bench
+    # arrivals`). 0: not bounded, the default: a burst of questions submitted at once (tests,
+    # `bench engine`, a server's first turns) would otherwise be refused all but one.
+    first_audio_factor: float = 0.0
     # Refused turns are told to try again after this long.
     busy_retry_after_s: float = 1.0
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
@@ -83,6 +89,8 @@ class EngineConfig:
             raise ValueError("threads must be >= 0 (0: the process default)")
         if not 0 <= self.step_budget_share <= 1:
             raise ValueError("step_budget_share must be in [0, 1] (0: no headroom check)")
+        if self.first_audio_factor != 0 and self.first_audio_factor < 1:
+            raise ValueError("first_audio_factor must be 0 (off) or >= 1")
         if self.malloc_arena_max < 0 or self.malloc_trim_interval_s < 0:
             raise ValueError("malloc_arena_max and malloc_trim_interval_s must be >= 0 (0: off)")
         if min(self.encode_batch, self.prefill_turns, self.prefill_min_positions) < 1 or \

@@ -9,7 +9,7 @@ turns frames into audio. The step loop:
      frame leaves after the decode step (prefill.py: answers in flight keep their frames);
   3. run ONE decode step for every speaking slot (rows 0..2*hi), sample, apply end rules,
      hand new text to the turn and new frames to the vocoder.
-The prep thread encodes the questions waiting together as one batch.
+The prep thread encodes the questions waiting together as one batch where that pays (prefill.py).
 One device->host copy per step (the sampled ids of all rows); nothing per row.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ from omni2.model.bundle import OmniModel
 from omni2.model.generate import max_steps_for
 
 from ..audio import MODEL_SAMPLE_RATE
-from .admission import FRAME_S, StepHeadroom
+from .admission import FRAME_S, FirstAudioHeadroom, StepHeadroom
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
-from .prefill import PrefillBudget
+from .prefill import EncodeBatch, PrefillBudget
 from .messages import (STOPPED_REASONS, ContextTruncated, EngineBusy, EngineFull, Forget, TextDelta, Turn, TurnDone,
                        TurnRequest)
 from .slots import DECODE, FORGET_PARTS, HELD, IDLE, IDLE_IDS, PREFILL, REBUILD, Slot, feed_ids
@@ -76,6 +76,9 @@ class Engine:
         self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s,
                                       fit=config.batched_arrivals)
                          if config.step_budget_share > 0 else None)
+        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s)
+                            if config.first_audio_factor > 0 else None)
+        self._starting: dict[int, tuple[Turn, int]] = {}  # answers without audio yet: (turn, starting at submit)
         batched = config.batched_arrivals
         self.prefill_budget = PrefillBudget(
             self.headroom.budget_s if self.headroom is not None and batched else None,
@@ -83,6 +86,7 @@ class Engine:
             least=min(config.prefill_min_positions, config.prefill_step_positions) if batched else 1,
             chunk=config.prefill_chunk, turns=config.prefill_turns if batched else 1)
         self._order = itertools.count()  # prompts are prefilled oldest first
+        self.encode_batch = EncodeBatch(config.encode_batch if batched else 1)
 
     @property
     def cache(self):
@@ -174,10 +178,18 @@ class Engine:
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
                     raise EngineBusy.refused(decision)
+            turn = Turn(request)
+            if self.first_audio is not None and request.answer and not request.hold:
+                starting = self._count_starting(but=slot.turn)  # (a held turn's audio counts from release)
+                decision = self.first_audio.decide(starting)
+                if not decision.admit:
+                    self.counters["refused_busy"] += 1
+                    self.counters["refused_first_audio"] += 1
+                    raise EngineBusy.refused(decision)
+                self._starting[turn.id] = (turn, starting + 1)
             self._queued += 1
         if slot.turn is not None and request.answer:
             slot.turn.cancel()
-        turn = Turn(request)
         turn._poke = self._wake.set
         self._prep.put(turn)
         return turn
@@ -197,6 +209,12 @@ class Engine:
     def _live_answers(self) -> int:
         """Answers speaking, prefilling, held, or waiting to be (caller holds the lock)."""
         return sum(s.phase != IDLE for s in self.slots) + self._queued
+
+    def _count_starting(self, but: Optional[Turn] = None) -> int:
+        """Answers submitted that have no audio yet and still run, `but` aside (caller holds the lock)."""
+        for tid in [tid for tid, (t, _) in self._starting.items() if t.done or t.cancel_requested]:
+            del self._starting[tid]
+        return sum(t is not but for t, _ in self._starting.values())
 
     def overloaded(self) -> bool:
         """The answers live now already miss the step budget: new sessions are turned away."""
@@ -221,6 +239,7 @@ class Engine:
                 "errors_total": self.counters["errors"],
                 "turns_total": self.counters["turns"],
                 "refused_busy_total": self.counters["refused_busy"],
+                "refused_first_audio_total": self.counters["refused_first_audio"],
                 **{f"vocoder_{k}_total": v for k, v in self.vocoder.counters.items()},
             }
 
@@ -230,9 +249,9 @@ class Engine:
 
     # ---- prep thread: encoders run here, never in the step loop ------------------------------
     def _prep_loop(self) -> None:
-        batch = self.config.encode_batch if self.config.batched_arrivals else 1
         while not self._stop.is_set():
             items = [self._prep.get()]
+            batch = self.encode_batch.size()  # (prefill.py: one at a time where a batch does not pay)
             while len(items) < batch and items[-1] is not None:  # what waits too joins the batch
                 try:
                     items.append(self._prep.get_nowait())
@@ -247,7 +266,11 @@ class Engine:
         """Encode the turns among `items` in one batch; hand every item on in its order."""
         turns = [t for t in items if isinstance(t, Turn) and not t.cancel_requested]
         try:
+            t0 = time.perf_counter()
             encoded = self.executor.encode([t.request for t in turns]) if turns else []
+            if turns:
+                end = time.perf_counter()
+                self.encode_batch.observe(end - t0, len(turns), end)
         except Exception as exc:  # never let one bad batch kill the engine
             traceback.print_exc()
             encoded = [RuntimeError(f"{type(exc).__name__}: {exc}")] * len(turns)
@@ -544,6 +567,10 @@ class Engine:
 
     def _first_audio(self, turn: Turn, seconds: float) -> None:
         self.ttfa_seconds.append(seconds)
+        with self._lock:
+            entry = self._starting.pop(turn.id, None)
+        if entry is not None and self.first_audio is not None:
+            self.first_audio.observe(seconds, entry[1], time.perf_counter())
 
     def warmup(self, seconds: float = 1.0, steps: int = 8) -> None:
         """Short turns end to end (encoders, prefill, decode, vocoder), then forget them. Two

@@ -54,3 +54,33 @@ class PrefillBudget:
             return []
         share = max(1, min(self.chunk, positions // k))
         return [(key, min(left, share)) for key, left in waiting[:k]]
+
+
+class EncodeBatch:
+    """How many waiting questions the prep thread encodes in one call.
+
+    A batch of k finishes all k when the call ends: with a call costing `fixed + k x
+    per_question`, the k questions wait fixed + k x per_question each, one at a time they wait
+    (fixed + per_question) x (k + 1) / 2 on average. So batching shortens the average wait
+    exactly when fixed > per_question (a GPU, where a call is mostly launch cost); on the 2-core
+    CPU a tiny question costs ~9 ms and a call's fixed part under 1 ms, and a batch only made the
+    first question wait for the others. The rule: the fit (admission.StepCost over the encoder
+    calls: seconds against questions) needs a call of one question and one of several: until
+    it has both, a call takes what waits (up to `most`), or one question once only batches were
+    seen; then `most` while the fixed part exceeds the per-question cost, else one. Pure: the
+    engine feeds it the calls' times."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.cost = StepCost(window_s=10.0, min_calls=8)
+
+    def observe(self, seconds: float, questions: int, at: float) -> None:
+        self.cost.observe(seconds, questions, at)
+
+    def size(self) -> int:
+        per, one = self.cost.per_unit(), self.cost.alone(1)
+        if one is None:  # (a call of one question not seen yet: learn it once batches were)
+            return 1 if self.cost.sizes() else self.most
+        if per is None:
+            return self.most
+        return self.most if one - per > per else 1
