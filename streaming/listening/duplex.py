@@ -96,7 +96,6 @@ class DuplexConfig:
     hop_idle_ms: int = 400
     pause_prob: float = 0.5      # a chunk under this speech probability starts a pause
     pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
-    pause_drop_always: bool = False  # ... in any segment (False: only in held ones)
     pause_hop_ms: int = 96       # decode period in the first moments of a pause
     pause_follow_ms: int = 300   # how long into a pause decoding continues
     max_decode_share: float = 0.5    # decoding may take this share of real time on average
@@ -221,7 +220,6 @@ class DuplexController(Detector):
         self._last_decode = -(1 << 30)
         self._levels: list[float] = []   # dB of the last few chunks
         self._pause_len = 0              # samples since the current pause began (0: talking)
-        self._quiet_len = 0              # ... the pause as the VAD sees it (confirms a match)
         # A matched command waiting for confirmation by a pause or a later window:
         # (phrase, confidence, transcript, sample of the first match, confirmed).
         self._pending: tuple | None = None
@@ -336,14 +334,7 @@ class DuplexController(Detector):
         recent = max(self._levels[-5:], default=level)
         self._levels = self._levels[-5:] + [level]
         held = self._segment_start is not None and end - self._segment_start >= cfg.foreground_min_ms * self._ms
-        dropped = level < recent - cfg.pause_drop_db
-        quiet_now = prob < cfg.pause_prob or (held and dropped)
-        # With pause_drop_always a level drop starts decoding before the VAD lets go (its
-        # probability trails the end of speech by tens of ms), but a match still fires
-        # only on a pause the VAD (or a held segment's drop) confirms: the decode runs
-        # during that lag instead of after it.
-        paused = quiet_now or (cfg.pause_drop_always and dropped)
-        self._quiet_len = self._quiet_len + CHUNK if quiet_now else 0
+        paused = prob < cfg.pause_prob or (held and level < recent - cfg.pause_drop_db)
         # Decoding may use up to max_decode_share of real time, banked up to decode_bank_ms.
         self._credit = min(self._credit + cfg.max_decode_share * CHUNK / SAMPLE_RATE, cfg.decode_bank_ms / 1000)
         self._pause_len = self._pause_len + CHUNK if paused else 0
@@ -369,8 +360,6 @@ class DuplexController(Detector):
         if (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
                 and since >= cfg.pause_hop_ms * ms):
             trigger = "check"        # did the user go on talking after the phrase?
-        elif self._pending is not None:
-            trigger = None           # a match waits for the VAD's pause: nothing to add before
         elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
                 cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause just began: the usual end of a command
@@ -406,7 +395,7 @@ class DuplexController(Detector):
             phrase, confidence, text, _, confirmed = self._pending
             # A later window's confirmation counts unless the VAD clearly hears the user
             # still talking (whisper may not have caught the next word yet).
-            if ((confirmed and (not voiced or held)) or self._quiet_len >= cfg.confirm_pause_ms * ms
+            if ((confirmed and (not voiced or held)) or self._pause_len >= cfg.confirm_pause_ms * ms
                     or confidence >= cfg.threshold_speaking):
                 self._pending = None
                 events.append(self._interrupt("command", phrase, confidence, end, text))

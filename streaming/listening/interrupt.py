@@ -96,11 +96,6 @@ class CommandConfig:
     prompt: str | None = None
     window_s: float = 3.0      # longest audio decoded at once (ends at "now")
     max_tokens: int = 24       # a 3 s window holds at most ~10 words
-    # Token cap of a window: tokens_base + tokens_per_s x its seconds (~3 tokens per second
-    # of speech). Whisper fills the cap with repetitions of the last sentence on short
-    # input, so a decode's steps (about half its time) are nearly always the cap.
-    tokens_base: int = 6
-    tokens_per_s: float = 4.0
     # Forced scoring (see CommandDetector.forced_spots): the phrase's probability teacher-
     # forced at the end of the transcript, against what the free decode said there.
     forced: bool = False
@@ -517,7 +512,9 @@ class WhisperRecognizer:
             try:
                 windows = [w for r in reqs for w in r.windows]
                 t0 = time.perf_counter()
-                results, encoded = self.generate(windows, prompt, max(r.max_tokens for r in reqs), keep_encoded=True)
+                results = self.generate(windows, prompt, max(r.max_tokens for r in reqs))
+                encoded = self._local.encoded  # (this thread's generate just set it)
+                self._local.encoded = None
                 transcripts, rows, i = [], [], 0   # rows: (window, candidate, prefix, phrase)
                 for r in reqs:
                     for x in results[i : i + len(r.windows)]:
@@ -542,9 +539,10 @@ class WhisperRecognizer:
                 for r in reqs:
                     r.error = exc
 
-    def generate(self, windows: list[np.ndarray], prompt: str | None, max_tokens: int, keep_encoded: bool = False):
-        """One model call on a batch of windows (raw CTranslate2 results); keep_encoded:
-        also the encoder output ([windows, frames, d_model], for `force`)."""
+    def generate(self, windows: list[np.ndarray], prompt: str | None, max_tokens: int):
+        """One model call on a batch of windows (raw CTranslate2 results). The encoder
+        output ([windows, frames, d_model]) stays in this thread's `_local.encoded`, for
+        `force` to reuse."""
         t0 = time.perf_counter()
         feats = np.ascontiguousarray(np.stack([self.features(w) for w in windows]))
         encoded = self.model.encode(self._ct2.StorageView.from_array(feats), to_cpu=True)
@@ -558,7 +556,8 @@ class WhisperRecognizer:
             st.windows += len(windows)
             st.seconds += time.perf_counter() - t0
             st.largest_batch = max(st.largest_batch, len(windows))
-        return (results, encoded) if keep_encoded else results
+        self._local.encoded = encoded
+        return results
 
     def force(self, encoded, windows: list[np.ndarray], prompt: str | None,
               rows: list[tuple[int, int, list[int], list[int]]]) -> list[tuple[float, ...]]:
@@ -734,7 +733,7 @@ class CommandDetector:
         out = []
         # ~3 tokens per second of speech: a tight cap stops repetition loops early.
         seconds = max(w.size for w in windows) / SAMPLE_RATE
-        cap = min(self.config.max_tokens, self.config.tokens_base + int(self.config.tokens_per_s * seconds))
+        cap = min(self.config.max_tokens, 6 + int(4 * seconds))
         forced = self._forced_candidates if self.config.forced else None
         for transcript in self.recognizer.transcribe_batch(windows, self.prompt, cap, urgent=urgent, forced=forced):
             words = [w.text for w in transcript.words]
