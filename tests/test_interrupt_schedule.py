@@ -169,4 +169,3 @@ def test_features_match_the_full_input():
         fast = rec.features(audio)
         assert fast.shape == full.shape == (rec.model.n_mels, rec._frames)
         np.testing.assert_allclose(fast, full, atol=1e-5, err_msg=f"{size} samples")
-
