@@ -196,3 +196,35 @@ def test_cuda_recognizer_gives_the_cpu_decisions(recognizer, windows):
     for (t_cpu, f_cpu, c_cpu), (t_gpu, f_gpu, c_gpu) in zip(cpu_det.score_windows(windows[:1]) + [cpu_det.score(w) for w in windows[1:]],
                                                            gpu_det.score_windows(windows[:1]) + [gpu_det.score(w) for w in windows[1:]]):
         assert (f_cpu is not None and c_cpu >= thr) == (f_gpu is not None and c_gpu >= thr), (t_cpu.text, t_gpu.text)
+
+
+@requires_speech
+def test_forced_probabilities_of_the_decoded_tokens_are_the_decoders_own(recognizer, windows):
+    """Teacher-forcing the greedy transcript's own tokens gives back the probability the
+    free decode gave each of them (the forced pass reuses that call's encoder output)."""
+    prompt = CommandDetector(CommandConfig(), recognizer=recognizer).prompt
+    for window in windows[:2]:
+        t = recognizer.transcribe(window, prompt, 16)
+        encoded = recognizer._local.encoded
+        assert encoded is None  # taken by the call that produced t
+        recognizer.generate([window], prompt, 16)
+        forced = recognizer.force(recognizer._local.encoded, [window], prompt, [(0, 0, [], list(t.tokens))])[0]
+        assert len(forced) == len(t.tokens) > 0
+        # (int8: the step-by-step and the whole-sequence pass quantize their activations
+        # differently, up to ~0.16 apart here; a token off by one position is far more)
+        np.testing.assert_allclose(forced, t.token_probs, atol=0.2, err_msg=t.text)
+
+
+@requires_speech
+def test_forced_scoring_finds_the_phrase_only_where_it_was_said(recognizer, windows):
+    det = CommandDetector(CommandConfig(forced=True), recognizer=recognizer)
+    scores = {}
+    for (text, _, _), window in zip(CLIPS, windows):
+        (t, found, confidence), = det.score_windows([window])
+        spots = det.forced_spots(t)
+        assert len(t.forced) == len(spots) > 0, text
+        best = det.forced_score(t)
+        scores[text] = best[0]
+    assert scores["stop omni"] > 0.5 and scores["Stop Omni!"] > 0.5, scores
+    assert scores["tell me more"] < 0.1 and scores["stop on my way"] < 0.3, scores
+    assert recognizer.stats.forced > 0

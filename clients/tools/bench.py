@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="the decode schedule before (also every 200-400 ms while the user speaks), to compare")
     itr.add_argument("--max-batch", type=int, default=None,
                      help="windows per recognizer call at most (1 = no batching across sessions)")
+    itr.add_argument("--forced", action="store_true",
+                     help="also score the phrase teacher-forced at the transcript's end (CommandConfig.forced)")
     soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
     soak.add_argument("--sessions", type=int, default=16, help="clients talking at once")
     soak.add_argument("--minutes", type=float, default=10.0, help="how long they talk")
@@ -168,5 +170,5 @@ def _run(args: argparse.Namespace) -> dict:
 
         result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
                                      sessions=args.sessions, context_s=args.context_s, max_batch=args.max_batch,
-                                     baseline=args.baseline)
+                                     baseline=args.baseline, forced=args.forced)
     return result

@@ -375,6 +375,7 @@ def run_interrupt_bench(
     context_s: float | None = None,
     max_batch: int | None = None,
     baseline: bool = False,
+    forced: bool = False,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
@@ -382,7 +383,8 @@ def run_interrupt_bench(
     mode: "command" or "barge_in". verbose: one line per clip, decode traces for misses.
     playback / sessions: see the module docstring (sessions > 1 runs paced to the wall clock).
     baseline: the decode schedule before this one (schedule="hops", see DuplexConfig); the
-    setup before batching is context_s=8.0, max_batch=1 with it.
+    setup before batching is context_s=8.0, max_batch=1 with it. forced: the recognizer also
+    scores the phrase teacher-forced (CommandConfig.forced).
     Needs espeak-ng and sox on PATH (raises espeak.SynthUnavailable otherwise).
     """
     if sessions < 1:
@@ -392,6 +394,8 @@ def run_interrupt_bench(
         config = replace(config, mode=mode)
     if baseline:  # the schedule before decoding at pauses: also every 200-400 ms while the user speaks
         config = replace(config, schedule="hops")
+    if forced:
+        config = replace(config, command=replace(config.command, forced=True))
     rcfg = config.command.recognizer
     if context_s is not None or max_batch is not None:  # e.g. the pre-batching setup: 8.0 and 1
         rcfg = replace(rcfg, context_s=context_s or rcfg.context_s, max_batch=max_batch or rcfg.max_batch)
@@ -447,6 +451,7 @@ def run_interrupt_bench(
     if recognizer is not None:
         summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
     summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
+                   forced=config.command.forced,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round((time.perf_counter() - t0) / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
@@ -476,7 +481,7 @@ def recognizer_cost(recognizer, before, audio_s: float, sessions: int) -> dict:
             recognizer.generate([window] * batch, prompt, 12)
         cpu[batch] = (time.process_time() - c0) / 5 / batch * 1000.0
     return {
-        "calls": calls, "windows": windows,
+        "calls": calls, "windows": windows, "forced_rows": st.forced - before.forced,
         "windows_per_call": round(windows / calls, 2) if calls else None,
         # audio_s is the sum of every session's audio: this is per session-second.
         "windows_per_session_s": round(windows / audio_s, 2) if audio_s else None,
@@ -490,7 +495,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")
