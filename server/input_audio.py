@@ -374,11 +374,19 @@ class InputAudio:
         return self._chunks[0]
 
     def _trim_before(self, at: int) -> None:
+        # Whole leading chunks go, the first kept one becomes a view: no copy. Joining the
+        # buffer here cost a copy of idle_audio_keep_s (2 s) on every append of every session.
         drop = min(max(at - self._buf_start, 0), self._buf_len)
-        if drop:
-            self._chunks = [self._joined()[drop:]]
-            self._buf_start += drop
-            self._buf_len -= drop
+        self._buf_start += drop
+        self._buf_len -= drop
+        while drop:
+            first = self._chunks[0]
+            if first.size <= drop:
+                del self._chunks[0]
+                drop -= first.size
+            else:
+                self._chunks[0] = first[drop:]
+                drop = 0
 
     def _peek_until(self, at: int) -> np.ndarray:
         """A copy of the buffered samples before absolute index `at` (the buffer keeps them)."""

@@ -13,6 +13,11 @@ pass as soon as the previous one is done with whatever arrived meanwhile. A sess
 behind (its next append came right after the last one was answered: its socket holds a
 backlog) does not wait for the tick, so it catches up at pass speed.
 
+The pass runs on one thread of the tick's own (`PassThread`), not the event loop's default
+executor: the executor's hand-off (its submit lock and work item, a concurrent Future chained
+to an asyncio one, any of several idle threads waking) cost about a tenth of a gateway's
+listening CPU at ~33 passes a second, and one thread keeps its stack warm.
+
 A session whose listener may decode a spoken command now (command mode while an answer is
 audible: tens of ms of whisper per decode) is listened to on a worker thread of its own, as
 before the batch, so one session's decode never holds up every other session's listening.
@@ -20,6 +25,8 @@ before the batch, so one session's decode never holds up every other session's l
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 import weakref
 from typing import Optional
@@ -43,6 +50,7 @@ class ListenTick:
         self._wake: Optional[asyncio.Future] = None  # the idle pass loop waits on it
         self._cut: Optional[asyncio.Future] = None   # the tick's wait, cut short by an urgent append
         self._task: Optional[asyncio.Task] = None
+        self._thread = PassThread()
         self._last = 0.0
         self._urgent = False
         self._done_at: dict[int, float] = {}   # id(InputAudio) -> when its last append was answered
@@ -85,7 +93,7 @@ class ListenTick:
             if not batch:
                 continue
             self._last = time.monotonic()
-            results = await loop.run_in_executor(None, listen_pass, [(a, d) for a, d, _ in batch])
+            results = await self._thread.run(loop, listen_pass, [(a, d) for a, d, _ in batch])
             self.passes += 1
             self.appends += len(batch)
             for (audio, _, fut), result in zip(batch, results):
@@ -104,6 +112,65 @@ class ListenTick:
 
 
 BEHIND_S = 0.01
+
+
+class PassThread:
+    """One worker thread for the listening passes: a call in, its result back on the loop.
+
+    Started at the first call; after IDLE_S without one it ends (a server process without
+    sessions keeps no thread waiting), and the next call starts it again.
+    """
+
+    IDLE_S = 10.0
+
+    def __init__(self) -> None:
+        self._calls: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._alive = False
+        self.started = 0            # threads started (tests)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn, arg) -> asyncio.Future:
+        """fn(arg) on the pass thread; the returned future (of `loop`) gets its result."""
+        fut = loop.create_future()
+        with self._lock:
+            self._calls.put((loop, fut, fn, arg))
+            if not self._alive:
+                self._alive = True
+                self.started += 1
+                threading.Thread(target=self._serve, name="omni2-listen", daemon=True).start()
+        return fut
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                loop, fut, fn, arg = self._calls.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._calls.empty():
+                        self._alive = False
+                        return
+                continue
+            try:
+                result, error = fn(arg), None
+            except BaseException as exc:  # handed to the awaiting task
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle_future, fut, result, error)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits
+                pass
+
+
+def _settle_future(fut: asyncio.Future, result, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _resolve(fut: Optional[asyncio.Future]) -> None:

@@ -81,3 +81,36 @@ def test_a_bad_append_fails_only_its_own_session():
 
     ok, err = asyncio.run(main())
     assert ok == [] and isinstance(err, ValueError)
+
+
+def test_the_pass_thread_returns_results_and_errors_and_ends_when_idle():
+    import threading
+
+    from omni2.server.listen_tick import PassThread
+
+    def work(x):
+        if x is None:
+            raise KeyError("bad")
+        return (x * 2, threading.current_thread().name)
+
+    runner = PassThread()
+    runner.IDLE_S = 0.05
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        first = await runner.run(loop, work, 2)
+        with pytest.raises(KeyError):
+            await runner.run(loop, work, None)
+        both = await asyncio.gather(runner.run(loop, work, 3), runner.run(loop, work, 4))
+        assert runner.started == 1       # one thread served every call in a row
+        for _ in range(100):             # idle past IDLE_S: the thread ends
+            if not runner.alive:
+                break
+            await asyncio.sleep(0.02)
+        assert not runner.alive
+        again = await runner.run(loop, work, 5)
+        return first, both, again
+
+    first, both, again = asyncio.run(main())
+    assert first == (4, "omni2-listen") and [b[0] for b in both] == [6, 8] and again[0] == 10
+    assert runner.started == 2

@@ -52,6 +52,7 @@ from ..audio import REALTIME_SAMPLE_RATE, Resampler
 from .detector import Detector, Heard
 from .echo import EchoCanceller, EchoConfig
 from .interrupt import CommandConfig, CommandDetector
+from .recent import RecentSamples
 from .vad import CHUNK, SAMPLE_RATE, SileroStream, SpeechDetector, score_streams
 
 Mode = Literal["command", "barge_in"]
@@ -210,8 +211,8 @@ class DuplexController(Detector):
         # The windowed-sinc filter (~2 ms of lag), not libsoxr (~22 ms): the echo reference
         # sets the playout timeline, whose end says what the user has heard.
         self._resampler = Resampler(REALTIME_SAMPLE_RATE, SAMPLE_RATE, backend="sinc")
-        self._clean = np.zeros(0, dtype=np.float32)   # cleaned audio kept for windows
-        self._clean_base = 0
+        keep = int(self.config.command.window_s * SAMPLE_RATE) + self.config.window_lead_ms * self._ms + CHUNK
+        self._clean = RecentSamples(keep)              # cleaned audio kept for windows
         self._vad_pending = np.zeros(0, dtype=np.float32)
         self.speaking = False
         self._answer_start: int | None = None  # playout sample where this answer starts
@@ -308,12 +309,7 @@ class DuplexController(Detector):
         return events
 
     def _keep(self, clean: np.ndarray) -> None:
-        self._clean = np.concatenate([self._clean, clean]) if self._clean.size else clean.copy()
-        keep = int(self.config.command.window_s * SAMPLE_RATE) + self.config.window_lead_ms * self._ms + CHUNK
-        if self._clean.size > 2 * keep:
-            drop = self._clean.size - keep
-            self._clean = self._clean[drop:]
-            self._clean_base += drop
+        self._clean.append(clean)
 
     def _chunk(self, chunk: np.ndarray, prob: float, power: float) -> list[Heard]:
         cfg = self.config
@@ -434,10 +430,11 @@ class DuplexController(Detector):
         (the other talker between the user's words) pushed down, like an expander.
         """
         cfg = self.config
-        base = max(self._segment_start, end - int(cfg.command.window_s * SAMPLE_RATE), self._clean_base)
+        kept, first = self._clean.data, self._clean.base
+        base = max(self._segment_start, end - int(cfg.command.window_s * SAMPLE_RATE), first)
         if end - base < cfg.min_window_ms * self._ms:
-            base = max(self._clean_base, end - cfg.min_window_ms * self._ms)
-        window = self._clean[base - self._clean_base : end - self._clean_base]
+            base = max(first, end - cfg.min_window_ms * self._ms)
+        window = kept[base - first : end - first].copy()  # the kept audio is overwritten in place
         windows = [window]
         if end - self._segment_start < cfg.foreground_min_ms * self._ms:
             return windows

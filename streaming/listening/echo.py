@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio import MODEL_SAMPLE_RATE as SAMPLE_RATE  # the microphone as the listener hears it
+from .recent import RecentSamples
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class EchoCanceller:
         self._ref = np.zeros(0, dtype=np.float32)   # reference samples from _ref_base on
         self._ref_base = 0
         self.playout_end = 0                         # where the next chunk would start
-        self._mic = np.zeros(0, dtype=np.float32)   # recent raw mic, for delay search
-        self._mic_base = 0
+        # recent raw mic, for the delay search
+        self._mic = RecentSamples(self.config.delay_window_ms * SAMPLE_RATE // 1000)
         self._pending = np.zeros(0, dtype=np.float32)
         self.samples_in = 0        # microphone samples received
         self.samples_out = 0       # cleaned samples returned (multiple of block)
@@ -203,12 +204,7 @@ class EchoCanceller:
         return x.astype(np.float32)
 
     def _remember_mic(self, x: np.ndarray) -> None:
-        self._mic = np.concatenate([self._mic, x])
-        keep = self.config.delay_window_ms * SAMPLE_RATE // 1000
-        if self._mic.size > 2 * keep:
-            drop = self._mic.size - keep
-            self._mic = self._mic[drop:]
-            self._mic_base += drop
+        self._mic.append(x)
 
     def _trim(self) -> None:
         # Keep the reference needed by the delay search and the filter history.
@@ -270,12 +266,13 @@ class EchoCanceller:
         need a second or two of echo to converge; the recent past holds that echo already.
         """
         b = self.block
-        first = max(self._mic_base, now - self.config.catch_up_ms * SAMPLE_RATE // 1000)
+        mics, base = self._mic.data, self._mic.base
+        first = max(base, now - self.config.catch_up_ms * SAMPLE_RATE // 1000)
         first = now - ((now - first) // b) * b
         for _ in range(self.config.catch_up_passes):
             self._X[:] = 0.0
             for t in range(first, now, b):
-                m = self._mic[t - self._mic_base : t - self._mic_base + b].astype(np.float64)
+                m = mics[t - base : t - base + b].astype(np.float64)
                 if m.size == b:
                     self._filter(m, t)
 
@@ -313,11 +310,12 @@ class EchoCanceller:
         """
         cfg = self.config
         win = cfg.delay_window_ms * SAMPLE_RATE // 1000
-        end = min(now, self._mic_base + self._mic.size)
-        start = max(end - win, self._mic_base)
+        base = self._mic.base
+        end = min(now, base + self._mic.size)
+        start = max(end - win, base)
         if end - start < win // 3:
             return None
-        mic = self._mic[start - self._mic_base : end - self._mic_base].astype(np.float64)
+        mic = self._mic.data[start - base : end - base].astype(np.float64)
         ref = self.reference(start - self.max_delay, end).astype(np.float64)
         if float(np.mean(ref**2)) < _db_to_power(cfg.reference_floor_db) or float(np.mean(mic**2)) < 1e-9:
             return None
