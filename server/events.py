@@ -11,6 +11,8 @@ import itertools
 import os
 from typing import Optional
 
+from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+
 _counter = itertools.count(1)
 _prefix = os.urandom(4).hex()
 
@@ -199,7 +201,7 @@ BETA_NAMES = {
 
 # GA content part type -> beta; GA audio format object -> beta format name.
 _BETA_PART_TYPES = {"output_audio": "audio", "output_text": "text"}
-_BETA_FORMATS = {("audio/pcm", 24000): "pcm16", ("audio/pcmu", None): "g711_ulaw",
+_BETA_FORMATS = {("audio/pcm", REALTIME_SAMPLE_RATE): "pcm16", ("audio/pcmu", None): "g711_ulaw",
                  ("audio/pcma", None): "g711_alaw"}
 
 

@@ -1,8 +1,10 @@
 """The parent of `omni2 serve --workers N`: binds the port, runs the processes, restarts them.
 
 The parent binds the listening socket once and every gateway inherits it (uvicorn serves an
-inherited socket), so all gateways accept on the same port and the kernel spreads the
-connections. The engine process binds a ZeroMQ ipc endpoint in a private directory.
+inherited socket), so all gateways accept on the same port: the kernel wakes the gateways
+waiting on it and the first to accept takes the connection. That is not an even spread: on a
+lightly loaded host one gateway can take every connection in a row (seen: 80 of 80), and the
+others take over as it gets busy. The engine process binds a ZeroMQ ipc endpoint in a private directory.
 
 Restarts: a gateway that exits is started again at once (backoff only if it keeps dying); its
 clients saw their connections end (1011 on a Python-level failure; a SIGKILL leaves the kernel
