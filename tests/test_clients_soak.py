@@ -22,6 +22,13 @@ def test_a_sawtooth_that_does_not_rise_is_flat_and_a_rising_one_is_not():
     rising = summarize(run_of(lambda t: 1000 + t), 600 * MB, 900 * MB, 1700 * MB, 16, 120)
     assert rising["minute_mean_growth_pct"] > 30 and rising["slope_mb_per_min"] == pytest.approx(60, rel=0.05)
     assert [m[0] for m in rising["rss_minutes_mb"]] == list(range(10))
+    assert rising["rss_high_water_mb"] == 1700   # VmHWM above every sample: taken as is
+
+
+def test_the_high_water_mark_is_never_below_a_sample():
+    # VmHWM is read once at the end and the kernel updates it lazily: a sample may exceed it
+    r = summarize(run_of(lambda t: 1000 + t), 600 * MB, 900 * MB, 1200 * MB, 16, 120)
+    assert r["rss_high_water_mb"] == pytest.approx(1000 + 595) and r["rss_high_water_mb"] >= r["rss_end_mb"]
 
 
 @pytest.mark.slow

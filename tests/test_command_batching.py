@@ -200,8 +200,11 @@ def test_cuda_recognizer_gives_the_cpu_decisions(recognizer, windows):
 
 @requires_speech
 def test_forced_probabilities_of_the_decoded_tokens_are_the_decoders_own(recognizer, windows):
-    """Teacher-forcing the greedy transcript's own tokens gives back the probability the
-    free decode gave each of them (the forced pass reuses that call's encoder output)."""
+    """Teacher-forcing the greedy transcript's own tokens gives back, position by position,
+    about the probability the free decode gave each of them (the forced pass reuses that
+    call's encoder output). About: one token can be up to ~0.2 apart (int8 on AVX2 0.21, on
+    AVX-512 0.16; even float32 0.17 on a repeated phrase), so the check is on the mean, and
+    that the same probabilities one position off are further apart."""
     prompt = CommandDetector(CommandConfig(), recognizer=recognizer).prompt
     for window in windows[:2]:
         t = recognizer.transcribe(window, prompt, 16)
@@ -209,10 +212,11 @@ def test_forced_probabilities_of_the_decoded_tokens_are_the_decoders_own(recogni
         assert encoded is None  # taken by the call that produced t
         recognizer.generate([window], prompt, 16)
         forced = recognizer.force(recognizer._local.encoded, [window], prompt, [(0, 0, [], list(t.tokens))])[0]
-        assert len(forced) == len(t.tokens) > 0
-        # (int8: the step-by-step and the whole-sequence pass quantize their activations
-        # differently, up to ~0.16 apart here; a token off by one position is far more)
-        np.testing.assert_allclose(forced, t.token_probs, atol=0.2, err_msg=t.text)
+        assert len(forced) == len(t.tokens) > 1
+        forced, free = np.asarray(forced), np.asarray(t.token_probs)
+        aligned = np.abs(forced - free).mean()
+        shifted = min(np.abs(forced[1:] - free[:-1]).mean(), np.abs(forced[:-1] - free[1:]).mean())
+        assert aligned < 0.1 and aligned < shifted, (t.text, forced, free)
 
 
 @requires_speech
