@@ -11,7 +11,9 @@ import itertools
 import os
 from typing import Optional
 
-from omni2.streaming.audio import REALTIME_SAMPLE_RATE
+from omni2.streaming.audio import parse_audio_format
+
+from .session_config import beta_format_name
 
 _counter = itertools.count(1)
 _prefix = os.urandom(4).hex()
@@ -199,15 +201,14 @@ BETA_NAMES = {
     "response.output_text.done": "response.text.done",
 }
 
-# GA content part type -> beta; GA audio format object -> beta format name.
+# GA content part type -> beta.
 _BETA_PART_TYPES = {"output_audio": "audio", "output_text": "text"}
-_BETA_FORMATS = {("audio/pcm", REALTIME_SAMPLE_RATE): "pcm16", ("audio/pcmu", None): "g711_ulaw",
-                 ("audio/pcma", None): "g711_alaw"}
 
 
 def _beta_format(fmt: dict):
-    """The beta name of a GA format; other PCM rates (an omni2 extension) keep the GA object."""
-    return _BETA_FORMATS.get((fmt.get("type"), fmt.get("rate")), fmt)
+    """The beta name of a GA format object (session_config.BETA_FORMATS); PCM at other rates
+    (an omni2 extension) keeps the GA object."""
+    return beta_format_name(parse_audio_format(fmt)) or fmt
 
 
 def _beta_modalities(output_modalities: list[str]) -> list[str]:

@@ -20,17 +20,28 @@ from .settings import ServerSettings
 # The session field (and query parameter of /v1/realtime) that turns omni2's extension events on.
 EXTENSIONS_FIELD = "omni2_extensions"
 
-# Output is always 24 kHz PCM16 (the codec's rate) or 8 kHz G.711; input may be any PCM rate
-# streaming.audio accepts (16 kHz microphones need no resampling on the client).
 PCM16_24K = AudioFormat("pcm16", REALTIME_SAMPLE_RATE)
-_OUTPUT_FORMATS = {("pcm16", REALTIME_SAMPLE_RATE), ("g711_ulaw", G711_SAMPLE_RATE), ("g711_alaw", G711_SAMPLE_RATE)}
-_WIRE_TYPES = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+
+# The audio formats of the beta protocol, by their beta name (an AudioFormat's encoding):
+# (GA wire type, the one sample rate the name stands for). A beta name carries no rate, so
+# "pcm16" is 24 kHz only: PCM at another rate (an omni2 extension; input may be any PCM rate
+# streaming.audio accepts, so 16 kHz microphones need no resampling) has no beta name, and
+# beta clients are shown its GA object. Output is always one of these: 24 kHz PCM16 (the
+# codec's rate) or 8 kHz G.711.
+BETA_FORMATS = {"pcm16": ("audio/pcm", REALTIME_SAMPLE_RATE), "g711_ulaw": ("audio/pcmu", G711_SAMPLE_RATE),
+                "g711_alaw": ("audio/pcma", G711_SAMPLE_RATE)}
 
 
 def format_to_wire(fmt: AudioFormat) -> dict:
-    if fmt.encoding == "pcm16":
-        return {"type": "audio/pcm", "rate": fmt.sample_rate}
-    return {"type": _WIRE_TYPES[fmt.encoding]}
+    """The GA format object: PCM states its rate, G.711 (always 8 kHz) does not."""
+    wire_type = BETA_FORMATS[fmt.encoding][0]
+    return {"type": wire_type, "rate": fmt.sample_rate} if fmt.encoding == "pcm16" else {"type": wire_type}
+
+
+def beta_format_name(fmt: AudioFormat) -> Optional[str]:
+    """The beta name of a format, or None where beta has none (PCM at a rate other than 24 kHz)."""
+    entry = BETA_FORMATS.get(fmt.encoding)
+    return fmt.encoding if entry is not None and entry[1] == fmt.sample_rate else None
 
 
 def parse_format(value, param: str, output: bool) -> AudioFormat:
@@ -42,7 +53,7 @@ def parse_format(value, param: str, output: bool) -> AudioFormat:
         fmt = parse_audio_format(value)
     except ValueError as exc:
         raise ProtocolError("invalid_value", f"Unsupported audio format: {exc}.", param) from None
-    if output and (fmt.encoding, fmt.sample_rate) not in _OUTPUT_FORMATS:
+    if output and beta_format_name(fmt) is None:  # (output: exactly the formats beta names)
         raise ProtocolError("invalid_value", f"Output audio is {REALTIME_SAMPLE_RATE} Hz audio/pcm, audio/pcmu or "
                             f"audio/pcma; got {format_to_wire(fmt)}.", param)
     return fmt

@@ -12,7 +12,8 @@ from omni2.server import protocol as p
 from omni2.server.input_audio import InputAudio, Overflow, SpeechStarted, SpeechStopped
 from omni2.server.metrics import Metrics
 from omni2.server.outbox import Outbox, SlowReader
-from omni2.server.session_config import SessionConfig, TurnDetection
+from omni2.server.events import to_beta
+from omni2.server.session_config import BETA_FORMATS, SessionConfig, TurnDetection, beta_format_name
 from omni2.server.settings import ServerSettings, SettingsError, settings_from_env
 from omni2.streaming.audio import AudioFormat
 from omni2.streaming.listening.detector import Detector, Heard
@@ -168,6 +169,24 @@ def test_session_update_beta_shape():
     assert cfg.turn_detection == TurnDetection(threshold=0.7, prefix_padding_ms=300, silence_duration_ms=300)
     assert cfg.turn_detection.silence_duration_ms == 300 and cfg.temperature == 0.8
     assert cfg.output_modalities == ("audio",)
+
+
+def test_audio_formats_round_trip_between_beta_names_and_ga_objects():
+    """A beta format name set in session.update is shown back to a beta client by the same
+    name, and to a GA client as its GA object, which names the same format; a PCM rate the
+    beta protocol cannot name (pcm16 is 24 kHz only) is shown to both as the GA object."""
+    for name in BETA_FORMATS:
+        cfg, _ = SessionConfig.default(S, "m").apply({"input_audio_format": name, "output_audio_format": name}, S)
+        ga = cfg.to_wire("sess_1")["audio"]
+        beta = to_beta({"type": "session.updated", "session": cfg.to_wire("sess_1")})["session"]
+        assert beta["input_audio_format"] == beta["output_audio_format"] == name
+        assert ga["input"]["format"]["type"] == BETA_FORMATS[name][0]
+        back, _ = SessionConfig.default(S, "m").apply({"audio": {"input": ga["input"], "output": ga["output"]}}, S)
+        assert back.input_format == back.output_format == cfg.input_format == AudioFormat(name, BETA_FORMATS[name][1])
+    cfg, _ = SessionConfig.default(S, "m").apply({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}, S)
+    beta = to_beta({"type": "session.updated", "session": cfg.to_wire("sess_1")})["session"]
+    assert beta["input_audio_format"] == {"type": "audio/pcm", "rate": 16000} and beta["output_audio_format"] == "pcm16"
+    assert beta_format_name(AudioFormat("pcm16", 16000)) is None
 
 
 @pytest.mark.parametrize("patch,param", [
