@@ -187,6 +187,7 @@ class Engine:
                     self.counters["refused_first_audio"] += 1
                     raise EngineBusy.refused(decision)
                 self._starting[turn.id] = (turn, starting + 1)
+                turn._ended = lambda: self._no_first_audio(turn)  # (one that ends without audio counts no more)
             self._queued += 1
         if slot.turn is not None and request.answer:
             slot.turn.cancel()
@@ -564,6 +565,10 @@ class Engine:
             slot.end_turn()
         self.vocoder.finish(turn, TurnDone(reason=reason, frames_generated=slot_frames(steps),
                                            frames_emitted=0, text=text, stats=stats, error=error))
+
+    def _no_first_audio(self, turn: Turn) -> None:
+        with self._lock:
+            self._starting.pop(turn.id, None)
 
     def _first_audio(self, turn: Turn, seconds: float) -> None:
         self.ttfa_seconds.append(seconds)

@@ -157,12 +157,15 @@ class Turn:
         self._cancel = threading.Event()
         self._release = threading.Event()
         self._poke = _nothing                 # the engine's wake-up, set when it takes the turn
+        self._ended = _nothing                # the engine's bookkeeping, run at TurnDone
         self._done = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
 
     # ---- engine side -------------------------------------------------------------------
     def _emit(self, event: TurnEvent) -> None:
+        if isinstance(event, TurnDone):
+            self._ended()  # (before a reader can see the TurnDone)
         self._events.put(event)
         if isinstance(event, TurnDone):
             self._done.set()
