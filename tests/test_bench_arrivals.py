@@ -17,9 +17,13 @@ def test_search_doubles_then_bisects_to_the_largest_rate_held():
     assert tried == [1.0, 2.0, 4.0, 3.0, 3.5, 3.25] and held == 3.0
     slow_tail = _run(1, 2).__class__(**{**_run(1, 2).__dict__, "ttfa_p99_ms": 250})
     assert not slow_tail.held and slow_tail.kept_deadlines                    # first audio judged apart
+    rows = []
     held, _ = search_rates(lambda r: _run(r, 3.1).__class__(**{**_run(r, 3.1).__dict__, "ttfa_p99_ms": 250}),
-                           start=1.0, bisections=1, out=lambda s: None, holds=lambda r: r.kept_deadlines)
+                           start=1.0, bisections=1, out=rows.append, holds=lambda r: r.kept_deadlines)
     assert held == 3.0
+    # each row's verdict is the rule the search used: the slow tail is listed, not a failure
+    slow = "yes (first audio p99 > 2x p50)"
+    assert [row.split("batch  ")[1] for row in rows] == [slow, slow, "no (underruns, first audio p99 > 2x p50)", slow]
 
 
 def test_a_short_open_loop_run_on_the_tiny_model(tiny_model):
