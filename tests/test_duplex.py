@@ -251,8 +251,17 @@ def test_bench_summary_counts_early_stops_as_false():
     s = summarize(results)
     assert (s["true_stops"], s["false_stops"]) == (1, 2)
     assert s["recall"] == pytest.approx(1 / 3) and s["precision"] == pytest.approx(1 / 3)
-    assert s["false_stop_rate"] == pytest.approx(0.5)
+    assert s["false_stop_rate"] == pytest.approx(0.5) and s["early_stops"] == 1
     assert s["latency_p50_ms"] == pytest.approx(150.0)
+    # the printed rate and the counts beside it are of the same clips
+    from omni2.clients.tools.bench_interrupt import _print_table
+
+    lines = []
+    _print_table({**s, "split": "test", "mode": "command", "seed": 0, "sessions": 1, "playback": False,
+                  "audio_seconds": 1.0, "real_time_factor": 0.1, "cpu_count": 2, "load_average": (0.0, 0.0)},
+                 lines.append)
+    assert "  false-stop rate  0.500   (1 of 2 non-commands, plus 1 stops before the command began: " \
+        "2 false stops)" in lines
     assert s["decision_wait_ms_p50"] is None  # simulated runs without the breakdown
 
 

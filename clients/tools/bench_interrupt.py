@@ -338,6 +338,7 @@ def summarize(results: list[ClipResult], from_start: bool = False) -> dict:
         "non_commands": negatives,
         "true_stops": tp,
         "false_stops": fp,
+        "early_stops": fp_cmd,   # of false_stops: in a command clip, before the command began
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "false_stop_rate": false_stops / negatives if negatives else 0.0,
@@ -500,7 +501,9 @@ def _print_table(s: dict, printer) -> None:
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")
     printer(f"  recall           {s['recall']:.3f}   (target >= 0.90)")
-    printer(f"  false-stop rate  {s['false_stop_rate']:.3f}   ({s['false_stops']} false stops)")
+    early = s.get("early_stops", 0)
+    printer(f"  false-stop rate  {s['false_stop_rate']:.3f}   ({s['false_stops'] - early} of {s['non_commands']} "
+            f"non-commands, plus {early} stops before the command began: {s['false_stops']} false stops)")
     printer(f"  latency p50      {fmt(s['latency_p50_ms'])}")
     frm = "start of speech" if s["mode"] == "barge_in" else "end of command"
     printer(f"  latency p90      {fmt(s['latency_p90_ms'])}   (target <= 300 ms; {frm} -> decision)")
