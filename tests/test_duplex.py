@@ -287,6 +287,43 @@ def test_bench_summary_breaks_latency_down_over_detected_commands_only():
     assert (s["decision_work_ms_p50"], s["decision_work_ms_p90"]) == (2.0, 120.0)
 
 
+def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
+    """The run's real-time factor is the clips' processing time over their audio: the
+    recognizer's CPU measurement after the run is not in it."""
+    import time
+
+    from omni2.clients.tools import bench_interrupt as bi
+    from omni2.streaming.listening.interrupt import RecognizerStats
+
+    class Quiet:  # hears nothing, instantly
+        decode_seconds, skipped, trace = [], 0, []
+        detector = type("D", (), {"recognizer": type("R", (), {"stats": RecognizerStats()})()})()
+
+        def __init__(self, config):
+            pass
+
+        def reset(self):
+            pass
+
+        def set_speaking(self, on):
+            pass
+
+        def feed_output(self, pcm):
+            pass
+
+        def feed_input(self, pcm):
+            return []
+
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR * 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", Quiet)
+    monkeypatch.setattr(bi, "build_set", lambda *a, **k: [clip])
+    monkeypatch.setattr(bi, "recognizer_cost", lambda *a: time.sleep(1.0) or {
+        "calls": 0, "windows": 0, "windows_per_call": None, "windows_per_session_s": 0.0,
+        "cpu_ms_per_window": {}, "context_s": 6.0, "device": "cpu"})
+    s = bi.run_interrupt_bench(printer=lambda line: None)
+    assert s["audio_seconds"] == 2.0 and s["real_time_factor"] < 0.25     # 1 s measuring would be 0.5
+
+
 @requires_speech
 @pytest.mark.slow
 def test_interrupt_bench_quick_run(command_controller):
