@@ -232,3 +232,26 @@ def test_forced_scoring_finds_the_phrase_only_where_it_was_said(recognizer, wind
     assert scores["stop omni"] > 0.5 and scores["Stop Omni!"] > 0.5, scores
     assert scores["tell me more"] < 0.1 and scores["stop on my way"] < 0.3, scores
     assert recognizer.stats.forced > 0
+
+
+def test_forced_scoring_leaves_the_free_readings_punctuation_out_as_the_phrases(recognizer):
+    """The ratio of the forced phrase to the free reading of the same words: punctuation
+    carries no sound, so the phrase's own "." is not scored, nor is the free reading's."""
+    from dataclasses import replace
+
+    from omni2.streaming.listening.interrupt import Transcript, Word
+
+    det = CommandDetector(CommandConfig(forced=True), recognizer=recognizer)
+    ids = tuple(recognizer._tok.encode(" Please stop on me.", add_special_tokens=False).ids)
+    assert recognizer._tok.decode([ids[-1]]) == "."
+    free_word = {}
+    for dot in (0.9, 0.05):
+        t = Transcript("Please stop on me.", tuple(Word(w, 0.9) for w in ("Please", "stop", "on", "me.")), -0.1,
+                       ids, (0, 1, 2, 3), (0.9, 0.9, 0.9, 0.9, dot))
+        spots = det.forced_spots(t)
+        assert 1 in [j for j, *_ in spots]                    # "stop on me" in place of the phrase
+        t = replace(t, forced=tuple((0.5,) * len(ph) for *_, ph in spots))
+        det.trace_spots = []
+        det.forced_score(t)
+        free_word[dot] = [free for j, _, _, free in det.trace_spots if j == 1][0]
+    assert free_word[0.9] == free_word[0.05] == pytest.approx(0.9 ** (3 / 2))   # 3 words' tokens, per phrase word

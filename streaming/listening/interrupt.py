@@ -703,6 +703,11 @@ class CommandDetector:
                 out.append((j, phrase, prefix, self._phrase_ids[(phrase, capital)]))
         return out
 
+    def _sounds(self, token: int) -> bool:
+        if token not in self._sounding:
+            self._sounding[token] = re.search(r"[A-Za-z0-9]", self.recognizer._tok.decode([token])) is not None
+        return self._sounding[token]
+
     def _forced_candidates(self, t: Transcript) -> list[tuple[list[int], list[int]]]:
         return [(pre, ph) for _, _, pre, ph in self.forced_spots(t)]
 
@@ -718,8 +723,10 @@ class CommandDetector:
             sounding = [p for i, p in zip(ids, probs) if self._sounding[i]]
             per_word = float(np.exp(np.sum(np.log(np.maximum(sounding, 1e-9))) / n_words))
             # The free reading of the same place: the words it replaces, or (after the end)
-            # whatever the decoder went on with (its repetition loop; 1.0 after an end of text).
-            free = t.token_probs[len(prefix) : end_tok] if j < keep else t.token_probs[end_tok : end_tok + 1]
+            # whatever the decoder went on with (its repetition loop; 1.0 after an end of text);
+            # its punctuation left out as the phrase's is.
+            at = slice(len(prefix), end_tok) if j < keep else slice(end_tok, end_tok + 1)
+            free = [p for i, p in zip(t.tokens[at], t.token_probs[at]) if self._sounds(i)]
             free_word = float(np.exp(np.sum(np.log(np.maximum(free, 1e-9))) / n_words)) if len(free) else 1.0
             ratio = per_word / max(free_word, 1e-9)
             if self.trace_spots is not None:
