@@ -1,4 +1,4 @@
-"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt,soak}`: benchmarks that print figures.
+"""`omni2 bench {model,kernels,engine,arrivals,server,interrupt,soak,gateway}`: benchmarks that print figures.
 
 Each compares against a baseline measured in the same run; speed goals live here, never in
 tests. Machines are noisy: every figure is a median of --repeats runs.
