@@ -23,3 +23,14 @@ def test_the_readme_command_table_lists_every_subcommand_and_benchmark():
     bench_row = next(row for row in rows if row.startswith("| `omni2 bench "))
     listed = set(re.match(r"\| `omni2 bench ([a-z|\\]+)`", bench_row).group(1).replace("\\", "").split("|"))
     assert listed == set(_subcommands(_subcommands(build_parser(only="bench"))["bench"]))
+
+
+def test_every_help_text_prints():
+    """`omni2 X --help` and `omni2 bench X --help` for every X (argparse expands '%' in help
+    texts: a bare one made `omni2 bench arrivals --help` raise)."""
+    for name in _subcommands(build_parser()):
+        full = _subcommands(build_parser(only=name))[name]
+        assert full.format_help()
+        if name == "bench":
+            for what, bench in _subcommands(full).items():
+                assert f"omni2 bench {what}" in bench.format_help()
