@@ -171,3 +171,12 @@ def test_generate_reports_bad_checkpoint_without_traceback(tmp_path):
     assert done.returncode == 1
     assert "not a Mini-Omni2 checkpoint, missing lit_model.pth" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_generate_summary_says_when_no_wav_was_asked_for(tiny_checkpoint):
+    """Without --wav no audio is decoded: the summary says so instead of 'wav samples: 0'."""
+    cmd = [sys.executable, "-m", "omni2.clients.cli", "generate", "--checkpoint", str(tiny_checkpoint),
+           "--text", "hi", "--max-steps", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("4 steps (max_steps); text: ") and done.stdout.rstrip().endswith("wav: none (no --wav)")

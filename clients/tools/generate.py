@@ -5,6 +5,7 @@ The JSON shape is stable; scripts and the engine tests depend on it:
   {"prompt_ids": [row0, row1]  (each: 8 lists, audio layers 0-6 as local ids, then text ids),
    "text_tokens": [id per step], "audio_tokens": [[7 local ids] per step],
    "wav_samples": n, "text": "...", "stop": "eoa" | "max_steps"}
+wav_samples: the samples written to --wav (0 without --wav: SNAC runs only then).
 """
 from __future__ import annotations
 
@@ -80,5 +81,6 @@ def main(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout)
         print()
     else:
-        print(f"{len(gen.text_tokens)} steps ({gen.stop}); text: {result['text']!r}; wav samples: {n_samples}")
+        wav = f"{n_samples} samples to {args.wav}" if args.wav else "none (no --wav)"
+        print(f"{len(gen.text_tokens)} steps ({gen.stop}); text: {result['text']!r}; wav: {wav}")
     return 0
