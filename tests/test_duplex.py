@@ -322,6 +322,11 @@ def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
         "cpu_ms_per_window": {}, "context_s": 6.0, "device": "cpu"})
     s = bi.run_interrupt_bench(printer=lambda line: None)
     assert s["audio_seconds"] == 2.0 and s["real_time_factor"] < 0.25     # 1 s measuring would be 0.5
+    # with --forced the recognizer line says its CPU figure leaves the forced rows out
+    lines = []
+    bi._print_table({**s, "forced": True, "recognizer": {**s["recognizer"], "forced_rows": 3}}, lines.append)
+    assert any("the forced rows are not timed" in line for line in lines)
+    assert "  forced scoring   3 teacher-forced rows" in lines
 
 
 @requires_speech

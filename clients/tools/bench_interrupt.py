@@ -523,7 +523,10 @@ def _print_table(s: dict, printer) -> None:
         cpu = ", ".join(f"batch {b}: {v} ms" for b, v in rc["cpu_ms_per_window"].items())
         printer(f"  recognizer       {rc['windows']} windows in {rc['calls']} calls ({rc['windows_per_call']} per call), "
                 f"{rc['windows_per_session_s']} windows/s per session; CPU per window {cpu} "
-                f"({rc['context_s']} s mel, {rc['device']})")
+                f"({rc['context_s']} s mel, {rc['device']}"
+                f"{'; the free decode alone: the forced rows are not timed' if s.get('forced') else ''})")
+        if s.get("forced"):
+            printer(f"  forced scoring   {rc['forced_rows']} teacher-forced rows")
     printer("  condition      commands detected  non-commands false-stops")
     for cond, c in s["by_condition"].items():
         printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}  {c['non_commands']:12d} {c['false_stops']:11d}")
