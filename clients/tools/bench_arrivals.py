@@ -301,6 +301,13 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
     load = (lambda: load_runtime("tiny", device=device, prepack=device == "cpu")) if size == "tiny" else (
         lambda: random_model(size, __import__("torch").float32, device))
     model = in_fresh_thread(load, threads=DEFAULT_THREADS)
+    if device == "cpu":
+        from omni2.streaming.cpu.threads import model_threads
+        from omni2.streaming.engine.engine import model_width
+
+        width = model_width(model)
+        out(f"# the engine's steps and encoders: {model_threads(width) if width else DEFAULT_THREADS} torch thread(s) "
+            f"each (model width {width}, streaming/cpu/threads.model_threads), the vocoder 1")
     results = {"runs": [], "held_rate": {}, "held_rates": {}, "past_held": {}}
     if False in modes:
         results.update(baseline_held_rate={}, baseline_held_rates={}, baseline_past_held={})
