@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
     arr.add_argument("--bisections", type=int, default=2)
     arr.add_argument("--no-ttfa-target", action="store_false", dest="ttfa_target",
-                     help="held = 0 underruns and refusals within 1% (first audio p99 <= 2x p50 not required)")
+                     help="held = 0 underruns and refusals within 1%% (first audio p99 <= 2x p50 not required)")
     arr.add_argument("--duration", type=float, default=8.0,
                      help="seconds of arrivals per rate at least (and at least --min-turns turns)")
     arr.add_argument("--min-turns", type=int, default=100,
