@@ -32,6 +32,7 @@ def test_a_short_open_loop_run_on_the_tiny_model(tiny_model):
     assert r.step_p50_ms > 0 and r.step_p99_ms >= r.step_p50_ms
     assert 0 < r.ttfa_p50_ms <= r.ttfa_p90_ms <= r.ttfa_p99_ms
     assert r.underruns >= 0 and r.mean_live >= 1
+    assert r.others_cores >= 0 or r.others_cores != r.others_cores   # nan without /proc
 
 
 def test_the_hold_rule_allows_one_percent_refused_and_reports_the_first_rate_past_it():
@@ -59,3 +60,16 @@ def test_each_engine_warms_up_on_answers_as_long_as_the_measured_ones(tiny_model
                         or warmup(self, seconds, steps))
     arrival_run(tiny_model, sessions=2, rate=4.0, duration_s=0.3, answer_s=2.0, question_s=0.5)
     assert seen == [(0.5, 23 + 7)]        # 2 s of frames (23) + the 7-step delay: full-width SNAC windows
+
+
+def test_others_load_is_the_machine_less_this_process(monkeypatch):
+    import os
+
+    from omni2.clients.tools import bench_arrivals
+
+    samples = iter([(10.0, 1.0, 100.0), (13.0, 1.5, 102.0)])  # machine busy, own CPU, clock
+    monkeypatch.setattr(bench_arrivals.OthersLoad, "_sample", staticmethod(lambda: next(samples)))
+    assert bench_arrivals.OthersLoad().cores() == 1.25            # (3 - 0.5) cpu-s over 2 s
+    if os.path.exists("/proc/stat"):
+        monkeypatch.undo()
+        assert bench_arrivals.OthersLoad().cores() >= 0

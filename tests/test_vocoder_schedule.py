@@ -82,6 +82,14 @@ def test_plan_call_takes_the_most_urgent_and_its_width():
     assert [r[2] for r in plan_call(ready, batch_frames=96)] == ["first audio"]
 
 
+def test_plan_call_leaves_windows_that_can_wait_out_of_an_urgent_call():
+    ready = [(10.0, _window(24), "first audio"), (10.3, _window(24), "due soon"), (12.0, _window(24), "buffered"),
+             (13.0, _window(24), "buffered too")]
+    assert [r[2] for r in plan_call(ready, batch_frames=96, slack_s=0.5)] == ["first audio", "due soon"]
+    assert [r[2] for r in plan_call(ready[2:], batch_frames=96, slack_s=0.5)] == ["buffered"]
+    assert len(plan_call(ready, batch_frames=96)) == 4   # no slack given: as many as fit
+
+
 def test_vocoder_decodes_the_answer_that_runs_out_first(tiny, monkeypatch):
     """Three answers wait with all their frames; one window per call: the order of the calls
     follows each listener's playback time left, and every answer's audio is its one-shot decode."""

@@ -11,7 +11,8 @@ Each answer's audio is played by a simulated client with a `jitter_s` buffer
 (clients/loadtest.count_underruns): a chunk that arrives after the player ran dry is an
 underrun. Reported per rate: decode step p50/p99, underruns per answer, time to first audio
 (submit -> first audio chunk) p50/p90/p99 of the admitted turns, refusals (admission on step
-headroom and on the first-audio wait, streaming/engine/admission.py).
+headroom and on the first-audio wait, streaming/engine/admission.py), and the cores the
+machine's other processes kept busy meanwhile (`others`: on a shared machine, how shared).
 
 The hold rule, stated: a rate is *held* when no admitted answer underran, at most 1% of the
 offered turns were refused, and first audio p99 stayed within 2x its p50. Percentiles are
@@ -68,6 +69,7 @@ class ArrivalRun:
     load_avg: float = 0.0       # the machine's 1-minute load average at the end (shared machines)
     batched: bool = True        # False: the one-at-a-time baseline scheduling
     refused_first_audio: int = 0  # of `refused`: for the first-audio wait (the rest: step headroom)
+    others_cores: float = float("nan")  # cores the machine's other processes used during the probe
 
     @property
     def offered(self) -> int:
@@ -129,6 +131,32 @@ def _open(eng: Engine, wait_s: float = 5.0) -> str:
             time.sleep(0.01)
 
 
+class OthersLoad:
+    """Cores the machine's other processes keep busy over an interval: all CPU time of the
+    machine (/proc/stat) less this process's (a shared machine's figures say how shared; nan
+    where /proc is missing)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def cores(self) -> float:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return float("nan")
+        return max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1])) / (end[2] - self.start[2])
+
+
 def question(seconds: float, seed: int) -> np.ndarray:
     return (0.1 * np.random.RandomState(seed).randn(int(16000 * seconds))).astype(np.float32)
 
@@ -158,6 +186,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         listeners: list[_Listener] = []
         refused = barge_ins = 0
         first_step = len(eng.step_seconds)
+        others = OthersLoad()
         t0 = time.monotonic()
         at = t0
         k = 0
@@ -182,6 +211,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
             listeners.append(current[sid])
         for lis in listeners:
             lis.thread.join(timeout=600)
+        others_cores = others.cores()
         step_s = list(eng.step_seconds)[first_step:]
         step_n = list(eng.step_sessions)[first_step:]
         refused_first_audio = eng.counters["refused_first_audio"]
@@ -196,7 +226,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                       step_p50_ms=q(step_s, 50), step_p99_ms=q(step_s, 99), ttfa_p50_ms=q(ttfa, 50),
                       ttfa_p90_ms=q(ttfa, 90), ttfa_p99_ms=q(ttfa, 99),
                       mean_live=statistics.fmean(step_n) if step_n else 0.0, load_avg=os.getloadavg()[0],
-                      batched=batched, refused_first_audio=refused_first_audio)
+                      batched=batched, refused_first_audio=refused_first_audio, others_cores=others_cores)
 
 
 def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0, out=print,
@@ -226,7 +256,7 @@ def search_rates(run, start: float, bisections: int = 3, max_rate: float = 64.0,
 
 HEADER = (f"{'sessions':>8} {'rate/s':>7} {'turns':>6} {'refused':>7} {'(1st a.)':>8} {'barge-in':>8} "
           f"{'underruns':>9} {'step p50':>8} {'p99 ms':>7} {'ttfa p50':>8} {'p90':>6} {'p99 ms':>7} {'live':>5} "
-          f"{'load':>5} {'sched':>5}  held")
+          f"{'load':>5} {'others':>6} {'sched':>5}  held")
 
 
 def _row(r: ArrivalRun, held: bool) -> str:
@@ -237,7 +267,7 @@ def _row(r: ArrivalRun, held: bool) -> str:
     reasons = f" ({', '.join(why)})" if why else ""
     return (f"{r.sessions:>8} {r.rate:>7.2f} {r.turns:>6} {r.refused:>7} {r.refused_first_audio:>8} "
             f"{r.barge_ins:>8} {r.underruns:>9} {r.step_p50_ms:>8.1f} {r.step_p99_ms:>7.1f} {r.ttfa_p50_ms:>8.0f} "
-            f"{r.ttfa_p90_ms:>6.0f} {r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f} {r.load_avg:>5.1f} "
+            f"{r.ttfa_p90_ms:>6.0f} {r.ttfa_p99_ms:>7.0f} {r.mean_live:>5.1f} {r.load_avg:>5.1f} {r.others_cores:>6.2f} "
             f"{'batch' if r.batched else 'base':>5}  {'yes' if held else 'no'}{reasons}")
 
 
@@ -274,6 +304,13 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
     load = (lambda: load_runtime("tiny", device=device, prepack=device == "cpu")) if size == "tiny" else (
         lambda: random_model(size, __import__("torch").float32, device))
     model = in_fresh_thread(load, threads=DEFAULT_THREADS)
+    if device == "cpu":
+        from omni2.streaming.cpu.threads import model_threads
+        from omni2.streaming.engine.engine import model_width
+
+        width = model_width(model)
+        out(f"# the engine's steps and encoders: {model_threads(width) if width else DEFAULT_THREADS} torch thread(s) "
+            f"each (model width {width}, streaming/cpu/threads.model_threads), the vocoder 1")
     results = {"runs": [], "held_rate": {}, "held_rates": {}, "past_held": {}}
     if False in modes:
         results.update(baseline_held_rate={}, baseline_held_rates={}, baseline_past_held={})

@@ -11,6 +11,16 @@ other thread (the one that loaded the model, an encoder thread) has a team of it
 So, on a CPU: the step thread runs with all threads; work that must not hold a team
 (the vocoder, the VAD) runs with one thread; heavy, rare work that wants all cores (the
 speech/image encoders) runs on a short-lived thread whose team ends with it.
+
+A team pays only when a parallel region has work to split. A model whose layers are narrower
+than `NARROW_WIDTH` (the tiny model: 32 wide) runs all of its work, steps and encoders, on one
+thread each (`model_threads`): measured on the 2-core machine with turns arriving (tiny, 16
+sessions, 1 turn/s), the step thread's second OpenMP thread burnt as much CPU as the step
+thread itself (10.8 s of 11 s, spinning between regions) for a step time no shorter (p50
+10.9-11.1 ms with 2 threads, 8.3-12.3 ms with 1), and every encoder call brought a second team
+of 2 onto the 2 cores: encoder call p99 407 ms (2 threads) against 132-187 ms (1 thread), the
+work itself ~14 ms. One thread each, no parallel region ever waits for a worker the kernel
+has descheduled.
 """
 from __future__ import annotations
 
@@ -25,6 +35,16 @@ _local = threading.local()
 # torch's own default (one per physical core, or OMP_NUM_THREADS), read before anything here
 # changes it: torch.set_num_threads also becomes the default of threads started later.
 DEFAULT_THREADS = torch.get_num_threads()
+
+
+# below this model width (n_embd) a parallel region's share of work costs less than waking a team
+NARROW_WIDTH = 256
+
+
+def model_threads(width: int, threads: int = DEFAULT_THREADS) -> int:
+    """Torch threads for a model's work (decode steps, encoders) on a CPU: one for a model
+    narrower than NARROW_WIDTH, else `threads`."""
+    return 1 if width < NARROW_WIDTH else threads
 
 
 def use_threads(n: int) -> None:

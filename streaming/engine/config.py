@@ -57,7 +57,8 @@ class EngineConfig:
     # H200, 70 ms a step when the span grew by one every step); masked positions cost little.
     compile_span_bucket: int = 256
     # CPU only (streaming/cpu/threads.py): torch threads of the decode step and of the
-    # encoders' short-lived threads (0: the process default, one per core). The vocoder
+    # encoders' short-lived threads (0: by the model's width, threads.model_threads: one for a
+    # model narrower than 256, like the tiny one, else the process default, one per core). The vocoder
     # runs single-threaded: it holds no OpenMP team that would slow every decode step (a
     # 2-thread SNAC on short-lived threads measured the same: 58.1 vs 57.2 steps/s, 8 sessions).
     threads: int = 0

@@ -48,7 +48,7 @@ class Engine:
     def __init__(self, model: Optional[OmniModel], config: EngineConfig = EngineConfig(),
                  host: Optional[HostPolicy] = None, executor=None) -> None:
         if executor is None:
-            executor = ModelExecutor(model, config, host if host is not None else host_policy(model.device, config))
+            executor = ModelExecutor(model, config, host if host is not None else host_policy(model.device, config, model_width(model)))
         self.executor = executor
         self.model = executor.model
         self.config = config
@@ -601,13 +601,20 @@ class Engine:
             time.sleep(0.005)
 
 
-def host_policy(device, config: EngineConfig) -> HostPolicy:
-    """A CPU's policy on a CPU (streaming/cpu/policy.py), else the GPU's: nothing to arrange."""
+def host_policy(device, config: EngineConfig, width: Optional[int] = None) -> HostPolicy:
+    """A CPU's policy on a CPU (streaming/cpu/policy.py; `width`: the model's, which sets its
+    threads), else the GPU's: nothing to arrange."""
     if torch.device(device).type != "cpu":
         return HostPolicy()
     from ..cpu.policy import CpuPolicy
 
-    return CpuPolicy(config.threads, config.malloc_arena_max, config.malloc_trim_interval_s)
+    return CpuPolicy(config.threads, config.malloc_arena_max, config.malloc_trim_interval_s, width=width)
+
+
+def model_width(model) -> Optional[int]:
+    """The LM's hidden width (its head's input; None: a model without one)."""
+    head = getattr(getattr(model, "lm", None), "lm_head", None)
+    return int(head.weight.shape[-1]) if head is not None else None
 
 
 def slot_frames(steps: int) -> int:

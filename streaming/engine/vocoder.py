@@ -49,26 +49,28 @@ class _Voice:
         return self.first_audio_at + self.samples_emitted / SAMPLE_RATE
 
 
-def plan_call(ready: list, batch_frames: int) -> list:
+def plan_call(ready: list, batch_frames: int, slack_s: float = float("inf")) -> list:
     """ready: (deadline, window, owner) tuples; the ones to decode in the next SNAC call: the
-    most urgent, then the most urgent others of the same width, at most `batch_frames` frames
-    (at least one window)."""
+    most urgent, then the most urgent others of the same width due within `slack_s` of it, at
+    most `batch_frames` frames (at least one window)."""
     ready = sorted(ready, key=lambda r: r[0])
     width = int(ready[0][1].frames.shape[0])
     take = max(1, batch_frames // width)
-    return [r for r in ready if int(r[1].frames.shape[0]) == width][:take]
+    due_by = ready[0][0] + slack_s
+    return [r for r in ready if int(r[1].frames.shape[0]) == width and r[0] <= due_by][:take]
 
 
 class Vocoder:
     def __init__(self, snac: Optional[torch.nn.Module], group_frames: int, on_first_audio=None,
                  threads: Optional[int] = None, window_frames: Optional[int] = None,
-                 batch_frames: int = 96, first_audio_s: float = 0.25) -> None:
+                 batch_frames: int = 96, first_audio_s: float = 0.25, batch_slack_s: float = 0.5) -> None:
         self.snac = snac
         self.threads = threads  # torch threads of the worker (CPU: 1, see cpu_threads; None: as is)
         self.group_frames = group_frames
         self.window_frames = window_frames  # fixed window width (FrameDecoder); None: unbounded windows
         self.batch_frames = batch_frames  # frames in one SNAC call at most (one window always fits)
         self.first_audio_s = first_audio_s  # deadline of an answer's first audio after submission
+        self.batch_slack_s = batch_slack_s  # a call takes windows due within this of its most urgent
         self.on_first_audio = on_first_audio  # callback(turn, seconds since submit)
         # since start, read by Engine.stats(): SNAC calls, windows, audio made, and the wall and
         # thread CPU seconds spent in the calls (audio / busy: what the vocoder can keep up with)
@@ -158,7 +160,7 @@ class Vocoder:
             if self._voices:
                 self._drain(block=True)
             return
-        call = plan_call(ready, self.batch_frames)
+        call = plan_call(ready, self.batch_frames, self.batch_slack_s)
         windows = [w for _, w, _ in call]
         wall, cpu = time.perf_counter(), time.thread_time()
         decoded = decode_groups(self.snac, windows)
