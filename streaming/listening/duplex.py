@@ -21,7 +21,10 @@ decoded in one call, and pause decodes go before routine hops (see interrupt.Whi
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
-keeps "stop on my | way" from stopping anything.
+keeps "stop on my | way" from stopping anything. The decode need not wait for that pause
+(`speculate_ms`): the level falls ~35 ms after the last word, the VAD's probability only
+100-220 ms after it, so a fall that lasts 64 ms starts the decode and its match waits for
+the VAD; the decode's time then overlaps the VAD's lag instead of adding to it.
 
 `feed_input` runs the recognizer inline (tens of ms on CPU): call it from a worker thread
 (e.g. `await asyncio.to_thread(ctl.feed_input, pcm)`), never on the event loop.
