@@ -212,6 +212,19 @@ def test_a_match_at_a_fall_does_not_fire_while_the_user_goes_on():
     assert stops == [], stops
 
 
+@requires_speech
+def test_a_quieter_last_word_still_gets_a_decode_at_the_vad_pause():
+    """ "STOP omni": the level falls after "stop" and "omni" never climbs back to within
+    pause_drop_db of it, so one fall runs into the VAD's pause; the decodes inside it read
+    "omni" unfinished, so the VAD's pause decodes again (without that: no stop)."""
+    stop, _, _ = utterance("stop", voice="en-us", speed=150, lead_s=0.5, tail_s=0.0, level_db=-16)
+    omni, _, _ = utterance("omni", voice="en-us", speed=150, lead_s=0.0, tail_s=1.0, level_db=-30)
+    audio = np.concatenate([stop, omni])
+    end = audio.size - SAMPLE_RATE
+    ctl, _, stops = _stops(DuplexConfig(speculate_ms=64, pause_idle_ms=0), audio, end)
+    assert len(stops) == 1 and stops[0].sample > end, (stops, ctl.trace)
+
+
 def test_schedule_config_is_checked():
     with pytest.raises(ValueError, match="schedule"):
         DuplexConfig(schedule="sometimes")

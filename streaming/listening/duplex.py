@@ -384,6 +384,12 @@ class DuplexController(Detector):
         elif pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
                 cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause just began: the usual end of a command
+        elif (self._pause_len == CHUNK < pause_len and since >= cfg.pause_hop_ms * ms
+              and (self._promising or since >= cfg.pause_idle_ms * ms)):
+            # The VAD lets go inside a fall that began earlier (a quieter last word, "STOP
+            # omni", keeps the level under where it fell from): the fall's decodes may have
+            # read the last word unfinished, so the VAD's pause gets its own decode.
+            trigger = "pause"
         elif (cfg.schedule == "pauses" and 0 < pause_len <= cfg.pause_follow_ms * ms
               and self._last_decode < end - pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause too soon after an idle decode lasted: not a word gap
