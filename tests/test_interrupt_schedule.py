@@ -64,8 +64,8 @@ def long_utterance():
 def test_pauses_schedule_decodes_at_pauses_not_while_speaking(long_utterance):
     audio, start, end = long_utterance
     budget = dict(max_decode_share=100.0, decode_bank_ms=1_000_000)  # decisions, not compute
-    hops, _ = _listen(DuplexConfig(schedule="hops", **budget), audio)
-    pauses, det = _listen(DuplexConfig(**budget), audio)
+    hops, _ = _listen(DuplexConfig(schedule="hops", speculate_ms=0, **budget), audio)
+    pauses, det = _listen(DuplexConfig(speculate_ms=0, **budget), audio)
     hop_triggers = [t for _, _, _, t in hops.trace]
     assert "hop" in hop_triggers and hop_triggers.count("hop") >= 5, hop_triggers
     triggers = [t for _, _, _, t in pauses.trace]
@@ -82,8 +82,8 @@ def test_pauses_schedule_decodes_at_pauses_not_while_speaking(long_utterance):
 def test_word_gaps_soon_after_an_idle_decode_are_not_decoded(long_utterance):
     audio, _, _ = long_utterance
     budget = dict(max_decode_share=100.0, decode_bank_ms=1_000_000)
-    every, _ = _listen(DuplexConfig(pause_idle_ms=0, **budget), audio)
-    idle, _ = _listen(DuplexConfig(pause_idle_ms=300, **budget), audio)
+    every, _ = _listen(DuplexConfig(pause_idle_ms=0, speculate_ms=0, **budget), audio)
+    idle, _ = _listen(DuplexConfig(pause_idle_ms=300, speculate_ms=0, **budget), audio)
     assert idle.decodes < every.decodes
     ends = [at for at, _, _, _ in idle.trace]
     # The recording detector never hears part of a phrase: decodes are >= 300 ms apart.
@@ -128,7 +128,7 @@ def test_a_match_at_a_pause_fires_after_confirm_pause_ms(confirm_ms, chunks_late
     """With the default 32 ms a match found by the decode at a pause's first chunk fires on
     that chunk; 64 ms (the setting before) waits one 32 ms chunk more, behind the decode."""
     audio, _, _ = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
-    cfg = DuplexConfig(confirm_pause_ms=confirm_ms, pause_idle_ms=0)
+    cfg = DuplexConfig(confirm_pause_ms=confirm_ms, pause_idle_ms=0, speculate_ms=0)
     assert DuplexConfig().confirm_pause_ms == 32
     ctl = DuplexController(cfg, detector=MatchingDetector(cfg.command))
     ctl._tracing = True
@@ -143,6 +143,86 @@ def test_a_match_at_a_pause_fires_after_confirm_pause_ms(confirm_ms, chunks_late
     assert stops and stops[0].reason == "command"
     first_pause_decode = next(at for at, _, _, trigger in ctl.trace if trigger == "pause")
     assert stops[0].sample == first_pause_decode + chunks_later * 512
+
+
+class EndOfPhraseDetector(RecordingDetector):
+    """Hears "Stop Omni." in windows that end within `span` samples after the phrase
+    ends at `end` (whisper's reading once the last word is complete), nothing elsewhere."""
+
+    def __init__(self, config, end: int, span: int = 1 << 30):
+        super().__init__(config)
+        self.end, self.span, self.ctl = end, span, None
+
+    def score_windows(self, windows, urgent=False):
+        now = self.ctl.vad.samples_seen   # the chunk being decided on ends here
+        self.calls.append((now, urgent))
+        if not 0 <= now - self.end <= self.span:
+            return [(Transcript("", (), 0.0), None, 0.0) for _ in windows]
+        heard = Transcript("Stop Omni.", (Word("Stop", 0.9), Word("Omni.", 0.9)), 0.0)
+        return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), 0.9) for _ in windows]
+
+
+def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30):
+    det = EndOfPhraseDetector(cfg.command, end, span)
+    ctl = DuplexController(cfg, detector=det)
+    det.ctl = ctl
+    ctl._tracing = True
+    ctl.reset()
+    ctl.set_speaking(True)
+    ctl.feed_output(np.zeros(24000 * (audio.size // SAMPLE_RATE + 2), np.float32))
+    stops = []
+    for pos in range(0, audio.size, 320):
+        stops += [e for e in ctl.feed_input(audio[pos : pos + 320]) if e.kind == "interrupt"]
+    return ctl, det, stops
+
+
+@requires_speech
+def test_a_fall_in_level_decodes_before_the_vad_pause_which_then_fires_at_once():
+    """speculate_ms: the level falls ~35 ms after the last word, the VAD's probability
+    100-220 ms after it. The decode starts at the fall; the stop still comes at the VAD's
+    pause (same sample as without speculation) but that chunk runs no decode: the decode
+    time no longer adds to the latency."""
+    audio, _, end = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
+    plain, _, plain_stops = _stops(DuplexConfig(speculate_ms=0, pause_idle_ms=0), audio, end)
+    spec, det, spec_stops = _stops(DuplexConfig(speculate_ms=64, pause_idle_ms=0), audio, end)
+    assert DuplexConfig().speculate_ms == 64
+    assert len(plain_stops) == len(spec_stops) == 1
+    stop = plain_stops[0].sample
+    assert spec_stops[0].sample == stop
+    # Without speculation the match is found by a decode on the stopping chunk itself.
+    assert [at for at, _, conf, _ in plain.trace if conf > 0][0] == stop
+    # With it, the decode that found it ran earlier, after the phrase ended, and the
+    # stopping chunk ran none.
+    found = [at for at, _, conf, _ in spec.trace if conf > 0]
+    assert found and end <= found[0] < stop, (end, found, stop)
+    assert stop not in [at for at, _, _, _ in spec.trace]
+
+
+@requires_speech
+def test_a_match_at_a_fall_does_not_fire_while_the_user_goes_on():
+    """A speculative match waits for the VAD's pause: if the next decode (the user went
+    on: "stop omni please continue") no longer ends with the phrase, nothing stops."""
+    head, _, end = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=0.0)
+    rest, _, _ = utterance("please continue the story", voice="en-us", speed=150, lead_s=0.0, tail_s=1.0)
+    gap = int(0.096 * SAMPLE_RATE)  # a breath: the level falls, the VAD does not let go
+    audio = np.concatenate([head, np.zeros(gap, np.float32), rest])
+    # whisper reads the phrase only until the next word shows
+    ctl, det, stops = _stops(DuplexConfig(speculate_ms=64, pause_idle_ms=0), audio, end, span=gap + 1024)
+    assert any(conf > 0 for _, _, conf, _ in ctl.trace), ctl.trace  # the fall's decode matched
+    assert stops == [], stops
+
+
+@requires_speech
+def test_a_quieter_last_word_still_gets_a_decode_at_the_vad_pause():
+    """ "STOP omni": the level falls after "stop" and "omni" never climbs back to within
+    pause_drop_db of it, so one fall runs into the VAD's pause; the decodes inside it read
+    "omni" unfinished, so the VAD's pause decodes again (without that: no stop)."""
+    stop, _, _ = utterance("stop", voice="en-us", speed=150, lead_s=0.5, tail_s=0.0, level_db=-16)
+    omni, _, _ = utterance("omni", voice="en-us", speed=150, lead_s=0.0, tail_s=1.0, level_db=-30)
+    audio = np.concatenate([stop, omni])
+    end = audio.size - SAMPLE_RATE
+    ctl, _, stops = _stops(DuplexConfig(speculate_ms=64, pause_idle_ms=0), audio, end)
+    assert len(stops) == 1 and stops[0].sample > end, (stops, ctl.trace)
 
 
 def test_schedule_config_is_checked():

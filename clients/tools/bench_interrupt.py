@@ -377,6 +377,7 @@ def run_interrupt_bench(
     max_batch: int | None = None,
     baseline: bool = False,
     forced: bool = False,
+    speculate_ms: int | None = None,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
@@ -385,7 +386,8 @@ def run_interrupt_bench(
     playback / sessions: see the module docstring (sessions > 1 runs paced to the wall clock).
     baseline: the decode schedule before this one (schedule="hops", see DuplexConfig); the
     setup before batching is context_s=8.0, max_batch=1 with it. forced: the recognizer also
-    scores the phrase teacher-forced (CommandConfig.forced).
+    scores the phrase teacher-forced (CommandConfig.forced). speculate_ms: DuplexConfig's
+    (0: decode only at the VAD's pause, the schedule before speculation).
     Needs espeak-ng and sox on PATH (raises espeak.SynthUnavailable otherwise).
     """
     if sessions < 1:
@@ -397,6 +399,8 @@ def run_interrupt_bench(
         config = replace(config, schedule="hops")
     if forced:
         config = replace(config, command=replace(config.command, forced=True))
+    if speculate_ms is not None:
+        config = replace(config, speculate_ms=speculate_ms)
     rcfg = config.command.recognizer
     if context_s is not None or max_batch is not None:  # e.g. the pre-batching setup: 8.0 and 1
         rcfg = replace(rcfg, context_s=context_s or rcfg.context_s, max_batch=max_batch or rcfg.max_batch)
@@ -453,7 +457,7 @@ def run_interrupt_bench(
     if recognizer is not None:
         summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
     summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
-                   forced=config.command.forced,
+                   forced=config.command.forced, speculate_ms=config.speculate_ms,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round(run_s / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
@@ -497,7 +501,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  speculate_ms=' + str(s['speculate_ms']) if s.get('speculate_ms') is not None else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")

@@ -21,7 +21,10 @@ decoded in one call, and pause decodes go before routine hops (see interrupt.Whi
 
 A matched command fires only once it is final: the user paused for `confirm_pause_ms`,
 or a window decoded `confirm_decode_ms` later still ends with the phrase. That is what
-keeps "stop on my | way" from stopping anything.
+keeps "stop on my | way" from stopping anything. The decode need not wait for that pause
+(`speculate_ms`): the level falls ~35 ms after the last word, the VAD's probability only
+100-220 ms after it, so a fall that lasts 64 ms starts the decode and its match waits for
+the VAD; the decode's time then overlaps the VAD's lag instead of adding to it.
 
 `feed_input` runs the recognizer inline (tens of ms on CPU): call it from a worker thread
 (e.g. `await asyncio.to_thread(ctl.feed_input, pcm)`), never on the event loop.
@@ -97,6 +100,13 @@ class DuplexConfig:
     hop_idle_ms: int = 400
     pause_prob: float = 0.5      # a chunk under this speech probability starts a pause
     pause_drop_db: float = 10.0  # ... or a chunk this far under the last chunks' peak
+    # Any segment: the level staying pause_drop_db under the last chunks' peak this long
+    # starts the decode before the VAD's pause (the level falls ~35 ms after the last word,
+    # the VAD's probability under pause_prob ~100-220 ms after it); a match it finds still
+    # fires only at the VAD's pause (or once a later window confirms it), so the decode runs
+    # while the VAD catches up instead of after it. Shorter falls (a nasal, a stop's
+    # closure) come and go inside words. 0: off.
+    speculate_ms: int = 64
     pause_hop_ms: int = 96       # decode period in the first moments of a pause
     pause_follow_ms: int = 300   # how long into a pause decoding continues
     max_decode_share: float = 0.5    # decoding may take this share of real time on average
@@ -221,6 +231,9 @@ class DuplexController(Detector):
         self._last_decode = -(1 << 30)
         self._levels: list[float] = []   # dB of the last few chunks
         self._pause_len = 0              # samples since the current pause began (0: talking)
+        self._early_len = 0              # ... or since the level fell (speculate), whichever began first
+        self._fall_len = 0               # samples since the level fell pause_drop_db (0: not fallen)
+        self._drop_ref = 0.0             # dB it fell from
         # A matched command waiting for confirmation by a pause or a later window:
         # (phrase, confidence, transcript, sample of the first match, confirmed).
         self._pending: tuple | None = None
@@ -330,10 +343,20 @@ class DuplexController(Detector):
         recent = max(self._levels[-5:], default=level)
         self._levels = self._levels[-5:] + [level]
         held = self._segment_start is not None and end - self._segment_start >= cfg.foreground_min_ms * self._ms
-        paused = prob < cfg.pause_prob or (held and level < recent - cfg.pause_drop_db)
+        drop = level < recent - cfg.pause_drop_db
+        paused = prob < cfg.pause_prob or (held and drop)
+        if drop and not self._fall_len:
+            self._drop_ref = recent
+        # A fall lasts while the level stays under where it fell from, so that the VAD's
+        # pause, once it comes, continues it instead of starting a second decode.
+        falling = drop or (self._fall_len > 0 and level < self._drop_ref - cfg.pause_drop_db)
+        self._fall_len = self._fall_len + CHUNK if falling else 0
+        early = paused or (0 < cfg.speculate_ms <= self._fall_len // self._ms)
         # Decoding may use up to max_decode_share of real time, banked up to decode_bank_ms.
         self._credit = min(self._credit + cfg.max_decode_share * CHUNK / SAMPLE_RATE, cfg.decode_bank_ms / 1000)
         self._pause_len = self._pause_len + CHUNK if paused else 0
+        self._early_len = self._early_len + CHUNK if early else 0
+        pause_len = self._early_len  # decodes start at the first sign of a pause
         if cfg.mode == "barge_in" and self._pause_len >= cfg.barge_in_gap_ms * self._ms:
             self._speech_run = 0  # barge-in wants one stretch of speech, not scattered blips
         quiet = not (voiced or self.vad.in_speech or self.vad.onset_pending)
@@ -353,19 +376,27 @@ class DuplexController(Detector):
             return events
         since = end - self._last_decode
         ms = self._ms
-        if (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
+        if self._pending is not None and self._pause_len >= cfg.confirm_pause_ms * ms:
+            trigger = None           # a match waiting for this pause: it fires below, no decode
+        elif (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
                 and since >= cfg.pause_hop_ms * ms):
             trigger = "check"        # did the user go on talking after the phrase?
-        elif self._pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
+        elif pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
                 cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause just began: the usual end of a command
-        elif (cfg.schedule == "pauses" and 0 < self._pause_len <= cfg.pause_follow_ms * ms
-              and self._last_decode < end - self._pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
+        elif (self._pause_len == CHUNK < pause_len and since >= cfg.pause_hop_ms * ms
+              and (self._promising or since >= cfg.pause_idle_ms * ms)):
+            # The VAD lets go inside a fall that began earlier (a quieter last word, "STOP
+            # omni", keeps the level under where it fell from): the fall's decodes may have
+            # read the last word unfinished, so the VAD's pause gets its own decode.
+            trigger = "pause"
+        elif (cfg.schedule == "pauses" and 0 < pause_len <= cfg.pause_follow_ms * ms
+              and self._last_decode < end - pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause too soon after an idle decode lasted: not a word gap
-        elif (0 < self._pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
-              and self._promising):
+        elif (0 < pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
+              and self._promising and self._pending is None):
             trigger = "pause"        # the phrase was under way: its last word may now be done
-        elif not paused and self._pending is None and since >= self._hop_period(held) * ms:
+        elif not early and self._pending is None and since >= self._hop_period(held) * ms:
             trigger = "hop"
         else:
             trigger = None

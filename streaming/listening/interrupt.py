@@ -28,6 +28,10 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   18, README) it ranks the missed echo commands no higher than the near misses ("start
   omni", "top of the morning"): it reads the same evidence as the free decode, so it
   stays an option for other models and phrases.
+- Another talker 12 dB under the user (issue 18, README): tiny.en reads the other talker
+  even in a window cut to the command's own span, and gating it out (level, spectral, log-mel
+  range, pitch comb) or beam search gained no command on the tune split: the remaining
+  misses need a recognizer that ignores a second voice, not a different window.
 """
 from __future__ import annotations
 
