@@ -138,10 +138,15 @@ def worker_lag_buckets(port: int, tries: int = 24) -> tuple[dict[int, dict[float
     """Each gateway worker's lag buckets {worker: buckets} ({0: ...} for one process), and the
     sessions each worker holds ({} for one process).
 
-    Each worker counts its own loop's lag, and a scrape lands on one worker, so two scrapes of
-    a multi-worker server compared as one histogram mix two processes' counts: the bench
-    showed p99 of 75-100 ms that no gateway had. New connections until every worker that
-    /metrics lists has answered (at most `tries`)."""
+    Each worker counts its own loop's lag. A multi-worker server lists every gateway's
+    histogram (as of its last heartbeat, every 0.25 s) in /health/ready, since a scrape of
+    /metrics reaches only the gateway the supervisor places that connection on (two scrapes
+    compared as one histogram mixed two processes' counts: p99 of 75-100 ms that no gateway
+    had). An older server without that: new /metrics connections until every worker it lists
+    has answered (at most `tries`)."""
+    listed_lags = _ready_lags(port)
+    if listed_lags is not None:
+        return listed_lags
     seen: dict[int, dict[float, int]] = {}
     listed: dict[int, int] = {}
     for _ in range(tries):
@@ -152,6 +157,20 @@ def worker_lag_buckets(port: int, tries: int = 24) -> tuple[dict[int, dict[float
         if seen and (worker == 0 or set(listed) <= set(seen)):
             break
     return seen, listed
+
+
+def _ready_lags(port: int) -> Optional[tuple[dict[int, dict[float, int]], dict[int, int]]]:
+    """({worker: lag buckets}, {worker: sessions}) from /health/ready's workers, or None where
+    it lists none (one process) or without their lag."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as r:
+            workers = json.loads(r.read()).get("workers")
+    except (OSError, ValueError):
+        return None
+    if not workers or not all("loop_lag" in w for w in workers.values()):
+        return None
+    lags = {int(k): {float(le): int(n) for le, n in w["loop_lag"].items()} for k, w in workers.items()}
+    return lags, {int(k): int(w.get("sessions", 0)) for k, w in workers.items()}
 
 
 def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[float]:

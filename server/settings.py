@@ -37,6 +37,10 @@ class ServerSettings:
     # --- admission and access ------------------------------------------------------------
     workers: str = "auto"               # gateway processes (`--workers`, server/workers): "auto" | N;
                                         # 0 = one process (server/workers/supervisor.default_workers)
+    gateway_share: int = 32             # with workers: connections a gateway is given before the next
+                                        # gateway gets any (fill one, then spill); once all hold this
+                                        # many, the least loaded; 0 = always the least loaded (even
+                                        # spread). server/workers/supervisor.place
     max_sessions: int = 0               # concurrent WebSocket sessions (= engine slots); 0: sized
                                         # to the device when the model loads (server/capacity.py)
     api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
@@ -141,6 +145,8 @@ class ServerSettings:
         if mode not in COMPILE_MODES + ("",):
             problems.append(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         object.__setattr__(self, "compile", "" if mode == "off" else mode)
+        if self.gateway_share < 0:
+            problems.append(f"gateway_share must be >= 0, got {self.gateway_share}")
         if self.workers != "auto" and not (str(self.workers).isdigit()):
             problems.append(f"workers must be auto or a count >= 0, got {self.workers!r}")
         for name in ("max_message_bytes", "outbound_queue_events", "max_steps",
