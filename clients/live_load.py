@@ -102,7 +102,8 @@ def server_pid_for_port(port: int) -> Optional[int]:
             continue
     if not owners:
         return None
-    # Worker processes share the listening socket: the oldest owner is the parent.
+    # An older multi-process server's gateways shared the listening socket: the oldest owner
+    # is the parent (today only the supervisor holds it).
     return min(owners, key=lambda pid: _start_time(pid))
 
 
