@@ -192,8 +192,8 @@ def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[fl
 def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
     """Sleep `wait_s`, then the server tree's CPU (cores) and loop lag over the next `span_s`:
     `lag_p99_ms` is the worst worker's p99, `lag_p99_ms_by_worker` each worker's, and
-    `sessions_by_worker` what each gateway held at the end (the kernel, not the server, picks
-    which gateway accepts a connection, so N sessions may not split evenly)."""
+    `sessions_by_worker` what each gateway held at the end (the supervisor's placement:
+    fill one gateway up to its share, then the next)."""
     time.sleep(wait_s)
     (lag0, _), cpu0, t0 = worker_lag_buckets(port), process_tree_cpu(pid), time.monotonic()
     time.sleep(span_s)
