@@ -102,7 +102,8 @@ def server_pid_for_port(port: int) -> Optional[int]:
             continue
     if not owners:
         return None
-    # Worker processes share the listening socket: the oldest owner is the parent.
+    # An older multi-process server's gateways shared the listening socket: the oldest owner
+    # is the parent (today only the supervisor holds it).
     return min(owners, key=lambda pid: _start_time(pid))
 
 
@@ -138,10 +139,15 @@ def worker_lag_buckets(port: int, tries: int = 24) -> tuple[dict[int, dict[float
     """Each gateway worker's lag buckets {worker: buckets} ({0: ...} for one process), and the
     sessions each worker holds ({} for one process).
 
-    Each worker counts its own loop's lag, and a scrape lands on one worker, so two scrapes of
-    a multi-worker server compared as one histogram mix two processes' counts: the bench
-    showed p99 of 75-100 ms that no gateway had. New connections until every worker that
-    /metrics lists has answered (at most `tries`)."""
+    Each worker counts its own loop's lag. A multi-worker server lists every gateway's
+    histogram (as of its last heartbeat, every 0.25 s) in /health/ready, since a scrape of
+    /metrics reaches only the gateway the supervisor places that connection on (two scrapes
+    compared as one histogram mixed two processes' counts: p99 of 75-100 ms that no gateway
+    had). An older server without that: new /metrics connections until every worker it lists
+    has answered (at most `tries`)."""
+    listed_lags = _ready_lags(port)
+    if listed_lags is not None:
+        return listed_lags
     seen: dict[int, dict[float, int]] = {}
     listed: dict[int, int] = {}
     for _ in range(tries):
@@ -152,6 +158,20 @@ def worker_lag_buckets(port: int, tries: int = 24) -> tuple[dict[int, dict[float
         if seen and (worker == 0 or set(listed) <= set(seen)):
             break
     return seen, listed
+
+
+def _ready_lags(port: int) -> Optional[tuple[dict[int, dict[float, int]], dict[int, int]]]:
+    """({worker: lag buckets}, {worker: sessions}) from /health/ready's workers, or None where
+    it lists none (one process) or without their lag."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as r:
+            workers = json.loads(r.read()).get("workers")
+    except (OSError, ValueError):
+        return None
+    if not workers or not all("loop_lag" in w for w in workers.values()):
+        return None
+    lags = {int(k): {float(le): int(n) for le, n in w["loop_lag"].items()} for k, w in workers.items()}
+    return lags, {int(k): int(w.get("sessions", 0)) for k, w in workers.items()}
 
 
 def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[float]:
@@ -172,8 +192,8 @@ def lag_p99_ms(before: dict[float, int], after: dict[float, int]) -> Optional[fl
 def cpu_window(pid: int, port: int, wait_s: float, span_s: float) -> dict:
     """Sleep `wait_s`, then the server tree's CPU (cores) and loop lag over the next `span_s`:
     `lag_p99_ms` is the worst worker's p99, `lag_p99_ms_by_worker` each worker's, and
-    `sessions_by_worker` what each gateway held at the end (the kernel, not the server, picks
-    which gateway accepts a connection, so N sessions may not split evenly)."""
+    `sessions_by_worker` what each gateway held at the end (the supervisor's placement:
+    fill one gateway up to its share, then the next)."""
     time.sleep(wait_s)
     (lag0, _), cpu0, t0 = worker_lag_buckets(port), process_tree_cpu(pid), time.monotonic()
     time.sleep(span_s)

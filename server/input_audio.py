@@ -138,6 +138,7 @@ class InputAudio:
         self._buf_start = 0          # absolute index of the first buffered sample
         self._buf_len = 0
         self.in_speech = False
+        self.answering = False       # an answer is under way (note_speaking)
         self.fmt = fmt
         self._resampler = Resampler(fmt.sample_rate, RATE)
         self.turn_detection = turn_detection
@@ -195,6 +196,7 @@ class InputAudio:
 
     def note_speaking(self, speaking: bool) -> None:
         """An answer started / stopped generating; any thread."""
+        self.answering = bool(speaking)
         if self.listener:
             with self._notes_lock:
                 self._notes.append(bool(speaking))
@@ -227,6 +229,12 @@ class InputAudio:
 
             probs = score_streams([self.vad_stream], [work.chunks])[0]
         return self.end_push(work, probs)
+
+    @property
+    def lively(self) -> bool:
+        """Speech is under way or an answer is: its next events are waited for (the end of a
+        turn, a barge-in), so its appends take the listening tick's fast pace."""
+        return self.in_speech or self.answering
 
     @property
     def may_decode(self) -> bool:

@@ -109,6 +109,16 @@ class Histogram:
             self.count += 1
             self.sum += value
 
+    def cumulative(self) -> dict[str, int]:
+        """{upper bound as /metrics spells it ("+Inf" last): samples at or below it}."""
+        with self._lock:
+            counts = list(self._counts)
+        out, running = {}, 0
+        for bound, n in zip(self.buckets + (math.inf,), counts):
+            running += n
+            out[_num(bound)] = running
+        return out
+
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} histogram"

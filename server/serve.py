@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gateway processes around one engine process (server/README.md, Process "
                              "model); 0 = everything in this process. auto (default): 0 on a CPU, one per "
                              "core beyond two on a GPU (at most 16)")
+    parser.add_argument("--gateway-share", type=int, default=None,
+                        help="with --workers: connections one gateway is given before the next gets any "
+                             "(default 32); 0 = spread evenly (the least loaded gateway)")
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
 
 
@@ -95,7 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = ("host", "port", "model", "device", "dtype", "snac", "compile", "max_sessions", "idle_timeout_s", "max_steps",
               "warmup", "log_level", "interrupt_mode", "input_stall_timeout_s", "handshake_timeout_s",
               "max_connections", "max_connections_per_client", "output_lead_s", "cpu_prepack", "speculative_turns",
-              "transcription_model", "workers")
+              "transcription_model", "workers", "gateway_share")
     overrides = {f: getattr(args, f, None) for f in fields}
     for name in ("api_keys", "allowed_origins", "command_phrases", "metrics_keys"):
         value = getattr(args, name, None)

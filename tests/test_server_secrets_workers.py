@@ -41,7 +41,7 @@ def mint(port: int) -> str:
 
 @contextlib.contextmanager
 def stopped(pid: int):
-    """The gateway `pid` frozen (SIGSTOP) inside the block: the other one accepts everything."""
+    """The gateway `pid` frozen (SIGSTOP) inside the block: a connection handed to it would hang."""
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
@@ -50,34 +50,62 @@ def stopped(pid: int):
 
 
 def test_a_secret_minted_on_one_gateway_opens_a_session_on_the_other():
-    """Each way round: the secret is minted while only one gateway can accept, and used while
-    only the other can. (Left alone, the inherited socket may give every connection to one
-    gateway: 80 in a row went to the same one on a loaded machine.)"""
+    """Each way round. `--gateway-share 1`: the supervisor gives gateway 1 one connection, then
+    gateway 2 one, so a session held open on gateway 1 sends the next connection to gateway 2.
+    The gateway that must NOT take a connection is frozen meanwhile, so one placed there would
+    hang the test instead of passing it by luck."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "null",
-                             "--workers", "2", "--port", str(port), "--api-key", KEY, "--metrics-key", METRICS_KEY,
-                             "--no-warmup", "--log-level", "warning"],
+                             "--workers", "2", "--gateway-share", "1", "--port", str(port), "--api-key", KEY,
+                             "--metrics-key", METRICS_KEY, "--no-warmup", "--log-level", "warning"],
                             env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def workers() -> dict:
         deadline = time.time() + 90
         while (status := ready(port, METRICS_KEY))[0] != 200 or len(status[1].get("workers", {})) < 2:
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:] if proc.poll() else ""
             time.sleep(0.1)
-        a, b = (w["pid"] for w in status[1]["workers"].values())
+        return status[1]["workers"]
 
-        async def session(secret: str) -> dict:
-            c = await Client.connect(f"ws://127.0.0.1:{port}/v1/realtime",
-                                     headers={"Authorization": f"Bearer {secret}"})
-            first = await c.recv()
-            await c.close()
-            return first
+    def settled() -> dict:
+        """Pids by worker once no session is open (and the last probe's connection has closed)."""
+        ws = workers()
+        while any(w["sessions"] for w in ws.values()):
+            time.sleep(0.1)
+            ws = workers()
+        time.sleep(0.3)
+        return {int(k): w["pid"] for k, w in ws.items()}
 
-        for minter, user in ((a, b), (b, a)):
-            with stopped(user):
-                secret = mint(port)
-            with stopped(minter):
-                first = asyncio.run(asyncio.wait_for(session(secret), 30))
-            assert first["type"] == "session.created", (minter, user, first)
+    async def connect(token: str) -> tuple[Client, dict]:
+        c = await Client.connect(f"ws://127.0.0.1:{port}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
+        return c, await c.recv()
+
+    async def run() -> None:
+        pids = settled()
+        # minted on 2, used on 1: a keeper fills gateway 1, so the POST goes to gateway 2
+        keeper, _ = await connect(KEY)
+        with stopped(pids[1]):
+            secret = await asyncio.to_thread(mint, port)
+        await keeper.close()
+        await asyncio.to_thread(settled)
+        with stopped(pids[2]):
+            c, first = await connect(secret)
+        assert first["type"] == "session.created", ("minted on 2, used on 1", first)
+        await c.close()
+        await asyncio.to_thread(settled)
+        # minted on 1, used on 2
+        with stopped(pids[2]):
+            secret = await asyncio.to_thread(mint, port)
+        await asyncio.sleep(0.3)
+        keeper, _ = await connect(KEY)
+        with stopped(pids[1]):
+            c, first = await connect(secret)
+        assert first["type"] == "session.created", ("minted on 1, used on 2", first)
+        await c.close()
+        await keeper.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         proc.terminate()
         proc.wait(30)

@@ -33,6 +33,7 @@ class Served:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "tiny", "--device", "cpu",
              "--workers", "2", "--max-sessions", str(MAX_SESSIONS), "--max-steps", "16", "--no-warmup",
+             "--gateway-share", "1",   # one connection per gateway before the next: a spread to test
              "--port", str(self.port), "--log-level", "warning"],
             env={**os.environ, "OMNI2_IDLE_TIMEOUT_S": "120"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
@@ -110,7 +111,8 @@ async def open_session(s: Served) -> tuple[Client, str]:
 
 
 async def one_per_worker(s: Served) -> dict[str, Client]:
-    """One session on each of the two workers (the kernel picks the accepting process)."""
+    """One session on each of the two workers (with --gateway-share 1 the second session goes to
+    the other gateway; a health probe still open on one can shift it: then try again)."""
     placed: dict[str, Client] = {}
     for _ in range(40):
         c, worker = await open_session(s)

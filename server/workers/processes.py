@@ -97,7 +97,6 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     settings = settings_from_env()
     _logging(settings, f"gateway {worker}")
     import torch
-    import uvicorn
 
     # A gateway runs no model: its torch work (VAD) is tiny calls, and N gateways share the
     # cores with the engine, so one thread each (no OpenMP team per process).
@@ -108,29 +107,32 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
         shared_recognizer()
     from ..app import create_app
     from ..serve import uvicorn_config, web_client_dir
+    from .placement import handed_server
     from .remote_engine import EngineLink, RemoteAdmission, RemoteHost
 
-    sock = socket.socket(fileno=fd)
+    ctrl = socket.socket(fileno=fd)     # the control socket: connections arrive on it (placement.py)
     app_ref: dict = {}
 
     def load() -> dict:
         app = app_ref.get("app")
         if app is None:
             return {}
+        # loop_lag: this gateway's event-loop lag histogram, so /health/ready shows every
+        # gateway's (a scrape of /metrics reaches only the gateway the supervisor places it on)
         return {"connections": app.state.connections.open, "max_connections": settings.max_connections,
-                "local_sessions": admission.local}
+                "local_sessions": admission.local, "loop_lag": app.state.metrics.loop_lag.cumulative()}
 
     link = EngineLink(endpoint, worker, load)
     host = RemoteHost(link)
     admission = RemoteAdmission(link)
     app = create_app(settings, host, static_dir=web_client_dir(), admission=admission)
     app_ref["app"] = app
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = handed_server(uvicorn_config(app, settings), ctrl)
     fatal: dict = {}
     threading.excepthook = failing(app, server, worker, fatal)
     link.start()
     try:
-        server.run(sockets=[sock])
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,10 +1,18 @@
-"""The parent of `omni2 serve --workers N`: binds the port, runs the processes, restarts them.
+"""The parent of `omni2 serve --workers N`: binds the port, places connections, runs the
+processes, restarts them.
 
-The parent binds the listening socket once and every gateway inherits it (uvicorn serves an
-inherited socket), so all gateways accept on the same port: the kernel wakes the gateways
-waiting on it and the first to accept takes the connection. That is not an even spread: on a
-lightly loaded host one gateway can take every connection in a row (seen: 80 of 80), and the
-others take over as it gets busy. The engine process binds a ZeroMQ ipc endpoint in a private directory.
+Placement: the supervisor accepts every connection itself and hands it to one gateway over
+that gateway's control socket (server/workers/placement.py). Policy, on purpose: fill, then
+spill. Gateway 1 takes connections until it holds `gateway_share` (`--gateway-share`, 32 by
+default), then gateway 2, and so on; once every gateway holds that many, the least loaded one
+takes the next (ties: the lowest number). `--gateway-share 0` spreads evenly (always the least
+loaded). Filling first is cheaper: a gateway's listening cost is mostly per pass, not per
+session, so sessions packed into fewer gateways cost less CPU each; the share bounds what one
+event loop (and one crash) carries. A gateway is given nothing until it reports that it serves,
+and nothing once its control socket closes (it died or is restarting); while no gateway serves,
+connections wait in the port's backlog. (Before, the gateways inherited the listening socket
+and the kernel's wake-up order chose: one gateway could take 80 connections of 80 on a lightly
+loaded host, and nobody decided.)
 
 Restarts: a gateway that exits is started again at once (backoff only if it keeps dying); its
 clients saw their connections end (1011 on a Python-level failure; a SIGKILL leaves the kernel
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -31,6 +40,7 @@ from typing import Optional
 from ..client_secrets import new_key
 from ..settings import ServerSettings
 from .handoff import EXIT_MODEL_FAILED, SETTINGS_ENV, SUPERVISOR_ENV, settings_to_env
+from .placement import GatewayLink, control_pair, place
 
 log = logging.getLogger("omni2.server")
 
@@ -39,6 +49,7 @@ GATEWAY_BACKOFF_S = (0.2, 10.0)
 STABLE_S = 60.0                     # a process up this long resets its backoff
 STOP_GRACE_S = 10.0                 # SIGTERM, then SIGKILL after this long
 POLL_S = 0.1
+ACCEPT_BATCH = 64                   # connections accepted per wake-up at most
 
 
 def default_workers(device: str, cores: Optional[int] = None) -> int:
@@ -65,6 +76,7 @@ class Child:
     restart_at: float = 0.0
     backoff: float = 0.0
     restarts: int = 0
+    link: Optional[GatewayLink] = None   # a gateway's control socket (placement.py)
 
 
 class Supervisor:
@@ -84,17 +96,24 @@ class Supervisor:
 
     def bind(self) -> None:
         sock = socket.create_server((self.settings.host, self.settings.port), backlog=2048)
-        sock.set_inheritable(True)
+        sock.setblocking(False)
         self.sock = sock
 
     # ---- processes -----------------------------------------------------------------------------
     def _start(self, child: Child) -> None:
         cmd = [sys.executable, "-m", "omni2.server.workers", child.role, "--endpoint", self.endpoint]
         fds: tuple = ()
+        theirs = None
         if child.role == "gateway":
-            cmd += ["--fd", str(self.sock.fileno()), "--worker", str(child.worker)]
-            fds = (self.sock.fileno(),)
-        child.proc = subprocess.Popen(cmd, env=self._env, pass_fds=fds)
+            ours, theirs = control_pair()
+            child.link = GatewayLink(ours)
+            cmd += ["--fd", str(theirs.fileno()), "--worker", str(child.worker)]
+            fds = (theirs.fileno(),)
+        try:
+            child.proc = subprocess.Popen(cmd, env=self._env, pass_fds=fds)
+        finally:
+            if theirs is not None:
+                theirs.close()
         child.started = time.monotonic()
         log.info("%s %d started (pid %d)", child.role, child.worker, child.proc.pid)
 
@@ -111,6 +130,9 @@ class Supervisor:
             log.error("the engine could not load --model %s: stopping", self.settings.model)
             self.model_failed = self.stopping = True
             return
+        if child.link is not None:
+            child.link.close()
+            child.link = None
         lived = now - child.started
         child.backoff = first_s if lived > STABLE_S or not child.backoff else min(most_s, child.backoff * 2)
         child.restart_at = now + (child.backoff if child.role == "engine" or child.restarts else 0.0)
@@ -144,12 +166,57 @@ class Supervisor:
                 for g in self.gateways:
                     if not self.stopping:
                         self._check(g, *GATEWAY_BACKOFF_S)
-                time.sleep(POLL_S)
+                self._serve(POLL_S)
         finally:
             self.shutdown()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return 1 if self.model_failed else 0
+
+    # ---- placement -----------------------------------------------------------------------------
+    def loads(self) -> dict[int, int]:
+        """Connections per gateway that serves now (placement.GatewayLink.load)."""
+        return {g.worker: g.link.load for g in self.gateways if g.link is not None and g.link.ready}
+
+    def _serve(self, timeout: float) -> None:
+        """Wait up to `timeout` for gateway reports and new connections; place each connection."""
+        links = {g.link.sock.fileno(): g for g in self.gateways if g.link is not None}
+        watch = list(links)
+        if any(g.link.ready for g in links.values()):
+            watch.append(self.sock.fileno())
+        try:
+            readable, _, _ = select.select(watch, [], [], timeout)
+        except InterruptedError:
+            return
+        for fd in readable:
+            g = links.get(fd)
+            if g is not None and g.link is not None and not g.link.read():
+                g.link.close()      # it has gone; _check restarts it
+                g.link = None
+        if self.sock.fileno() in readable:
+            self._accept()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of descriptors: leave the rest in the backlog
+                log.warning("accept failed: %s", exc)
+                return
+            with conn:
+                self._hand(conn)
+
+    def _hand(self, conn: socket.socket) -> None:
+        loads = self.loads()
+        while loads:
+            worker = place(loads, self.settings.gateway_share)
+            link = self.gateways[worker - 1].link
+            if link is not None and link.hand(conn):
+                return
+            loads.pop(worker)       # its socket is full or gone: the next by the same policy
+        log.warning("no gateway could take a connection: closed")
 
     def shutdown(self) -> None:
         """Every child gets SIGTERM (gateways first: they close their sessions while the
@@ -165,6 +232,10 @@ class Supervisor:
                 log.warning("%s %d did not stop in time: killing it", child.role, child.worker)
                 child.proc.kill()
                 child.proc.wait(5)
+        for g in self.gateways:
+            if g.link is not None:
+                g.link.close()
+                g.link = None
         if self.sock is not None:
             self.sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
