@@ -354,7 +354,7 @@ def test_interrupt_bench_playback_and_concurrent_modes(command_controller):
     s = run_interrupt_bench(quick=True, playback=True, sessions=2, printer=lines.append)
     assert s["sessions"] == 2 and s["playback"] and s["commands"] == 4 and s["non_commands"] >= 7
     assert s["recall"] >= 0.5 and s["false_stops"] <= 1
-    assert "sessions=2  playback" in lines[0]
+    assert "sessions=2 " in lines[0] and "  playback (answer generated" in lines[0]
 
 
 def test_one_recognizer_per_process_however_it_is_asked_for():
