@@ -41,6 +41,7 @@ from .realtime_client import (RealtimeClient, RealtimeError, add_server_argument
 
 MAX_SESSIONS = 256
 MAX_TURNS = 100
+DURATION_LIMIT_S = 300.0
 RAMP_S = 0.02                 # stagger session starts so the handshakes do not all collide
 JITTER_MS = 200.0             # a client's playback buffer (browsers and phones hold 100-300 ms)
 PROGRESS_EVERY_S = 5.0        # one progress line this often when stderr is not a terminal
@@ -243,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
     parser.add_argument("--vad", action="store_true",
                         help="server VAD ends each question (needs real speech with trailing silence)")
-    parser.add_argument("--duration-limit", type=float, default=300.0, help="stop the whole run after S seconds")
+    parser.add_argument("--duration-limit", type=float, default=DURATION_LIMIT_S, help="stop the whole run after S seconds")
     parser.add_argument("--turn-timeout", type=float, default=120.0, help="give up on one answer after S seconds")
     parser.add_argument("--jitter-ms", type=float, default=JITTER_MS,
                         help=f"simulated client playback buffer for counting underruns (default {JITTER_MS:g})")
@@ -271,6 +272,12 @@ def check_args(args) -> Optional[str]:
         return f"--sessions must be 1..{limit}" + (" (more with --procs)" if live else "")
     if live and (args.live <= 0 or args.question_every < 0 or not 0 <= args.stop_share <= 1 or args.procs < 0):
         return "--live must be > 0, --question-every >= 0, --stop-share in 0..1, --procs >= 0"
+    ignored = [flag for flag, used in (("--turns", args.turns != 1), ("--audio", args.audio is not None),
+                                       ("--fast", args.fast), ("--vad", args.vad),
+                                       ("--duration-limit", args.duration_limit != DURATION_LIMIT_S)) if used]
+    if live and ignored:   # said, not silently ignored: the run would not be the one asked for
+        return (f"{', '.join(ignored)} do(es) not apply to --live: its microphones stream for --live seconds, "
+                "ask espeak-ng questions every --question-every seconds and the server's VAD cuts the turns")
     if not 1 <= args.turns <= MAX_TURNS:
         return f"--turns must be 1..{MAX_TURNS}"
     if args.duration_limit <= 0 or args.turn_timeout <= 0:

@@ -90,6 +90,11 @@ def test_loadtest_live_arguments():
     assert check_args(parse(["loadtest", "--live", "5", "--procs", "2", "--sessions", "300"])) is None
     assert check_args(parse(["loadtest", "--live", "5", "--procs", "1", "--sessions", "300"])) is not None
     assert check_args(parse(["loadtest", "--live", "5", "--stop-share", "2"])) is not None
+    # what only the turn-by-turn mode reads is refused with --live, not silently dropped
+    for extra in (["--turns", "3"], ["--audio", "q.wav"], ["--fast"], ["--vad"], ["--duration-limit", "10"]):
+        problem = check_args(parse(["loadtest", "--live", "5", *extra]))
+        assert problem is not None and extra[0] in problem, extra
+        assert check_args(parse(["loadtest", *extra])) is None, extra
 
 
 @requires_speech
