@@ -122,10 +122,8 @@ class Histogram:
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} histogram"
-        running = 0
-        for bound, n in zip(self.buckets + (math.inf,), self._counts):
-            running += n
-            yield f'{self.name}_bucket{{le="{_num(bound)}"}} {running}'
+        for le, running in self.cumulative().items():
+            yield f'{self.name}_bucket{{le="{le}"}} {running}'
         yield f"{self.name}_sum {_num(self.sum)}"
         yield f"{self.name}_count {self.count}"
 
