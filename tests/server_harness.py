@@ -1,7 +1,8 @@
 """Test helpers for the realtime server: real uvicorn on loopback, real websockets client.
 
 `running_server(engine, **settings)` starts the app on a free 127.0.0.1 port in a thread
-(same uvicorn config as `omni2 serve`); `Client` wraps a `websockets` connection with
+(same uvicorn config as `omni2 serve`); `served(*flags)` runs `omni2 serve` itself as a child
+process (the multi-process server: `--workers`); `Client` wraps a `websockets` connection with
 send/receive helpers that fail with the events seen so far instead of hanging.
 """
 from __future__ import annotations
@@ -11,12 +12,16 @@ import base64
 import contextlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Optional
 
 import numpy as np
+import pytest
 import websockets
 
 from omni2.server.app import create_app
@@ -27,7 +32,21 @@ from omni2.server.settings import ServerSettings
 RECV_TIMEOUT_S = 20.0
 
 
-class RunningServer:
+class Loopback:
+    """A server on 127.0.0.1:`port`: its HTTP root and its realtime endpoint."""
+
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+
+class RunningServer(Loopback):
     def __init__(self, app, settings: ServerSettings):
         import uvicorn
 
@@ -38,14 +57,6 @@ class RunningServer:
         self.app = app
         self.server = uvicorn.Server(uvicorn_config(app, settings))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     def start(self) -> "RunningServer":
         self.thread.start()
@@ -74,6 +85,115 @@ def running_server(engine, host: Optional[EngineHost] = None, detector_factory=N
         yield srv
     finally:
         srv.stop()
+
+
+class ServeProcess(Loopback):
+    """`omni2 serve FLAGS --port P --no-warmup` as a child process on a free loopback port."""
+
+    def __init__(self, *flags: str, env: Optional[dict] = None):
+        from test_server_serve import free_port   # (it imports this module: not at the top)
+
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", *flags,
+                                      "--port", str(self.port), "--no-warmup", "--log-level", "warning"],
+                                     env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def workers(self, key: Optional[str] = None, count: int = 2, timeout: float = 90) -> dict:
+        """/health/ready's `workers` once it is ready and lists `count` gateways (fails with the
+        server's output if it exits, or with the last status if not ready in `timeout`)."""
+        from test_server_serve import ready
+
+        deadline = time.time() + timeout
+        while (status := ready(self.port, key))[0] != 200 or len(status[1].get("workers", {})) < count:
+            assert self.proc.poll() is None, self.proc.stdout.read()[-2000:]
+            assert time.time() < deadline, f"not ready in {timeout} s: {status}"
+            time.sleep(0.1)
+        return status[1]["workers"]
+
+    def sessions(self, key: Optional[str] = None) -> dict[int, int]:
+        """Open sessions by gateway number."""
+        return {int(w): d["sessions"] for w, d in self.workers(key).items()}
+
+    def stop(self) -> None:
+        from omni2.clients.tools.gateway_bench import stop_server   # SIGTERM, then SIGKILL if it hangs
+
+        stop_server(self.proc)
+
+
+@contextlib.contextmanager
+def served(*flags: str, env: Optional[dict] = None):
+    """A running `omni2 serve FLAGS` child (see ServeProcess), stopped on the way out."""
+    server = ServeProcess(*flags, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_gateways():
+    """`omni2 serve --model null --workers 2 --gateway-share 1`, ready with both gateways, for a
+    test module (it starts in ~20 s on a loaded 2-core host). With share 1, two sessions open at
+    once land one on each gateway."""
+    pytest.importorskip("zmq", reason="pyzmq is not installed")
+    with served("--model", "null", "--workers", "2", "--gateway-share", "1") as server:
+        server.workers()
+        yield server
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (for a skipif that decides before any fixture starts)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def held_connections(server: ServeProcess, pids: dict[int, int]) -> dict[int, int]:
+    """Open TCP connections to the server's port that each gateway process holds ({gateway:
+    count}, from /proc), read without connecting: a /health/ready probe is itself a connection
+    the supervisor places, and would shift where the next session goes."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == server.port:   # 01: ESTABLISHED
+                    established.add(cols[9])
+    held = {}
+    for worker, pid in pids.items():
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        held[worker] = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in established)
+    return held
+
+
+@contextlib.contextmanager
+def peak_connections(server: ServeProcess, every_s: float = 0.05):
+    """The most client connections each gateway held at once while the block ran ({gateway: peak})."""
+    pids = {int(w): d["pid"] for w, d in server.workers().items()}
+    time.sleep(0.5)                    # that probe's own connection is closed and counted out
+    peak = {w: 0 for w in pids}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for w, n in held_connections(server, pids).items():
+                peak[w] = max(peak[w], n)
+            done.wait(every_s)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        watcher.join(10)
 
 
 @contextlib.contextmanager

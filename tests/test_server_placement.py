@@ -11,16 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 pytest.importorskip("zmq", reason="pyzmq is not installed")
 
-from server_harness import Client  # noqa: E402
-from test_server_serve import free_port, ready  # noqa: E402
+from server_harness import Client, served  # noqa: E402
 
 from omni2.server.workers.placement import REPORT, GatewayLink, control_pair, place  # noqa: E402
 
@@ -81,37 +77,22 @@ def test_a_burst_is_counted_before_the_gateway_reports():
 
 
 def test_the_server_places_sessions_by_its_share():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "null", "--workers", "2",
-                             "--gateway-share", "3", "--port", str(port), "--no-warmup", "--log-level", "warning"],
-                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with served("--model", "null", "--workers", "2", "--gateway-share", "3") as server:
+        async def run() -> None:
+            assert await asyncio.to_thread(server.sessions) == {1: 0, 2: 0}
+            await asyncio.sleep(0.3)                     # the probe's connection has closed
 
-    def by_worker() -> dict[int, int]:
-        deadline = time.time() + 90
-        while (status := ready(port))[0] != 200 or len(status[1].get("workers", {})) < 2:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:] if proc.poll() else ""
-            time.sleep(0.1)
-        return {int(w): d["sessions"] for w, d in status[1]["workers"].items()}
+            async def session() -> Client:
+                c = await Client.connect(server.ws)
+                assert (await c.recv())["type"] == "session.created"
+                return c
 
-    async def run() -> None:
-        assert await asyncio.to_thread(by_worker) == {1: 0, 2: 0}
-        await asyncio.sleep(0.3)                     # the probe's connection has closed
+            clients = [await session() for _ in range(4)]
+            assert await asyncio.to_thread(server.sessions) == {1: 3, 2: 1}
+            await asyncio.sleep(0.3)
+            clients += [await session() for _ in range(3)]
+            assert await asyncio.to_thread(server.sessions) == {1: 4, 2: 3}     # both full: the least loaded
+            for c in clients:
+                await c.close()
 
-        async def session() -> Client:
-            c = await Client.connect(f"ws://127.0.0.1:{port}/v1/realtime")
-            assert (await c.recv())["type"] == "session.created"
-            return c
-
-        clients = [await session() for _ in range(4)]
-        assert await asyncio.to_thread(by_worker) == {1: 3, 2: 1}
-        await asyncio.sleep(0.3)
-        clients += [await session() for _ in range(3)]
-        assert await asyncio.to_thread(by_worker) == {1: 4, 2: 3}     # both full: the least loaded
-        for c in clients:
-            await c.close()
-
-    try:
         asyncio.run(asyncio.wait_for(run(), 120))
-    finally:
-        proc.terminate()
-        proc.wait(30)

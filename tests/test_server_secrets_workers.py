@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -23,8 +21,7 @@ import pytest
 
 pytest.importorskip("zmq", reason="pyzmq is not installed")
 
-from server_harness import Client  # noqa: E402
-from test_server_serve import free_port, ready  # noqa: E402
+from server_harness import Client, ServeProcess  # noqa: E402
 
 from omni2.server.client_secrets import ClientSecrets  # noqa: E402
 
@@ -54,25 +51,16 @@ def test_a_secret_minted_on_one_gateway_opens_a_session_on_the_other():
     gateway 2 one, so a session held open on gateway 1 sends the next connection to gateway 2.
     The gateway that must NOT take a connection is frozen meanwhile, so one placed there would
     hang the test instead of passing it by luck."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "null",
-                             "--workers", "2", "--gateway-share", "1", "--port", str(port), "--api-key", KEY,
-                             "--metrics-key", METRICS_KEY, "--no-warmup", "--log-level", "warning"],
-                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def workers() -> dict:
-        deadline = time.time() + 90
-        while (status := ready(port, METRICS_KEY))[0] != 200 or len(status[1].get("workers", {})) < 2:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:] if proc.poll() else ""
-            time.sleep(0.1)
-        return status[1]["workers"]
+    server = ServeProcess("--model", "null", "--workers", "2", "--gateway-share", "1", "--api-key", KEY,
+                          "--metrics-key", METRICS_KEY)
+    port = server.port
 
     def settled() -> dict:
         """Pids by worker once no session is open (and the last probe's connection has closed)."""
-        ws = workers()
+        ws = server.workers(METRICS_KEY)
         while any(w["sessions"] for w in ws.values()):
             time.sleep(0.1)
-            ws = workers()
+            ws = server.workers(METRICS_KEY)
         time.sleep(0.3)
         return {int(k): w["pid"] for k, w in ws.items()}
 
@@ -107,8 +95,7 @@ def test_a_secret_minted_on_one_gateway_opens_a_session_on_the_other():
     try:
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
 
 
 def test_the_secret_is_checked_not_looked_up():
