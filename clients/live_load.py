@@ -25,15 +25,16 @@ import random
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
-from .figures import count_underruns, percentile
-from .realtime_client import RealtimeClient, RealtimeError, is_loopback, pcm16_bytes
+from .driver import CAP_NOTE, AnswerTracker, Pacer, SessionTally, answer_figures, open_session
+from .figures import percentile
+from .realtime_client import is_loopback, pcm16_bytes
 
 CHUNK_S = 0.1
 NOISE_RMS = 0.0005              # about -66 dBFS: a quiet room through a laptop microphone
@@ -247,32 +248,10 @@ class Mic:
 
 
 @dataclass
-class AnswerFigures:
-    status: str
-    ttfa_s: Optional[float]
-    audio_s: float
-    gaps: int
-    stopped_by_user: bool = False
-    rate: Optional[float] = None   # audio seconds per wall second between its first and last delta
-
-
-def arrival_rate(arrivals: list) -> Optional[float]:
-    """How fast an answer's audio came: seconds of audio (all deltas but the first, 24 kHz
-    samples) per second between the first delta and the last; below 1, its listener falls
-    behind (the server's pacer keeps it near 1 when the audio is made faster)."""
-    if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
-        return None
-    return sum(n for _, n in arrivals[1:]) / REALTIME_SAMPLE_RATE / (arrivals[-1][0] - arrivals[0][0])
-
-
-@dataclass
 class ProcResult:
-    answers: list
-    connected: int = 0
-    refused: int = 0
-    capped: int = 0              # refused by the connection cap (HTTP 503 at the handshake)
-    errors: list = None
-    send_lag_ms: list = None     # how late each send left, sampled
+    answers: list = field(default_factory=list)     # AnswerFigures as dicts
+    sessions: SessionTally = field(default_factory=SessionTally)
+    send_lag_ms: list = field(default_factory=list)  # how late each send left, sampled
     cpu_s: float = 0.0
 
 
@@ -280,20 +259,12 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
                        stop: Optional[np.ndarray], out: ProcResult, api_key: Optional[str] = None) -> None:
     rng = random.Random(index)
     await asyncio.sleep(plan.ramp_s * rng.random())
-    try:
-        client = await RealtimeClient.connect(url, api_key=api_key)
-    except RealtimeError as exc:
-        if exc.refused:
-            out.refused += 1
-        elif exc.code == "http_503":   # the server's connection cap (server/limits.py)
-            out.capped += 1
-        else:
-            out.errors.append(f"session {index}: {exc}")
+    client = await open_session(url, api_key, out.sessions, index)
+    if client is None:
         return
-    out.connected += 1
     mic = Mic(index)
-    state = {"asked_at": None, "first": None, "arrivals": [], "stop_at": None, "next_q": None,
-             "waiting": False, "user_stop": False, "queued_at": 0.0}
+    tracker = AnswerTracker(plan.jitter_ms / 1000)
+    state = {"stop_at": None, "next_q": None, "waiting": False, "queued_at": 0.0}
     end = time.monotonic() + plan.seconds
 
     def schedule_question(after_s: float) -> None:
@@ -302,84 +273,61 @@ async def live_session(index: int, url: str, plan: LivePlan, questions: list[np.
 
     async def receive() -> None:
         while True:
-            event = json.loads(await client.conn.recv())
-            kind, now = event["type"], time.monotonic()
-            if kind == "input_audio_buffer.speech_stopped":
-                state["asked_at"] = now
-            elif kind == "response.created":
-                state.update(first=None, arrivals=[], stop_at=None, user_stop=False)
-            elif kind == "response.output_audio.delta":
-                if state["first"] is None:
-                    state["first"] = now
-                    if stop is not None and rng.random() < plan.stop_share:
-                        state["stop_at"] = now + 1.0 + plan.jitter_ms / 1000
-                state["arrivals"].append((now, len(base64.b64decode(event["delta"])) // 2))
-            elif kind == "response.done":
-                status = event.get("response", {}).get("status", "unknown")
-                audio_s = sum(s for _, s in state["arrivals"]) / REALTIME_SAMPLE_RATE
-                asked, first = state["asked_at"], state["first"]
-                ttfa = None if first is None or asked is None or asked > first else first - asked
-                out.answers.append(asdict(AnswerFigures(
-                    status, ttfa, audio_s, count_underruns(state["arrivals"], plan.jitter_ms / 1000),
-                    state["user_stop"], arrival_rate(state["arrivals"]))))
-                heard_until = (first or now) + plan.jitter_ms / 1000 + audio_s
-                state.update(asked_at=None, first=None, arrivals=[], stop_at=None, waiting=False, user_stop=False)
-                schedule_question(max(0.0, heard_until - now) + (plan.question_every_s or 0.0))
+            event = json.loads(await client.conn.recv())   # not client.recv: it keeps every event
+            now, was_playing = time.monotonic(), tracker.playing
+            done = tracker.feed(event, now)
+            if event["type"] == "response.created":
+                state["stop_at"] = None
+            elif not was_playing and tracker.playing and stop is not None and rng.random() < plan.stop_share:
+                state["stop_at"] = now + 1.0 + plan.jitter_ms / 1000   # talk over it once it plays
+            if done is not None:
+                out.answers.append(asdict(done))
+                state.update(stop_at=None, waiting=False)
+                schedule_question(max(0.0, tracker.heard_until - now) + (plan.question_every_s or 0.0))
 
     receiver = None
-    try:
-        await client.configure(REALTIME_SAMPLE_RATE, vad=True)
-        receiver = asyncio.create_task(receive())
-        schedule_question(1.0)
-        t0 = time.monotonic()
-        k = 0
-        while time.monotonic() < end and not receiver.done():
-            now = time.monotonic()
-            if state["next_q"] is not None and now >= state["next_q"] and not state["waiting"]:
-                mic.say(questions[(index + len(out.answers)) % len(questions)])
-                state.update(next_q=None, waiting=True, asked_at=None, queued_at=now)
-            if state["stop_at"] is not None and now >= state["stop_at"]:
-                mic.say(stop)
-                state.update(stop_at=None, user_stop=True)
-            chunk = base64.b64encode(pcm16_bytes(mic.next_chunk())).decode()
-            await client.send("input_audio_buffer.append", audio=chunk)
-            k += 1
-            late = time.monotonic() - (t0 + (k - 1) * CHUNK_S)
-            if k % 10 == 0:
-                out.send_lag_ms.append(1000 * max(0.0, late))
-            delay = t0 + k * CHUNK_S - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if (state["waiting"] and state["first"] is None
-                    and time.monotonic() - state["queued_at"] > plan.answer_timeout_s):
-                out.answers.append(asdict(AnswerFigures("timeout", None, 0.0, 0)))  # no answer came
-                state.update(waiting=False, asked_at=None)
-                schedule_question(plan.question_every_s or 0.0)
-        if state["first"] is not None:   # an answer still playing when the run ended: its figures so far
-            asked, first = state["asked_at"], state["first"]
-            out.answers.append(asdict(AnswerFigures(
-                "open", None if asked is None or asked > first else first - asked,
-                sum(n for _, n in state["arrivals"]) / REALTIME_SAMPLE_RATE,
-                count_underruns(state["arrivals"], plan.jitter_ms / 1000), state["user_stop"],
-                arrival_rate(state["arrivals"]))))
-        if receiver.done() and receiver.exception() is not None:
-            out.errors.append(f"session {index}: {type(receiver.exception()).__name__}: {receiver.exception()}")
-    except (RealtimeError, OSError, asyncio.TimeoutError) as exc:
-        out.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
-    except Exception as exc:  # a closed socket (websockets' ConnectionClosed) ends this session only
-        out.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
-    finally:
-        if receiver is not None:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
-        await client.close()
+    async with out.sessions.holding(index, client):
+        try:
+            await client.configure(REALTIME_SAMPLE_RATE, vad=True)
+            receiver = asyncio.create_task(receive())
+            schedule_question(1.0)
+            pacer = Pacer(CHUNK_S)
+            while time.monotonic() < end and not receiver.done():
+                now = time.monotonic()
+                if state["next_q"] is not None and now >= state["next_q"] and not state["waiting"]:
+                    mic.say(questions[(index + len(out.answers)) % len(questions)])
+                    tracker.new_question()
+                    state.update(next_q=None, waiting=True, queued_at=now)
+                if state["stop_at"] is not None and now >= state["stop_at"]:
+                    mic.say(stop)
+                    tracker.stopped_by_user = True
+                    state["stop_at"] = None
+                chunk = base64.b64encode(pcm16_bytes(mic.next_chunk())).decode()
+                await client.send("input_audio_buffer.append", audio=chunk)
+                late = await pacer.sent_one()
+                if pacer.sent % 10 == 0:
+                    out.send_lag_ms.append(1000 * late)
+                if (state["waiting"] and not tracker.playing
+                        and time.monotonic() - state["queued_at"] > plan.answer_timeout_s):
+                    out.answers.append(asdict(answer_figures("timeout", [], None, tracker.jitter_s)))  # none came
+                    tracker.new_question()
+                    state["waiting"] = False
+                    schedule_question(plan.question_every_s or 0.0)
+            if tracker.playing:   # an answer still playing when the run ended: its figures so far
+                out.answers.append(asdict(tracker.figures("open")))
+            if receiver.done() and receiver.exception() is not None:
+                out.sessions.failed(index, receiver.exception())
+        finally:
+            if receiver is not None:
+                receiver.cancel()
+                await asyncio.gather(receiver, return_exceptions=True)
 
 
 def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Optional[str], queue, ready) -> None:
     questions, stop = mic_audio()   # (espeak: seconds) before the clock starts
     ready.wait()
     start = os.times()      # the run's CPU only: not the imports and speech synthesis before it
-    out = ProcResult(answers=[], errors=[], send_lag_ms=[])
+    out = ProcResult()
 
     async def main():
         await asyncio.gather(*(live_session(first + i, url, plan, questions, stop, out, api_key)
@@ -388,7 +336,7 @@ def _proc_main(first: int, count: int, url: str, plan: LivePlan, api_key: Option
     asyncio.run(main())
     t = os.times()
     out.cpu_s = (t.user - start.user) + (t.system - start.system)
-    queue.put(asdict(out))
+    queue.put(out)
 
 
 def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optional[str] = None,
@@ -414,15 +362,12 @@ def run_live(url: str, sessions: int, procs: int, plan: LivePlan, api_key: Optio
     results = [queue.get(timeout=plan.seconds + plan.ramp_s + 120) for _ in workers]
     for w in workers:
         w.join(10)
-    merged = ProcResult(answers=[], errors=[], send_lag_ms=[])
+    merged = ProcResult()
     for r in results:
-        merged.answers += r["answers"]
-        merged.connected += r["connected"]
-        merged.refused += r["refused"]
-        merged.capped += r["capped"]
-        merged.errors += r["errors"]
-        merged.send_lag_ms += r["send_lag_ms"]
-        merged.cpu_s += r["cpu_s"]
+        merged.answers += r.answers
+        merged.sessions.add(r.sessions)
+        merged.send_lag_ms += r.send_lag_ms
+        merged.cpu_s += r.cpu_s
     summary = summarize(merged, time.monotonic() - started)
     summary["during"] = measured
     return summary
@@ -437,9 +382,9 @@ def summarize(r: ProcResult, wall_s: float) -> dict:
     rates = [a["rate"] for a in answered if a.get("rate") is not None and not a["stopped_by_user"]]
     ms = (lambda x: None if x is None else round(1000 * x, 1))
     return {
-        "sessions_connected": r.connected, "refused": r.refused, "connection_capped": r.capped,
-        "errors": len(r.errors),
-        "error_samples": r.errors[:3], "answers": len(answered), "answers_whole": len(whole),
+        "sessions_connected": r.sessions.connected, "refused": r.sessions.refused,
+        "connection_capped": r.sessions.capped, "errors": len(r.sessions.errors),
+        "error_samples": r.sessions.errors[:3], "answers": len(answered), "answers_whole": len(whole),
         "answers_stopped_by_user": sum(1 for a in answered if a["stopped_by_user"]),
         "answers_failed": len(r.answers) - len(answered),
         "answers_with_gaps": with_gaps,
@@ -509,9 +454,7 @@ def main_live(args) -> int:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if s["connection_capped"]:
-        print("note: the server refused connections at its per-client cap: run it with "
-              "--max-connections-per-client 0 (or OMNI2_MAX_CONNECTIONS_PER_CLIENT=0) for a loopback load",
-              file=sys.stderr)
+        print(CAP_NOTE, file=sys.stderr)
     for e in s["error_samples"]:
         print(f"error: {e}", file=sys.stderr)
     return 0 if s["sessions_connected"] and not s["errors"] else 1

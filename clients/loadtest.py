@@ -5,10 +5,11 @@ collects the answer. Per turn it measures time to first audio (from the end of t
 and the real-time factor (answer wall time / answer audio seconds: below 1 means the server
 speaks faster than it is played). Real-time on average is not enough for a listener, so
 each answer is also played through a simulated client jitter buffer (`--jitter-ms`) and
-its playback underruns are counted. Refusals (close 1013, server busy) are counted apart
-from errors. Progress goes to stderr while it runs. The run is bounded: sessions and turns
-are capped, `--duration-limit` stops it, and only loopback servers are targeted unless
-`--allow-remote` is given.
+its playback underruns are counted. Refusals (close 1013, server busy) and sessions the
+server's connection cap turned away (HTTP 503) are counted apart from errors (clients/driver.py
+opens and counts the sessions and measures the answers). Progress goes to stderr while it
+runs. The run is bounded: sessions and turns are capped, `--duration-limit` stops it, and
+only loopback servers are targeted unless `--allow-remote` is given.
 
 `--live SECONDS` runs the way people use a voice agent instead (clients/live_load.py): every
 session streams its microphone continuously at real time for that long (a quiet room between
@@ -35,9 +36,9 @@ import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
+from .driver import CAP_NOTE, SessionTally, answer_figures, open_session
 from .figures import count_underruns, percentile  # noqa: F401  (also this module's API)
-from .realtime_client import (RealtimeClient, RealtimeError, add_server_arguments, is_loopback,
-                              read_audio, realtime_url)
+from .realtime_client import RealtimeError, add_server_arguments, is_loopback, read_audio, realtime_url
 
 MAX_SESSIONS = 256
 MAX_TURNS = 100
@@ -64,10 +65,8 @@ class TurnResult:
 
 
 @dataclass
-class Report:
+class Report(SessionTally):
     turns: list[TurnResult] = field(default_factory=list)
-    refusals: int = 0
-    errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     stopped_early: bool = False
     turns_skipped: int = 0        # never asked: their session was refused, failed or stopped
@@ -83,7 +82,7 @@ class Report:
         audio = sum(t.audio_s for t in self.turns)
         return {
             "turns_completed": len(ok), "turns_failed": len(self.turns) - len(ok),
-            "refusals": self.refusals, "errors": len(self.errors),
+            "refusals": self.refused, "connection_capped": self.capped, "errors": len(self.errors),
             **{f"ttfa_p{q}_ms": _ms(percentile(ttfa, q)) for q in (50, 90, 95)},
             **{f"rtf_p{q}": percentile(rtf, q) for q in (50, 90, 95)},
             "answers_with_underruns": sum(1 for t in ok if t.underruns),
@@ -117,7 +116,7 @@ class Progress:
     def show(self, report: Report, final: bool = False) -> None:
         done = len(report.turns) + report.turns_skipped
         ok = len(report.completed)
-        counts = {"ok": ok, "failed": len(report.turns) - ok, "refused": report.refusals}
+        counts = {"ok": ok, "failed": len(report.turns) - ok, "refused": report.refused}
         if self.bar is not None:
             self.bar.set_postfix(counts, refresh=False)
             self.bar.update(done - self.bar.n)
@@ -153,36 +152,29 @@ def default_question(rate: int = REALTIME_SAMPLE_RATE, seconds: float = 1.5) -> 
 
 async def run_session(index: int, args, audio: np.ndarray, rate: int, report: Report) -> None:
     await asyncio.sleep(index * RAMP_S)
-    try:
-        client = await RealtimeClient.connect(args.url, api_key=args.api_key)
-    except RealtimeError as exc:
-        if exc.refused:
-            report.refusals += 1
-        else:
-            report.errors.append(f"session {index}: {exc}")
+    client = await open_session(args.url, args.api_key, report, index)
+    if client is None:
         report.turns_skipped += args.turns
         return
     asked = 0
-    try:
-        await client.configure(rate, vad=args.vad)
-        for turn in range(args.turns):
-            answer = await client.ask(audio=audio, rate=rate, vad=args.vad,
-                                      pace=0.0 if args.fast else 1.0, timeout=args.turn_timeout)
-            if answer.refusal is not None and RealtimeError(answer.refusal.get("code"), "").refused:
-                report.refusals += 1        # no free slot for the answer: busy, not broken
-                break
-            asked += 1
-            error = "; ".join(answer.errors) or None
-            report.turns.append(TurnResult(index, turn, answer.status, answer.ttfa_s, answer.audio_s,
-                                           answer.wall_s, error,
-                                           count_underruns(answer.audio_arrivals, args.jitter_ms / 1000)))
-            if answer.done_at is None:      # refused, timed out or the socket died: session over
-                break
-    except RealtimeError as exc:
-        report.errors.append(f"session {index}: {exc}")
-    finally:
-        report.turns_skipped += args.turns - asked
-        await client.close()
+    async with report.holding(index, client):
+        try:
+            await client.configure(rate, vad=args.vad)
+            for turn in range(args.turns):
+                answer = await client.ask(audio=audio, rate=rate, vad=args.vad,
+                                          pace=0.0 if args.fast else 1.0, timeout=args.turn_timeout)
+                if answer.refusal is not None and RealtimeError(answer.refusal.get("code"), "").refused:
+                    report.refused += 1         # no free slot for the answer: busy, not broken
+                    break
+                asked += 1
+                f = answer_figures(answer.status, answer.audio_arrivals, answer.asked_at, args.jitter_ms / 1000,
+                                   done_at=answer.done_at)
+                report.turns.append(TurnResult(index, turn, f.status, f.ttfa_s, f.audio_s, f.wall_s,
+                                               "; ".join(answer.errors) or None, f.gaps))
+                if answer.done_at is None:      # refused, timed out or the socket died: session over
+                    break
+        finally:
+            report.turns_skipped += args.turns - asked
 
 
 async def run_load(args, audio: np.ndarray, rate: int, progress: Optional[Progress] = None) -> Report:
@@ -218,6 +210,7 @@ def format_table(report: Report, sessions: int, turns: int, jitter_ms: float = J
         ("turns completed", f"{s['turns_completed']}"),
         ("turns failed", f"{s['turns_failed']}"),
         ("refusals (1013)", f"{s['refusals']}"),
+        ("connection cap (503)", f"{s['connection_capped']}"),
         ("errors", f"{s['errors']}"),
         ("time to first audio p50", f"{f(s['ttfa_p50_ms'], '.0f')} ms"),
         ("time to first audio p90", f"{f(s['ttfa_p90_ms'], '.0f')} ms"),
@@ -312,6 +305,8 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(format_table(report, args.sessions, args.turns, args.jitter_ms))
+    if report.capped:
+        print(CAP_NOTE, file=sys.stderr)
     for e in report.errors[:10]:
         print(f"error: {e}", file=sys.stderr)
     for t in [t for t in report.turns if not t.ok][:10]:

@@ -44,7 +44,7 @@ def test_underruns_of_a_jitter_buffer():
 
 
 def _report(ok: int, failed: int, refusals: int = 0, skipped: int = 0) -> Report:
-    report = Report(refusals=refusals, turns_skipped=skipped)
+    report = Report(refused=refusals, turns_skipped=skipped)
     report.turns = [TurnResult(0, i, "completed", 0.1, 1.0, 0.5) for i in range(ok)]
     report.turns += [TurnResult(1, i, "refused", None, 0.0, None, "no_input: x") for i in range(failed)]
     return report

@@ -128,14 +128,6 @@ def test_live_sessions_ask_listen_and_are_charged_to_the_server(capsys):
     assert "answer audio per wall second p10 / p50" in out, out
 
 
-def test_arrival_rate_is_audio_after_the_first_delta_per_second():
-    # three deltas of 0.5 s of audio, 1 s apart: after the first, 1 s of audio in 2 s
-    arrivals = [(10.0, 12000), (11.0, 12000), (12.0, 12000)]
-    assert live_load.arrival_rate(arrivals) == pytest.approx(0.5)
-    assert live_load.arrival_rate([(0.0, 24000), (0.5, 24000)]) == pytest.approx(2.0)
-    assert live_load.arrival_rate(arrivals[:1]) is None and live_load.arrival_rate([]) is None
-
-
 def test_connection_cap_is_counted_not_an_error():
     eng = FakeEngine(slots=8).start()
     try:
