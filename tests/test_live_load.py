@@ -1,5 +1,6 @@
 """Live microphones (clients/live_load.py), `omni2 loadtest --live`, `omni2 bench gateway`,
-the null engine behind `omni2 serve --model null`, and the event-loop lag metric.
+the null engine behind `omni2 serve --model null`, the event-loop lag metric and the server's
+cost as the load tools read it (clients/server_cost.py).
 
 Short runs against real servers on loopback: a uvicorn thread with the fake (= null) engine,
 and for the bench a real `omni2 serve --model null` child process.
@@ -19,7 +20,7 @@ pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip insta
 from fake_engine import FakeEngine  # noqa: E402
 from server_harness import running_server  # noqa: E402
 
-from omni2.clients import live_load
+from omni2.clients import live_load, server_cost
 from omni2.clients.tools import gateway_bench  # noqa: E402
 from omni2.clients.cli import build_parser  # noqa: E402
 from omni2.clients.loadtest import check_args  # noqa: E402
@@ -33,10 +34,10 @@ def test_process_tree_cpu_counts_children():
                                "time.sleep(30)"])
     try:
         deadline = time.monotonic() + 20
-        while live_load.process_tree_cpu(parent.pid) < 0.6 and time.monotonic() < deadline:
+        while server_cost.process_tree_cpu(parent.pid) < 0.6 and time.monotonic() < deadline:
             time.sleep(0.2)
         own = sum(int(f) for f in open(f"/proc/{parent.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
-        assert live_load.process_tree_cpu(parent.pid) >= 0.55        # the child's burn counts
+        assert server_cost.process_tree_cpu(parent.pid) >= 0.55        # the child's burn counts
         assert own / os.sysconf("SC_CLK_TCK") < 0.5                     # the parent itself is idle
     finally:
         for p in [int(c) for c in os.listdir("/proc") if c.isdigit()]:
@@ -51,8 +52,8 @@ def test_process_tree_cpu_counts_children():
 def test_loop_lag_quantile_from_bucket_counts():
     before = {0.001: 10, 0.01: 10, 0.05: 10, float("inf"): 10}
     after = {0.001: 110, 0.01: 200, 0.05: 209, float("inf"): 210}
-    assert live_load.lag_p99_ms(before, after) == 50.0          # 199 of 200 within 50 ms
-    assert live_load.lag_p99_ms(after, after) is None
+    assert server_cost.lag_p99_ms(before, after) == 50.0          # 199 of 200 within 50 ms
+    assert server_cost.lag_p99_ms(after, after) is None
 
 
 def test_loop_lag_p99_is_each_workers_own(monkeypatch):
@@ -65,12 +66,12 @@ def test_loop_lag_p99_is_each_workers_own(monkeypatch):
     def scrape(port):
         w = next(answers)
         return w, dict(counts[w]), {1: 3, 2: 5}
-    monkeypatch.setattr(live_load, "_scrape_lag", scrape)
-    monkeypatch.setattr(live_load, "process_tree_cpu", lambda pid: 0.0)
-    monkeypatch.setattr(live_load.time, "sleep", lambda s: s and counts.update(
+    monkeypatch.setattr(server_cost, "_scrape_lag", scrape)
+    monkeypatch.setattr(server_cost, "process_tree_cpu", lambda pid: 0.0)
+    monkeypatch.setattr(server_cost.time, "sleep", lambda s: s and counts.update(
         {1: {0.001: 200, 0.05: 200, 0.1: 200, float("inf"): 200},       # worker 1: all fast
          2: {0.001: 150, 0.05: 199, 0.1: 200, float("inf"): 200}}))     # worker 2: one at 100 ms
-    d = live_load.cpu_window(1, 0, 0.0, 1.0)
+    d = server_cost.cpu_window(1, 0, 0.0, 1.0)
     assert d["lag_p99_ms_by_worker"] == {1: 1.0, 2: 50.0}
     assert d["lag_p99_ms"] == 50.0
     assert d["sessions_by_worker"] == {1: 3, 2: 5}

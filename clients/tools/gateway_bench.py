@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Optional
 
-from ..live_load import LivePlan, cpu_window, run_live
+from ..live_load import LivePlan, run_live
+from ..server_cost import cpu_window
 from .soak import _free_port as free_port
 from .soak import _wait_ready as wait_ready
 
