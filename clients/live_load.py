@@ -97,7 +97,7 @@ class Mic:
 class ProcResult:
     answers: list = field(default_factory=list)     # AnswerFigures as dicts
     sessions: SessionTally = field(default_factory=SessionTally)
-    send_lag_ms: list = field(default_factory=list)  # how late each send left, sampled
+    send_lag_ms: list = field(default_factory=list)  # how late each send was done, sampled
     cpu_s: float = 0.0
 
 
