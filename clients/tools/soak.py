@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from omni2.clients.realtime_client import RealtimeClient, RealtimeError
+from omni2.clients.driver import SessionTally, open_session
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
 QUESTIONS = ["what can you see in front of you", "tell me about the weather today",
@@ -84,12 +84,10 @@ def heap_figures(port: int) -> tuple[Optional[int], Optional[int]]:
 
 
 @dataclass
-class SoakRun:
+class SoakRun(SessionTally):     # sessions connected / refused / capped / errors (clients/driver.py)
     samples: list[Sample] = field(default_factory=list)
     turns: int = 0
     failed: int = 0
-    refused: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def questions(rate: int = REALTIME_SAMPLE_RATE) -> list[np.ndarray]:
@@ -105,15 +103,11 @@ async def keep_talking(index: int, url: str, audio: list[np.ndarray], until: flo
     await asyncio.sleep(0.25 * index)  # stagger, as real users are
     k = index
     while time.monotonic() < until:
-        try:
-            client = await RealtimeClient.connect(url)
-        except RealtimeError as exc:
-            run.refused += exc.refused
-            if not exc.refused:
-                run.errors.append(str(exc))
+        client = await open_session(url, None, run, index)
+        if client is None:
             await asyncio.sleep(1.0)
             continue
-        try:
+        async with run.holding(index, client):   # a broken session is counted; the next one connects afresh
             await client.configure(REALTIME_SAMPLE_RATE, vad=True)
             for _ in range(turns_per_session):
                 if time.monotonic() >= until:
@@ -127,10 +121,6 @@ async def keep_talking(index: int, url: str, audio: list[np.ndarray], until: flo
                     run.failed += 1
                     if answer.done_at is None:
                         break
-        except (RealtimeError, OSError, asyncio.TimeoutError) as exc:
-            run.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
-        finally:
-            await client.close()
 
 
 async def drive(url: str, port: int, pid: int, sessions: int, seconds: float, turns_per_session: int,
@@ -193,7 +183,7 @@ def summarize(run: SoakRun, ready_rss: int, after_rss: int, hwm: int, sessions: 
         "sessions": sessions, "minutes": run.samples[-1].t / 60 if run.samples else 0.0,
         "warmup_min": warmup_s / 60, "samples": len(run.samples),
         "turns_answered": run.turns, "turns_failed": run.failed, "refusals": run.refused,
-        "errors": len(run.errors),
+        "connection_capped": run.capped, "errors": len(run.errors),
         "rss_ready_mb": ready_rss / MB, "rss_warm_mb": float(start), "rss_end_mb": float(end),
         "rss_min_after_warmup_mb": float(rss.min()), "rss_max_after_warmup_mb": float(rss.max()),
         "growth_after_warmup_pct": float(100.0 * (end - start) / start),
@@ -277,7 +267,8 @@ def run_soak(sessions: int = 16, minutes: float = 10.0, warmup_min: Optional[flo
                                   None if s.heap_in_use is None else round(s.heap_in_use / MB, 1)]
                                  for s in run.samples])
     r = result
-    say(f"soak: {r['turns_answered']} turns answered ({r['turns_failed']} failed, {r['refusals']} refused, "
+    capped = f", {r['connection_capped']} at the connection cap" if r["connection_capped"] else ""
+    say(f"soak: {r['turns_answered']} turns answered ({r['turns_failed']} failed, {r['refusals']} refused{capped}, "
         f"{r['errors']} errors) by {sessions} sessions in {r['minutes']:.1f} min")
     say(f"  RSS ready {r['rss_ready_mb']:.0f} MB -> after warm-up {r['rss_warm_mb']:.0f} MB -> end "
         f"{r['rss_end_mb']:.0f} MB (after warm-up: {r['rss_min_after_warmup_mb']:.0f}..{r['rss_max_after_warmup_mb']:.0f} MB)")
