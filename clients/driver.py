@@ -10,15 +10,14 @@
   audio, audio seconds, playback gaps behind a jitter buffer, the audio's arrival rate.
 - `AnswerTracker` follows a session's answers through the server's events (for sessions whose
   turns the server's VAD starts) and hands back each answer's figures when it ends.
-- `Pacer` keeps a send schedule (a microphone's chunk every 100 ms) and says how late each
-  send was done: a load generator that falls behind shows it in its own figures.
+- The send schedule, `Pacer`, is the client's (clients/realtime_client.py): `send_audio` paces
+  a question by it, and live_load.py a microphone's chunk every 100 ms, taking how late each
+  send was done as the load generator's own lag.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -151,23 +150,3 @@ class AnswerTracker:
             self.asked_at, self.arrivals, self.stopped_by_user = None, [], False
             return done
         return None
-
-
-class Pacer:
-    """A fixed send schedule: send k is due at start + k * period_s. It sleeps to the schedule,
-    not a period after each send, so the time sends take does not add up as drift."""
-
-    def __init__(self, period_s: float, clock=time.monotonic):
-        self.period_s, self.clock = period_s, clock
-        self.start = clock()
-        self.sent = 0
-
-    async def sent_one(self) -> float:
-        """Count a send just made and sleep until the next is due; returns how far past its due
-        time that send was done (s)."""
-        late = max(0.0, self.clock() - (self.start + self.sent * self.period_s))
-        self.sent += 1
-        delay = self.start + self.sent * self.period_s - self.clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return late

@@ -30,11 +30,11 @@ import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
-from .driver import CAP_NOTE, AnswerTracker, Pacer, SessionTally, answer_figures, open_session
+from .driver import CAP_NOTE, AnswerTracker, SessionTally, answer_figures, open_session
 from .figures import percentile
 from .server_cost import cpu_window, server_pid_for_port
 from .server_cost import worker_lag_buckets  # noqa: F401  (tests/test_server_workers.py reads it here)
-from .realtime_client import is_loopback, pcm16_bytes
+from .realtime_client import Pacer, is_loopback, pcm16_bytes
 
 CHUNK_S = 0.1
 NOISE_RMS = 0.0005              # about -66 dBFS: a quiet room through a laptop microphone

@@ -132,6 +132,27 @@ def image_data_url(path: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+# ---- pacing --------------------------------------------------------------------------------
+class Pacer:
+    """A fixed send schedule: send k is due at start + k * period_s. It sleeps to the schedule,
+    not a period after each send, so the time sends take does not add up as drift."""
+
+    def __init__(self, period_s: float, clock=time.monotonic):
+        self.period_s, self.clock = period_s, clock
+        self.start = clock()
+        self.sent = 0
+
+    async def sent_one(self) -> float:
+        """Count a send just made and sleep until the next is due; returns how far past its due
+        time that send was done (s)."""
+        late = max(0.0, self.clock() - (self.start + self.sent * self.period_s))
+        self.sent += 1
+        delay = self.start + self.sent * self.period_s - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return late
+
+
 # ---- one answer --------------------------------------------------------------------------
 @dataclass
 class Answer:
@@ -236,15 +257,12 @@ class RealtimeClient:
     async def send_audio(self, x: np.ndarray, rate: int, pace: float = 1.0) -> None:
         """Append audio in CHUNK_S pieces; pace 1.0 = real time, 0 = as fast as possible."""
         n = max(1, int(rate * CHUNK_S))
-        start = time.monotonic()
-        for k, i in enumerate(range(0, x.size, n)):
+        pacer = Pacer(CHUNK_S * pace) if pace > 0 else None
+        for i in range(0, x.size, n):
             chunk = base64.b64encode(pcm16_bytes(x[i:i + n])).decode()
             await self.send("input_audio_buffer.append", audio=chunk)
-            if pace > 0:
-                # Sleep to the schedule, not per chunk, so send time does not add up as drift.
-                delay = start + (k + 1) * CHUNK_S * pace - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            if pacer is not None:
+                await pacer.sent_one()
 
     async def ask(self, *, audio: Optional[np.ndarray] = None, rate: int = REALTIME_SAMPLE_RATE,
                   text: Optional[str] = None, image_url: Optional[str] = None, vad: bool = False,

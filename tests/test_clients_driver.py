@@ -1,5 +1,6 @@
 """The load tools' session driver (clients/driver.py): how a session's end is counted, one
-answer's figures, an answer followed through its events, and the send schedule. The
+answer's figures, an answer followed through its events; and the send schedule they and
+`send_audio` keep (realtime_client.Pacer). The
 classification runs against a real server on loopback; the rest on made-up events and clocks."""
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import base64
 
 import pytest
 
-from omni2.clients import driver
-from omni2.clients.driver import AnswerTracker, Pacer, SessionTally, answer_figures, arrival_rate, open_session
-from omni2.clients.realtime_client import RealtimeError
+from omni2.clients import realtime_client
+from omni2.clients.driver import AnswerTracker, SessionTally, answer_figures, arrival_rate, open_session
+from omni2.clients.realtime_client import Pacer, RealtimeError
 
 
 def delta(samples: int) -> dict:
@@ -122,7 +123,7 @@ def test_pacer_sleeps_to_its_schedule_and_says_how_late(monkeypatch):
 
     async def sleep(s):
         now[0] += s
-    monkeypatch.setattr(driver.asyncio, "sleep", sleep)
+    monkeypatch.setattr(realtime_client.asyncio, "sleep", sleep)
 
     async def run() -> list[float]:
         pacer = Pacer(0.1, clock=lambda: now[0])
