@@ -1,5 +1,6 @@
 """Driving realtime sessions under load, once for every load tool: `omni2 loadtest`
-(clients/loadtest.py, turn by turn) and its live microphones (clients/live_load.py).
+(clients/loadtest.py, turn by turn), its live microphones (clients/live_load.py) and
+`omni2 bench soak` (clients/tools/soak.py).
 
 - `SessionTally` counts how sessions went: connected; refused (close 1013 or a busy error:
   the server's admission at work, not a fault); capped (HTTP 503 at the handshake: the
