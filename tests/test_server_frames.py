@@ -63,7 +63,7 @@ def sessions(port: int) -> int:
 @pytest.mark.parametrize("frame,code", [
     (masked(0x81, b'{"type": "\xff\xfe"}'), 1007),   # text frame, not UTF-8
     (masked(0x83, b"ab"), 1002),                      # reserved opcode 3
-])
+], ids=["non-utf8-text", "reserved-opcode"])  # (fixed ids: the mask is random, xdist workers must agree)
 def test_protocol_breaking_frames_close_with_their_code_and_free_the_session(server, frame, code):
     s = upgraded(server.port)
     s.sendall(frame)

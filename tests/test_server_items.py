@@ -5,6 +5,7 @@ response metadata. The fake engine records what each answered turn's prompt held
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from server_harness import running_server, types
@@ -220,5 +221,12 @@ def test_deleted_items_leave_the_models_context(tiny_server):
         return first, after, fresh
 
     first, after, fresh = run(main())
-    assert after == fresh and after[0]
+    # The same text and prompt size, exactly; the audio has the same length and the same samples
+    # up to float rounding: the vocoder's windows are cut where the answer had got to when it
+    # looked (timing: under load they differ), and SNAC's output over differently cut windows
+    # equals up to rounding (streaming/engine/frame_decoder.py). A different audio token would
+    # change whole frames by far more than that.
+    assert after[1:] == fresh[1:] and after[0]
+    a, f = (np.frombuffer(x[0], dtype="<i2").astype(np.int32) for x in (after, fresh))
+    assert a.size == f.size and int(np.abs(a - f).max()) <= 2, (a.size, f.size, int(np.abs(a - f).max()))
     assert first[0] != after[0]
