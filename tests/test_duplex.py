@@ -329,6 +329,41 @@ def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     assert "  forced scoring   3 teacher-forced rows" in lines
 
 
+def test_bench_quick_run_says_its_command_count(monkeypatch):
+    """--quick replaces the command count (4, whatever n_commands says): the header says so,
+    so a smoke run's figures are not read as a measurement's."""
+    from omni2.clients.tools import bench_interrupt as bi
+
+    class Quiet:  # hears nothing, instantly
+        decode_seconds, skipped, trace, detector = [], 0, [], None
+
+        def __init__(self, config):
+            pass
+
+        def reset(self):
+            pass
+
+        def set_speaking(self, on):
+            pass
+
+        def feed_output(self, pcm):
+            pass
+
+        def feed_input(self, pcm):
+            return []
+
+    asked = []
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", Quiet)
+    monkeypatch.setattr(bi, "build_set", lambda split, seed, n, **k: asked.append(n) or [clip])
+    for quick in (True, False):
+        lines = []
+        s = bi.run_interrupt_bench(quick=quick, n_commands=48, printer=lines.append)
+        assert s["quick"] is quick
+        assert ("QUICK (4 commands, a smoke run)" in lines[0]) is quick, lines[0]
+    assert asked == [bi.QUICK_COMMANDS, 48] and bi.QUICK_COMMANDS == 4
+
+
 @requires_speech
 @pytest.mark.slow
 def test_interrupt_bench_quick_run(command_controller):

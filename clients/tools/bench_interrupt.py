@@ -86,6 +86,7 @@ SPLITS = {
         ],
     },
 }
+QUICK_COMMANDS = 4  # `--quick`: command clips in the set (whatever n_commands says)
 COMMAND_TEXTS = ["stop omni", "Stop Omni!", "stop, omni.", "stop omni?", "Stop omni."]
 ASSISTANT_VOICE = "en-us+f5"
 BACKGROUND_VOICES = ["en-gb+m7", "en-us+f4"]
@@ -407,7 +408,9 @@ def run_interrupt_bench(
         config = replace(config, command=replace(config.command, recognizer=rcfg))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    clips = build_set(split, seed, 4 if quick else n_commands, quick=quick, playback=playback)
+    if quick:
+        n_commands = QUICK_COMMANDS  # (said in the printed header: a smoke run, not a measurement)
+    clips = build_set(split, seed, n_commands, quick=quick, playback=playback)
     barge_in = config.mode == "barge_in"
     if barge_in:
         # Any user speech must stop the answer; noise, echo and other talkers must not
@@ -457,7 +460,7 @@ def run_interrupt_bench(
     if recognizer is not None:
         summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
     summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
-                   forced=config.command.forced, speculate_ms=config.speculate_ms,
+                   quick=quick, forced=config.command.forced, speculate_ms=config.speculate_ms,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round(run_s / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
@@ -501,7 +504,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  speculate_ms=' + str(s['speculate_ms']) if s.get('speculate_ms') is not None else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  QUICK (' + str(QUICK_COMMANDS) + ' commands, a smoke run)' if s.get('quick') else ''}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  speculate_ms=' + str(s['speculate_ms']) if s.get('speculate_ms') is not None else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")

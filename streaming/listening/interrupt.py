@@ -722,7 +722,12 @@ class CommandDetector:
         words = [w.text for w in t.words]
         keep = loop_cut(words)
         end_tok = t.word_starts[keep] if keep < len(words) else len(t.tokens)
-        for (j, phrase, prefix, ids), probs in zip(self.forced_spots(t), t.forced):
+        spots = self.forced_spots(t)
+        if len(spots) != len(t.forced):
+            # The forced rows belong to other spots (another transcript, another config):
+            # pairing them up to the shorter list would score the wrong phrase at the wrong place.
+            raise ValueError(f"forced_score: {len(t.forced)} forced rows for {len(spots)} spots of this transcript")
+        for (j, phrase, prefix, ids), probs in zip(spots, t.forced):
             n_words = len(phrase.split())
             sounding = [p for i, p in zip(ids, probs) if self._sounding[i]]
             per_word = float(np.exp(np.sum(np.log(np.maximum(sounding, 1e-9))) / n_words))
