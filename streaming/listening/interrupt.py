@@ -32,6 +32,16 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   even in a window cut to the command's own span, and gating it out (level, spectral, log-mel
   range, pitch comb) or beam search gained no command on the tune split: the remaining
   misses need a recognizer that ignores a second voice, not a different window.
+- A stronger recognizer from a wheel was tried and dropped (issue 18, tune split only):
+  Moonshine base-en (the `moonshine-cpp` 0.1.4 wheel's ONNX-runtime files, run greedily
+  with onnxruntime, one thread) on every window the pipeline decoded (760 windows, one
+  session): it reads the other talker just as tiny.en does ("City Council met on
+  Tuesday..."), recovered none of the 11 commands tiny.en missed, has no prompt to bias
+  it towards the spelling ("Stop, Amli.", "Please stop harmony."; the phrase teacher-forced
+  scores ~0.01 per word), gave >= 0.55 on only 25 of the 37 commands tiny.en caught, and
+  cost 520-650 ms of CPU per window against tiny.en's ~60: four sessions' ~1.25 windows
+  per second each would ask ~2.8 cores. So it neither replaces tiny.en nor gives a useful
+  second opinion.
 """
 from __future__ import annotations
 
