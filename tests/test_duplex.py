@@ -287,6 +287,27 @@ def test_bench_summary_breaks_latency_down_over_detected_commands_only():
     assert (s["decision_work_ms_p50"], s["decision_work_ms_p90"]) == (2.0, 120.0)
 
 
+class _QuietController:
+    """Stands in for DuplexController in the bench's own tests: hears nothing, instantly."""
+
+    decode_seconds, skipped, trace, detector = [], 0, [], None
+
+    def __init__(self, config):
+        pass
+
+    def reset(self):
+        pass
+
+    def set_speaking(self, on):
+        pass
+
+    def feed_output(self, pcm):
+        pass
+
+    def feed_input(self, pcm):
+        return []
+
+
 def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     """The run's real-time factor is the clips' processing time over their audio: the
     recognizer's CPU measurement after the run is not in it."""
@@ -295,24 +316,8 @@ def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     from omni2.clients.tools import bench_interrupt as bi
     from omni2.streaming.listening.interrupt import RecognizerStats
 
-    class Quiet:  # hears nothing, instantly
-        decode_seconds, skipped, trace = [], 0, []
+    class Quiet(_QuietController):
         detector = type("D", (), {"recognizer": type("R", (), {"stats": RecognizerStats()})()})()
-
-        def __init__(self, config):
-            pass
-
-        def reset(self):
-            pass
-
-        def set_speaking(self, on):
-            pass
-
-        def feed_output(self, pcm):
-            pass
-
-        def feed_input(self, pcm):
-            return []
 
     clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR * 2, np.float32))
     monkeypatch.setattr(bi, "DuplexController", Quiet)
@@ -334,27 +339,9 @@ def test_bench_quick_run_says_its_command_count(monkeypatch):
     so a smoke run's figures are not read as a measurement's."""
     from omni2.clients.tools import bench_interrupt as bi
 
-    class Quiet:  # hears nothing, instantly
-        decode_seconds, skipped, trace, detector = [], 0, [], None
-
-        def __init__(self, config):
-            pass
-
-        def reset(self):
-            pass
-
-        def set_speaking(self, on):
-            pass
-
-        def feed_output(self, pcm):
-            pass
-
-        def feed_input(self, pcm):
-            return []
-
     asked = []
     clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
-    monkeypatch.setattr(bi, "DuplexController", Quiet)
+    monkeypatch.setattr(bi, "DuplexController", _QuietController)
     monkeypatch.setattr(bi, "build_set", lambda split, seed, n, **k: asked.append(n) or [clip])
     for quick in (True, False):
         lines = []

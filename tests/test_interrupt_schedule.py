@@ -162,8 +162,9 @@ class EndOfPhraseDetector(RecordingDetector):
         return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), 0.9) for _ in windows]
 
 
-def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30):
-    det = EndOfPhraseDetector(cfg.command, end, span)
+def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30, det=None):
+    """The controller, its detector (default: EndOfPhraseDetector) and its stops on `audio`."""
+    det = det or EndOfPhraseDetector(cfg.command, end, span)
     ctl = DuplexController(cfg, detector=det)
     det.ctl = ctl
     ctl._tracing = True
@@ -255,16 +256,7 @@ def test_a_phrase_read_in_several_decodes_under_the_threshold_stops(repeat_count
     audio, _, end = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
     cfg = DuplexConfig(repeat_count=repeat_count, repeat_threshold=0.3, pause_idle_ms=0)
     assert confidence < cfg.command.threshold
-    det = WaveringDetector(cfg.command, end, confidence, times)
-    ctl = DuplexController(cfg, detector=det)
-    det.ctl = ctl
-    ctl._tracing = True
-    ctl.reset()
-    ctl.set_speaking(True)
-    ctl.feed_output(np.zeros(24000 * (audio.size // SAMPLE_RATE + 2), np.float32))
-    found = []
-    for pos in range(0, audio.size, 320):
-        found += [e for e in ctl.feed_input(audio[pos : pos + 320]) if e.kind == "interrupt"]
+    ctl, _, found = _stops(cfg, audio, end, det=WaveringDetector(cfg.command, end, confidence, times))
     assert len(found) == stops, ctl.trace
     if stops:
         matched = [at for at, _, conf, _ in ctl.trace if conf > 0]
