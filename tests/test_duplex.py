@@ -351,6 +351,28 @@ def test_bench_quick_run_says_its_command_count(monkeypatch):
     assert asked == [bi.QUICK_COMMANDS, 48] and bi.QUICK_COMMANDS == 4
 
 
+def test_bench_repeat_count_reaches_the_controllers_and_the_header(monkeypatch):
+    """--repeat-count (DuplexConfig.repeat_count, off by default) is what the controllers
+    run with, and the header says it."""
+    from omni2.clients.tools import bench_interrupt as bi
+
+    seen = []
+
+    class Seeing(_QuietController):
+        def __init__(self, config):
+            seen.append(config.repeat_count)
+
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", Seeing)
+    monkeypatch.setattr(bi, "build_set", lambda *a, **k: [clip])
+    assert DuplexConfig().repeat_count == 0
+    for count, shown in ((3, True), (None, False)):
+        lines = []
+        s = bi.run_interrupt_bench(repeat_count=count, sessions=2, printer=lines.append)
+        assert ("  repeat_count=3" in lines[0]) is shown and s["repeat_count"] == (count or 0)
+    assert seen == [3, 3, 0, 0]
+
+
 @requires_speech
 @pytest.mark.slow
 def test_interrupt_bench_quick_run(command_controller):

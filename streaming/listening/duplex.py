@@ -125,11 +125,15 @@ class DuplexConfig:
     threshold_speaking: float = 1.01  # confidence that fires without waiting (>1: never)
     # A phrase read at the end of repeat_count decodes in a row (the decodes of one pause,
     # each with a little more silence after the words) with at least repeat_threshold
-    # confidence each is a match, though none reached command.threshold. Tune split, 4
-    # sessions (issue 18): whisper's readings of a command under echo waver around the
-    # threshold ("Stop Omni." 0.35-0.49 three times) where ordinary speech that ends like
-    # the phrase is read so once or twice ("shop on my way home": 0.40, 0.35). 0: off.
-    repeat_count: int = 3
+    # confidence each is a match, though none reached command.threshold. 0: off (default).
+    # Chosen on the tune split (issue 18): whisper's readings of a command under echo
+    # waver under the threshold ("Stop Omni." 0.35-0.49 three times) where ordinary speech
+    # ending like the phrase was read so once or twice ("shop on my way home": 0.40, 0.35);
+    # tune, 4 sessions: R 0.833 / P 1.000 vs 0.792 / 1.000 without. But on the held-out
+    # split (one run each, `bench interrupt --sessions 4 --repeat-count 3`) it fired on
+    # the assistant's echo before the user's command (P 0.953 / R 0.854 vs 0.977 / 0.875,
+    # playback P 0.952 / R 0.833): repeats do not tell a wavering command from echo.
+    repeat_count: int = 0
     repeat_threshold: float = 0.3
     foreground_min_ms: int = 1500    # segments longer than this get a foreground window
     foreground_db: float = 8.0       # "louder than the segment's typical chunk" margin
