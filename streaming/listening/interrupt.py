@@ -39,9 +39,10 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   Tuesday..."), recovered none of the 11 commands tiny.en missed, has no prompt to bias
   it towards the spelling ("Stop, Amli.", "Please stop harmony."; the phrase teacher-forced
   scores ~0.01 per word), gave >= 0.55 on only 25 of the 37 commands tiny.en caught, and
-  cost 520-650 ms of CPU per window against tiny.en's ~60: four sessions' ~1.25 windows
-  per second each would ask ~2.8 cores. So it neither replaces tiny.en nor gives a useful
-  second opinion.
+  cost 520-650 ms of CPU per window against tiny.en's ~60 (on the bench's fixed 1.4 s
+  window: 343 ms alone, 139 ms in batches of 4, against tiny.en's 60-88 and 43-67): four
+  sessions' ~1.25 windows per second each would ask ~0.7-2.8 cores. So it neither
+  replaces tiny.en nor gives a useful second opinion.
 """
 from __future__ import annotations
 
