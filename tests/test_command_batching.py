@@ -255,3 +255,22 @@ def test_forced_scoring_leaves_the_free_readings_punctuation_out_as_the_phrases(
         det.forced_score(t)
         free_word[dot] = [free for j, _, _, free in det.trace_spots if j == 1][0]
     assert free_word[0.9] == free_word[0.05] == pytest.approx(0.9 ** (3 / 2))   # 3 words' tokens, per phrase word
+
+
+def test_forced_scoring_refuses_rows_of_another_length(recognizer):
+    """forced_score pairs each spot with its forced row: a list of another length means the
+    rows were scored for other spots, and must not be cut to fit."""
+    from dataclasses import replace
+
+    from omni2.streaming.listening.interrupt import Transcript, Word
+
+    det = CommandDetector(CommandConfig(forced=True), recognizer=recognizer)
+    ids = tuple(recognizer._tok.encode(" Please stop on me.", add_special_tokens=False).ids)
+    t = Transcript("Please stop on me.", tuple(Word(w, 0.9) for w in ("Please", "stop", "on", "me.")), -0.1,
+                   ids, (0, 1, 2, 3), (0.9,) * len(ids))
+    spots = det.forced_spots(t)
+    rows = tuple((0.5,) * len(ph) for *_, ph in spots)
+    assert det.forced_score(replace(t, forced=rows)) is not None
+    for wrong in (rows + rows[:1], rows[:-1]):
+        with pytest.raises(ValueError, match="forced rows"):
+            det.forced_score(replace(t, forced=wrong))

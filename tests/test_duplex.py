@@ -287,6 +287,27 @@ def test_bench_summary_breaks_latency_down_over_detected_commands_only():
     assert (s["decision_work_ms_p50"], s["decision_work_ms_p90"]) == (2.0, 120.0)
 
 
+class _QuietController:
+    """Stands in for DuplexController in the bench's own tests: hears nothing, instantly."""
+
+    decode_seconds, skipped, trace, detector = [], 0, [], None
+
+    def __init__(self, config):
+        pass
+
+    def reset(self):
+        pass
+
+    def set_speaking(self, on):
+        pass
+
+    def feed_output(self, pcm):
+        pass
+
+    def feed_input(self, pcm):
+        return []
+
+
 def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     """The run's real-time factor is the clips' processing time over their audio: the
     recognizer's CPU measurement after the run is not in it."""
@@ -295,24 +316,8 @@ def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     from omni2.clients.tools import bench_interrupt as bi
     from omni2.streaming.listening.interrupt import RecognizerStats
 
-    class Quiet:  # hears nothing, instantly
-        decode_seconds, skipped, trace = [], 0, []
+    class Quiet(_QuietController):
         detector = type("D", (), {"recognizer": type("R", (), {"stats": RecognizerStats()})()})()
-
-        def __init__(self, config):
-            pass
-
-        def reset(self):
-            pass
-
-        def set_speaking(self, on):
-            pass
-
-        def feed_output(self, pcm):
-            pass
-
-        def feed_input(self, pcm):
-            return []
 
     clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR * 2, np.float32))
     monkeypatch.setattr(bi, "DuplexController", Quiet)
@@ -327,6 +332,45 @@ def test_bench_real_time_factor_is_the_clips_alone(monkeypatch):
     bi._print_table({**s, "forced": True, "recognizer": {**s["recognizer"], "forced_rows": 3}}, lines.append)
     assert any("the forced rows are not timed" in line for line in lines)
     assert "  forced scoring   3 teacher-forced rows" in lines
+
+
+def test_bench_quick_run_says_its_command_count(monkeypatch):
+    """--quick replaces the command count (4, whatever n_commands says): the header says so,
+    so a smoke run's figures are not read as a measurement's."""
+    from omni2.clients.tools import bench_interrupt as bi
+
+    asked = []
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", _QuietController)
+    monkeypatch.setattr(bi, "build_set", lambda split, seed, n, **k: asked.append(n) or [clip])
+    for quick in (True, False):
+        lines = []
+        s = bi.run_interrupt_bench(quick=quick, n_commands=48, printer=lines.append)
+        assert s["quick"] is quick
+        assert ("QUICK (4 commands, a smoke run)" in lines[0]) is quick, lines[0]
+    assert asked == [bi.QUICK_COMMANDS, 48] and bi.QUICK_COMMANDS == 4
+
+
+def test_bench_repeat_count_reaches_the_controllers_and_the_header(monkeypatch):
+    """--repeat-count (DuplexConfig.repeat_count, off by default) is what the controllers
+    run with, and the header says it."""
+    from omni2.clients.tools import bench_interrupt as bi
+
+    seen = []
+
+    class Seeing(_QuietController):
+        def __init__(self, config):
+            seen.append(config.repeat_count)
+
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", Seeing)
+    monkeypatch.setattr(bi, "build_set", lambda *a, **k: [clip])
+    assert DuplexConfig().repeat_count == 0
+    for count, shown in ((3, True), (None, False)):
+        lines = []
+        s = bi.run_interrupt_bench(repeat_count=count, sessions=2, printer=lines.append)
+        assert ("  repeat_count=3" in lines[0]) is shown and s["repeat_count"] == (count or 0)
+    assert seen == [3, 3, 0, 0]
 
 
 @requires_speech

@@ -162,8 +162,9 @@ class EndOfPhraseDetector(RecordingDetector):
         return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), 0.9) for _ in windows]
 
 
-def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30):
-    det = EndOfPhraseDetector(cfg.command, end, span)
+def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30, det=None):
+    """The controller, its detector (default: EndOfPhraseDetector) and its stops on `audio`."""
+    det = det or EndOfPhraseDetector(cfg.command, end, span)
     ctl = DuplexController(cfg, detector=det)
     det.ctl = ctl
     ctl._tracing = True
@@ -223,6 +224,43 @@ def test_a_quieter_last_word_still_gets_a_decode_at_the_vad_pause():
     end = audio.size - SAMPLE_RATE
     ctl, _, stops = _stops(DuplexConfig(speculate_ms=64, pause_idle_ms=0), audio, end)
     assert len(stops) == 1 and stops[0].sample > end, (stops, ctl.trace)
+
+
+class WaveringDetector(RecordingDetector):
+    """Reads "Stop Omni." under the threshold (`confidence`) in the first `times` decodes
+    after the phrase ends at `end`, and nothing in any other decode (whisper wavering
+    on a command under echo)."""
+
+    def __init__(self, config, end: int, confidence: float, times: int = 1 << 30):
+        super().__init__(config)
+        self.end, self.confidence, self.times, self.ctl = end, confidence, times, None
+
+    def score_windows(self, windows, urgent=False):
+        now = self.ctl.vad.samples_seen
+        self.calls.append((now, urgent))
+        if now < self.end or self.times <= 0:
+            return [(Transcript("", (), 0.0), None, 0.0) for _ in windows]
+        self.times -= 1
+        heard = Transcript("Stop Omni.", (Word("Stop", 0.5), Word("Omni.", 0.5)), 0.0)
+        return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), self.confidence) for _ in windows]
+
+
+@requires_speech
+@pytest.mark.parametrize("repeat_count, confidence, times, stops", [
+    (3, 0.4, 99, 1),    # read three decodes in a row under the threshold: a stop
+    (0, 0.4, 99, 0),    # the rule off: under the threshold never stops
+    (3, 0.4, 2, 0),     # read twice, then something else: no stop
+    (3, 0.2, 99, 0),    # under repeat_threshold however often
+])
+def test_a_phrase_read_in_several_decodes_under_the_threshold_stops(repeat_count, confidence, times, stops):
+    audio, _, end = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
+    cfg = DuplexConfig(repeat_count=repeat_count, repeat_threshold=0.3, pause_idle_ms=0)
+    assert confidence < cfg.command.threshold
+    ctl, _, found = _stops(cfg, audio, end, det=WaveringDetector(cfg.command, end, confidence, times))
+    assert len(found) == stops, ctl.trace
+    if stops:
+        matched = [at for at, _, conf, _ in ctl.trace if conf > 0]
+        assert len(matched) >= 3 and found[0].sample >= matched[2] and found[0].confidence == confidence
 
 
 def test_schedule_config_is_checked():

@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also score the phrase teacher-forced at the transcript's end (CommandConfig.forced)")
     itr.add_argument("--speculate-ms", type=int, default=None,
                      help="decode when the level has fallen this long, before the VAD's pause (0: off; default 64)")
+    itr.add_argument("--repeat-count", type=int, default=None,
+                     help="a phrase read in this many decodes in a row under the threshold stops (DuplexConfig; default 0: off)")
     soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
     soak.add_argument("--sessions", type=int, default=16, help="clients talking at once")
     soak.add_argument("--minutes", type=float, default=10.0, help="how long they talk")
@@ -172,5 +174,6 @@ def _run(args: argparse.Namespace) -> dict:
 
         result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
                                      sessions=args.sessions, context_s=args.context_s, max_batch=args.max_batch,
-                                     baseline=args.baseline, forced=args.forced, speculate_ms=args.speculate_ms)
+                                     baseline=args.baseline, forced=args.forced, speculate_ms=args.speculate_ms,
+                                     repeat_count=args.repeat_count)
     return result

@@ -86,6 +86,7 @@ SPLITS = {
         ],
     },
 }
+QUICK_COMMANDS = 4  # `--quick`: command clips in the set (whatever n_commands says)
 COMMAND_TEXTS = ["stop omni", "Stop Omni!", "stop, omni.", "stop omni?", "Stop omni."]
 ASSISTANT_VOICE = "en-us+f5"
 BACKGROUND_VOICES = ["en-gb+m7", "en-us+f4"]
@@ -378,6 +379,7 @@ def run_interrupt_bench(
     baseline: bool = False,
     forced: bool = False,
     speculate_ms: int | None = None,
+    repeat_count: int | None = None,
 ) -> dict:
     """Build the set, run every clip through a DuplexController, print and return metrics.
 
@@ -387,7 +389,8 @@ def run_interrupt_bench(
     baseline: the decode schedule before this one (schedule="hops", see DuplexConfig); the
     setup before batching is context_s=8.0, max_batch=1 with it. forced: the recognizer also
     scores the phrase teacher-forced (CommandConfig.forced). speculate_ms: DuplexConfig's
-    (0: decode only at the VAD's pause, the schedule before speculation).
+    (0: decode only at the VAD's pause, the schedule before speculation). repeat_count:
+    DuplexConfig's (a phrase read in that many decodes in a row under the threshold).
     Needs espeak-ng and sox on PATH (raises espeak.SynthUnavailable otherwise).
     """
     if sessions < 1:
@@ -401,13 +404,17 @@ def run_interrupt_bench(
         config = replace(config, command=replace(config.command, forced=True))
     if speculate_ms is not None:
         config = replace(config, speculate_ms=speculate_ms)
+    if repeat_count is not None:
+        config = replace(config, repeat_count=repeat_count)
     rcfg = config.command.recognizer
     if context_s is not None or max_batch is not None:  # e.g. the pre-batching setup: 8.0 and 1
         rcfg = replace(rcfg, context_s=context_s or rcfg.context_s, max_batch=max_batch or rcfg.max_batch)
         config = replace(config, command=replace(config.command, recognizer=rcfg))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    clips = build_set(split, seed, 4 if quick else n_commands, quick=quick, playback=playback)
+    if quick:
+        n_commands = QUICK_COMMANDS  # (said in the printed header: a smoke run, not a measurement)
+    clips = build_set(split, seed, n_commands, quick=quick, playback=playback)
     barge_in = config.mode == "barge_in"
     if barge_in:
         # Any user speech must stop the answer; noise, echo and other talkers must not
@@ -457,7 +464,7 @@ def run_interrupt_bench(
     if recognizer is not None:
         summary["recognizer"] = recognizer_cost(recognizer, before, audio_s, sessions)
     summary.update(split=split, mode=mode, seed=seed, playback=playback, sessions=sessions, baseline=baseline,
-                   forced=config.command.forced, speculate_ms=config.speculate_ms,
+                   quick=quick, repeat_count=config.repeat_count, forced=config.command.forced, speculate_ms=config.speculate_ms,
                    audio_seconds=round(audio_s, 1),
                    real_time_factor=round(run_s / audio_s, 3),
                    build_seconds=round(t_build, 1), cpu_count=os.cpu_count(),
@@ -501,7 +508,7 @@ def _print_table(s: dict, printer) -> None:
         return "n/a" if v is None else f"{v:.0f} ms"
 
     printer(f"interrupt benchmark  split={s['split']}  mode={s['mode']}  seed={s['seed']}  "
-            f"sessions={s['sessions']}{'  BASELINE' if s.get('baseline') else ''}{'  FORCED' if s.get('forced') else ''}{'  speculate_ms=' + str(s['speculate_ms']) if s.get('speculate_ms') is not None else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
+            f"sessions={s['sessions']}{'  QUICK (' + str(QUICK_COMMANDS) + ' commands, a smoke run)' if s.get('quick') else ''}{'  BASELINE' if s.get('baseline') else ''}{'  repeat_count=' + str(s['repeat_count']) if s.get('repeat_count') else ''}{'  FORCED' if s.get('forced') else ''}{'  speculate_ms=' + str(s['speculate_ms']) if s.get('speculate_ms') is not None else ''}{'  playback (answer generated before the user speaks)' if s['playback'] else ''}  "
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")

@@ -32,6 +32,17 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   even in a window cut to the command's own span, and gating it out (level, spectral, log-mel
   range, pitch comb) or beam search gained no command on the tune split: the remaining
   misses need a recognizer that ignores a second voice, not a different window.
+- A stronger recognizer from a wheel was tried and dropped (issue 18, tune split only):
+  Moonshine base-en (the `moonshine-cpp` 0.1.4 wheel's ONNX-runtime files, run greedily
+  with onnxruntime, one thread) on every window the pipeline decoded (760 windows, one
+  session): it reads the other talker just as tiny.en does ("City Council met on
+  Tuesday..."), recovered none of the 11 commands tiny.en missed, has no prompt to bias
+  it towards the spelling ("Stop, Amli.", "Please stop harmony."; the phrase teacher-forced
+  scores ~0.01 per word), gave >= 0.55 on only 25 of the 37 commands tiny.en caught, and
+  cost 520-650 ms of CPU per window against tiny.en's ~60 (on the bench's fixed 1.4 s
+  window: 343 ms alone, 139 ms in batches of 4, against tiny.en's 60-88 and 43-67): four
+  sessions' ~1.25 windows per second each would ask ~0.7-2.8 cores. So it neither
+  replaces tiny.en nor gives a useful second opinion.
 """
 from __future__ import annotations
 
@@ -722,7 +733,12 @@ class CommandDetector:
         words = [w.text for w in t.words]
         keep = loop_cut(words)
         end_tok = t.word_starts[keep] if keep < len(words) else len(t.tokens)
-        for (j, phrase, prefix, ids), probs in zip(self.forced_spots(t), t.forced):
+        spots = self.forced_spots(t)
+        if len(spots) != len(t.forced):
+            # The forced rows belong to other spots (another transcript, another config):
+            # pairing them up to the shorter list would score the wrong phrase at the wrong place.
+            raise ValueError(f"forced_score: {len(t.forced)} forced rows for {len(spots)} spots of this transcript")
+        for (j, phrase, prefix, ids), probs in zip(spots, t.forced):
             n_words = len(phrase.split())
             sounding = [p for i, p in zip(ids, probs) if self._sounding[i]]
             per_word = float(np.exp(np.sum(np.log(np.maximum(sounding, 1e-9))) / n_words))
