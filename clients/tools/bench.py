@@ -10,6 +10,18 @@ import json
 import sys
 
 
+class _NoArrivalsFlag(argparse.Action):
+    """`bench arrivals --arrivals ...` once parsed a choice of one law and read it nowhere: it is
+    refused by name, so a run asked for another law is not silently a Poisson one."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--arrivals is not an option: arrivals are always Poisson (open loop; set the mean "
+                     "with --rate turns/s)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     eng = sub.add_parser("engine", help="engine steps/s at 1..16 sessions vs release-style decoding")
@@ -28,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--model", choices=["tiny", "real"], default="tiny")
     arr.add_argument("--device", default="cpu")
     arr.add_argument("--sessions", default="8,16")
-    arr.add_argument("--arrivals", choices=["poisson"], default="poisson")
+    # arrivals are always a Poisson process (open loop): a flag naming the law chose nothing
+    arr.add_argument("--arrivals", action=_NoArrivalsFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     arr.add_argument("--rate", type=float, default=2.0, help="turns/s (with --search: the first rate tried)")
     arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
     arr.add_argument("--bisections", type=int, default=2)
