@@ -612,8 +612,13 @@ def host_policy(device, config: EngineConfig, width: Optional[int] = None) -> Ho
 
 
 def model_width(model) -> Optional[int]:
-    """The LM's hidden width (its head's input; None: a model without one)."""
-    head = getattr(getattr(model, "lm", None), "lm_head", None)
+    """The LM's hidden width: its config's n_embd (a model without a config: its head's input;
+    None: neither)."""
+    lm = getattr(model, "lm", None)
+    width = getattr(getattr(lm, "cfg", None), "n_embd", None)
+    if width is not None:
+        return int(width)
+    head = getattr(lm, "lm_head", None)
     return int(head.weight.shape[-1]) if head is not None else None
 
 
