@@ -119,6 +119,22 @@ class _Listener:
         return count_underruns(self.arrivals, self.jitter_s)
 
 
+STAGES = ("encoded", "admitted", "decoding", "frames", "first_audio")
+
+
+def turn_stages(lis: "_Listener") -> dict:
+    """One admitted turn's start, stage by stage: ms from the previous stage reached (the first
+    from submission; None where the turn never got there), its first audio as heard, barge-in."""
+    out, prev = {}, lis.turn.submitted_at
+    for name in STAGES:
+        at = lis.turn.stamps.get(name)
+        out[name] = None if at is None or prev is None else 1000 * (at - prev)
+        prev = at
+    ttfa = lis.ttfa_s
+    return out | lis.turn.found | {"ttfa": None if ttfa is None else 1000 * ttfa, "barge_in": getattr(lis, "barge_in", False),
+                  "reason": lis.done.reason if lis.done is not None else None}
+
+
 def _open(eng: Engine, wait_s: float = 5.0) -> str:
     """A session, once the warm-up's slot is released (at the next step boundary)."""
     deadline = time.monotonic() + wait_s
@@ -168,9 +184,11 @@ MIN_TURNS = 100
 def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: float = 4.0,
                 question_s: float = 2.0, jitter_s: float = 0.2, seed: int = 0,
                 step_budget_share: float = EngineConfig.step_budget_share, batched: bool = True,
-                first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0) -> ArrivalRun:
+                first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0,
+                record: list | None = None) -> ArrivalRun:
     """batched=False: the engine's one-at-a-time scheduling (EngineConfig.batched_arrivals).
-    Arrivals go on for `duration_s` and until `min_turns` turns were offered."""
+    Arrivals go on for `duration_s` and until `min_turns` turns were offered. `record`: a list
+    that gets one dict per admitted turn (turn_stages: its stage times, barge-in or not)."""
     steps = int(answer_s / FRAME_S) + 7   # speech frames lag the steps by the 7-layer delay
     cfg = EngineConfig(max_sessions=sessions, max_steps=steps, timing_window=1 << 20,
                        step_budget_share=step_budget_share, batched_arrivals=batched,
@@ -208,6 +226,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                 refused += 1
                 continue
             current[sid] = _Listener(turn, time.monotonic(), jitter_s)
+            current[sid].barge_in = not idle
             listeners.append(current[sid])
         for lis in listeners:
             lis.thread.join(timeout=600)
@@ -215,6 +234,8 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         step_s = list(eng.step_seconds)[first_step:]
         step_n = list(eng.step_sessions)[first_step:]
         refused_first_audio = eng.counters["refused_first_audio"]
+    if record is not None:
+        record += [turn_stages(lis) for lis in listeners]
     # a barged-in answer ends early by design: its stall after the cancel is no underrun
     heard = [lis for lis in listeners if lis.done is not None and lis.done.reason != "cancelled"]
     ttfa = [lis.ttfa_s for lis in listeners if lis.ttfa_s is not None]
