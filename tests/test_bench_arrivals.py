@@ -92,3 +92,14 @@ def test_the_arrivals_flag_is_refused_by_name(capsys):
         assert "arrivals are always Poisson" in capsys.readouterr().err
     args = p.parse_args(["arrivals", "--rate", "3"])
     assert args.rate == 3 and not hasattr(args, "arrivals")
+
+
+def test_the_stage_line_says_where_first_audio_went():
+    from omni2.clients.tools.bench_arrivals import STAGES, stage_line
+
+    def rec(ms, barge):
+        return {**{k: ms / len(STAGES) for k in STAGES}, "ttfa": ms, "barge_in": barge}
+
+    line = stage_line([rec(100, False), rec(200, False), rec(300, True), {**rec(0, True), "ttfa": None}])
+    assert "encoded 40/60" in line and "ttfa 200/300" in line      # nearest rank over the three heard
+    assert "barge-ins 1 of 3" in line and "first audio p50 300 vs 100 ms" in line   # (nearest rank of 100, 200)

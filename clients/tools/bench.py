@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--baseline", action="store_true",
                      help="also measure the one-at-a-time scheduling (EngineConfig.batched_arrivals=False)")
     arr.add_argument("--repeats", type=int, default=1, help="held rate: the median of this many searches")
+    arr.add_argument("--stages", action="store_true",
+                     help="after each rate, where the admitted turns' first audio went (stage p50/p99, barge-ins)")
     arr.add_argument("--modes", default=None,
                      help="scheduling to measure, comma-separated: batched,baseline (default: batched, "
                           "and baseline with --baseline); one alone alternates with the other across locked runs")
@@ -154,7 +156,8 @@ def _run(args: argparse.Namespace) -> dict:
                                     bisections=args.bisections, ttfa_target=args.ttfa_target,
                                     baseline=args.baseline, repeats=args.repeats,
                                     modes=args.modes.split(",") if args.modes else None,
-                                    min_turns=args.min_turns, first_audio_factor=args.first_audio_factor)
+                                    min_turns=args.min_turns, first_audio_factor=args.first_audio_factor,
+                                    stages=args.stages)
     elif args.bench == "model":
         from omni2.clients.tools.bench_model import run_model_bench
 

@@ -135,6 +135,21 @@ def turn_stages(lis: "_Listener") -> dict:
                   "reason": lis.done.reason if lis.done is not None else None}
 
 
+def stage_line(records: list) -> str:
+    """Where the admitted turns' first audio went (turn_stages records): p50/p99 ms of each stage,
+    and the barge-ins' median first audio against the other turns'."""
+    rec = [r for r in records if r["ttfa"] is not None]
+
+    def q(key, p, rs=rec):
+        return 1000 * (percentile([r[key] / 1000 for r in rs if r[key] is not None], p) or float("nan"))
+
+    stages = ", ".join(f"{k} {q(k, 50):.0f}/{q(k, 99):.0f}" for k in (*STAGES, "ttfa"))
+    barge = [r for r in rec if r["barge_in"]]
+    rest = [r for r in rec if not r["barge_in"]]
+    return (f"  stages p50/p99 ms (each from the one before): {stages}; barge-ins {len(barge)} of {len(rec)}, "
+            f"first audio p50 {q('ttfa', 50, barge):.0f} vs {q('ttfa', 50, rest):.0f} ms for the others")
+
+
 def _open(eng: Engine, wait_s: float = 5.0) -> str:
     """A session, once the warm-up's slot is released (at the next step boundary)."""
     deadline = time.monotonic() + wait_s
@@ -303,7 +318,7 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
                        question_s: float = 2.0, jitter_ms: float = 200.0, bisections: int = 2,
                        ttfa_target: bool = True, baseline: bool = False, repeats: int = 1,
                        modes=None, min_turns: int = MIN_TURNS, first_audio_factor: float = FIRST_AUDIO_FACTOR,
-                       out=print) -> dict:
+                       stages: bool = False, out=print) -> dict:
     """With `baseline`, every measurement is also made with the one-at-a-time scheduling, in
     turn with the batched one (rep by rep: both see the same shared machine); held rates are
     medians over `repeats`. `modes` ("batched", "baseline") picks them explicitly (one alone:
@@ -348,10 +363,14 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
             for batched in modes:
                 def one(r, n=n, batched=batched, rep=rep):
                     # the step thread keeps the only OpenMP team: the engine runs from a short-lived thread
-                    return in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
-                                           jitter_ms / 1000, seed=rep, batched=batched,
-                                           first_audio_factor=first_audio_factor, min_turns=min_turns,
-                                           threads=DEFAULT_THREADS)
+                    record = [] if stages else None
+                    run = in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
+                                          jitter_ms / 1000, seed=rep, batched=batched,
+                                          first_audio_factor=first_audio_factor, min_turns=min_turns,
+                                          record=record, threads=DEFAULT_THREADS)
+                    if stages:
+                        out(stage_line(record))
+                    return run
                 if search:
                     held, runs = search_rates(one, rate, bisections, out=out, holds=holds)
                 else:
