@@ -362,3 +362,71 @@ def test_without_first_audio_admission_the_last_of_a_burst_waits_for_all_before_
     admitted, refusals, waits = _burst(tiny_model, factor=0)
     assert len(admitted) == 6 and refusals == []
     assert max(waits) >= 6 * SlowStartEngine.ENCODE_S      # six encoders in turn before its first audio
+
+
+def test_first_audio_admission_bounds_the_tail_not_the_median():
+    """At 8 sessions past the held rate most turns found 0-2 answers starting and the median
+    with one more stayed within 2x, so nothing was refused while first audio p99 passed 2x p50.
+    Judged on the recent tail (its 0.95 quantile), the same turns are refused; the median rule
+    (quantile 0.5) admits them, and a quiet stretch reopens admission."""
+    from omni2.streaming.engine.admission import FirstAudioHeadroom
+
+    def fed(quantile):
+        h = FirstAudioHeadroom(factor=2.0, quantile=quantile, window_s=4.0, min_turns=12)
+        at = 0.0
+        for i in range(40):                     # alone: 150 ms, 1 in 5 a 400 ms straggler
+            at += 0.1
+            h.observe(0.4 if i % 5 == 4 else 0.15, 1, at)
+        return h, at
+
+    tail, at = fed(0.95)
+    assert tail.bound_s() == pytest.approx(0.3)                  # 2 x the 150 ms median alone
+    refused = tail.decide(starting=0, now=at)
+    assert not refused.admit and refused.predicted_step_s == pytest.approx(0.4)
+    assert refused.retry_after_s == 1.0 and refused.bound == "first_audio"
+    assert tail.decide(starting=0, now=at + 4.5).admit           # the slow ones aged out: open again
+    median, at = fed(0.5)
+    assert median.decide(starting=0, now=at).admit and median.decide(starting=1, now=at).admit
+    with pytest.raises(ValueError):
+        FirstAudioHeadroom(quantile=0)
+
+
+def _stragglers(observe, alone_s: float, slow_s: float, every: int):
+    """`observe` fed alone_s for each first audio, slow_s for every `every`-th (a turn that met a
+    vocoder call or an encoder of another turn), at the engine's real clock."""
+    count = [0]
+
+    def costed(seconds, units, at):
+        count[0] += 1
+        observe(slow_s if count[0] % every == 0 else alone_s, units, at)
+
+    return costed
+
+
+@pytest.mark.parametrize("quantile, admits", [(0.95, 0), (0.5, 2)])
+def test_the_engine_refuses_turns_while_recent_first_audio_has_a_tail_past_the_deadline(tiny_model, quantile,
+                                                                                          admits):
+    """The tiny engine, its first audios stated as 150 ms with one in four at 400 ms (deadline
+    2 x 150 = 300 ms): judged on the tail, six questions asked at once are all refused with a
+    retry hint, none starts; the median rule (quantile 0.5, the old one) starts two of them."""
+    cfg = EngineConfig(max_sessions=8, max_steps=12, first_audio_factor=2.0, first_audio_quantile=quantile,
+                       busy_retry_after_s=0.5)
+    audio = (0.1 * np.random.RandomState(0).randn(4000)).astype(np.float32)
+    with Engine(tiny_model, cfg) as eng:
+        eng.first_audio.window_s = 600.0         # (the prime below may be slow on a loaded CI)
+        eng.first_audio.observe = _stragglers(eng.first_audio.observe, 0.15, 0.4, every=4)
+        sids = [eng.open_session() for _ in range(8)]
+        for i in range(12):                      # one at a time: each started alone
+            list(eng.submit(TurnRequest(session_id=sids[i % 2], audio_16k=audio, max_steps=12)).events(timeout=60))
+        admitted, refused = [], []
+        for sid in sids[2:]:
+            try:
+                admitted.append(eng.submit(TurnRequest(session_id=sid, audio_16k=audio, max_steps=12)))
+            except EngineBusy as exc:
+                refused.append(exc)
+        for turn in admitted:
+            list(turn.events(timeout=60))
+        assert eng.stats()["refused_first_audio_total"] == len(refused)
+    assert len(admitted) == admits and len(refused) == 6 - admits
+    assert all(e.retry_after_s == 0.5 and e.decision.bound == "first_audio"
+               and e.decision.budget_s == pytest.approx(0.3) for e in refused)

@@ -1,6 +1,8 @@
 """`omni2 bench arrivals`: the open-loop run on the tiny model (a short one) and the rate search."""
 from dataclasses import replace
 
+import pytest
+
 from omni2.clients.tools.bench_arrivals import ArrivalRun, arrival_run, past_held, search_rates
 
 
@@ -73,3 +75,31 @@ def test_others_load_is_the_machine_less_this_process(monkeypatch):
     if os.path.exists("/proc/stat"):
         monkeypatch.undo()
         assert bench_arrivals.OthersLoad().cores() >= 0
+
+
+def test_the_arrivals_flag_is_refused_by_name(capsys):
+    """`bench arrivals --arrivals poisson` was parsed and read nowhere: it is now an error that
+    says arrivals are always Poisson, and the command without it still parses."""
+    import argparse
+
+    from omni2.clients.tools.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for flag in (["--arrivals", "poisson"], ["--arrivals"], ["--arrivals=uniform"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["arrivals", *flag])
+        assert "arrivals are always Poisson" in capsys.readouterr().err
+    args = p.parse_args(["arrivals", "--rate", "3"])
+    assert args.rate == 3 and not hasattr(args, "arrivals")
+
+
+def test_the_stage_line_says_where_first_audio_went():
+    from omni2.clients.tools.bench_arrivals import STAGES, stage_line
+
+    def rec(ms, barge):
+        return {**{k: ms / len(STAGES) for k in STAGES}, "ttfa": ms, "barge_in": barge}
+
+    line = stage_line([rec(100, False), rec(200, False), rec(300, True), {**rec(0, True), "ttfa": None}])
+    assert "encoded 40/60" in line and "ttfa 200/300" in line      # nearest rank over the three heard
+    assert "barge-ins 1 of 3" in line and "first audio p50 300 vs 100 ms" in line   # (nearest rank of 100, 200)

@@ -75,3 +75,16 @@ def test_the_tiny_engine_steps_and_encodes_on_one_thread(tiny_model):
         turn = eng.submit(TurnRequest(session_id=eng.open_session(), audio_16k=audio, max_steps=4))
         assert isinstance(list(turn.events(timeout=60))[-1], TurnDone)
     assert seen and set(seen) <= {1, ("step", 1)} and ("step", 1) in seen, seen
+
+
+def test_model_width_is_the_lm_configs_width(tiny_model):
+    """engine.model_width reads the LM's own n_embd (the width rule's input), also for a model
+    whose head is absent or not a plain Linear."""
+    from types import SimpleNamespace
+
+    from omni2.streaming.engine.engine import model_width
+
+    assert model_width(tiny_model) == tiny_model.lm.cfg.n_embd
+    headless = SimpleNamespace(lm=SimpleNamespace(cfg=SimpleNamespace(n_embd=640)))
+    assert model_width(headless) == 640
+    assert model_width(SimpleNamespace()) is None

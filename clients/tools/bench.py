@@ -10,6 +10,18 @@ import json
 import sys
 
 
+class _NoArrivalsFlag(argparse.Action):
+    """`bench arrivals --arrivals ...` once parsed a choice of one law and read it nowhere: it is
+    refused by name, so a run asked for another law is not silently a Poisson one."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--arrivals is not an option: arrivals are always Poisson (open loop; set the mean "
+                     "with --rate turns/s)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     eng = sub.add_parser("engine", help="engine steps/s at 1..16 sessions vs release-style decoding")
@@ -28,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--model", choices=["tiny", "real"], default="tiny")
     arr.add_argument("--device", default="cpu")
     arr.add_argument("--sessions", default="8,16")
-    arr.add_argument("--arrivals", choices=["poisson"], default="poisson")
+    # arrivals are always a Poisson process (open loop): a flag naming the law chose nothing
+    arr.add_argument("--arrivals", action=_NoArrivalsFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     arr.add_argument("--rate", type=float, default=2.0, help="turns/s (with --search: the first rate tried)")
     arr.add_argument("--search", action="store_true", help="find the largest rate held (double, then bisect)")
     arr.add_argument("--bisections", type=int, default=2)
@@ -47,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arr.add_argument("--baseline", action="store_true",
                      help="also measure the one-at-a-time scheduling (EngineConfig.batched_arrivals=False)")
     arr.add_argument("--repeats", type=int, default=1, help="held rate: the median of this many searches")
+    arr.add_argument("--stages", action="store_true",
+                     help="after each rate, where the admitted turns' first audio went (stage p50/p99, barge-ins)")
     arr.add_argument("--modes", default=None,
                      help="scheduling to measure, comma-separated: batched,baseline (default: batched, "
                           "and baseline with --baseline); one alone alternates with the other across locked runs")
@@ -143,7 +158,8 @@ def _run(args: argparse.Namespace) -> dict:
                                     bisections=args.bisections, ttfa_target=args.ttfa_target,
                                     baseline=args.baseline, repeats=args.repeats,
                                     modes=args.modes.split(",") if args.modes else None,
-                                    min_turns=args.min_turns, first_audio_factor=args.first_audio_factor)
+                                    min_turns=args.min_turns, first_audio_factor=args.first_audio_factor,
+                                    stages=args.stages)
     elif args.bench == "model":
         from omni2.clients.tools.bench_model import run_model_bench
 

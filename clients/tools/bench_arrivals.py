@@ -119,6 +119,37 @@ class _Listener:
         return count_underruns(self.arrivals, self.jitter_s)
 
 
+STAGES = ("encoded", "admitted", "decoding", "frames", "first_audio")
+
+
+def turn_stages(lis: "_Listener") -> dict:
+    """One admitted turn's start, stage by stage: ms from the previous stage reached (the first
+    from submission; None where the turn never got there), its first audio as heard, barge-in."""
+    out, prev = {}, lis.turn.submitted_at
+    for name in STAGES:
+        at = lis.turn.stamps.get(name)
+        out[name] = None if at is None or prev is None else 1000 * (at - prev)
+        prev = at
+    ttfa = lis.ttfa_s
+    return out | lis.turn.found | {"ttfa": None if ttfa is None else 1000 * ttfa, "barge_in": getattr(lis, "barge_in", False),
+                  "reason": lis.done.reason if lis.done is not None else None}
+
+
+def stage_line(records: list) -> str:
+    """Where the admitted turns' first audio went (turn_stages records): p50/p99 ms of each stage,
+    and the barge-ins' median first audio against the other turns'."""
+    rec = [r for r in records if r["ttfa"] is not None]
+
+    def q(key, p, rs=rec):
+        return 1000 * (percentile([r[key] / 1000 for r in rs if r[key] is not None], p) or float("nan"))
+
+    stages = ", ".join(f"{k} {q(k, 50):.0f}/{q(k, 99):.0f}" for k in (*STAGES, "ttfa"))
+    barge = [r for r in rec if r["barge_in"]]
+    rest = [r for r in rec if not r["barge_in"]]
+    return (f"  stages p50/p99 ms (each from the one before): {stages}; barge-ins {len(barge)} of {len(rec)}, "
+            f"first audio p50 {q('ttfa', 50, barge):.0f} vs {q('ttfa', 50, rest):.0f} ms for the others")
+
+
 def _open(eng: Engine, wait_s: float = 5.0) -> str:
     """A session, once the warm-up's slot is released (at the next step boundary)."""
     deadline = time.monotonic() + wait_s
@@ -168,9 +199,11 @@ MIN_TURNS = 100
 def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: float = 4.0,
                 question_s: float = 2.0, jitter_s: float = 0.2, seed: int = 0,
                 step_budget_share: float = EngineConfig.step_budget_share, batched: bool = True,
-                first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0) -> ArrivalRun:
+                first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0,
+                record: list | None = None) -> ArrivalRun:
     """batched=False: the engine's one-at-a-time scheduling (EngineConfig.batched_arrivals).
-    Arrivals go on for `duration_s` and until `min_turns` turns were offered."""
+    Arrivals go on for `duration_s` and until `min_turns` turns were offered. `record`: a list
+    that gets one dict per admitted turn (turn_stages: its stage times, barge-in or not)."""
     steps = int(answer_s / FRAME_S) + 7   # speech frames lag the steps by the 7-layer delay
     cfg = EngineConfig(max_sessions=sessions, max_steps=steps, timing_window=1 << 20,
                        step_budget_share=step_budget_share, batched_arrivals=batched,
@@ -208,6 +241,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                 refused += 1
                 continue
             current[sid] = _Listener(turn, time.monotonic(), jitter_s)
+            current[sid].barge_in = not idle
             listeners.append(current[sid])
         for lis in listeners:
             lis.thread.join(timeout=600)
@@ -215,6 +249,8 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         step_s = list(eng.step_seconds)[first_step:]
         step_n = list(eng.step_sessions)[first_step:]
         refused_first_audio = eng.counters["refused_first_audio"]
+    if record is not None:
+        record += [turn_stages(lis) for lis in listeners]
     # a barged-in answer ends early by design: its stall after the cancel is no underrun
     heard = [lis for lis in listeners if lis.done is not None and lis.done.reason != "cancelled"]
     ttfa = [lis.ttfa_s for lis in listeners if lis.ttfa_s is not None]
@@ -282,7 +318,7 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
                        question_s: float = 2.0, jitter_ms: float = 200.0, bisections: int = 2,
                        ttfa_target: bool = True, baseline: bool = False, repeats: int = 1,
                        modes=None, min_turns: int = MIN_TURNS, first_audio_factor: float = FIRST_AUDIO_FACTOR,
-                       out=print) -> dict:
+                       stages: bool = False, out=print) -> dict:
     """With `baseline`, every measurement is also made with the one-at-a-time scheduling, in
     turn with the batched one (rep by rep: both see the same shared machine); held rates are
     medians over `repeats`. `modes` ("batched", "baseline") picks them explicitly (one alone:
@@ -327,10 +363,14 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
             for batched in modes:
                 def one(r, n=n, batched=batched, rep=rep):
                     # the step thread keeps the only OpenMP team: the engine runs from a short-lived thread
-                    return in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
-                                           jitter_ms / 1000, seed=rep, batched=batched,
-                                           first_audio_factor=first_audio_factor, min_turns=min_turns,
-                                           threads=DEFAULT_THREADS)
+                    record = [] if stages else None
+                    run = in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
+                                          jitter_ms / 1000, seed=rep, batched=batched,
+                                          first_audio_factor=first_audio_factor, min_turns=min_turns,
+                                          record=record, threads=DEFAULT_THREADS)
+                    if stages:
+                        out(stage_line(record))
+                    return run
                 if search:
                     held, runs = search_rates(one, rate, bisections, out=out, holds=holds)
                 else:

@@ -76,7 +76,8 @@ class Engine:
         self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s,
                                       fit=config.batched_arrivals)
                          if config.step_budget_share > 0 else None)
-        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s)
+        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s,
+                                               quantile=config.first_audio_quantile)
                             if config.first_audio_factor > 0 else None)
         self._starting: dict[int, tuple[Turn, int]] = {}  # answers without audio yet: (turn, starting at submit)
         batched = config.batched_arrivals
@@ -179,9 +180,11 @@ class Engine:
                     self.counters["refused_busy"] += 1
                     raise EngineBusy.refused(decision)
             turn = Turn(request)
+            turn.found = {"playing": sum(s.phase == DECODE for s in self.slots), "live": self._live_answers(),
+                          "starting": self._count_starting(but=slot.turn)}
             if self.first_audio is not None and request.answer and not request.hold:
                 starting = self._count_starting(but=slot.turn)  # (a held turn's audio counts from release)
-                decision = self.first_audio.decide(starting)
+                decision = self.first_audio.decide(starting, time.perf_counter())
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
                     self.counters["refused_first_audio"] += 1
@@ -276,6 +279,9 @@ class Engine:
             traceback.print_exc()
             encoded = [RuntimeError(f"{type(exc).__name__}: {exc}")] * len(turns)
         embeds = {id(t): e for t, e in zip(turns, encoded)}
+        done_at = time.perf_counter()
+        for t in turns:
+            t.stamps.setdefault("encoded", done_at)
         for item in items:
             if isinstance(item, Forget):  # no encoding; keeps its place in the order
                 self._ready.append((item, None))
@@ -423,6 +429,7 @@ class Engine:
                                         dropped_turns=turns_before - len(slot.records)))
         self.executor.set_sampling(slot.index, req.sampling)
         slot.begin(turn, embeds, max_steps, self.executor.tokenizer.incremental())
+        turn.stamps.setdefault("admitted", time.perf_counter())
         slot.order = next(self._order)
         self.counters["turns"] += 1
         self.vocoder.open(turn)
@@ -471,6 +478,7 @@ class Engine:
     def _start_decode(self, slot: Slot, audio: list[int], text: int) -> None:
         slot.phase, slot.first = DECODE, None
         slot.decode_started_at = time.perf_counter()
+        slot.turn.stamps.setdefault("decoding", slot.decode_started_at)
         self._update(slot, audio, text)
 
     def _decode_step(self, speaking: list[Slot]) -> None:
@@ -520,6 +528,7 @@ class Engine:
             slot.n_frames += 1
             slot.frames.append(frame)
             if len(slot.frames) >= self.config.audio_group_frames:
+                slot.turn.stamps.setdefault("frames", time.perf_counter())
                 self.vocoder.frames(slot.turn, torch.stack(slot.frames))
                 slot.frames = []
         slot.next_ids = feed_ids(audio, text)
@@ -571,6 +580,7 @@ class Engine:
             self._starting.pop(turn.id, None)
 
     def _first_audio(self, turn: Turn, seconds: float) -> None:
+        turn.stamps.setdefault("first_audio", turn.started_at + seconds)
         self.ttfa_seconds.append(seconds)
         with self._lock:
             entry = self._starting.pop(turn.id, None)
@@ -612,8 +622,13 @@ def host_policy(device, config: EngineConfig, width: Optional[int] = None) -> Ho
 
 
 def model_width(model) -> Optional[int]:
-    """The LM's hidden width (its head's input; None: a model without one)."""
-    head = getattr(getattr(model, "lm", None), "lm_head", None)
+    """The LM's hidden width: its config's n_embd (a model without a config: its head's input;
+    None: neither)."""
+    lm = getattr(model, "lm", None)
+    width = getattr(getattr(lm, "cfg", None), "n_embd", None)
+    if width is not None:
+        return int(width)
+    head = getattr(lm, "lm_head", None)
     return int(head.weight.shape[-1]) if head is not None else None
 
 

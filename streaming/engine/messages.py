@@ -153,6 +153,11 @@ class Turn:
         self.request = request
         self.submitted_at = time.perf_counter()
         self.started_at = self.submitted_at   # latency figures count from here (or release)
+        # perf_counter time each stage of its start was reached, set once by the engine:
+        # "encoded" (encoder done), "admitted" (in its slot), "decoding" (prefill done, step 0
+        # sampled), "frames" (first frames to the vocoder), "first_audio" (first chunk out)
+        self.stamps: dict[str, float] = {}
+        self.found: dict[str, int] = {}       # the engine's load at submission (answers playing, starting)
         self._events: "queue.SimpleQueue[TurnEvent]" = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._release = threading.Event()
