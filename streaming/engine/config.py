@@ -73,9 +73,6 @@ class EngineConfig:
     # arrivals`). 0: not bounded, the default: a burst of questions submitted at once (tests,
     # `bench engine`, a server's first turns) would otherwise be refused all but one.
     first_audio_factor: float = 0.0
-    # ... judged on this quantile of the recent first audios (0.95: the tail the admitted turns
-    # see, so the overload becomes refusals; 0.5 bounded the median and let the tail grow).
-    first_audio_quantile: float = 0.95
     # Refused turns are told to try again after this long.
     busy_retry_after_s: float = 1.0
     # Put every sampled id in TurnDone.stats (tests and `omni2 bench`; off in production).
@@ -93,8 +90,6 @@ class EngineConfig:
             raise ValueError("threads must be >= 0 (0: the process default)")
         if not 0 <= self.step_budget_share <= 1:
             raise ValueError("step_budget_share must be in [0, 1] (0: no headroom check)")
-        if not 0 < self.first_audio_quantile <= 1:
-            raise ValueError("first_audio_quantile must be in (0, 1]")
         if self.first_audio_factor != 0 and self.first_audio_factor < 1:
             raise ValueError("first_audio_factor must be 0 (off) or >= 1")
         if self.malloc_arena_max < 0 or self.malloc_trim_interval_s < 0:
