@@ -76,8 +76,7 @@ class Engine:
         self.headroom = (StepHeadroom(config.step_budget_share, retry_after_s=config.busy_retry_after_s,
                                       fit=config.batched_arrivals)
                          if config.step_budget_share > 0 else None)
-        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s,
-                                               quantile=config.first_audio_quantile)
+        self.first_audio = (FirstAudioHeadroom(config.first_audio_factor, retry_after_s=config.busy_retry_after_s)
                             if config.first_audio_factor > 0 else None)
         self._starting: dict[int, tuple[Turn, int]] = {}  # answers without audio yet: (turn, starting at submit)
         batched = config.batched_arrivals
@@ -184,7 +183,7 @@ class Engine:
                           "starting": self._count_starting(but=slot.turn)}
             if self.first_audio is not None and request.answer and not request.hold:
                 starting = self._count_starting(but=slot.turn)  # (a held turn's audio counts from release)
-                decision = self.first_audio.decide(starting, time.perf_counter())
+                decision = self.first_audio.decide(starting)
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
                     self.counters["refused_first_audio"] += 1
