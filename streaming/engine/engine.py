@@ -179,10 +179,11 @@ class Engine:
                     self.counters["refused_busy"] += 1
                     raise EngineBusy.refused(decision)
             turn = Turn(request)
+            starting = self._count_starting(but=slot.turn)
             turn.found = {"playing": sum(s.phase == DECODE for s in self.slots), "live": self._live_answers(),
-                          "starting": self._count_starting(but=slot.turn)}
+                          "starting": starting}
             if self.first_audio is not None and request.answer and not request.hold:
-                starting = self._count_starting(but=slot.turn)  # (a held turn's audio counts from release)
+                # (a held turn's audio counts from release)
                 decision = self.first_audio.decide(starting)
                 if not decision.admit:
                     self.counters["refused_busy"] += 1
