@@ -92,8 +92,9 @@ class ArrivalRun:
 class _Listener:
     """One answer as a client hears it: audio arrival times, then underruns and first audio."""
 
-    def __init__(self, turn, submitted_at: float, jitter_s: float) -> None:
+    def __init__(self, turn, submitted_at: float, jitter_s: float, barge_in: bool = False) -> None:
         self.turn, self.submitted_at, self.jitter_s = turn, submitted_at, jitter_s
+        self.barge_in = barge_in                 # it found every session busy (it cut one short)
         self.arrivals: list[tuple[float, int]] = []
         self.plays_until = float("inf")          # when its playback ends (known once done)
         self.done: TurnDone | None = None
@@ -131,7 +132,7 @@ def turn_stages(lis: "_Listener") -> dict:
         out[name] = None if at is None or prev is None else 1000 * (at - prev)
         prev = at
     ttfa = lis.ttfa_s
-    return out | lis.turn.found | {"ttfa": None if ttfa is None else 1000 * ttfa, "barge_in": getattr(lis, "barge_in", False),
+    return out | lis.turn.found | {"ttfa": None if ttfa is None else 1000 * ttfa, "barge_in": lis.barge_in,
                   "reason": lis.done.reason if lis.done is not None else None}
 
 
@@ -141,7 +142,8 @@ def stage_line(records: list) -> str:
     rec = [r for r in records if r["ttfa"] is not None]
 
     def q(key, p, rs=rec):
-        return 1000 * (percentile([r[key] / 1000 for r in rs if r[key] is not None], p) or float("nan"))
+        value = percentile([r[key] for r in rs if r[key] is not None], p)
+        return float("nan") if value is None else value
 
     stages = ", ".join(f"{k} {q(k, 50):.0f}/{q(k, 99):.0f}" for k in (*STAGES, "ttfa"))
     barge = [r for r in rec if r["barge_in"]]
@@ -240,8 +242,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
             except EngineFull:
                 refused += 1
                 continue
-            current[sid] = _Listener(turn, time.monotonic(), jitter_s)
-            current[sid].barge_in = not idle
+            current[sid] = _Listener(turn, time.monotonic(), jitter_s, barge_in=not idle)
             listeners.append(current[sid])
         for lis in listeners:
             lis.thread.join(timeout=600)
