@@ -30,8 +30,8 @@ import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
-from .driver import CAP_NOTE, AnswerTracker, SessionTally, answer_figures, open_session
-from .figures import percentile
+from .driver import CAP_NOTE, SessionTally, open_session
+from .figures import AnswerTracker, answer_figures, percentile
 from .server_cost import cpu_window, server_pid_for_port
 from .server_cost import worker_lag_buckets  # noqa: F401  (tests/test_server_workers.py reads it here)
 from .realtime_client import Pacer, is_loopback, pcm16_bytes

@@ -7,9 +7,10 @@ speaks faster than it is played). Real-time on average is not enough for a liste
 each answer is also played through a simulated client jitter buffer (`--jitter-ms`) and
 its playback underruns are counted. Refusals (close 1013, server busy) and sessions the
 server's connection cap turned away (HTTP 503) are counted apart from errors (clients/driver.py
-opens and counts the sessions and measures the answers). Progress goes to stderr while it
-runs. The run is bounded: sessions and turns are capped, `--duration-limit` stops it, and
-only loopback servers are targeted unless `--allow-remote` is given.
+opens and counts the sessions; each answer's figures are the ones its `ask()` measured,
+clients/figures.py). Progress goes to stderr while it runs. The run is bounded: sessions and
+turns are capped, `--duration-limit` stops it, and only loopback servers are targeted unless
+`--allow-remote` is given.
 
 `--live SECONDS` runs the way people use a voice agent instead (clients/live_load.py): every
 session streams its microphone continuously at real time for that long (a quiet room between
@@ -36,15 +37,15 @@ import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE
 
-from .driver import CAP_NOTE, SessionTally, answer_figures, open_session
-from .figures import count_underruns, percentile  # noqa: F401  (also this module's API)
+from .driver import CAP_NOTE, SessionTally, open_session
+from .figures import JITTER_S, count_underruns, percentile  # noqa: F401  (also this module's API)
 from .realtime_client import RealtimeError, add_server_arguments, is_loopback, read_audio, realtime_url
 
 MAX_SESSIONS = 256
 MAX_TURNS = 100
 DURATION_LIMIT_S = 300.0
 RAMP_S = 0.02                 # stagger session starts so the handshakes do not all collide
-JITTER_MS = 200.0             # a client's playback buffer (browsers and phones hold 100-300 ms)
+JITTER_MS = JITTER_S * 1000   # the simulated client's playback buffer
 PROGRESS_EVERY_S = 5.0        # one progress line this often when stderr is not a terminal
 
 
@@ -161,14 +162,13 @@ async def run_session(index: int, args, audio: np.ndarray, rate: int, report: Re
         try:
             await client.configure(rate, vad=args.vad)
             for turn in range(args.turns):
-                answer = await client.ask(audio=audio, rate=rate, vad=args.vad,
-                                          pace=0.0 if args.fast else 1.0, timeout=args.turn_timeout)
+                answer = await client.ask(audio=audio, rate=rate, vad=args.vad, pace=0.0 if args.fast else 1.0,
+                                          timeout=args.turn_timeout, jitter_s=args.jitter_ms / 1000)
                 if answer.refusal is not None and RealtimeError(answer.refusal.get("code"), "").refused:
                     report.refused += 1         # no free slot for the answer: busy, not broken
                     break
                 asked += 1
-                f = answer_figures(answer.status, answer.audio_arrivals, answer.asked_at, args.jitter_ms / 1000,
-                                   done_at=answer.done_at)
+                f = answer.figures
                 report.turns.append(TurnResult(index, turn, f.status, f.ttfa_s, f.audio_s, f.wall_s,
                                                "; ".join(answer.errors) or None, f.gaps))
                 if answer.done_at is None:      # refused, timed out or the socket died: session over

@@ -3,8 +3,10 @@
 It speaks only the wire protocol (JSON events over one WebSocket) and needs nothing but
 `websockets` and numpy, so the terminal tools start in a fraction of a second and never
 import torch. One `ask()` call is one turn: send the question (audio, text, image), then
-collect the answer's transcript, PCM and timings until `response.done`, or until an error
-event that says no answer will come.
+collect the answer's transcript and PCM until `response.done`, or until an error event that
+says no answer will come. Its timings (first audio, audio seconds, wall time, playback gaps)
+are an `AnswerTracker`'s (clients/figures.py), fed every event as it arrives: the same
+figures, by the same code, as the load tools report.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 import numpy as np
 
 from omni2.streaming.audio import REALTIME_SAMPLE_RATE  # response.output_audio.delta is PCM16 at this rate
+
+from .figures import JITTER_S, AnswerFigures, AnswerTracker, answer_figures
 
 CLOSE_TRY_AGAIN = 1013            # server full or model not ready
 CHUNK_S = 0.1                     # input audio per input_audio_buffer.append
@@ -159,11 +163,9 @@ class Answer:
     status: str = "none"                     # response.done status
     transcript: str = ""                     # final transcript (or the deltas if none came)
     pcm: bytearray = field(default_factory=bytearray)
-    asked_at: float = 0.0                    # end of the question (monotonic)
-    first_audio_at: Optional[float] = None
-    done_at: Optional[float] = None
-    audio_deltas: int = 0
-    audio_arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, samples)
+    done_at: Optional[float] = None          # when response.done came (monotonic); None: it never did
+    # first audio, audio seconds, wall time, gaps: the AnswerTracker's when the answer ended
+    figures: AnswerFigures = field(default_factory=lambda: answer_figures("none", [], None, JITTER_S))
     errors: list[str] = field(default_factory=list)
     usage: Optional[dict] = None
     status_details: Optional[dict] = None    # response.done's reason for incomplete/cancelled
@@ -171,15 +173,17 @@ class Answer:
 
     @property
     def audio_s(self) -> float:
-        return len(self.pcm) / 2 / REALTIME_SAMPLE_RATE
+        return self.figures.audio_s
 
     @property
     def ttfa_s(self) -> Optional[float]:
-        return None if self.first_audio_at is None else self.first_audio_at - self.asked_at
+        """First audio after the question ended; None without audio, or when the question's
+        end came after it (a later speech_stopped)."""
+        return self.figures.ttfa_s
 
     @property
     def wall_s(self) -> Optional[float]:
-        return None if self.done_at is None else self.done_at - self.asked_at
+        return self.figures.wall_s
 
     def audio(self) -> np.ndarray:
         return pcm16_to_float(bytes(self.pcm))
@@ -266,9 +270,10 @@ class RealtimeClient:
 
     async def ask(self, *, audio: Optional[np.ndarray] = None, rate: int = REALTIME_SAMPLE_RATE,
                   text: Optional[str] = None, image_url: Optional[str] = None, vad: bool = False,
-                  pace: float = 1.0, timeout: float = 120.0, on_event=None) -> Answer:
+                  pace: float = 1.0, timeout: float = 120.0, on_event=None, jitter_s: float = JITTER_S) -> Answer:
         """One turn. With `vad` the server cuts the turn (the audio needs trailing silence);
-        otherwise the client commits and asks. `on_event(event, answer)` sees every event."""
+        otherwise the client commits and asks. `on_event(event, answer)` sees every event.
+        The answer's playback gaps are counted behind a `jitter_s` buffer."""
         if image_url is not None:
             content = [{"type": "input_image", "image_url": image_url}]
             if text is not None and audio is None:
@@ -280,6 +285,7 @@ class RealtimeClient:
             await self.send("conversation.item.create", item={
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
         answer = Answer()
+        tracker = AnswerTracker(jitter_s, audio=answer.pcm)
         server_starts = vad and audio is not None
         # The server names our event_id in the error that refuses this response.create, or
         # the commit of our question (too short: response.create alone would answer from
@@ -288,82 +294,81 @@ class RealtimeClient:
         commit_id = f"evt_commit_{time.monotonic_ns()}"
         # Listen while speaking: with VAD the answer can start before the file's tail is sent,
         # and event times must be taken when the events arrive.
-        collector = asyncio.create_task(self.collect(answer, timeout, on_event, create_id, commit_id))
+        collector = asyncio.create_task(self.collect(answer, tracker, timeout, on_event, create_id, commit_id))
         try:
             if audio is not None:
                 await self.send_audio(audio, rate, pace)
                 if not vad:
                     await self.send("input_audio_buffer.commit", event_id=commit_id)
             if not server_starts:
-                answer.asked_at = time.monotonic()
+                tracker.asked_at = time.monotonic()
                 await self.send("response.create", event_id=create_id)
-            elif not answer.asked_at:
-                answer.asked_at = time.monotonic()   # until the server's speech_stopped says
+            elif tracker.asked_at is None:
+                tracker.asked_at = time.monotonic()   # until the server's speech_stopped says
         except BaseException:
             collector.cancel()
             raise
         return await collector
 
-    async def collect(self, answer: Answer, timeout: float, on_event=None,
+    async def collect(self, answer: Answer, tracker: AnswerTracker, timeout: float, on_event=None,
                       create_id: Optional[str] = None, commit_id: Optional[str] = None) -> Answer:
         """Events until response.done, or until an error that refuses the answer before it
         starts: one naming `create_id` (our response.create) or `commit_id` (the commit of
         our spoken question), or, when the server starts the
         answer itself (VAD, `create_id` None), any error between speech_stopped and
-        response.created. Then `answer.refusal` is that error and no response.done will come."""
+        response.created. Then `answer.refusal` is that error and no response.done will come.
+        Every event is fed to `tracker` (its `audio` is `answer.pcm`); `answer.figures` are its
+        figures when the answer ends, however it ends."""
         from websockets.exceptions import ConnectionClosed
 
         deadline = time.monotonic() + timeout
         deltas: list[str] = []
         started = stopped = False
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                answer.errors.append(f"timeout: no response.done within {timeout:g} s")
-                return answer
-            try:
-                event = await self.recv(left)
-            except asyncio.TimeoutError:
-                continue
-            except ConnectionClosed as exc:
-                answer.errors.append(f"connection closed ({_close_code(exc)})")
-                return answer
-            kind = event["type"]
-            if kind == "input_audio_buffer.speech_stopped":
-                answer.asked_at = time.monotonic()   # VAD: the question ends when the server says
-                stopped = True
-            elif kind == "response.created":
-                started = True
-            elif kind == "response.output_audio.delta":
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    answer.errors.append(f"timeout: no response.done within {timeout:g} s")
+                    return answer
+                try:
+                    event = await self.recv(left)
+                except asyncio.TimeoutError:
+                    continue
+                except ConnectionClosed as exc:
+                    answer.errors.append(f"connection closed ({_close_code(exc)})")
+                    return answer
                 now = time.monotonic()
-                if answer.first_audio_at is None:
-                    answer.first_audio_at = now
-                pcm = base64.b64decode(event["delta"])
-                answer.pcm += pcm
-                answer.audio_deltas += 1
-                answer.audio_arrivals.append((now, len(pcm) // 2))
-            elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
-                deltas.append(event["delta"])
-            elif kind in ("response.output_audio_transcript.done", "response.output_text.done"):
-                answer.transcript = event.get("transcript", event.get("text", ""))
-            elif kind == "error":
-                err = event.get("error", {})
-                answer.errors.append(f"{err.get('code')}: {err.get('message')}")
-                ours = err.get("event_id") is not None and err.get("event_id") in (create_id, commit_id)
-                if not started and (ours if create_id else stopped):
-                    answer.status, answer.refusal = "refused", err
-            if on_event is not None:
-                on_event(event, answer)
-            if answer.refusal is not None:
-                return answer
-            if kind == "response.done":
-                answer.done_at = time.monotonic()
-                resp = event.get("response", {})
-                answer.status = resp.get("status", "unknown")
-                answer.status_details = resp.get("status_details")
-                answer.usage = resp.get("usage")
-                answer.transcript = answer.transcript or "".join(deltas)
-                return answer
+                done = tracker.feed(event, now)   # VAD: the question ends at the server's speech_stopped
+                kind = event["type"]
+                if kind == "input_audio_buffer.speech_stopped":
+                    stopped = True
+                elif kind == "response.created":
+                    started = True
+                elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+                    deltas.append(event["delta"])
+                elif kind in ("response.output_audio_transcript.done", "response.output_text.done"):
+                    answer.transcript = event.get("transcript", event.get("text", ""))
+                elif kind == "error":
+                    err = event.get("error", {})
+                    answer.errors.append(f"{err.get('code')}: {err.get('message')}")
+                    ours = err.get("event_id") is not None and err.get("event_id") in (create_id, commit_id)
+                    if not started and (ours if create_id else stopped):
+                        answer.status, answer.refusal = "refused", err
+                if on_event is not None:
+                    on_event(event, answer)
+                if answer.refusal is not None:
+                    return answer
+                if done is not None:
+                    answer.done_at, answer.figures = now, done
+                    resp = event.get("response", {})
+                    answer.status = resp.get("status", "unknown")
+                    answer.status_details = resp.get("status_details")
+                    answer.usage = resp.get("usage")
+                    answer.transcript = answer.transcript or "".join(deltas)
+                    return answer
+        finally:   # timed out, refused or closed: its figures so far
+            if answer.done_at is None:
+                answer.figures = tracker.figures(answer.status)
 
 
 def _close_code(exc) -> Optional[int]:

@@ -1,16 +1,21 @@
-"""The load tools' session driver (clients/driver.py): how a session's end is counted, one
-answer's figures, an answer followed through its events; and the send schedule they and
-`send_audio` keep (realtime_client.Pacer). The
+"""The load tools' session driver (clients/driver.py): how a session's end is counted; one
+answer's figures and an answer followed through its events (clients/figures.py); and the send
+schedule they and `send_audio` keep (realtime_client.Pacer). The
 classification runs against a real server on loopback; the rest on made-up events and clocks."""
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import time
+import types
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from omni2.clients import realtime_client
-from omni2.clients.driver import AnswerTracker, SessionTally, answer_figures, arrival_rate, open_session
+from omni2.clients.driver import SessionTally, open_session
+from omni2.clients.figures import AnswerTracker, answer_figures, arrival_rate
 from omni2.clients.realtime_client import Pacer, RealtimeError
 
 
@@ -116,6 +121,54 @@ def test_tracker_follows_answers_through_events():
     t.feed({"type": "input_audio_buffer.speech_stopped"}, 4.0)
     t.new_question()
     assert t.asked_at is None
+
+
+
+class ScriptedConn:
+    """A connection whose server events arrive at set times on `clock` (then it closes)."""
+
+    def __init__(self, clock: list, script: list):
+        self.clock, self.script, self.sent = clock, list(script), []
+
+    async def send(self, data: str) -> None:
+        self.sent.append(json.loads(data)["type"])
+
+    async def recv(self) -> str:
+        if not self.script:
+            raise ConnectionClosed(None, None)
+        self.clock[0], event = self.script.pop(0)
+        return json.dumps(event)
+
+
+def asked(monkeypatch, script: list, jitter_s: float) -> tuple:
+    """One typed question asked at t=10 of a server that answers by `script`: the answer and what was sent."""
+    clock = [10.0]
+    monkeypatch.setattr(realtime_client, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                                      monotonic_ns=time.monotonic_ns))
+    conn = ScriptedConn(clock, script)
+    answer = asyncio.run(realtime_client.RealtimeClient(conn).ask(text="hi", pace=0.0, jitter_s=jitter_s))
+    return answer, conn.sent
+
+
+ANSWER = [(10.3, {"type": "response.created"}), (10.5, delta(2400)), (10.9, delta(2400))]
+
+
+@pytest.mark.parametrize("jitter_s, gaps", [(0.1, 1), (0.5, 0)], ids=["100ms-buffer", "500ms-buffer"])
+def test_ask_takes_its_figures_from_the_tracker(monkeypatch, jitter_s, gaps):
+    done = (11.5, {"type": "response.done", "response": {"status": "completed"}})
+    answer, sent = asked(monkeypatch, ANSWER + [done], jitter_s)
+    assert sent == ["conversation.item.create", "response.create"]
+    assert (answer.status, answer.done_at, answer.figures.status) == ("completed", 11.5, "completed")
+    assert answer.ttfa_s == pytest.approx(0.5) and answer.wall_s == pytest.approx(1.5)
+    assert answer.audio_s == pytest.approx(0.2) and len(answer.pcm) == 2 * 4800   # the tracker's audio is the answer's
+    assert answer.figures.gaps == gaps         # counted behind the buffer ask() was given
+
+
+def test_ask_keeps_the_figures_of_an_answer_cut_off(monkeypatch):
+    answer, _ = asked(monkeypatch, ANSWER, 0.1)                     # no response.done: the socket closes
+    assert answer.done_at is None and answer.errors == ["connection closed (None)"]
+    assert answer.ttfa_s == pytest.approx(0.5) and answer.audio_s == pytest.approx(0.2)
+    assert answer.wall_s is None and answer.figures.gaps == 1 and answer.figures.status == "none"
 
 
 def test_pacer_sleeps_to_its_schedule_and_says_how_late(monkeypatch):
