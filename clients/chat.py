@@ -108,7 +108,10 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "wb") as f:
             f.write(wav_bytes(answer.audio()))
-    ttfa = f"{answer.ttfa_s * 1000:.0f} ms" if answer.ttfa_s is not None else "no audio"
+    if answer.ttfa_s is not None:
+        ttfa = f"{answer.ttfa_s * 1000:.0f} ms"
+    else:   # no audio, or the question's end (a later speech_stopped) came after it began
+        ttfa = "no audio" if answer.audio_s == 0 else "unknown"
     why = explain(answer)
     print(f"[{answer.status}{': ' + why if why else ''}] time to first audio {ttfa}; "
           f"{answer.audio_s:.2f} s of audio in {answer.wall_s:.2f} s"

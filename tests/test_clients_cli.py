@@ -287,6 +287,22 @@ def test_chat_says_why_an_answer_is_incomplete(capped_server, capsys):
     assert chat.explain(Answer(status="completed")) is None
 
 
+
+def test_chat_says_when_the_first_audio_time_is_unknown(monkeypatch, capsys):
+    """Audio that began before the question's end (a later speech_stopped) has no time to first
+    audio: the chat says "unknown", not "no audio"."""
+    from omni2.clients.figures import answer_figures
+
+    async def converse(args):
+        return Answer(status="completed", done_at=3.0,
+                      figures=answer_figures("completed", [(1.0, 2400)], asked_at=2.0, jitter_s=0.2, done_at=3.0))
+
+    monkeypatch.setattr(chat, "converse", converse)
+    assert chat.main(parse(["chat", "--text", "hi"])) == 0
+    err = capsys.readouterr().err
+    assert "time to first audio unknown; 0.10 s of audio in 1.00 s" in err, err
+
+
 def test_bench_help_lists_every_benchmark_on_one_line(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):
