@@ -99,21 +99,34 @@ class ServeProcess(Loopback):
                                      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
 
-    def workers(self, key: Optional[str] = None, count: int = 2, timeout: float = 90) -> dict:
-        """/health/ready's `workers` once it is ready and lists `count` gateways (fails with the
-        server's output if it exits, or with the last status if not ready in `timeout`)."""
+    def wait_ready(self, key: Optional[str] = None, timeout: float = 90, want=None) -> dict:
+        """/health/ready's body once it is ready (and `want(body)`, if given); fails with the
+        server's output if it exits, or with the last status if not ready in `timeout`."""
         from test_server_serve import ready
 
         deadline = time.time() + timeout
-        while (status := ready(self.port, key))[0] != 200 or len(status[1].get("workers", {})) < count:
+        while (status := ready(self.port, key))[0] != 200 or (want is not None and not want(status[1])):
             assert self.proc.poll() is None, self.proc.stdout.read()[-2000:]
             assert time.time() < deadline, f"not ready in {timeout} s: {status}"
             time.sleep(0.1)
-        return status[1]["workers"]
+        return status[1]
+
+    def workers(self, key: Optional[str] = None, count: int = 2, timeout: float = 90) -> dict:
+        """/health/ready's `workers` once it is ready and lists `count` gateways."""
+        return self.wait_ready(key, timeout, lambda body: len(body.get("workers", {})) >= count)["workers"]
 
     def sessions(self, key: Optional[str] = None) -> dict[int, int]:
         """Open sessions by gateway number."""
         return {int(w): d["sessions"] for w, d in self.workers(key).items()}
+
+    def pids(self, key: Optional[str] = None) -> dict[int, int]:
+        """Each gateway's process id, by gateway number."""
+        return {int(w): d["pid"] for w, d in self.workers(key).items()}
+
+    def children(self) -> list[int]:
+        """The server's child processes (with --workers: the engine and the gateways)."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
 
     def stop(self) -> None:
         from omni2.clients.tools.gateway_bench import stop_server   # SIGTERM, then SIGKILL if it hangs
@@ -176,7 +189,7 @@ def held_connections(server: ServeProcess, pids: dict[int, int]) -> dict[int, in
 @contextlib.contextmanager
 def peak_connections(server: ServeProcess, every_s: float = 0.05):
     """The most client connections each gateway held at once while the block ran ({gateway: peak})."""
-    pids = {int(w): d["pid"] for w, d in server.workers().items()}
+    pids = server.pids()
     time.sleep(0.5)                    # that probe's own connection is closed and counted out
     peak = {w: 0 for w in pids}
     done = threading.Event()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,89 +17,45 @@ import pytest
 pytest.importorskip("silero_vad", reason="silero-vad is not installed (pip install silero-vad)")
 pytest.importorskip("zmq", reason="pyzmq is not installed")
 
-from server_harness import Client  # noqa: E402
+from server_harness import Client, ServeProcess, served  # noqa: E402
 
 from omni2.clients import live_load  # noqa: E402
-from test_server_serve import free_port, ready  # noqa: E402
+from test_server_serve import ready  # noqa: E402
 
 MAX_SESSIONS = 2
 
 
-class Served:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "omni2.clients.cli", "serve", "--model", "tiny", "--device", "cpu",
-             "--workers", "2", "--max-sessions", str(MAX_SESSIONS), "--max-steps", "16", "--no-warmup",
-             "--gateway-share", "1",   # one connection per gateway before the next: a spread to test
-             "--port", str(self.port), "--log-level", "warning"],
-            env={**os.environ, "OMNI2_IDLE_TIMEOUT_S": "120"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    def wait_ready(self, timeout: float = 120, want=None) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            status, body = ready(self.port)
-            if status == 200 and (want is None or want(body)):
-                return body
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in {timeout} s: {ready(self.port)}")
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def engine_pid(self) -> int:
-        gateways = {w["pid"] for w in self.wait_ready()["workers"].values()}
-        (engine,) = [p for p in self.children() if p not in gateways]
-        return engine
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        return self.proc.stdout.read()[-3000:]
-
-
 @pytest.fixture(scope="module")
-def served():
-    s = Served()
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        if s.proc.poll() is None:   # a test failed before the SIGTERM test: stop it cleanly
-            s.proc.terminate()
-            try:
-                s.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-                s.proc.wait(10)
+def server():
+    with served("--model", "tiny", "--device", "cpu", "--workers", "2", "--max-sessions", str(MAX_SESSIONS),
+                "--max-steps", "16",
+                "--gateway-share", "1",   # one connection per gateway before the next: a spread to test
+                env={"OMNI2_IDLE_TIMEOUT_S": "120"}) as s:
+        s.workers(timeout=120)
+        yield s   # stopped on the way out unless the SIGTERM test has stopped it
 
 
-def sessions_by_worker(s: Served) -> dict[str, int]:
-    return {w: d["sessions"] for w, d in s.wait_ready()["workers"].items()}
+def engine_pid(s: ServeProcess) -> int:
+    gateways = set(s.pids().values())
+    (engine,) = [p for p in s.children() if p not in gateways]
+    return engine
 
 
-async def open_session(s: Served) -> tuple[Client, str]:
+async def open_session(s: ServeProcess) -> tuple[Client, int]:
     """A session and the worker it landed on (the one whose count rose)."""
-    before = sessions_by_worker(s)
+    before = s.sessions()
     await asyncio.sleep(0.3)
-    while before != (now := sessions_by_worker(s)):   # settled: no session still closing
+    while before != (now := s.sessions()):   # settled: no session still closing
         before = now
         await asyncio.sleep(0.3)
-    c = await Client.connect(s.url)
+    c = await Client.connect(s.ws)
     first = await c.recv()
     assert first["type"] == "session.created", first
     await c.send("session.update", session={"audio": {"input": {"turn_detection": None}}})
     await c.until("session.updated")
     deadline = time.monotonic() + 5
     while True:
-        after = sessions_by_worker(s)
+        after = s.sessions()
         risen = [w for w in after if after[w] > before.get(w, 0)]
         if risen or time.monotonic() > deadline:
             break
@@ -110,15 +64,15 @@ async def open_session(s: Served) -> tuple[Client, str]:
     return c, worker
 
 
-async def one_per_worker(s: Served) -> dict[str, Client]:
+async def one_per_worker(s: ServeProcess) -> dict[int, Client]:
     """One session on each of the two workers (with --gateway-share 1 the second session goes to
     the other gateway; a health probe still open on one can shift it: then try again)."""
-    placed: dict[str, Client] = {}
+    placed: dict[int, Client] = {}
     for _ in range(40):
         c, worker = await open_session(s)
         if worker in placed:
             await c.close()
-            await wait_for(lambda: sum(sessions_by_worker(s).values()) == len(placed))
+            await wait_for(lambda: sum(s.sessions().values()) == len(placed))
             continue
         placed[worker] = c
         if len(placed) == 2:
@@ -146,86 +100,86 @@ async def closed_with(c: Client, timeout: float = 10.0) -> int:
     return c.conn.close_code
 
 
-def test_two_workers_answer_at_once_under_one_global_admission(served):
+def test_two_workers_answer_at_once_under_one_global_admission(server):
     async def run():
-        placed = await one_per_worker(served)
+        placed = await one_per_worker(server)
         await asyncio.gather(*(answer(c) for c in placed.values()))   # both workers at once
         # each gateway's own loop lag, told apart by omni2_worker (the bench's p99 is per worker)
-        lags, held = await asyncio.to_thread(live_load.worker_lag_buckets, served.port)
+        lags, held = await asyncio.to_thread(live_load.worker_lag_buckets, server.port)
         assert set(lags) == {1, 2} and all(b[float("inf")] > 0 for b in lags.values()), lags
         assert held == {1: 1, 2: 1}
         for _ in range(4):  # the third session is refused wherever it lands
-            c = await Client.connect(served.url)
+            c = await Client.connect(server.ws)
             event = await c.recv()
             assert event["type"] == "error" and event["error"]["code"] == "server_busy", event
             assert await closed_with(c) == 1013
-        body = served.wait_ready()
+        body = server.wait_ready()
         assert body["sessions"] == MAX_SESSIONS and body["max_sessions"] == MAX_SESSIONS
         for c in placed.values():
             await c.close()
-        await wait_for(lambda: served.wait_ready()["sessions"] == 0)
+        await wait_for(lambda: server.wait_ready()["sessions"] == 0)
 
     asyncio.run(asyncio.wait_for(run(), 240))
 
 
-def test_killed_gateway_loses_only_its_sessions_and_comes_back(served):
+def test_killed_gateway_loses_only_its_sessions_and_comes_back(server):
     async def run():
-        placed = await one_per_worker(served)
-        workers = served.wait_ready()["workers"]
+        placed = await one_per_worker(server)
+        pids = server.pids()
         victim, survivor = sorted(placed)
-        os.kill(workers[victim]["pid"], signal.SIGKILL)
+        os.kill(pids[victim], signal.SIGKILL)
         assert await closed_with(placed[victim]) == 1006   # the kernel reset it: no close frame
         await answer(placed[survivor])                      # the other worker talks on
         # the engine frees the dead gateway's slot; the supervisor starts a new gateway
-        served.wait_ready(30, lambda b: b["sessions"] == 1 and b["workers"].get(victim, {}).get("pid")
-                          not in (None, workers[victim]["pid"]))
-        again = await one_per_worker_with(served, placed[survivor], survivor)
+        server.wait_ready(timeout=30, want=lambda b: b["sessions"] == 1
+                          and b["workers"].get(str(victim), {}).get("pid") not in (None, pids[victim]))
+        again = await one_per_worker_with(server, placed[survivor], survivor)
         await answer(again)
         for c in (again, placed[survivor]):
             await c.close()
-        await wait_for(lambda: served.wait_ready()["sessions"] == 0)
+        await wait_for(lambda: server.wait_ready()["sessions"] == 0)
 
     asyncio.run(asyncio.wait_for(run(), 240))
 
 
-async def one_per_worker_with(s: Served, have: Client, worker: str) -> Client:
+async def one_per_worker_with(s: ServeProcess, have: Client, worker: int) -> Client:
     """A second session on the other worker than `worker` (which holds `have`)."""
     for _ in range(40):
         c, w = await open_session(s)
         if w != worker:
             return c
         await c.close()
-        await wait_for(lambda: sum(sessions_by_worker(s).values()) == 1)
+        await wait_for(lambda: sum(s.sessions().values()) == 1)
     raise AssertionError("every session landed on one worker")
 
 
-def test_killed_engine_closes_every_session_with_1011_and_comes_back(served):
+def test_killed_engine_closes_every_session_with_1011_and_comes_back(server):
     async def run():
-        placed = await one_per_worker(served)
-        os.kill(served.engine_pid(), signal.SIGKILL)
+        placed = await one_per_worker(server)
+        os.kill(engine_pid(server), signal.SIGKILL)
         codes = await asyncio.gather(*(closed_with(c, 15) for c in placed.values()))
         assert codes == [1011, 1011]
-        status, body = ready(served.port)
+        status, body = ready(server.port)
         assert status == 503, body
-        c = await Client.connect(served.url)          # refused while the engine is away
+        c = await Client.connect(server.ws)            # refused while the engine is away
         event = await c.recv()
         assert event["type"] == "error" and event["error"]["code"] == "model_not_ready", event
-        served.wait_ready(120)                         # restarted (with backoff) and loaded again
-        c, _ = await open_session(served)
+        server.wait_ready(timeout=120)                 # restarted (with backoff) and loaded again
+        c, _ = await open_session(server)
         await answer(c)
         await c.close()
 
     asyncio.run(asyncio.wait_for(run(), 240))
 
 
-def test_sigterm_stops_every_process(served):
-    children = served.children()
+def test_sigterm_stops_every_process(server):
+    children = server.children()
     assert len(children) == 3, children     # the engine and two gateways
     args = open(f"/proc/{children[0]}/cmdline").read().split("\0")
     ipc_dir = os.path.dirname(args[args.index("--endpoint") + 1][len("ipc://"):])
     assert os.path.isdir(ipc_dir)
-    served.proc.send_signal(signal.SIGTERM)
-    assert served.proc.wait(30) == 0
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
     deadline = time.time() + 5
     while any(os.path.exists(f"/proc/{p}") for p in children) and time.time() < deadline:
         time.sleep(0.1)
