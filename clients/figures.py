@@ -2,7 +2,7 @@
 figures from its audio arrivals (shared by `omni2 chat`, `omni2 loadtest`, its live
 microphones in clients/live_load.py and the benchmarks in clients/tools: every percentile
 omni2 reports is this module's, and every answer's time to first audio, audio seconds and
-wall time is `answer_figures`', through `AnswerTracker` where the events arrive)."""
+wall time comes from `answer_figures`, through an `AnswerTracker` where the events arrive)."""
 from __future__ import annotations
 
 import base64
