@@ -401,6 +401,21 @@ class WhisperRecognizer:
         self._running = 0           # model calls in flight (at most `workers`)
         self._local = threading.local()
         self.stats = RecognizerStats()
+        self.warm_s = self._warm()
+
+    def _warm(self) -> float:
+        """One mel computation now, while the model loads; its seconds.
+
+        The first mel imports torch (the filterbank product runs there, see _log_mel),
+        which took 2-4 s on the shared 2-core machine: inside the first decode of a
+        process, that decode's time was charged to its session's compute budget
+        (DuplexConfig.max_decode_share), which then skipped every decode for the next
+        several seconds. With 4 sessions starting at once (`bench interrupt --sessions 4`,
+        tune split) the first clip of every session was missed, commands included (issue 18).
+        """
+        t0 = time.perf_counter()
+        self.features(np.zeros(SAMPLE_RATE // 10, dtype=np.float32))
+        return time.perf_counter() - t0
 
     def _casefold_groups(self) -> dict[int, np.ndarray]:
         """token id -> ids spelling the same letters in any case (' Stop', ' stop', 'STOP').
