@@ -32,6 +32,18 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   even in a window cut to the command's own span, and gating it out (level, spectral, log-mel
   range, pitch comb) or beam search gained no command on the tune split: the remaining
   misses need a recognizer that ignores a second voice, not a different window.
+  Tried again (issue 18, fifth pass, tune split, the 6 command and 11 non-command clips with
+  the other talker): a window from a "foreground onset" (a 16 ms frame 7 dB over the median
+  of the 1.5 s before it) to the pause read "Stop Omni." >= 0.55 in none of the 6 where the
+  oracle cut (200 ms before the command to 150 ms after) read it in 1 (0.70; one more at
+  0.38), and the other talker's own level swings make such onsets every ~1 s (background-only
+  clips: at 2.5 and 3.5 s), so they mark nothing; the onset window with the frames 10 dB
+  under its loud ones ducked 25 dB read 1 (0.67). Spectral subtraction of the 1.5 s before
+  the command (x1, x2, x4), slowing the window to 0.85x (sox tempo) and both: no command
+  gained (the oracle's hit at 0.47-0.67). A doubled prompt (" Stop Omni. Stop Omni.") read
+  two oracle cuts at 0.53 and 0.75, but with the same token cap it cut the other readings
+  short, and a stronger pull is what made whisper base stop on near misses (below): not
+  pursued. DuplexController's foreground window (duplex.foreground) is this idea already.
 - A stronger recognizer from a wheel was tried and dropped (issue 18, tune split only):
   Moonshine base-en (the `moonshine-cpp` 0.1.4 wheel's ONNX-runtime files, run greedily
   with onnxruntime, one thread) on every window the pipeline decoded (760 windows, one
