@@ -287,3 +287,17 @@ def test_features_match_the_full_input():
         fast = rec.features(audio)
         assert fast.shape == full.shape == (rec.model.n_mels, rec._frames)
         np.testing.assert_allclose(fast, full, atol=1e-5, err_msg=f"{size} samples")
+
+
+def test_the_recognizer_is_warm_once_built():
+    """The mel's one-off setup (importing torch, the filterbank tensor: seconds) happens
+    while the model loads, not inside the first decode, whose time a session's compute
+    budget would be charged with."""
+    pytest.importorskip("faster_whisper", reason="faster-whisper is not installed")
+    try:
+        rec = WhisperRecognizer(RecognizerConfig(device="cpu"))
+    except RecognizerUnavailable as exc:
+        pytest.skip(str(exc))
+    assert rec._mel_filters is not None
+    assert rec.warm_s > 0.0
+    assert rec.stats.calls == 0  # warming is no model call: the stats count sessions' work

@@ -47,6 +47,14 @@ class EchoConfig:
     gate_floor_db: float = -30.0   # attenuation of blocks judged to be echo residue
     removed_db: float = -12.0      # a block the canceller took this much out of is echo
     reference_floor_db: float = -60.0  # reference quieter than this counts as silent
+    # A block the cancelled signal comes out this much louder than the microphone: the
+    # filter has diverged (it adds an echo estimate the microphone does not hold). The block
+    # passes as heard and both filters restart from zero. Seen on the tune split of
+    # `bench interrupt` (issue 18, echo with noise): a filter trained on the catch-up audio
+    # put out echo 30-50 dB over the microphone for seconds, and whisper read the
+    # assistant's words instead of the user's command.
+    diverged_db: float = 6.0
+    diverged_ms: int = 128         # ... in every block for this long
     # Blocks no reference can reach (nothing played within max_delay) skip the filter: the
     # same output and state as running it, without its FFTs (see EchoCanceller._quiet).
     skip_quiet: bool = True
@@ -82,6 +90,7 @@ class EchoCanceller:
         self.samples_out = 0       # cleaned samples returned (multiple of block)
         self.delay: int | None = None
         self.calibrated_at: int | None = None  # sample where the current delay was adopted
+        self.divergences = 0       # blocks where the filter had diverged (see EchoConfig.diverged_db)
         self._candidate: int | None = None
         self._next_delay_search = 0
         self._X = np.zeros((p, b + 1), dtype=np.complex128)       # reference spectra history
@@ -89,6 +98,7 @@ class EchoCanceller:
         self._W_bg = np.zeros((p, b + 1), dtype=np.complex128)
         self._power = np.full(b + 1, 1e-6)
         self._e_fg = self._e_bg = self._e_mic = 1e-9
+        self._louder = 0           # samples in a row the filter made louder (diverged_db)
         self._gain = 1.0
         # Per-block statistics for callers (gating): (start sample, mic, echo est, out) power.
         self.history: list[tuple[int, float, float, float]] = []
@@ -225,7 +235,14 @@ class EchoCanceller:
         if self.delay is None:
             self.history.append((start, mic_power, 0.0, mic_power))
             return mic
-        e_fg, y_fg = self._filter(mic.astype(np.float64), start)
+        m = mic.astype(np.float64)
+        e_fg, y_fg = self._filter(m, start)
+        louder = float(np.mean(e_fg**2)) > mic_power * _db_to_power(cfg.diverged_db)
+        self._louder = self._louder + b if louder else 0
+        if self._louder >= cfg.diverged_ms * SAMPLE_RATE // 1000:
+            self._restart_filters()
+            self.divergences += 1
+            e_fg, y_fg = m, np.zeros_like(m)
         echo_power = float(np.mean(y_fg**2))
         out = self._gate(e_fg, echo_power, mic_power)
         self.history.append((start, mic_power, echo_power, float(np.mean(out**2))))
@@ -258,6 +275,13 @@ class EchoCanceller:
             self._W_bg = self._W_fg.copy()  # background diverged (double talk): restart it
             self._e_bg = self._e_fg
         return e_fg, y_fg
+
+    def _restart_filters(self) -> None:
+        """Both filters back to zero (no echo modelled); they adapt again from the next block."""
+        self._W_fg[:] = 0.0
+        self._W_bg[:] = 0.0
+        self._e_fg = self._e_bg = self._e_mic = 1e-9
+        self._louder = 0
 
     def _catch_up(self, now: int) -> None:
         """Train a freshly placed filter on the microphone audio already heard.
@@ -346,9 +370,7 @@ class EchoCanceller:
 
     def _adopt(self, peak: int, now: int) -> None:
         if self.delay is None or abs(peak - self.delay) > self.block // 2:
-            self._W_fg[:] = 0.0
-            self._W_bg[:] = 0.0
-            self._e_fg = self._e_bg = self._e_mic = 1e-9
+            self._restart_filters()
             self.delay = peak
             self.calibrated_at = now
             self._catch_up(now)

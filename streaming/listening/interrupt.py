@@ -32,6 +32,18 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   even in a window cut to the command's own span, and gating it out (level, spectral, log-mel
   range, pitch comb) or beam search gained no command on the tune split: the remaining
   misses need a recognizer that ignores a second voice, not a different window.
+  Tried again (issue 18, fifth pass, tune split, the 6 command and 11 non-command clips with
+  the other talker): a window from a "foreground onset" (a 16 ms frame 7 dB over the median
+  of the 1.5 s before it) to the pause read "Stop Omni." >= 0.55 in none of the 6 where the
+  oracle cut (200 ms before the command to 150 ms after) read it in 1 (0.70; one more at
+  0.38), and the other talker's own level swings make such onsets every ~1 s (background-only
+  clips: at 2.5 and 3.5 s), so they mark nothing; the onset window with the frames 10 dB
+  under its loud ones ducked 25 dB read 1 (0.67). Spectral subtraction of the 1.5 s before
+  the command (x1, x2, x4), slowing the window to 0.85x (sox tempo) and both: no command
+  gained (the oracle's hit at 0.47-0.67). A doubled prompt (" Stop Omni. Stop Omni.") read
+  two oracle cuts at 0.53 and 0.75, but with the same token cap it cut the other readings
+  short, and a stronger pull is what made whisper base stop on near misses (below): not
+  pursued. DuplexController's foreground window (duplex.foreground) is this idea already.
 - A stronger recognizer from a wheel was tried and dropped (issue 18, tune split only):
   Moonshine base-en (the `moonshine-cpp` 0.1.4 wheel's ONNX-runtime files, run greedily
   with onnxruntime, one thread) on every window the pipeline decoded (760 windows, one
@@ -401,6 +413,21 @@ class WhisperRecognizer:
         self._running = 0           # model calls in flight (at most `workers`)
         self._local = threading.local()
         self.stats = RecognizerStats()
+        self.warm_s = self._warm()
+
+    def _warm(self) -> float:
+        """One mel computation now, while the model loads; its seconds.
+
+        The first mel imports torch (the filterbank product runs there, see _log_mel),
+        which took 2-4 s on the shared 2-core machine: inside the first decode of a
+        process, that decode's time was charged to its session's compute budget
+        (DuplexConfig.max_decode_share), which then skipped every decode for the next
+        several seconds. With 4 sessions starting at once (`bench interrupt --sessions 4`,
+        tune split) the first clip of every session was missed, commands included (issue 18).
+        """
+        t0 = time.perf_counter()
+        self.features(np.zeros(SAMPLE_RATE // 10, dtype=np.float32))
+        return time.perf_counter() - t0
 
     def _casefold_groups(self) -> dict[int, np.ndarray]:
         """token id -> ids spelling the same letters in any case (' Stop', ' stop', 'STOP').
