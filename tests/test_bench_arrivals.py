@@ -103,3 +103,31 @@ def test_the_stage_line_says_where_first_audio_went():
     line = stage_line([rec(100, False), rec(200, False), rec(300, True), {**rec(0, True), "ttfa": None}])
     assert "encoded 40/60" in line and "ttfa 200/300" in line      # nearest rank over the three heard
     assert "barge-ins 1 of 3" in line and "first audio p50 300 vs 100 ms" in line   # (nearest rank of 100, 200)
+
+
+def test_collections_are_timed_by_generation_while_entered():
+    import gc
+
+    from omni2.clients.tools.bench_arrivals import Collections
+
+    with Collections() as seen:
+        gc.collect(2)
+    gc.collect(2)                                                   # after exit: not counted
+    assert [g for g, _, _ in seen.pauses] == [2] and seen.pauses[0][2] > 0
+    assert seen._note not in gc.callbacks
+
+
+def test_the_wait_line_says_what_the_slowest_first_audios_met():
+    """The slowest tenth's waits against the rest's: collections inside them and other turns
+    starting meanwhile (waiting at submission, or submitted during the wait)."""
+    from omni2.clients.tools.bench_arrivals import wait_line
+
+    # 10 turns a second apart, each waiting 0.1 s; the slowest (0.5 s) met the next turn's submission
+    recs = [{"ttfa": 100, "window": (float(i), i + 0.1), "starting": 0} for i in range(10)]
+    recs[3] = {"ttfa": 500, "window": (3.0, 4.5), "starting": 1}
+    pauses = [(2, 3.5, 0.3), (0, 7.05, 0.01), (1, 20.0, 0.002)]     # 0.3 s inside the slow wait, 0.01 s in turn 7's
+    line = wait_line(recs + [{"ttfa": None, "window": None}], pauses)
+    assert "gen0 1 (10 ms), gen1 1 (2 ms), gen2 1 (300 ms)" in line
+    assert "slowest tenth 300.0 ms, the rest 1.1 ms" in line          # 10 ms in one of the other 9
+    assert "starting meanwhile: slowest tenth 2.00, the rest 0.00" in line
+    assert "first audio of the 9 that met none p50/p99 100/100 ms" in line    # (turn 4 has starting 0 here)

@@ -31,6 +31,7 @@ were all kept (0 underruns, refusals within 1%), first audio aside.
 """
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import threading
@@ -125,15 +126,17 @@ STAGES = ("encoded", "admitted", "decoding", "frames", "first_audio")
 
 def turn_stages(lis: "_Listener") -> dict:
     """One admitted turn's start, stage by stage: ms from the previous stage reached (the first
-    from submission; None where the turn never got there), its first audio as heard, barge-in."""
+    from submission; None where the turn never got there), its first audio as heard, barge-in,
+    and when it waited (`window`: submission to first audio, perf_counter seconds, or None)."""
     out, prev = {}, lis.turn.submitted_at
     for name in STAGES:
         at = lis.turn.stamps.get(name)
         out[name] = None if at is None or prev is None else 1000 * (at - prev)
         prev = at
     ttfa = lis.ttfa_s
+    window = None if ttfa is None else (lis.turn.submitted_at, lis.turn.submitted_at + ttfa)
     return out | lis.turn.found | {"ttfa": None if ttfa is None else 1000 * ttfa, "barge_in": lis.barge_in,
-                  "reason": lis.done.reason if lis.done is not None else None}
+                  "reason": lis.done.reason if lis.done is not None else None, "window": window}
 
 
 def stage_line(records: list) -> str:
@@ -150,6 +153,64 @@ def stage_line(records: list) -> str:
     rest = [r for r in rec if not r["barge_in"]]
     return (f"  stages p50/p99 ms (each from the one before): {stages}; barge-ins {len(barge)} of {len(rec)}, "
             f"first audio p50 {q('ttfa', 50, barge):.0f} vs {q('ttfa', 50, rest):.0f} ms for the others")
+
+
+class Collections:
+    """Python's cyclic garbage collections while it is entered (gc.callbacks): (generation, start
+    perf_counter, seconds) each. A collection holds the GIL, so every engine thread waits it out;
+    a generation-2 one walks every live object (the tiny runtime loaded: ~3.3e5 objects, 305 ms
+    on the 2-core machine)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float, float]] = []
+        self._started = 0.0
+
+    def _note(self, phase: str, info: dict) -> None:
+        # collections never overlap (the collector holds the GIL and refuses to re-enter)
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], self._started, time.perf_counter() - self._started))
+
+    def __enter__(self) -> "Collections":
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._note)
+
+
+def _inside(window, spans) -> float:
+    """Seconds of the (start, seconds) spans that fall inside window (start, end)."""
+    return sum(max(0.0, min(window[1], at + s) - max(window[0], at)) for at, s in spans)
+
+
+def wait_line(records: list, pauses: list) -> str:
+    """What the slowest first audios met that the others did not: cyclic collections (`pauses`,
+    Collections.pauses) inside their wait, and other turns starting (waiting for their own first
+    audio at submission, or submitted during the wait), slowest tenth against the rest; and the
+    first audio of the turns that started alone."""
+    rec = sorted((r for r in records if r.get("window")), key=lambda r: -r["ttfa"])
+    by_gen = ", ".join(f"gen{g} {sum(1 for p in pauses if p[0] == g)} "
+                       f"({1000 * sum(p[2] for p in pauses if p[0] == g):.0f} ms)" for g in range(3))
+    if not rec:
+        return f"  collections: {by_gen}"
+    starts = sorted(r["window"][0] for r in rec)
+
+    def met(r):
+        return r.get("starting", 0) + sum(1 for t in starts if r["window"][0] < t < r["window"][1])
+
+    def gc_ms(r):
+        return 1000 * _inside(r["window"], [(at, s) for _, at, s in pauses])
+
+    slow, rest = rec[:max(1, len(rec) // 10)], rec[max(1, len(rec) // 10):]
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    alone = [r["ttfa"] for r in rec if not met(r)]
+    q = lambda p: percentile(alone, p) or float("nan")  # noqa: E731
+    return (f"  collections: {by_gen}; inside a first-audio wait: slowest tenth {mean([gc_ms(r) for r in slow]):.1f} ms, "
+            f"the rest {mean([gc_ms(r) for r in rest]):.1f} ms; other turns starting meanwhile: slowest tenth "
+            f"{mean([met(r) for r in slow]):.2f}, the rest {mean([met(r) for r in rest]):.2f}; "
+            f"first audio of the {len(alone)} that met none p50/p99 {q(50):.0f}/{q(99):.0f} ms")
 
 
 def _open(eng: Engine, wait_s: float = 5.0) -> str:
@@ -202,16 +263,17 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
                 question_s: float = 2.0, jitter_s: float = 0.2, seed: int = 0,
                 step_budget_share: float = EngineConfig.step_budget_share, batched: bool = True,
                 first_audio_factor: float = FIRST_AUDIO_FACTOR, min_turns: int = 0,
-                record: list | None = None) -> ArrivalRun:
+                record: list | None = None, pauses: list | None = None) -> ArrivalRun:
     """batched=False: the engine's one-at-a-time scheduling (EngineConfig.batched_arrivals).
     Arrivals go on for `duration_s` and until `min_turns` turns were offered. `record`: a list
-    that gets one dict per admitted turn (turn_stages: its stage times, barge-in or not)."""
+    that gets one dict per admitted turn (turn_stages: its stage times, barge-in or not);
+    `pauses`: a list that gets the cyclic collections of the measured part (Collections.pauses)."""
     steps = int(answer_s / FRAME_S) + 7   # speech frames lag the steps by the 7-layer delay
     cfg = EngineConfig(max_sessions=sessions, max_steps=steps, timing_window=1 << 20,
                        step_budget_share=step_budget_share, batched_arrivals=batched,
                        first_audio_factor=first_audio_factor)
     rng = np.random.default_rng(seed)
-    with Engine(model, cfg) as eng:
+    with Engine(model, cfg) as eng, Collections() as collections:
         # answers as long as the bench's: the vocoder's full-width windows (24 frames) and the
         # question's encoder run once before the clock starts (with 4 steps the first 24-frame
         # SNAC call of each engine fell on a measured turn: 127 ms against a median of 36)
@@ -222,6 +284,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         refused = barge_ins = 0
         first_step = len(eng.step_seconds)
         others = OthersLoad()
+        collections.pauses.clear()   # the warm-up's aside
         t0 = time.monotonic()
         at = t0
         k = 0
@@ -252,6 +315,8 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
         refused_first_audio = eng.counters["refused_first_audio"]
     if record is not None:
         record += [turn_stages(lis) for lis in listeners]
+    if pauses is not None:
+        pauses += collections.pauses
     # a barged-in answer ends early by design: its stall after the cancel is no underrun
     heard = [lis for lis in listeners if lis.done is not None and lis.done.reason != "cancelled"]
     ttfa = [lis.ttfa_s for lis in listeners if lis.ttfa_s is not None]
@@ -364,13 +429,14 @@ def run_arrivals_bench(size: str = "tiny", device: str = "cpu", sessions=(8, 16)
             for batched in modes:
                 def one(r, n=n, batched=batched, rep=rep):
                     # the step thread keeps the only OpenMP team: the engine runs from a short-lived thread
-                    record = [] if stages else None
+                    record, pauses = ([], []) if stages else (None, None)
                     run = in_fresh_thread(arrival_run, model, n, r, duration_s, answer_s, question_s,
                                           jitter_ms / 1000, seed=rep, batched=batched,
                                           first_audio_factor=first_audio_factor, min_turns=min_turns,
-                                          record=record, threads=DEFAULT_THREADS)
+                                          record=record, pauses=pauses, threads=DEFAULT_THREADS)
                     if stages:
                         out(stage_line(record))
+                        out(wait_line(record, pauses))
                     return run
                 if search:
                     held, runs = search_rates(one, rate, bisections, out=out, holds=holds)

@@ -82,6 +82,9 @@ class EngineConfig:
     # heap pages handed back to the kernel this often (0: never). Measured in `omni2 bench soak`.
     malloc_arena_max: int = 2
     malloc_trim_interval_s: float = 10.0
+    # At start, everything alive (the model, the libraries) leaves the cyclic collector's scans
+    # (collector.py: a full collection of them stopped every thread for 156-305 ms).
+    freeze_long_lived: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:

@@ -30,6 +30,7 @@ from omni2.model.generate import max_steps_for
 
 from ..audio import MODEL_SAMPLE_RATE
 from .admission import FRAME_S, FirstAudioHeadroom, StepHeadroom
+from .collector import freeze_long_lived
 from .config import EngineConfig
 from .executor import ModelExecutor
 from .host import HostPolicy
@@ -94,6 +95,8 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Engine":
+        if self.config.freeze_long_lived:
+            freeze_long_lived()
         self.vocoder.start()
         loops = [("omni2-prep", self._prep_loop), ("omni2-step", self._step_loop)]
         job = self.host.housekeeping()
