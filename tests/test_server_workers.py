@@ -108,6 +108,9 @@ def test_two_workers_answer_at_once_under_one_global_admission(server):
         lags, held = await asyncio.to_thread(live_load.worker_lag_buckets, server.port)
         assert set(lags) == {1, 2} and all(b[float("inf")] > 0 for b in lags.values()), lags
         assert held == {1: 1, 2: 1}
+        # each gateway froze what it had loaded before serving (a full collection of it held its
+        # event loop 57-97 ms: streaming/engine/collector.py)
+        assert all(w["gc_frozen"] > 10_000 for w in server.workers().values()), server.workers()
         for _ in range(4):  # the third session is refused wherever it lands
             c = await Client.connect(server.ws)
             event = await c.recv()

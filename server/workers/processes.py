@@ -105,6 +105,8 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
         from omni2.streaming.listening.interrupt import shared_recognizer
 
         shared_recognizer()
+    from omni2.streaming.engine.collector import freeze_long_lived
+
     from ..app import create_app
     from ..serve import uvicorn_config, web_client_dir
     from .placement import handed_server
@@ -120,13 +122,17 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
         # loop_lag: this gateway's event-loop lag histogram, so /health/ready shows every
         # gateway's (a scrape of /metrics reaches only the gateway the supervisor places it on)
         return {"connections": app.state.connections.open, "max_connections": settings.max_connections,
-                "local_sessions": admission.local, "loop_lag": app.state.metrics.loop_lag.cumulative()}
+                "local_sessions": admission.local, "loop_lag": app.state.metrics.loop_lag.cumulative(),
+                "gc_frozen": frozen}
 
     link = EngineLink(endpoint, worker, load)
     host = RemoteHost(link)
     admission = RemoteAdmission(link)
     app = create_app(settings, host, static_dir=web_client_dir(), admission=admission)
     app_ref["app"] = app
+    # What lives now (torch, the recognizer, the app) leaves the cyclic collector's scans: a
+    # full collection of it held this gateway's event loop 57-82 ms (streaming/engine/collector.py).
+    frozen = freeze_long_lived()
     server = handed_server(uvicorn_config(app, settings), ctrl)
     fatal: dict = {}
     threading.excepthook = failing(app, server, worker, fatal)
