@@ -131,7 +131,7 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     app = create_app(settings, host, static_dir=web_client_dir(), admission=admission)
     app_ref["app"] = app
     # What lives now (torch, the recognizer, the app) leaves the cyclic collector's scans: a
-    # full collection of it held this gateway's event loop 57-82 ms (streaming/engine/collector.py).
+    # full collection of it held this gateway's event loop 57-97 ms (streaming/engine/collector.py).
     frozen = freeze_long_lived()
     server = handed_server(uvicorn_config(app, settings), ctrl)
     fatal: dict = {}
