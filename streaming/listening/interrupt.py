@@ -71,6 +71,14 @@ Why it is built this way (measured on espeak-ng voices, see clients/tools/bench_
   spell the name (7 of 48). It costs 125 ms of CPU per 1.4 s window alone and 100 ms in
   batches of 4 (one thread) against tiny.en's 55 and 41 in the same run (111-146 ms per
   window on the recorded ones).
+- PocketSphinx 5.1.1 keyword spotting (its wheel's US English model; "omni" is in its
+  dictionary as AA M N IY) was tried the same way and dropped (issue 18, tune split only,
+  each clip's microphone streamed in 160 ms chunks): at its default beam it caught 9-21 of 48
+  commands with 3-8 false fires in 80 non-commands (thresholds 1e-20..1e-50), no background
+  command at any of them; with the beams widened to 1e-120 it caught at best 28-30 of 48 at
+  18-39 false fires, and background commands (1-2 of 6) only where the other talker alone
+  fired it too (3 of 4 background-only clips at 1e-80). Its one merit is cost (~20 ms of CPU
+  per second of audio per stream); as an OR partner of tiny.en it gains nothing.
 """
 from __future__ import annotations
 
