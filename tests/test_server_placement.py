@@ -18,7 +18,7 @@ pytest.importorskip("zmq", reason="pyzmq is not installed")
 
 from server_harness import Client, served  # noqa: E402
 
-from omni2.server.workers.placement import REPORT, GatewayLink, control_pair, place  # noqa: E402
+from omni2.server.workers.placement import REPORT, GatewayLink, control_pair, handed_server, place  # noqa: E402
 
 
 def test_fill_then_spill_then_least_loaded():
@@ -74,6 +74,37 @@ def test_a_burst_is_counted_before_the_gateway_reports():
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+def test_a_gateway_says_it_serves_only_after_its_first_report():
+    """on_serving (where a gateway starts its engine link, and so its place in /health/ready)
+    runs once, after the report that lets the supervisor place connections on it: listed
+    earlier, a gateway could be shown while every connection still went elsewhere."""
+    import threading
+
+    import uvicorn
+
+    async def app(scope, receive, send):   # never reached: no connection is handed
+        raise AssertionError(scope)
+
+    ours, theirs = control_pair()
+    link = GatewayLink(ours)
+    seen: list[bool] = []
+
+    def on_serving():
+        seen.append(link.read() and link.ready)   # the report is already there
+        server.should_exit = True
+
+    server = handed_server(uvicorn.Config(app, log_level="warning", lifespan="off"), theirs,
+                           on_serving=on_serving)
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive() and seen == [True], seen
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_the_server_places_sessions_by_its_share():

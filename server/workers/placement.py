@@ -30,7 +30,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Optional
+from typing import Callable, Optional
 
 log = logging.getLogger("omni2.server")
 
@@ -100,10 +100,15 @@ class GatewayLink:
         self.sock.close()
 
 
-def handed_server(config, ctrl: socket.socket):
+def handed_server(config, ctrl: socket.socket, on_serving: Callable[[], None] = lambda: None):
     """A uvicorn Server that listens on no socket of its own and serves the connections the
     supervisor hands it over `ctrl` (the gateway's end of its control socket). When the
-    supervisor's end closes the gateway stops (the supervisor is gone)."""
+    supervisor's end closes the gateway stops (the supervisor is gone).
+
+    `on_serving()` runs once the server has started and its first report (which makes the
+    supervisor place connections here) is sent: a gateway starts its engine link there, so
+    /health/ready lists a gateway only once connections can be placed on it (started before,
+    a gateway could be listed while the supervisor still placed every connection elsewhere)."""
     import uvicorn
 
     class HandedServer(uvicorn.Server):
@@ -129,6 +134,7 @@ def handed_server(config, ctrl: socket.socket):
             ctrl.setblocking(False)
             loop.add_reader(ctrl.fileno(), self._receive)
             self._report()          # ready: the supervisor starts handing connections here
+            on_serving()
 
         def _receive(self) -> None:
             while True:

@@ -133,10 +133,11 @@ def run_gateway(endpoint: str, fd: int, worker: int) -> int:
     # What lives now (torch, the recognizer, the app) leaves the cyclic collector's scans: a
     # full collection of it held this gateway's event loop 57-97 ms (streaming/engine/collector.py).
     frozen = freeze_long_lived()
-    server = handed_server(uvicorn_config(app, settings), ctrl)
+    # the engine link (and with it this gateway's place in /health/ready) starts once the
+    # supervisor can place connections here
+    server = handed_server(uvicorn_config(app, settings), ctrl, on_serving=link.start)
     fatal: dict = {}
     threading.excepthook = failing(app, server, worker, fatal)
-    link.start()
     try:
         server.run()
     except KeyboardInterrupt:

@@ -69,7 +69,8 @@ class EngineLink:
     def stop(self) -> None:
         self._stop.set()
         self._poke()
-        self._thread.join(5)
+        if self._thread.ident is not None:   # (never started: the gateway stopped before serving)
+            self._thread.join(5)
 
     # ---- called from any thread ----------------------------------------------------------------
     def send(self, message: dict) -> None:
