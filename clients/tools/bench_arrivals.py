@@ -139,14 +139,19 @@ def turn_stages(lis: "_Listener") -> dict:
                   "reason": lis.done.reason if lis.done is not None else None, "window": window}
 
 
+def _pct(values: list, p: float) -> float:
+    """percentile for a printed figure: nan where there are no values (0 stays 0)."""
+    value = percentile(values, p)
+    return float("nan") if value is None else value
+
+
 def stage_line(records: list) -> str:
     """Where the admitted turns' first audio went (turn_stages records): p50/p99 ms of each stage,
     and the barge-ins' median first audio against the other turns'."""
     rec = [r for r in records if r["ttfa"] is not None]
 
     def q(key, p, rs=rec):
-        value = percentile([r[key] for r in rs if r[key] is not None], p)
-        return float("nan") if value is None else value
+        return _pct([r[key] for r in rs if r[key] is not None], p)
 
     stages = ", ".join(f"{k} {q(k, 50):.0f}/{q(k, 99):.0f}" for k in (*STAGES, "ttfa"))
     barge = [r for r in rec if r["barge_in"]]
@@ -206,11 +211,10 @@ def wait_line(records: list, pauses: list) -> str:
     slow, rest = rec[:max(1, len(rec) // 10)], rec[max(1, len(rec) // 10):]
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     alone = [r["ttfa"] for r in rec if not met(r)]
-    q = lambda p: percentile(alone, p) or float("nan")  # noqa: E731
     return (f"  collections: {by_gen}; inside a first-audio wait: slowest tenth {mean([gc_ms(r) for r in slow]):.1f} ms, "
             f"the rest {mean([gc_ms(r) for r in rest]):.1f} ms; other turns starting meanwhile: slowest tenth "
             f"{mean([met(r) for r in slow]):.2f}, the rest {mean([met(r) for r in rest]):.2f}; "
-            f"first audio of the {len(alone)} that met none p50/p99 {q(50):.0f}/{q(99):.0f} ms")
+            f"first audio of the {len(alone)} that met none p50/p99 {_pct(alone, 50):.0f}/{_pct(alone, 99):.0f} ms")
 
 
 def _open(eng: Engine, wait_s: float = 5.0) -> str:
@@ -321,7 +325,7 @@ def arrival_run(model, sessions: int, rate: float, duration_s: float, answer_s: 
     heard = [lis for lis in listeners if lis.done is not None and lis.done.reason != "cancelled"]
     ttfa = [lis.ttfa_s for lis in listeners if lis.ttfa_s is not None]
     under = [lis.underruns for lis in heard]
-    q = lambda xs, p: 1000 * (percentile(xs, p) or float("nan"))  # noqa: E731
+    q = lambda xs, p: 1000 * _pct(xs, p)  # noqa: E731
     return ArrivalRun(sessions=sessions, rate=rate, duration_s=round(at - t0, 2), turns=len(listeners),
                       refused=refused,
                       barge_ins=barge_ins, underruns=sum(under), answers_with_underruns=sum(1 for u in under if u),
