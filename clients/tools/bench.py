@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also measure the one-at-a-time scheduling (EngineConfig.batched_arrivals=False)")
     arr.add_argument("--repeats", type=int, default=1, help="held rate: the median of this many searches")
     arr.add_argument("--stages", action="store_true",
-                     help="after each rate, where the admitted turns' first audio went (stage p50/p99, barge-ins)")
+                     help="after each rate, where the admitted turns' first audio went (stage p50/p99, barge-ins) "
+                          "and what the slowest met (cyclic collections, other turns starting)")
     arr.add_argument("--modes", default=None,
                      help="scheduling to measure, comma-separated: batched,baseline (default: batched, "
                           "and baseline with --baseline); one alone alternates with the other across locked runs")
