@@ -107,6 +107,55 @@ def test_a_gateway_says_it_serves_only_after_its_first_report():
         theirs.close()
 
 
+def test_a_connection_counts_while_the_gateway_adopts_it():
+    """From the hand-off until the connection is served, the gateway's reports keep counting it.
+    It used to report the connection taken (at once) but not yet open (a loop turn later, when
+    uvicorn's protocol adds itself): a report in between read as load 0, and a second session
+    arriving then was put on the same gateway (CI: two Agents SDK sessions both on gateway 1)."""
+    import threading
+
+    import uvicorn
+
+    async def app(scope, receive, send):
+        raise AssertionError(scope)         # never reached: the client sends no request
+
+    ours, theirs = control_pair()
+    link = GatewayLink(ours)
+    server = handed_server(uvicorn.Config(app, log_level="warning", lifespan="off"), theirs)
+    thread = threading.Thread(target=server.run, daemon=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = None
+    try:
+        thread.start()
+        reports = []
+
+        def next_report(timeout: float = 10.0) -> tuple[int, int]:
+            ours.settimeout(timeout)
+            data = ours.recv(REPORT.size)
+            reports.append(REPORT.unpack(data))
+            return reports[-1]
+
+        assert next_report() == (0, 0)                 # ready
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        with conn:
+            ours.setblocking(False)
+            assert link.hand(conn)
+        while next_report() != (1, 1):                  # until it serves the connection
+            pass
+        handed = 1
+        loads = [open_ + handed - taken for taken, open_ in reports[1:]]
+        assert loads and min(loads) == 1, reports
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        if client is not None:
+            client.close()
+        listener.close()
+        ours.close()
+        theirs.close()
+
+
 def test_the_server_places_sessions_by_its_share():
     with served("--model", "null", "--workers", "2", "--gateway-share", "3") as server:
         async def run() -> None:

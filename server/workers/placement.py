@@ -20,9 +20,9 @@ gets work; what it costs: a gateway that dies takes up to `share` sessions with 
 sessions share one loop's latency.
 
 Loads are counted from both ends so a burst is placed right before any gateway has answered:
-each gateway reports (connections it has taken from its control socket, connections open now:
-WebSockets and HTTP alike) as soon as either changes; the supervisor adds what it has handed
-but the gateway has not taken yet.
+each gateway reports (connections it has taken from its control socket and adopted into its
+loop, connections open now: WebSockets and HTTP alike) as soon as either changes; the
+supervisor adds what it has handed but the gateway has not taken yet.
 """
 from __future__ import annotations
 
@@ -149,13 +149,12 @@ def handed_server(config, ctrl: socket.socket, on_serving: Callable[[], None] = 
                     self.should_exit = True
                     return
                 for fd in fds:
-                    self.taken += 1
                     conn = socket.socket(fileno=fd)
                     if self.should_exit:
                         conn.close()
+                        self._taken()
                         continue
                     self._loop.create_task(self._adopt(conn))
-                self._soon()
 
         async def _adopt(self, conn: socket.socket) -> None:
             try:
@@ -163,6 +162,15 @@ def handed_server(config, ctrl: socket.socket, on_serving: Callable[[], None] = 
             except Exception:
                 log.exception("could not adopt a handed connection")
                 conn.close()
+            finally:
+                # counted taken only now, when it is counted open (uvicorn's protocol added
+                # itself as it was made): counted taken at receipt, a report in between showed
+                # it in neither, load 0, and the next connection came here too
+                self._taken()
+
+        def _taken(self) -> None:
+            self.taken += 1
+            self._soon()
 
         def _soon(self) -> None:
             if self._due is None:   # one report for all the changes of this loop iteration
