@@ -301,3 +301,77 @@ def test_the_recognizer_is_warm_once_built():
     assert rec._mel_filters is not None
     assert rec.warm_s > 0.0
     assert rec.stats.calls == 0  # warming is no model call: the stats count sessions' work
+
+
+class ScriptedDetector(RecordingDetector):
+    """Reads the decodes in turn from `script` ("phrase": "Stop Omni." 0.9, "weak": the same
+    at 0.45, under the threshold; anything else: that text, no match), repeating its last
+    entry once it runs out."""
+
+    def __init__(self, config, script: list[str]):
+        super().__init__(config)
+        self.script = script
+
+    def score_windows(self, windows, urgent=False):
+        said = self.script[min(len(self.calls), len(self.script) - 1)]
+        self.calls.append((windows[0].size, urgent))
+        if said in ("phrase", "weak"):
+            p = 0.9 if said == "phrase" else 0.45
+            heard = Transcript("Stop Omni.", (Word("Stop", p), Word("Omni.", p)), 0.0)
+            return [(heard, PhraseMatch("stop omni", 1.0, 0, "Stop Omni."), p) for _ in windows]
+        return [(Transcript(said, (Word(said, 0.9),), 0.0), None, 0.0) for _ in windows]
+
+
+def _chunks(levels_db: list[float], probs: list[float], cfg: DuplexConfig, script: list[str]):
+    """Feed 32 ms chunks of noise at `levels_db` with the VAD's `probs` given (no VAD model:
+    the levels and probabilities are exactly the test's) while an answer plays; (controller,
+    detector, stops)."""
+    from omni2.streaming.listening.vad import CHUNK
+
+    det = ScriptedDetector(cfg.command, script)
+    ctl = DuplexController(cfg, detector=det)
+    ctl._tracing = True
+    ctl.reset()
+    ctl.set_speaking(True)
+    ctl.feed_output(np.zeros(24000 * 4, np.float32))
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([rng.standard_normal(CHUNK).astype(np.float32) * 10 ** (db / 20) for db in levels_db])
+    chunks = ctl.prepare_input(audio)
+    events = ctl.consume_input(chunks, probs)
+    return ctl, det, [e for e in events if e.kind == "interrupt"]
+
+
+@pytest.mark.parametrize("script, stops", [
+    (["phrase", "phrase", "Stop, I'm living", "phrase"], 1),   # one misreading: the pause decides
+    (["phrase", "phrase", "Stop on my way", "Stop on my way."], 0),   # the user said more
+])
+def test_a_pending_stop_misread_at_the_words_end_is_decided_in_the_pause(script, stops):
+    """Whisper may read the phrase while its last word is still being said (0.77, then 0.96
+    in a check), and misread it in the next check, cut at the word's fading end ("Stop, I'm
+    living"). That check dropped the stop, and as it fell inside the level's fall before the
+    VAD's pause, no decode followed with silence after the words: a clean held-out command
+    missed. Now the pause decodes again, and its reading decides."""
+    loud, quiet, silent = -20.0, -45.0, -120.0
+    #            lead        "stop om"   dip         "-ni..."    fading end  silence
+    levels = [silent] * 5 + [loud] * 7 + [quiet] * 2 + [loud] * 7 + [quiet] * 4 + [silent] * 20
+    probs = [0.01] * 5 + [0.99] * 20 + [0.01] * 20
+    ctl, det, found = _chunks(levels, probs, DuplexConfig(), script)
+    reads = [text for _, text, _, _ in ctl.trace]
+    assert len(reads) >= 4 and reads[2] == script[2], ctl.trace   # the misreading came in a check
+    assert len(found) == stops, ctl.trace
+    if stops:
+        assert found[0].sample > 25 * 512, found   # in the pause, after the misreading
+
+
+def test_a_weak_reading_at_a_late_vad_pause_is_followed_up():
+    """A fall that begins inside the command ("stop", then a quieter "omni" that stays 10 dB
+    under it) can run 300 ms or more before the VAD's pause. Follow-up decodes were counted
+    from the fall's start, so the VAD's pause got one decode (whisper under echo: "Stop
+    Omni." 0.49, under the threshold) and none with more silence after the words. They are
+    now counted from the VAD's pause."""
+    loud, quiet, silent = -15.0, -30.0, -120.0
+    levels = [silent] * 5 + [loud] * 7 + [quiet] * 11 + [silent] * 20
+    probs = [0.01] * 5 + [0.99] * 18 + [0.01] * 20
+    ctl, det, found = _chunks(levels, probs, DuplexConfig(), ["Stop on.", "weak", "phrase"])
+    assert [r for _, r, _, _ in ctl.trace][:2] == ["Stop on.", "Stop Omni."], ctl.trace
+    assert len(found) == 1 and found[0].confidence == 0.9, ctl.trace

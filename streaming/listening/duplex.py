@@ -370,6 +370,12 @@ class DuplexController(Detector):
         self._pause_len = self._pause_len + CHUNK if paused else 0
         self._early_len = self._early_len + CHUNK if early else 0
         pause_len = self._early_len  # decodes start at the first sign of a pause
+        # How far into the pause follow-up decodes are: from the VAD's pause when there is
+        # one. A fall can begin inside the command's last word (a quiet "-ni" stays under
+        # where "stop" fell from) and by the VAD's pause already be past pause_follow_ms,
+        # which left no decode with silence after the word (echo clip "stop omni": 0.49
+        # at the pause, then nothing).
+        follow_len = self._pause_len or pause_len
         if cfg.mode == "barge_in" and self._pause_len >= cfg.barge_in_gap_ms * self._ms:
             self._speech_run = 0  # barge-in wants one stretch of speech, not scattered blips
         quiet = not (voiced or self.vad.in_speech or self.vad.onset_pending)
@@ -407,7 +413,7 @@ class DuplexController(Detector):
         elif (cfg.schedule == "pauses" and 0 < pause_len <= cfg.pause_follow_ms * ms
               and self._last_decode < end - pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
             trigger = "pause"        # a pause too soon after an idle decode lasted: not a word gap
-        elif (0 < pause_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
+        elif (0 < follow_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
               and self._promising and self._pending is None):
             trigger = "pause"        # the phrase was under way: its last word may now be done
         elif not early and self._pending is None and since >= self._hop_period(held) * ms:
@@ -500,8 +506,8 @@ class DuplexController(Detector):
         transcript, found, confidence = max(scored, key=lambda r: r[2])
         if self.trace is not None:
             self.trace.append((end, " | ".join(t.text for t, _, _ in scored), round(confidence, 3), trigger))
-        self._promising = found is not None or any(self.detector.matcher.partial([w.text for w in t.words])
-                                                  for t, _, _ in scored)
+        promising = found is not None or any(self.detector.matcher.partial([w.text for w in t.words])
+                                             for t, _, _ in scored)
         near = found is not None and confidence >= cfg.repeat_threshold
         self._repeats = self._repeats + 1 if near else 0
         hit = found is not None and (confidence >= cfg.command.threshold
@@ -516,10 +522,16 @@ class DuplexController(Detector):
                     phrase, best, text = found.phrase, confidence, transcript.text
                 self._pending = (phrase, best, text, self._pending[3], True)
             else:
+                # Either the user said more, or this window misread the phrase (cut at the
+                # last word's fading end, whisper read "Stop, I'm living" between two
+                # "Stop Omni." 0.96 and 0.71): the pause's own decodes, with silence after
+                # the words, tell which.
                 self._pending = None
+                promising = True
         elif hit and (self._pending is None or confidence > self._pending[1]):
             at = end if self._pending is None else self._pending[3]
             self._pending = (found.phrase, confidence, transcript.text, at, False)
+        self._promising = promising
         return True
 
     def _interrupt(self, reason, phrase, confidence, at, text) -> Heard:
