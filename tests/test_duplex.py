@@ -262,6 +262,8 @@ def test_bench_summary_counts_early_stops_as_false():
                  lines.append)
     assert "  false-stop rate  0.500   (1 of 2 non-commands, plus 1 stops before the command began: " \
         "2 false stops)" in lines
+    # recall by condition, beside the issue's target where it sets one (clean >= 0.90)
+    assert "  clean                 3        1   0.333  >= 0.90            2           1" in lines, lines
     assert s["decision_wait_ms_p50"] is None  # simulated runs without the breakdown
 
 
@@ -349,6 +351,21 @@ def test_bench_quick_run_says_its_command_count(monkeypatch):
         assert s["quick"] is quick
         assert ("QUICK (4 commands, a smoke run)" in lines[0]) is quick, lines[0]
     assert asked == [bi.QUICK_COMMANDS, 48] and bi.QUICK_COMMANDS == 4
+
+
+def test_bench_cli_seed_draws_another_set(monkeypatch, capsys):
+    """`omni2 bench interrupt --seed N` builds the set from seed N (a larger sample: several
+    seeds), and the header says which."""
+    from omni2.clients import cli
+    from omni2.clients.tools import bench_interrupt as bi
+
+    seeds = []
+    clip = bi.Clip("speech/x", False, "clean", np.zeros(bi.SR // 2, np.float32))
+    monkeypatch.setattr(bi, "DuplexController", _QuietController)
+    monkeypatch.setattr(bi, "build_set", lambda split, seed, n, **k: seeds.append(seed) or [clip])
+    assert cli.main(["bench", "interrupt", "--seed", "3"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert seeds == [3] and "seed=3" in header, header
 
 
 def test_bench_repeat_count_reaches_the_controllers_and_the_header(monkeypatch):

@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also score the phrase teacher-forced at the transcript's end (CommandConfig.forced)")
     itr.add_argument("--speculate-ms", type=int, default=None,
                      help="decode when the level has fallen this long, before the VAD's pause (0: off; default 64)")
+    itr.add_argument("--seed", type=int, default=0,
+                     help="another draw of the split's voices, styles and conditions (a larger sample: several seeds)")
+    itr.add_argument("--verbose", action="store_true", help="one line per clip: what stopped it, or BAD")
     itr.add_argument("--repeat-count", type=int, default=None,
                      help="a phrase read in this many decodes in a row under the threshold stops (DuplexConfig; default 0: off)")
     soak = sub.add_parser("soak", help="server memory (RSS) over minutes of steady load")
@@ -189,7 +192,8 @@ def _run(args: argparse.Namespace) -> dict:
     else:
         from omni2.clients.tools.bench_interrupt import run_interrupt_bench
 
-        result = run_interrupt_bench(split=args.split, mode=args.mode, quick=args.quick, playback=args.playback,
+        result = run_interrupt_bench(split=args.split, mode=args.mode, seed=args.seed, verbose=args.verbose,
+                                     quick=args.quick, playback=args.playback,
                                      sessions=args.sessions, context_s=args.context_s, max_batch=args.max_batch,
                                      baseline=args.baseline, forced=args.forced, speculate_ms=args.speculate_ms,
                                      repeat_count=args.repeat_count)

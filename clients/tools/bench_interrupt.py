@@ -18,6 +18,9 @@ with every voice variant except the held-out ones, at random speeds, pitches and
 espeak variants and the voices of a second engine, flite (dropped with a note where flite
 is not installed), with sentences of their own.
 
+`seed`: another draw of the same split (voices, speeds, conditions, levels); several seeds
+make a larger sample where one set's 12 clips per condition are few.
+
 `playback=True`: the whole answer was generated before the user speaks (the engine writes
 2-10x faster than real time), so the controller hears the user while the answer only plays.
 `sessions=N`: N controllers at once, each on its own share of the clips, paced to the wall
@@ -41,6 +44,10 @@ from omni2.streaming.listening.duplex import DuplexConfig, DuplexController
 
 SR = 16000
 PACKET = 320  # 20 ms microphone packets
+# Recall targets by condition (issue 18: >= 0.90 clean, >= 0.85 with the assistant's own
+# voice leaking back; playback the same, with false stops <= 2%). Noise, another talker and
+# echo with noise are this bench's own harder conditions: measured, with no target set.
+RECALL_TARGETS = {"clean": 0.90, "echo": 0.85}
 
 # espeak-ng's English language voices (the mbrola ones need mbrola, not installed).
 ESPEAK_ENGLISH = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
@@ -512,7 +519,7 @@ def _print_table(s: dict, printer) -> None:
             f"({s['commands']} commands, {s['non_commands']} non-commands, {s['audio_seconds']} s audio, "
             f"RTF {s['real_time_factor']})")
     printer(f"  precision        {s['precision']:.3f}   (target >= 0.95)")
-    printer(f"  recall           {s['recall']:.3f}   (target >= 0.90)")
+    printer(f"  recall           {s['recall']:.3f}   (all conditions; the targets are by condition, below)")
     early = s.get("early_stops", 0)
     printer(f"  false-stop rate  {s['false_stop_rate']:.3f}   ({s['false_stops'] - early} of {s['non_commands']} "
             f"non-commands, plus {early} stops before the command began: {s['false_stops']} false stops)")
@@ -538,6 +545,9 @@ def _print_table(s: dict, printer) -> None:
                 f"{'; the free decode alone: the forced rows are not timed' if s.get('forced') else ''})")
         if s.get("forced"):
             printer(f"  forced scoring   {rc['forced_rows']} teacher-forced rows")
-    printer("  condition      commands detected  non-commands false-stops")
+    printer("  condition      commands detected  recall  target   non-commands false-stops")
     for cond, c in s["by_condition"].items():
-        printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}  {c['non_commands']:12d} {c['false_stops']:11d}")
+        recall = f"{c['detected'] / c['commands']:.3f}" if c["commands"] else "  n/a"
+        target = f">= {RECALL_TARGETS[cond]:.2f}" if cond in RECALL_TARGETS else "-"
+        printer(f"  {cond:14s} {c['commands']:8d} {c['detected']:8d}   {recall:>5s}  {target:7s} "
+                f"{c['non_commands']:12d} {c['false_stops']:11d}")
