@@ -27,14 +27,15 @@ ANSWER = ("Sure. The weather today is mostly sunny with a light breeze from the 
 
 # ------------------------------------------------------------------------ fast units
 @pytest.mark.parametrize("spoken", ["stop omni", "Stop Omni!", "stop, Omni.", "Stop on me.",
-                                    "stop om ni", "well stop omni"])
+                                    "stop om ni", "well stop omni", "Stop, oh me.", "stop omnee", "Stop home."])
 def test_command_spellings_match(spoken):
     words = spoken.replace(",", " ").split()
     assert PhraseMatcher(("stop omni",)).match(words) is not None, phonetic_key(spoken)
 
 
 @pytest.mark.parametrize("spoken", ["stop on my way", "stop it now please", "start over", "stop",
-                                    "omni", "tell me more", "what about the weather", "stop omni now"])
+                                    "omni", "tell me more", "what about the weather", "stop omni now",
+                                    "stop it no", "Stop it, no. Stop", "stop the omni"])
 def test_other_phrases_do_not_match(spoken):
     assert PhraseMatcher(("stop omni",)).match(spoken.split()) is None
 

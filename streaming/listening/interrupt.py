@@ -246,6 +246,9 @@ class PhraseMatch:
     spoken: str       # the matched words as the recognizer spelled them
 
 
+EXTRA_WORD_SIMILARITY = 0.95   # a run of one word more than the phrase: its key exactly (keys are short)
+
+
 class PhraseMatcher:
     """Finds a command phrase among the last words of a transcript."""
 
@@ -278,7 +281,12 @@ class PhraseMatcher:
                     break
                 span = " ".join(words[-k:])
                 sim = similarity(phrase, span)
-                if sim >= self.min_similarity and (best is None or sim > best.similarity):
+                # A word more than the phrase ("stop on me") must give its sound key exactly:
+                # the extra word break is already a difference, and near keys of three words
+                # are other sentences' ends ("stop it, no": 0.875, "stop the omni": 0.875;
+                # no command of the tune split was read as three words).
+                need = self.min_similarity if k <= n else max(self.min_similarity, EXTRA_WORD_SIMILARITY)
+                if sim >= need and (best is None or sim > best.similarity):
                     best = PhraseMatch(phrase, sim, len(words) - k, span)
         return best
 
