@@ -369,13 +369,6 @@ class DuplexController(Detector):
         self._credit = min(self._credit + cfg.max_decode_share * CHUNK / SAMPLE_RATE, cfg.decode_bank_ms / 1000)
         self._pause_len = self._pause_len + CHUNK if paused else 0
         self._early_len = self._early_len + CHUNK if early else 0
-        pause_len = self._early_len  # decodes start at the first sign of a pause
-        # How far into the pause follow-up decodes are: from the VAD's pause when there is
-        # one. A fall can begin inside the command's last word (a quiet "-ni" stays under
-        # where "stop" fell from) and by the VAD's pause already be past pause_follow_ms,
-        # which left no decode with silence after the word (echo clip "stop omni": 0.49
-        # at the pause, then nothing).
-        follow_len = self._pause_len or pause_len
         if cfg.mode == "barge_in" and self._pause_len >= cfg.barge_in_gap_ms * self._ms:
             self._speech_run = 0  # barge-in wants one stretch of speech, not scattered blips
         quiet = not (voiced or self.vad.in_speech or self.vad.onset_pending)
@@ -394,32 +387,7 @@ class DuplexController(Detector):
                 else:
                     events.append(self._interrupt("barge_in", None, prob, end, ""))
             return events
-        since = end - self._last_decode
-        ms = self._ms
-        if self._pending is not None and self._pause_len >= cfg.confirm_pause_ms * ms:
-            trigger = None           # a match waiting for this pause: it fires below, no decode
-        elif (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
-                and since >= cfg.pause_hop_ms * ms):
-            trigger = "check"        # did the user go on talking after the phrase?
-        elif pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
-                cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
-            trigger = "pause"        # a pause just began: the usual end of a command
-        elif (self._pause_len == CHUNK < pause_len and since >= cfg.pause_hop_ms * ms
-              and (self._promising or since >= cfg.pause_idle_ms * ms)):
-            # The VAD lets go inside a fall that began earlier (a quieter last word, "STOP
-            # omni", keeps the level under where it fell from): the fall's decodes may have
-            # read the last word unfinished, so the VAD's pause gets its own decode.
-            trigger = "pause"
-        elif (cfg.schedule == "pauses" and 0 < pause_len <= cfg.pause_follow_ms * ms
-              and self._last_decode < end - pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
-            trigger = "pause"        # a pause too soon after an idle decode lasted: not a word gap
-        elif (0 < follow_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
-              and self._promising and self._pending is None):
-            trigger = "pause"        # the phrase was under way: its last word may now be done
-        elif not early and self._pending is None and since >= self._hop_period(held) * ms:
-            trigger = "hop"
-        else:
-            trigger = None
+        trigger = self._trigger(end, early, held)
         # Under load, pauses (where commands end) keep a reserve that hops may not spend.
         reserve = cfg.hop_reserve_ms / 1000 if trigger == "hop" else 0.0
         if trigger == "check":
@@ -442,11 +410,50 @@ class DuplexController(Detector):
             phrase, confidence, text, _, confirmed = self._pending
             # A later window's confirmation counts unless the VAD clearly hears the user
             # still talking (whisper may not have caught the next word yet).
-            if ((confirmed and (not voiced or held)) or self._pause_len >= cfg.confirm_pause_ms * ms
+            if ((confirmed and (not voiced or held)) or self._pause_len >= cfg.confirm_pause_ms * self._ms
                     or confidence >= cfg.threshold_speaking):
                 self._pending = None
                 events.append(self._interrupt("command", phrase, confidence, end, text))
         return events
+
+    def _trigger(self, end: int, early: bool, held: bool) -> str | None:
+        """Why the chunk ending at `end` decodes: "check" (a pending match, with new audio
+        after it), "pause" (where a command ends), "hop" (routine, while the user speaks), or
+        None. `early`: a pause has begun (the VAD's, or a fall in level); `held`: the segment
+        is long (another talker or echo residue may keep the VAD up)."""
+        cfg = self.config
+        since = end - self._last_decode
+        ms = self._ms
+        pause_len = self._early_len  # decodes start at the first sign of a pause
+        # How far into the pause follow-up decodes are: from the VAD's pause when there is
+        # one. A fall can begin inside the command's last word (a quiet "-ni" stays under
+        # where "stop" fell from) and by the VAD's pause already be past pause_follow_ms,
+        # which left no decode with silence after the word (echo clip "stop omni": 0.49
+        # at the pause, then nothing).
+        follow_len = self._pause_len or pause_len
+        if self._pending is not None and self._pause_len >= cfg.confirm_pause_ms * ms:
+            return None              # a match waiting for this pause: it fires in _chunk, no decode
+        if (self._pending is not None and end - self._pending[3] >= cfg.confirm_decode_ms * ms
+                and since >= cfg.pause_hop_ms * ms):
+            return "check"           # did the user go on talking after the phrase?
+        if pause_len == CHUNK and since >= cfg.min_gap_ms * ms and (
+                cfg.schedule == "hops" or self._promising or since >= cfg.pause_idle_ms * ms):
+            return "pause"           # a pause just began: the usual end of a command
+        if (self._pause_len == CHUNK < pause_len and since >= cfg.pause_hop_ms * ms
+                and (self._promising or since >= cfg.pause_idle_ms * ms)):
+            # The VAD lets go inside a fall that began earlier (a quieter last word, "STOP
+            # omni", keeps the level under where it fell from): the fall's decodes may have
+            # read the last word unfinished, so the VAD's pause gets its own decode.
+            return "pause"
+        if (cfg.schedule == "pauses" and 0 < pause_len <= cfg.pause_follow_ms * ms
+                and self._last_decode < end - pause_len + CHUNK and since >= cfg.pause_idle_ms * ms):
+            return "pause"           # a pause too soon after an idle decode lasted: not a word gap
+        if (0 < follow_len <= cfg.pause_follow_ms * ms and since >= cfg.pause_hop_ms * ms
+                and self._promising and self._pending is None):
+            return "pause"           # the phrase was under way: its last word may now be done
+        if not early and self._pending is None and since >= self._hop_period(held) * ms:
+            return "hop"
+        return None
 
     def _hop_period(self, held: bool) -> float:
         """Milliseconds between routine decodes while the user speaks (inf: none)."""
