@@ -40,14 +40,20 @@ class RecordingDetector:
         return [(Transcript("", (), 0.0), None, 0.0) for _ in windows]
 
 
-def _listen(cfg: DuplexConfig, audio: np.ndarray):
-    """Feed `audio` in 20 ms packets while an answer plays; the decode trace."""
-    det = RecordingDetector(cfg.command)
+def _answering(cfg: DuplexConfig, det, seconds: float) -> DuplexController:
+    """A tracing controller with `det` as its recognizer, while `seconds` of an answer play."""
     ctl = DuplexController(cfg, detector=det)
     ctl._tracing = True
     ctl.reset()
     ctl.set_speaking(True)
-    ctl.feed_output(np.zeros(24000 * (audio.size // SAMPLE_RATE + 2), np.float32))
+    ctl.feed_output(np.zeros(int(24000 * seconds), np.float32))
+    return ctl
+
+
+def _listen(cfg: DuplexConfig, audio: np.ndarray):
+    """Feed `audio` in 20 ms packets while an answer plays; the decode trace."""
+    det = RecordingDetector(cfg.command)
+    ctl = _answering(cfg, det, audio.size // SAMPLE_RATE + 2)
     for pos in range(0, audio.size, 320):
         ctl.feed_input(audio[pos : pos + 320])
     return ctl, det
@@ -130,11 +136,7 @@ def test_a_match_at_a_pause_fires_after_confirm_pause_ms(confirm_ms, chunks_late
     audio, _, _ = utterance("stop omni", voice="en-us", speed=150, lead_s=0.5, tail_s=1.0)
     cfg = DuplexConfig(confirm_pause_ms=confirm_ms, pause_idle_ms=0, speculate_ms=0)
     assert DuplexConfig().confirm_pause_ms == 32
-    ctl = DuplexController(cfg, detector=MatchingDetector(cfg.command))
-    ctl._tracing = True
-    ctl.reset()
-    ctl.set_speaking(True)
-    ctl.feed_output(np.zeros(24000 * 4, np.float32))
+    ctl = _answering(cfg, MatchingDetector(cfg.command), 4)
     stops = []
     for pos in range(0, audio.size, 320):
         stops += [e for e in ctl.feed_input(audio[pos : pos + 320]) if e.kind == "interrupt"]
@@ -165,12 +167,8 @@ class EndOfPhraseDetector(RecordingDetector):
 def _stops(cfg: DuplexConfig, audio: np.ndarray, end: int, span: int = 1 << 30, det=None):
     """The controller, its detector (default: EndOfPhraseDetector) and its stops on `audio`."""
     det = det or EndOfPhraseDetector(cfg.command, end, span)
-    ctl = DuplexController(cfg, detector=det)
+    ctl = _answering(cfg, det, audio.size // SAMPLE_RATE + 2)
     det.ctl = ctl
-    ctl._tracing = True
-    ctl.reset()
-    ctl.set_speaking(True)
-    ctl.feed_output(np.zeros(24000 * (audio.size // SAMPLE_RATE + 2), np.float32))
     stops = []
     for pos in range(0, audio.size, 320):
         stops += [e for e in ctl.feed_input(audio[pos : pos + 320]) if e.kind == "interrupt"]
@@ -329,11 +327,7 @@ def _chunks(levels_db: list[float], probs: list[float], cfg: DuplexConfig, scrip
     from omni2.streaming.listening.vad import CHUNK
 
     det = ScriptedDetector(cfg.command, script)
-    ctl = DuplexController(cfg, detector=det)
-    ctl._tracing = True
-    ctl.reset()
-    ctl.set_speaking(True)
-    ctl.feed_output(np.zeros(24000 * 4, np.float32))
+    ctl = _answering(cfg, det, 4)
     rng = np.random.default_rng(0)
     audio = np.concatenate([rng.standard_normal(CHUNK).astype(np.float32) * 10 ** (db / 20) for db in levels_db])
     chunks = ctl.prepare_input(audio)
